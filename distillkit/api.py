@@ -1,0 +1,287 @@
+"""`compress(...)`: one distillation run from recipe to exported student. The CLI is a thin shell
+over it, with the same option names and defaults (None = take the recipe's value)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import __version__
+from .data import check_data_source, open_data
+from .errors import UsageError
+from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
+from .export import export_student
+from .features import FeatureRequest, probe_features
+from .io import write_json, write_text
+from .recipe import Recipe, recipe_to_yaml, resolve_recipe
+from .strategies import STRATEGIES, Objective
+from .student import create_student, model_args_for, student_input_config, student_spec
+from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
+from .train.checkpoint import find_checkpoint
+from .train.loop import DistillModule, make_accelerator, train
+
+
+@dataclass
+class CompressResult:
+    run_dir: Path
+    student_dir: Path  # model.safetensors + config.json + README.md
+    metrics: dict[str, Any]  # teacher / student / student_random_init -> knn_top1, probe_top1, params, latency_ms
+    timings: dict[str, float]  # seconds: setup, train, evaluate, export, total
+    steps: int
+    data_source: str
+    recipe: Recipe = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["run_dir"], out["student_dir"] = str(self.run_dir), str(self.student_dir)
+        out["recipe"] = self.recipe.to_dict()
+        return out
+
+
+def compress(
+    recipe: str | Path | dict | Recipe | None = None,
+    *,
+    teacher: str | None = None,
+    teacher_weights: str | Path | None = None,
+    student: str | None = None,
+    strategy: str | None = None,
+    data: str | Path | None = None,
+    epochs: int | None = None,
+    max_steps: int | None = None,
+    limit: int | None = None,
+    batch_size: int | None = None,
+    lr: float | None = None,
+    out: str | Path | None = None,
+    set: list[str] | dict[str, Any] | None = None,  # noqa: A002 - the CLI's --set
+    resume: bool = False,
+    overwrite: bool = False,
+    seed: int | None = None,
+    precision: str | None = None,
+    quiet: bool = False,
+) -> CompressResult:
+    """Distil `teacher` into `student` with `strategy` on `data`; export and evaluate the student.
+
+    `recipe` is a shipped recipe name, a YAML path, a dict or a `Recipe` (default: the embedded
+    default recipe). Keyword options override it, then `set` ("train.lr=0.1" items) overrides those.
+    """
+    started = time.perf_counter()
+    options = dict(teacher=teacher, teacher_weights=teacher_weights, student=student, data=data, epochs=epochs,
+                   max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, seed=seed,
+                   precision=precision)
+    resolved = resolve_recipe(recipe, options, strategy=strategy, overrides=set)
+    run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
+    validate_before_loading(resolved, run_dir, resume, overwrite)
+    console = Console(quiet=quiet)
+
+    accelerator = make_accelerator(resolved)
+    main = accelerator.is_main_process
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
+    console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
+                  f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
+
+    teacher_model = load_teacher(resolved.teacher.name, resolved.teacher.weights, resolved.teacher.input_size,
+                                 resolved.teacher.channels_last)
+    spec = student_spec(resolved.student.name)
+    student_size = resolved.student.input_size or spec.input_size
+    channels_last = spec.channels_last if resolved.student.channels_last is None else resolved.student.channels_last
+    student_model = create_student(spec, student_size, seed=resolved.train.seed)
+    if channels_last:
+        student_model.to(memory_format=torch.channels_last)
+    student_input = student_input_config(student_model, student_size)
+    objective, student_request = build_objective(resolved, teacher_model, student_model, student_size)
+    module = DistillModule(student_model, objective, student_input, channels_last, student_request)
+
+    view_size = resolved.data.view_size or max(*teacher_model.input_config.size, student_size)
+    images = open_data(resolved.data.source, limit=resolved.data.limit, seed=resolved.train.seed,
+                       val_fraction=resolved.data.val_fraction,
+                       load_size=resolved.data.load_size or int(round(view_size * 1.15)))
+    console.print(f"data: {images.source}; training on {len(images.train)} images")
+    timings = {"setup": time.perf_counter() - started}
+
+    with _progress(console) as progress:
+        result = train(resolved, accelerator, teacher_model, module, images.train, run_dir, resume, progress)
+    timings["train"] = result.seconds
+    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
+                  + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""))
+
+    metrics: dict[str, Any] = {}
+    student_dir = run_dir / "student"
+    if main:
+        trained = accelerator.unwrap_model(module).student.float().cpu()
+        tick = time.perf_counter()
+        metrics = evaluate_run(resolved, teacher_model.cpu(), trained, spec, student_size, student_input,
+                               channels_last, images, console)
+        timings["evaluate"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        export_student(trained, student_dir, architecture=spec.timm,
+                       model_args=model_args_for(spec, student_size), input_size=student_size,
+                       mean=student_input.mean, std=student_input.std,
+                       provenance={
+                           "distillkit_version": __version__,
+                           "teacher": teacher_model.describe(),
+                           "strategy": resolved.strategy,
+                           "data": images.source,
+                           "steps": result.steps,
+                           "metrics": metrics,
+                       })
+        timings["export"] = time.perf_counter() - tick
+    accelerator.wait_for_everyone()
+    timings["total"] = time.perf_counter() - started
+    final = CompressResult(run_dir=run_dir, student_dir=student_dir, metrics=metrics, timings=timings,
+                           steps=result.steps, data_source=images.source, recipe=resolved)
+    if main:
+        write_json(run_dir / "result.json", final.to_dict())
+        console.print(f"student exported to {student_dir} (timm: create_model('local-dir:{student_dir}', "
+                      "pretrained=True))")
+    return final
+
+
+def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Name checks and run-folder checks, before any model or data loads."""
+    check_teacher_name(recipe.teacher.name)
+    student_spec(recipe.student.name)
+    check_data_source(recipe.data.source)
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
+    holds_run = (run_dir / "recipe.yaml").exists()
+    if resume:
+        if find_checkpoint(run_dir) is None:
+            raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    elif holds_run:
+        if not overwrite:
+            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+                             "replace it, or choose another --out")
+        shutil.rmtree(run_dir)
+
+
+def build_objective(recipe: Recipe, teacher: Teacher, student: torch.nn.Module,
+                    student_size: int) -> tuple[Objective, FeatureRequest]:
+    """Instantiate the recipe's strategies, sized by dry forwards of both networks."""
+    strategies, weights = {}, {}
+    student_request = FeatureRequest()
+    for name, settings in recipe.strategy.items():
+        cls = STRATEGIES.get(name)
+        config = cls.Config(**settings)
+        cls.check_compatible(config, teacher)
+        student_request = student_request.merge(cls.student_request(config))
+    for name, settings in recipe.strategy.items():
+        cls = STRATEGIES.get(name)
+        config = cls.Config(**settings)
+        teacher_probe = teacher(torch.zeros(2, 3, *teacher.input_config.size), cls.teacher_request(config, teacher))
+        student_probe = probe_features(student, cls.student_request(config), (student_size, student_size))
+        strategies[name] = cls(config, teacher_probe, student_probe)
+        weights[name] = config.weight
+    return Objective(strategies, weights), student_request
+
+
+def evaluate_run(recipe: Recipe, teacher: Teacher, student: torch.nn.Module, spec, student_size: int,
+                 student_input, channels_last: bool, images, console: Console) -> dict[str, Any]:
+    """k-NN / probe accuracy for teacher, trained student and the same student at its random init."""
+    random_init = create_student(spec, student_size, seed=recipe.train.seed).eval()
+    if channels_last:
+        random_init.to(memory_format=torch.channels_last)
+    networks = {
+        "teacher": (lambda v: teacher(v, FeatureRequest(embedding=True)).embedding, teacher.model,
+                    teacher.input_config.size, teacher.channels_last),
+        "student": (_student_embed(student, student_input, channels_last), student,
+                    (student_size, student_size), channels_last),
+        "student_random_init": (_student_embed(random_init, student_input, channels_last), random_init,
+                                (student_size, student_size), channels_last),
+    }
+    metrics: dict[str, Any] = {}
+    labelled = recipe.eval.enabled and images.test is not None and images.num_classes
+    if labelled:
+        bank = eval_subset(images.train_all, recipe.eval.max_train, recipe.train.seed)
+        test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
+        metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
+    for name, (embed, model, size, cl) in networks.items():
+        row: dict[str, Any] = {}
+        if labelled:
+            train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
+            test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
+            row.update(score_embeddings(train_set, test_set, recipe.eval.knn_k, recipe.eval.knn_temperature,
+                                        recipe.eval.probe_steps, seed=recipe.train.seed))
+        row["params"] = count_params(model)
+        row["latency_ms"] = round(cpu_latency_ms(model, size, cl, recipe.eval.latency_runs), 3)
+        metrics[name] = row
+    if not labelled:
+        console.print("[yellow]no labelled held-out split: k-NN and linear-probe accuracy were skipped[/]")
+    console.print(results_table(metrics))
+    return metrics
+
+
+def _student_embed(model, input_config, channels_last):
+    return lambda v: model(prepare_input(v, input_config, channels_last))
+
+
+def results_table(metrics: dict[str, Any]) -> Table:
+    table = Table(title="distillkit results (held-out split)")
+    table.add_column("model")
+    for column in ("k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)"):
+        table.add_column(column, justify="right")
+    for name in ("teacher", "student", "student_random_init"):
+        row = metrics.get(name)
+        if row is None:
+            continue
+        table.add_row(
+            name.replace("_", " "),
+            f"{row['knn_top1']:.2%}" if "knn_top1" in row else "-",
+            f"{row['probe_top1']:.2%}" if "probe_top1" in row else "-",
+            f"{row['params'] / 1e6:.2f} M",
+            f"{row['latency_ms']:.1f} ms",
+        )
+    return table
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[terms]}"), TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
+                    console=console, transient=False)
+
+
+def _default_run_dir(recipe: Recipe) -> Path:
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    safe = lambda s: s.replace(":", "-").replace("/", "-")  # noqa: E731
+    return Path("runs") / f"{stamp}-{safe(recipe.teacher.name)}-{safe(recipe.student.name)}-{'+'.join(recipe.strategy)}"
+
+
+def evaluate_student(path: str | Path, data: str = "builtin:fashion-mnist", max_train: int = 10000,
+                     max_test: int = 10000, knn_k: int = 20, knn_temperature: float = 0.07, probe_steps: int = 300,
+                     seed: int = 0) -> dict[str, Any]:
+    """k-NN / linear-probe accuracy on `data`'s held-out split, params and latency of an exported student."""
+    import json
+
+    from .export import CONFIG_FILE, load_student
+    from .teachers import InputConfig
+
+    model = load_student(path)
+    folder = Path(path)
+    folder = folder.parent if folder.is_file() else folder
+    folder = folder / "student" if (folder / "student" / CONFIG_FILE).is_file() else folder
+    cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["pretrained_cfg"]
+    size = tuple(cfg["input_size"][1:])
+    input_config = InputConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    check_data_source(data)
+    images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(size))
+    if images.test is None or not images.num_classes:
+        raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
+    channels_last = not hasattr(model, "patch_embed")
+    embed = _student_embed(model, input_config, channels_last)
+    bank = eval_subset(images.train_all, max_train, seed)
+    test = eval_subset(images.test, max_test, seed)
+    metrics = score_embeddings(embed_dataset(embed, bank), embed_dataset(embed, test), knn_k, knn_temperature,
+                               probe_steps, seed=seed)
+    metrics["params"] = count_params(model)
+    metrics["latency_ms"] = round(cpu_latency_ms(model, size, channels_last), 3)
+    return metrics

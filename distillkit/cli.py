@@ -1,0 +1,164 @@
+"""The `distillkit` command: a thin typer shell over the Python API, with the same option names.
+
+Exit codes: 0 success, 2 bad input (a flag, a recipe value, a name, a path), 1 a failure during the run.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from enum import Enum
+from pathlib import Path
+from typing import Callable, List, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import DistillkitError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Compress frozen self-supervised teachers into small, deployable timm students.",
+    rich_markup_mode="rich",
+)
+err_console = Console(stderr=True)
+
+
+def reports_errors(command: Callable) -> Callable:
+    """Print distillkit errors as one clear message and exit with their code (2 input, 1 run)."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except DistillkitError as e:
+            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err_console.print("[yellow]interrupted[/]")
+            raise typer.Exit(130) from None
+        except MemoryError:
+            err_console.print("[bold red]error:[/] out of memory; lower --batch-size or the input sizes")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+@app.command()
+@reports_errors
+def compress(
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a zoo name (see `distillkit list teachers`) or timm:<model>."),
+    teacher_weights: Optional[Path] = typer.Option(None, help="Local teacher checkpoint (.safetensors/.pth); works offline."),
+    student: Optional[str] = typer.Option(None, help="Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>."),
+    strategy: Optional[str] = typer.Option(None, help="Strategy name, or several joined by '+' (see `distillkit list strategies`)."),
+    data: Optional[str] = typer.Option(None, help="Image folder (class subfolders or flat) or builtin:fashion-mnist."),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
+    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
+    limit: Optional[int] = typer.Option(None, help="Use only N training images (quick runs)."),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size, summed over all processes."),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
+    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<time>-<teacher>-<student>-<strategy>)."),
+    recipe: Optional[str] = typer.Option(None, help="Recipe: a YAML file or a shipped name (see `distillkit list recipes`)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=0.1 (repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
+    seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
+    precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
+    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+) -> None:
+    """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
+
+    With no options: EfficientNet-Lite0 -> MobileNetV3-Large with SEED on Fashion-MNIST (offline).
+    """
+    from .api import compress as run_compress
+
+    run_compress(
+        recipe, teacher=teacher, teacher_weights=teacher_weights, student=student, strategy=strategy, data=data,
+        epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
+        resume=resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, quiet=quiet,
+    )
+
+
+class ListWhat(str, Enum):
+    teachers = "teachers"
+    students = "students"
+    strategies = "strategies"
+    recipes = "recipes"
+
+
+@app.command("list")
+@reports_errors
+def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
+    """List teachers, students, strategies or recipes."""
+    console = Console()
+    table = Table(title=f"distillkit {what.value}")
+    if what is ListWhat.teachers:
+        from .teachers import TEACHERS
+
+        for column in ("name", "architecture", "weights", "description"):
+            table.add_column(column)
+        for name in TEACHERS:
+            spec = TEACHERS.get(name)
+            table.add_row(name, spec.architecture, spec.weights_source, spec.description)
+        table.add_row("timm:<model name>", "any timm model", "timm hub, or --teacher-weights FILE",
+                      "e.g. timm:vit_small_patch16_224.dino")
+    elif what is ListWhat.students:
+        from .student import _shipped_specs
+
+        for column in ("name", "timm model", "input size", "description"):
+            table.add_column(column)
+        for name, spec in _shipped_specs().items():
+            table.add_row(name, spec.timm, str(spec.input_size), spec.description)
+        table.add_row("timm:<model name>", "any timm model", "224", "or a spec .yaml file of your own")
+    elif what is ListWhat.strategies:
+        from .strategies import STRATEGIES
+
+        table.add_column("name")
+        table.add_column("what it does")
+        for name in STRATEGIES:
+            table.add_row(name, STRATEGIES.get(name).summary)
+    else:
+        from .recipe import find_recipe, list_recipes
+
+        table.add_column("name")
+        table.add_column("description")
+        for name in list_recipes():
+            lines = find_recipe(name).read_text(encoding="utf-8").splitlines()
+            first = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
+            table.add_row(name, first)
+    console.print(table)
+
+
+@app.command("eval")
+@reports_errors
+def eval_(
+    student_dir: Path = typer.Argument(..., help="An exported student folder (or a run folder)."),
+    data: str = typer.Option("builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."),
+    max_train: int = typer.Option(10000, help="Training images used as the k-NN bank / probe training set."),
+    max_test: int = typer.Option(10000, help="Held-out images scored."),
+    seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
+) -> None:
+    """k-NN and linear-probe accuracy, parameters and CPU latency of an exported student."""
+    from .api import evaluate_student, results_table
+
+    metrics = evaluate_student(student_dir, data=data, max_train=max_train, max_test=max_test, seed=seed)
+    Console().print(results_table({"student": metrics}))
+
+
+def main() -> None:
+    try:
+        app()
+    except SystemExit as e:  # click exits 2 on bad usage already; keep codes as they are
+        sys.exit(e.code)
+
+
+if __name__ == "__main__":
+    main()

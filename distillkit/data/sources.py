@@ -1,0 +1,304 @@
+"""Where training images come from: `builtin:<name>` datasets and image folders.
+
+Every dataset yields `(image, label, index)`: a uint8 (C, H, W) tensor of fixed size, an int label
+(-1 when unlabelled) and the image's index, which keys its augmentation (see views.py).
+
+`builtin:fashion-mnist` is looked for, in order: $DISTILLKIT_FASHION_MNIST, Debian's
+dataset-fashion-mnist (/usr/share/datasets/fashion-mnist), the user cache
+($DISTILLKIT_CACHE or ~/.cache/distillkit), torchvision's download into that cache when online,
+and finally the 5,000 + 1,000 image subset bundled inside the package.
+"""
+
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import socket
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from ..errors import UsageError
+from ..registry import did_you_mean
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+HELD_OUT_FOLDERS = ("val", "test", "valid", "validation")
+BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
+FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
+                         "Bag", "Ankle boot")
+
+
+@dataclass
+class ImageData:
+    train: Dataset  # what distillation trains on (after --limit)
+    train_all: Dataset  # the whole training split: the k-NN bank / probe training set
+    test: Dataset | None  # held-out labelled split for evaluation
+    num_classes: int | None  # None when unlabelled
+    source: str  # where the images came from, for the run summary
+
+
+class TensorImages(Dataset):
+    """Images held in memory as one uint8 tensor (N, C, H, W)."""
+
+    def __init__(self, images: Tensor, labels: Tensor | None):
+        self.images = images
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int):
+        label = int(self.labels[index]) if self.labels is not None else -1
+        return self.images[index], label, index
+
+
+class FolderImages(Dataset):
+    """Image files decoded on demand, resized (shorter side) and centre-cropped to `size` x `size`.
+
+    An unreadable file yields None; `collate_skipping_bad` drops it and counts it.
+    """
+
+    def __init__(self, paths: list[Path], labels: list[int] | None, size: int):
+        self.paths = paths
+        self.labels = labels
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        from PIL import Image
+        from torchvision.transforms.v2 import functional as TF
+
+        try:
+            with Image.open(self.paths[index]) as img:
+                img = img.convert("RGB")
+                img = TF.resize(img, self.size, antialias=True)
+                img = TF.center_crop(img, [self.size, self.size])
+                tensor = TF.pil_to_tensor(img)
+        except (OSError, ValueError, SyntaxError) as e:
+            warnings.warn(f"skipping unreadable image {self.paths[index]}: {e}")
+            return None
+        label = self.labels[index] if self.labels is not None else -1
+        return tensor, label, index
+
+
+def collate_skipping_bad(items):
+    good = [item for item in items if item is not None]
+    if not good:
+        return None
+    images = torch.stack([item[0] for item in good])
+    labels = torch.tensor([item[1] for item in good], dtype=torch.long)
+    indices = torch.tensor([item[2] for item in good], dtype=torch.long)
+    return images, labels, indices
+
+
+class Subset(Dataset):
+    """A fixed selection of another dataset's items, keeping their original indices."""
+
+    def __init__(self, base: Dataset, indices: list[int]):
+        self.base = base
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+BUILTINS = ("fashion-mnist",)
+
+
+def open_data(source: str, *, limit: int | None, seed: int, val_fraction: float, load_size: int) -> ImageData:
+    if source.startswith("builtin:"):
+        name = source[len("builtin:"):]
+        if name not in BUILTINS:
+            raise UsageError(f"unknown builtin dataset {source!r}: "
+                             f"{did_you_mean(name, list(BUILTINS))} (e.g. builtin:fashion-mnist)")
+        train, test, where = load_fashion_mnist()
+        num_classes = 10
+    else:
+        train, test, num_classes, where = load_folder(Path(source).expanduser(), val_fraction, seed, load_size)
+    train_limited = train
+    if limit is not None and limit < len(train):
+        chosen = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:limit]
+        train_limited = Subset(train, sorted(chosen.tolist()))
+    return ImageData(train=train_limited, train_all=train, test=test, num_classes=num_classes, source=where)
+
+
+def check_data_source(source: str) -> None:
+    """Cheap checks before anything loads: a known builtin, or an existing folder."""
+    if source.startswith("builtin:"):
+        name = source[len("builtin:"):]
+        if name not in BUILTINS:
+            raise UsageError(f"unknown builtin dataset {source!r}: {did_you_mean(name, list(BUILTINS))}")
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise UsageError(f"data folder {path} does not exist; pass --data with an image folder or builtin:fashion-mnist")
+    if not path.is_dir():
+        raise UsageError(f"--data {path} is a file; pass a folder of images (optionally one subfolder per class)")
+
+
+# ----------------------------------------------------------------------------- Fashion-MNIST
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILLKIT_CACHE", Path.home() / ".cache" / "distillkit")).expanduser()
+
+
+def fashion_mnist_search_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("DISTILLKIT_FASHION_MNIST"):
+        dirs.append(Path(os.environ["DISTILLKIT_FASHION_MNIST"]))
+    dirs += [
+        Path("/usr/share/datasets/fashion-mnist"),
+        cache_dir() / "fashion-mnist",
+        cache_dir() / "fashion-mnist" / "FashionMNIST" / "raw",
+    ]
+    return dirs
+
+
+def load_fashion_mnist() -> tuple[TensorImages, TensorImages, str]:
+    for folder in fashion_mnist_search_dirs():
+        found = _read_fashion_mnist_dir(folder)
+        if found is not None:
+            return (*found, f"Fashion-MNIST (full, {folder})")
+    downloaded = _download_fashion_mnist()
+    if downloaded is not None:
+        return (*downloaded, f"Fashion-MNIST (full, downloaded to {cache_dir() / 'fashion-mnist'})")
+    bundle = np.load(BUNDLED_DIR / "fashion_mnist_subset.npz")
+    train = _tensor_images(bundle["train_images"], bundle["train_labels"])
+    test = _tensor_images(bundle["test_images"], bundle["test_labels"])
+    return train, test, ("Fashion-MNIST (bundled subset: 5,000 train / 1,000 test; for the full set run "
+                         "`apt-get install dataset-fashion-mnist` or connect to the internet)")
+
+
+def _read_fashion_mnist_dir(folder: Path) -> tuple[TensorImages, TensorImages] | None:
+    splits = []
+    for prefix in ("train", "t10k"):
+        images = _find(folder, f"{prefix}-images-idx3-ubyte")
+        labels = _find(folder, f"{prefix}-labels-idx1-ubyte")
+        if images is None or labels is None:
+            return None
+        x = read_idx(images).reshape(-1, 28, 28)
+        y = read_idx(labels)
+        if x.shape[0] != y.shape[0]:
+            raise UsageError(f"Fashion-MNIST in {folder} is damaged: {x.shape[0]} images but {y.shape[0]} labels")
+        splits.append(_tensor_images(x, y))
+    return splits[0], splits[1]
+
+
+def _find(folder: Path, stem: str) -> Path | None:
+    for name in (stem + ".gz", stem):
+        if (folder / name).is_file():
+            return folder / name
+    return None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped): magic (2 zero bytes, dtype 0x08, ndim), dims, data."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise UsageError(f"cannot read {path}: {e}; the file is damaged, delete it or reinstall it") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise UsageError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
+    if data.size != math.prod(dims):
+        raise UsageError(f"{path} is truncated: expected {math.prod(dims)} values, found {data.size}")
+    return data.reshape(dims)
+
+
+def _tensor_images(images: np.ndarray, labels: np.ndarray) -> TensorImages:
+    x = torch.from_numpy(np.array(images, dtype=np.uint8)).unsqueeze(1)  # (N, 1, 28, 28) grayscale
+    return TensorImages(x, torch.from_numpy(labels.astype(np.int64)))
+
+
+def _download_fashion_mnist() -> tuple[TensorImages, TensorImages] | None:
+    host = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
+    try:
+        socket.create_connection((host, 80), timeout=3).close()
+    except OSError:
+        return None
+    from torchvision.datasets import FashionMNIST
+
+    root = cache_dir() / "fashion-mnist"
+    try:
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+    except Exception as e:  # any download failure falls through to the bundled subset
+        warnings.warn(f"Fashion-MNIST download failed ({e}); using the bundled subset")
+        return None
+    return _read_fashion_mnist_dir(root / "FashionMNIST" / "raw")
+
+
+# ----------------------------------------------------------------------------- image folders
+
+
+def load_folder(root: Path, val_fraction: float, seed: int, size: int):
+    check_data_source(str(root))
+    held_out = next((root / n for n in HELD_OUT_FOLDERS if (root / n).is_dir()), None)
+    if (root / "train").is_dir() and held_out is not None:
+        train_paths, train_labels, classes = scan_folder(root / "train")
+        test_paths, test_labels, test_classes = scan_folder(held_out, classes)
+        where = f"image folder {root} (train/ and {held_out.name}/)"
+    else:
+        paths, labels, classes = scan_folder(root)
+        order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+        n_test = max(1, int(round(len(paths) * val_fraction))) if labels is not None and len(paths) > 1 else 0
+        test_ids, train_ids = sorted(order[:n_test]), sorted(order[n_test:])
+        train_paths = [paths[i] for i in train_ids]
+        test_paths = [paths[i] for i in test_ids]
+        train_labels = [labels[i] for i in train_ids] if labels is not None else None
+        test_labels = [labels[i] for i in test_ids] if labels is not None else None
+        where = f"image folder {root}" + (f" ({n_test} images held out for evaluation)" if n_test else "")
+    train = FolderImages(train_paths, train_labels, size)
+    test = FolderImages(test_paths, test_labels, size) if test_paths and test_labels is not None else None
+    return train, test, (len(classes) if train_labels is not None else None), where
+
+
+def scan_folder(root: Path, classes: list[str] | None = None):
+    """Class subfolders -> labelled images; loose image files -> unlabelled. Fails on an empty folder."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    class_images = {d.name: _images_in(d) for d in subdirs}
+    class_images = {k: v for k, v in class_images.items() if v}
+    if classes is None and len(class_images) >= 2:
+        classes = sorted(class_images)
+    if classes is not None and class_images:
+        unknown = sorted(set(class_images) - set(classes))
+        if unknown:
+            raise UsageError(f"{root} has class folders not in the training split: {', '.join(unknown[:5])}")
+        paths, labels = [], []
+        for label, name in enumerate(classes):
+            for path in class_images.get(name, []):
+                paths.append(path)
+                labels.append(label)
+        return paths, labels, classes
+    paths = loose + [p for images in class_images.values() for p in images]
+    if not paths:
+        raise UsageError(
+            f"no images found in {root} (looked for {', '.join(sorted(IMAGE_EXTENSIONS))} files, directly "
+            "or one subfolder per class)"
+        )
+    if len(class_images) == 1:
+        warnings.warn(f"{root} has a single class folder: training without labels, so no k-NN / probe accuracy")
+    return paths, None, []
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)

@@ -1,0 +1,96 @@
+"""Augmented views, computed for a whole batch at once and replayable from their parameters.
+
+A view of image `i` is a random resized crop plus an optional horizontal flip. Its parameters
+come from a counter-based hash of (seed, epoch, image index, view index), not from a stateful RNG,
+so the same image gets the same view however the data is sharded across processes, after a resume,
+or when a teacher-output cache replays it. `render_views` turns parameters into pixels with one
+batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling averages) on uint8 images scaled to [0, 1].
+
+Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from torchvision.ops import roi_align
+
+MASK32 = 0xFFFFFFFF
+ATTEMPTS = 10  # crop proposals per view, as torchvision's RandomResizedCrop
+
+
+@dataclass(frozen=True)
+class ViewConfig:
+    size: int
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip: float = 0.5
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values < 2**32."""
+    x = x & MASK32
+    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
+    x = ((x ^ (x >> 15)) * 0x846CA68B) & MASK32
+    return x ^ (x >> 16)
+
+
+def hash_uniform(seed: int, epoch: int, indices: Tensor, view: int, draws: int) -> Tensor:
+    """Uniform [0, 1) numbers, shape (len(indices), draws), a pure function of all the arguments."""
+    x = _mix32(torch.full_like(indices, seed & MASK32))
+    x = _mix32(x ^ (epoch & MASK32))
+    x = _mix32(x ^ (indices & MASK32))
+    x = _mix32(x ^ (view & MASK32)).unsqueeze(1)
+    x = _mix32(x ^ torch.arange(draws, dtype=torch.int64, device=indices.device))
+    return (x >> 8).double() / float(1 << 24)
+
+
+def sample_view_params(indices: Tensor, height: int, width: int, config: ViewConfig, *, seed: int, epoch: int,
+                       view: int) -> Tensor:
+    """(B, 5) float64 view parameters for images `indices` of size height x width."""
+    indices = indices.to(torch.int64).cpu()
+    u = hash_uniform(seed, epoch, indices, view, 4 * ATTEMPTS + 1)
+    area = height * width
+    scale = config.crop_scale[0] + (config.crop_scale[1] - config.crop_scale[0]) * u[:, :ATTEMPTS]
+    log_lo, log_hi = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, ATTEMPTS:2 * ATTEMPTS])
+    w = torch.sqrt(scale * area * ratio).round()
+    h = torch.sqrt(scale * area / ratio).round()
+    fits = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
+    first = torch.where(fits.any(1), fits.int().argmax(1), torch.full_like(indices, -1))
+    rows = torch.arange(indices.shape[0])
+    pick = first.clamp(min=0)
+    w, h = w[rows, pick], h[rows, pick]
+    x_pos = u[:, 2 * ATTEMPTS:3 * ATTEMPTS][rows, pick]
+    y_pos = u[:, 3 * ATTEMPTS:4 * ATTEMPTS][rows, pick]
+    x0 = torch.floor(x_pos * (width - w + 1)).clamp(max=width - w)
+    y0 = torch.floor(y_pos * (height - h + 1)).clamp(max=height - h)
+    fallback = first < 0  # no proposal fitted: take the whole image
+    w = torch.where(fallback, torch.full_like(w, width), w)
+    h = torch.where(fallback, torch.full_like(h, height), h)
+    x0 = torch.where(fallback, torch.zeros_like(x0), x0)
+    y0 = torch.where(fallback, torch.zeros_like(y0), y0)
+    flip = (u[:, -1] < config.flip).double()
+    return torch.stack([x0, y0, x0 + w, y0 + h, flip], dim=1)
+
+
+def as_views(images: Tensor) -> Tensor:
+    """uint8 (B, C, H, W) -> float (B, 3, H, W) in [0, 1]; grayscale becomes 3 channels."""
+    x = images.float().div_(255.0)
+    return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+
+
+def render_views(images: Tensor, params: Tensor, size: int) -> Tensor:
+    """uint8 (B, C, H, W) images + (B, 5) parameters -> float (B, 3, size, size) views in [0, 1]."""
+    x = as_views(images)
+    params = params.to(x.device)
+    boxes = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype).unsqueeze(1),
+                       params[:, :4].to(x.dtype)], dim=1)
+    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    flip = params[:, 4].to(torch.bool)
+    if flip.any():
+        out[flip] = out[flip].flip(-1)
+    return out

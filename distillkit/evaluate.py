@@ -1,0 +1,122 @@
+"""Evaluating embeddings: weighted k-NN and linear-probe accuracy, parameter counts, CPU latency.
+
+k-NN follows DINO (Caron et al. 2021, eval_knn.py): cosine similarity of l2-normalised
+embeddings, the k nearest training images vote for their class with weight exp(sim / T).
+The linear probe is multinomial logistic regression on standardised frozen embeddings,
+fitted full-batch with L-BFGS and a small L2 penalty.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from .data.sources import Subset, collate_skipping_bad
+from .data.views import as_views
+
+Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
+
+
+@torch.no_grad()  # not inference_mode: the probe later needs autograd on these tensors
+def embed_dataset(embed: Embed, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
+                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """Embeddings (N, D) float32 and labels (N,) of every image, each seen whole and unflipped."""
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_skipping_bad)
+    features, labels = [], []
+    for batch in loader:
+        if batch is None:
+            continue
+        images, batch_labels, _ = batch
+        features.append(embed(as_views(images.to(device))).float().cpu())
+        labels.append(batch_labels)
+    return torch.cat(features), torch.cat(labels)
+
+
+def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
+                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+    """Weighted k-NN top-1 accuracy: votes exp(cos / T) from the k most similar training images."""
+    train = F.normalize(train_features.float(), dim=1)
+    test = F.normalize(test_features.float(), dim=1)
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    k = min(k, train.shape[0])
+    correct = 0
+    for start in range(0, test.shape[0], chunk):
+        similarity = test[start:start + chunk] @ train.T
+        top_sim, top_idx = similarity.topk(k, dim=1)
+        votes = torch.zeros(top_sim.shape[0], num_classes)
+        votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
+        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
+    return correct / test.shape[0]
+
+
+def linear_probe_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
+                          test_labels: Tensor, steps: int = 300, l2: float = 1e-4, seed: int = 0) -> float:
+    """Top-1 accuracy of a logistic-regression probe on standardised embeddings."""
+    mean = train_features.mean(0, keepdim=True)
+    std = train_features.std(0, keepdim=True).clamp_min(1e-6)
+    x_train = ((train_features - mean) / std).float()
+    x_test = ((test_features - mean) / std).float()
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    generator = torch.Generator().manual_seed(seed)
+    weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).requires_grad_(True)
+    bias = torch.zeros(num_classes, requires_grad=True)
+    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
+                                  line_search_fn="strong_wolfe")
+
+    def closure():
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x_train @ weight + bias, train_labels) + l2 * weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        return ((x_test @ weight + bias).argmax(1) == test_labels).float().mean().item()
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.inference_mode()
+def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last: bool, runs: int = 30) -> float:
+    """Median single-image forward time on the CPU, in milliseconds, after 5 warm-up runs."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval().cpu()
+    x = torch.rand(1, 3, *input_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        model(x)
+        times.append((time.perf_counter() - start) * 1000)
+    model.to(device).train(was_training)
+    return statistics.median(times)
+
+
+def eval_subset(dataset: Dataset, max_items: int, seed: int) -> Dataset:
+    """A seeded random subset of at most `max_items` images (all of them when fewer)."""
+    if len(dataset) <= max_items:
+        return dataset
+    chosen = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:max_items]
+    return Subset(dataset, sorted(chosen.tolist()))
+
+
+def score_embeddings(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], k: int, temperature: float,
+                     probe_steps: int, seed: int = 0) -> dict[str, float]:
+    return {
+        "knn_top1": knn_accuracy(*train, *test, k=k, temperature=temperature),
+        "probe_top1": linear_probe_accuracy(*train, *test, steps=probe_steps, seed=seed),
+    }

@@ -1,0 +1,388 @@
+"""The recipe: a typed description of one distillation run.
+
+Sources, later ones winning: the schema defaults below <- a YAML recipe file (the embedded
+`recipes/default.yaml` when none is given) <- CLI flags / API keyword arguments <- `--set a.b=value`.
+Everything is validated before any model or data is loaded: an unknown key, a wrong type or a bad
+value raises `UsageError` naming the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import UsageError
+from .registry import did_you_mean
+
+
+@dataclass
+class TeacherConfig:
+    name: str = "efficientnet-lite0"
+    weights: str | None = None  # a local checkpoint file; None = the teacher's default source
+    input_size: int | None = None  # pixels; None = the teacher's own input size
+    channels_last: bool = True
+
+
+@dataclass
+class StudentConfig:
+    name: str = "mobilenetv3"
+    input_size: int | None = None  # pixels; None = the student spec's input size
+    channels_last: bool | None = None  # None = the student spec's choice (True for conv nets)
+
+
+@dataclass
+class DataConfig:
+    source: str = "builtin:fashion-mnist"  # builtin:<name> or an image folder
+    limit: int | None = None  # use only this many training images
+    val_fraction: float = 0.1  # held-out share of an image folder that has no val/ or test/ folder
+    load_size: int | None = None  # folder images are resized to this; None = 1.15 x the view size
+    num_workers: int = 0
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333)
+    flip: float = 0.5  # horizontal flip probability
+    view_size: int | None = None  # pixels of the raw views; None = the largest network input
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 1
+    max_steps: int | None = None  # stop after this many optimiser steps
+    batch_size: int = 128  # global: summed over all processes
+    lr: float = 0.05
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    warmup_fraction: float = 0.05  # share of the steps spent in linear warm-up
+    grad_accum: int = 1
+    clip_grad: float | None = None  # max gradient norm; None = no clipping
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    seed: int = 0
+    log_every: int = 10  # steps between JSONL metric lines
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = True
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_steps: int = 300  # full-batch optimisation steps of the linear probe
+    max_train: int = 10000  # labelled training images used as k-NN bank / probe training set
+    max_test: int = 10000  # held-out images scored
+    latency_runs: int = 30
+
+
+@dataclass
+class Recipe:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    # strategy name -> its settings (each strategy's own dataclass, plus `weight`)
+    strategy: dict[str, dict[str, Any]] = field(default_factory=lambda: {"seed": {}})
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    out: str | None = None  # run directory; None = runs/<time>-<teacher>-<student>
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+# ----------------------------------------------------------------------------- recipe files
+
+
+def recipes_dir() -> Path:
+    """Where the shipped recipes are: inside the wheel, or at the top of a source checkout."""
+    return _data_dir("recipes")
+
+
+def _data_dir(name: str) -> Path:
+    package = Path(__file__).resolve().parent
+    for candidate in (package / name, package.parent / name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"distillkit's {name}/ folder is missing from the installation at {package}")
+
+
+def list_recipes() -> list[str]:
+    return sorted(p.stem for p in recipes_dir().glob("*.yaml"))
+
+
+def find_recipe(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = recipes_dir() / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise UsageError(
+        f"recipe {str(name_or_path)!r} is neither a file nor a shipped recipe: "
+        f"{did_you_mean(str(name_or_path), list_recipes())}"
+    )
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UsageError(f"recipe {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"recipe {path} must be a mapping of sections (teacher:, student:, ...)")
+    return data
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def parse_set(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
+    """`["train.lr=0.1", "strategy.seed.queue_size=1024"]` -> {"train.lr": 0.1, ...}.
+
+    Values are parsed as YAML scalars/flow collections (`0.1`, `true`, `null`, `[0.2, 1.0]`).
+    """
+    if items is None:
+        return {}
+    if isinstance(items, dict):
+        return dict(items)
+    parsed = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--set {item!r} must look like key.path=value, e.g. train.lr=0.1")
+        try:
+            parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            parsed[key.strip()] = raw
+    return parsed
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict (creating sections as needed)."""
+    for dotted, value in overrides.items():
+        parts = dotted.split(".")
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise UsageError(f"cannot set {dotted!r}: {'.'.join(parts[: i + 1])} is not a section")
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def build_recipe(data: dict[str, Any]) -> Recipe:
+    """Validate a nested dict against the schema and return a typed `Recipe`."""
+    recipe = _build_dataclass(Recipe, data, "")
+    recipe.strategy = _validate_strategies(recipe.strategy)
+    return recipe
+
+
+def _build_dataclass(cls: type, data: Any, path: str) -> Any:
+    if not isinstance(data, dict):
+        raise UsageError(f"{path or 'recipe'} must be a mapping, got {_describe(data)}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in data:
+        if key not in known:
+            where = f"{path}.{key}" if path else str(key)
+            raise UsageError(f"unknown recipe key {where!r}: {did_you_mean(str(key), list(known))}")
+    values = {}
+    for name, value in data.items():
+        values[name] = check_value(hints[name], value, f"{path}.{name}" if path else name)
+    return cls(**values)
+
+
+def check_value(hint: Any, value: Any, path: str) -> Any:
+    """Check `value` against a type hint and return it converted (list->tuple, int->float)."""
+    if dataclasses.is_dataclass(hint):
+        return _build_dataclass(hint, value, path)
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return check_value(arg, value, path)
+            except UsageError as e:
+                errors.append(e)
+        raise errors[0]
+    if origin is Literal:
+        if value not in args:
+            raise UsageError(f"{path} = {value!r} is not allowed; choose one of {', '.join(map(str, args))}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise UsageError(f"{path} must be a list of {len(args)} values, got {_describe(value)}")
+        return tuple(check_value(a, v, f"{path}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UsageError(f"{path} must be a mapping, got {_describe(value)}")
+        return dict(value)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise UsageError(f"{path} must be a list, got {_describe(value)}")
+        return [check_value(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise UsageError(f"{path} must be true or false, got {_describe(value)}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UsageError(f"{path} must be a whole number, got {_describe(value)}")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{path} must be a number, got {_describe(value)}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise UsageError(f"{path} must be a string, got {_describe(value)}")
+        return value
+    if hint is Any:
+        return value
+    raise TypeError(f"recipe schema uses an unsupported type {hint!r} at {path}")
+
+
+def _describe(value: Any) -> str:
+    return f"{value!r} ({type(value).__name__})"
+
+
+def _validate_strategies(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    from .strategies import STRATEGIES
+
+    if not section:
+        raise UsageError(f"strategy must name at least one strategy; choose from {', '.join(STRATEGIES.names())}")
+    validated = {}
+    for name, settings in section.items():
+        strategy_cls = STRATEGIES.get(name)
+        settings = {} if settings is None else settings
+        config = _build_dataclass(strategy_cls.Config, settings, f"strategy.{name}")
+        validated[name] = dataclasses.asdict(config)
+    return validated
+
+
+def check_ranges(recipe: Recipe) -> None:
+    """Value checks the types alone cannot express."""
+    positive = {
+        "train.epochs": recipe.train.epochs,
+        "train.batch_size": recipe.train.batch_size,
+        "train.grad_accum": recipe.train.grad_accum,
+        "train.log_every": recipe.train.log_every,
+        "eval.knn_k": recipe.eval.knn_k,
+        "eval.max_train": recipe.eval.max_train,
+        "eval.max_test": recipe.eval.max_test,
+    }
+    for key, value in positive.items():
+        if value < 1:
+            raise UsageError(f"{key} must be at least 1, got {value}")
+    optional_positive = {
+        "train.max_steps": recipe.train.max_steps,
+        "data.limit": recipe.data.limit,
+        "teacher.input_size": recipe.teacher.input_size,
+        "student.input_size": recipe.student.input_size,
+        "data.view_size": recipe.data.view_size,
+        "data.load_size": recipe.data.load_size,
+    }
+    for key, value in optional_positive.items():
+        if value is not None and value < 1:
+            raise UsageError(f"{key} must be a positive number or null, got {value}")
+    if recipe.train.lr <= 0:
+        raise UsageError(f"train.lr must be positive, got {recipe.train.lr}")
+    if not 0.0 <= recipe.train.warmup_fraction < 1.0:
+        raise UsageError(f"train.warmup_fraction must be in [0, 1), got {recipe.train.warmup_fraction}")
+    if not 0.0 < recipe.data.val_fraction < 1.0:
+        raise UsageError(f"data.val_fraction must be in (0, 1), got {recipe.data.val_fraction}")
+    if not 0.0 <= recipe.data.flip <= 1.0:
+        raise UsageError(f"data.flip must be a probability in [0, 1], got {recipe.data.flip}")
+    low, high = recipe.data.crop_scale
+    if not 0.0 < low <= high <= 1.0:
+        raise UsageError(f"data.crop_scale must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    low, high = recipe.data.crop_ratio
+    if not 0.0 < low <= high:
+        raise UsageError(f"data.crop_ratio must satisfy 0 < low <= high, got {[low, high]}")
+    if recipe.train.clip_grad is not None and recipe.train.clip_grad <= 0:
+        raise UsageError(f"train.clip_grad must be positive or null, got {recipe.train.clip_grad}")
+
+
+# ----------------------------------------------------------------------------- one entry point
+
+# CLI flag / API keyword -> dotted recipe key. The CLI and `compress()` share this table.
+OPTION_KEYS = {
+    "teacher": "teacher.name",
+    "teacher_weights": "teacher.weights",
+    "student": "student.name",
+    "data": "data.source",
+    "epochs": "train.epochs",
+    "max_steps": "train.max_steps",
+    "limit": "data.limit",
+    "batch_size": "train.batch_size",
+    "lr": "train.lr",
+    "out": "out",
+    "seed": "train.seed",
+    "precision": "train.precision",
+}
+
+
+def resolve_recipe(
+    recipe: str | Path | dict[str, Any] | Recipe | None = None,
+    options: dict[str, Any] | None = None,
+    strategy: str | None = None,
+    overrides: list[str] | dict[str, Any] | None = None,
+) -> Recipe:
+    """Merge a recipe source, explicit options and `--set` overrides into a validated `Recipe`.
+
+    `strategy` ("seed", or "seed+hidden" for several) replaces the recipe's strategy section,
+    keeping the recipe's settings for strategies it already configures.
+    """
+    if isinstance(recipe, Recipe):
+        data = recipe.to_dict()
+    elif isinstance(recipe, dict):
+        data = _plain(dict(recipe))
+    else:
+        data = read_yaml(find_recipe(recipe if recipe is not None else "default"))
+    for option, value in (options or {}).items():
+        if value is not None:
+            data = apply_overrides(data, {OPTION_KEYS[option]: str(value) if isinstance(value, Path) else value})
+    if strategy is not None:
+        names = [n.strip() for n in strategy.split("+") if n.strip()]
+        if not names:
+            raise UsageError(f"--strategy {strategy!r} names no strategy; e.g. --strategy seed")
+        old = data.get("strategy") or {}
+        data["strategy"] = {n: (old.get(n) or {}) if isinstance(old, dict) else {} for n in names}
+    data = apply_overrides(data, parse_set(overrides))
+    built = build_recipe(data)
+    check_ranges(built)
+    return built
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.to_dict(), sort_keys=False)

@@ -1,0 +1,110 @@
+"""The strategy contract, and the objective that composes several weighted strategies.
+
+A strategy is an `nn.Module` that owns its trainable heads and its state (queues), so they are
+optimised and checkpointed with it. It sees only `Features`, never the models:
+
+    teacher_request(config, teacher) -> FeatureRequest   what it needs from the frozen teacher
+    student_request(config)          -> FeatureRequest   what it needs from the student
+    forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
+    term_weights()                   -> {term: weight}   how the objective weighs them
+    after_step(step, gather)                             state updates after the loss (queues)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError
+from ..features import FeatureRequest, Features
+
+
+@dataclass
+class StepInputs:
+    """Everything a strategy sees for one optimisation step (one entry per view)."""
+
+    teacher_views: list[Features]
+    student_views: list[Features]
+    labels: Tensor | None
+    progress: float  # fraction of training done, in [0, 1]
+
+    @property
+    def teacher(self) -> Features:
+        return self.teacher_views[0]
+
+    @property
+    def student(self) -> Features:
+        return self.student_views[0]
+
+
+Gather = Callable[[Tensor], Tensor]
+
+
+class Strategy(nn.Module):
+    name: ClassVar[str]
+    Config: ClassVar[type]  # a dataclass; every strategy config has `weight: float`
+    num_views: ClassVar[int] = 1
+    summary: ClassVar[str] = ""
+
+    def __init__(self, config: Any, teacher_probe: Features, student_probe: Features):
+        super().__init__()
+        self.config = config
+
+    @classmethod
+    def teacher_request(cls, config: Any, teacher: Any) -> FeatureRequest:
+        raise NotImplementedError
+
+    @classmethod
+    def student_request(cls, config: Any) -> FeatureRequest:
+        raise NotImplementedError
+
+    @classmethod
+    def check_compatible(cls, config: Any, teacher: Any) -> None:
+        """Raise `UsageError` when the teacher cannot give what this strategy needs."""
+
+    def term_weights(self) -> dict[str, float]:
+        return {self.name: 1.0}
+
+    def after_step(self, step: StepInputs, gather: Gather) -> None:
+        """Update state once the loss is computed (e.g. enqueue teacher embeddings)."""
+
+
+class Objective(nn.Module):
+    """Several strategies, each with a recipe weight; sums their weighted terms."""
+
+    def __init__(self, strategies: dict[str, Strategy], weights: dict[str, float]):
+        super().__init__()
+        self.strategies = nn.ModuleDict(strategies)
+        self.weights = dict(weights)
+        self.num_views = max(s.num_views for s in strategies.values())
+
+    def forward(self, step: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        for name, strategy in self.strategies.items():
+            values = strategy(step)
+            for term, weight in strategy.term_weights().items():
+                if term not in values or weight == 0:
+                    continue
+                terms[term if term.startswith(name) else f"{name}.{term}"] = values[term].detach()
+                contribution = self.weights[name] * weight * values[term]
+                total = contribution if total is None else total + contribution
+        if total is None:
+            raise UsageError("every loss term has weight 0: nothing to train")
+        return total, terms
+
+    def after_step(self, step: StepInputs, gather: Gather) -> None:
+        for strategy in self.strategies.values():
+            strategy.after_step(step, gather)
+
+
+def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear -> ReLU -> Linear, the projection head SEED puts on the student."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+def fp32(t: Tensor) -> Tensor:
+    return t.float() if t.dtype != torch.float32 else t

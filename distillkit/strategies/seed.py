@@ -1,0 +1,129 @@
+"""SEED: self-supervised distillation by matching similarity distributions over a teacher queue.
+
+Fang et al., "SEED: Self-supervised Distillation for Visual Representation", ICLR 2021
+(arXiv 2101.04731); official code jacobswan1/SEED seed/builder.py. One view goes to both nets:
+
+    z_S = norm(h_S(f_S(x)))   z_T = norm(g_T(f_T(x)))   Q = [q_1..q_K], a FIFO queue of past z_T
+    a_S = [z_S.z_T, z_S.q_1, ..., z_S.q_K] / tau_student
+    p_T = softmax([z_T.z_T, z_T.q_1, ..., z_T.q_K] / tau_teacher)
+    L   = -sum_j p_T[j] * log_softmax(a_S)[j], averaged over the batch
+
+The current teacher embedding is column 0 on both sides. The queue is updated after the loss with
+the teacher embeddings of the whole global batch (gathered across processes). Similarities and
+softmax run in fp32: with tau_teacher = 1e-4 a bf16/fp16 error is multiplied by 1e4.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..errors import UsageError
+from ..features import FeatureRequest, Features
+from . import register_strategy
+from .base import Gather, StepInputs, Strategy, fp32, mlp_head
+
+
+@dataclass
+class SeedConfig:
+    weight: float = 1.0
+    queue_size: int = 65536  # K
+    tau_student: float = 0.2
+    tau_teacher: float = 1e-4
+    embed_dim: int | None = None  # student head output; must equal the teacher embedding dim (None = it)
+    head_hidden_dim: int | None = None  # None = the student's feature width (official default)
+    teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+
+
+def seed_loss(student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float,
+              tau_teacher: float) -> Tensor:
+    """The SEED soft cross-entropy for l2-normalised (B, D) embeddings and a (K, D) queue."""
+    z_s, z_t, queue = fp32(student_embed), fp32(teacher_embed), fp32(queue)
+    student_logits = torch.cat([(z_s * z_t).sum(1, keepdim=True), z_s @ queue.T], dim=1) / tau_student
+    teacher_logits = torch.cat([(z_t * z_t).sum(1, keepdim=True), z_t @ queue.T], dim=1) / tau_teacher
+    target = F.softmax(teacher_logits, dim=1)
+    return -(target * F.log_softmax(student_logits, dim=1)).sum(1).mean()
+
+
+class EmbeddingQueue(nn.Module):
+    """A FIFO ring buffer of l2-normalised embeddings, (size, dim), oldest overwritten first."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        self.register_buffer("embeddings", F.normalize(torch.randn(size, dim), dim=1))
+        self.register_buffer("pointer", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def push(self, batch: Tensor) -> None:
+        size = self.embeddings.shape[0]
+        batch = batch.detach().to(self.embeddings.dtype)
+        if batch.shape[0] > size:  # only the newest `size` rows can stay
+            self.pointer.add_(batch.shape[0] - size).remainder_(size)
+            batch = batch[-size:]
+        start = int(self.pointer)
+        positions = (torch.arange(batch.shape[0], device=batch.device) + start) % size
+        self.embeddings[positions] = batch
+        self.pointer.fill_((start + batch.shape[0]) % size)
+
+
+def teacher_embedding(features: Features, use_projection: bool) -> Tensor:
+    return features.projection if use_projection else features.embedding
+
+
+@register_strategy
+class Seed(Strategy):
+    name = "seed"
+    Config = SeedConfig
+    summary = "SEED: match the teacher's similarity distribution over a queue of teacher embeddings"
+
+    def __init__(self, config: SeedConfig, teacher_probe: Features, student_probe: Features):
+        super().__init__(config, teacher_probe, student_probe)
+        self.use_projection = teacher_probe.projection is not None
+        teacher_dim = teacher_embedding(teacher_probe, self.use_projection).shape[1]
+        if config.embed_dim is not None and config.embed_dim != teacher_dim:
+            raise UsageError(
+                f"strategy.seed.embed_dim = {config.embed_dim}, but the teacher embedding SEED distils "
+                f"has {teacher_dim} dims; the two must match: set it to {teacher_dim} or null"
+            )
+        if config.queue_size < 1 or config.tau_student <= 0 or config.tau_teacher <= 0:
+            raise UsageError("strategy.seed.queue_size, tau_student and tau_teacher must be positive")
+        student_dim = student_probe.embedding.shape[1]
+        self.head = mlp_head(student_dim, config.head_hidden_dim or student_dim, teacher_dim)
+        self.queue = EmbeddingQueue(config.queue_size, teacher_dim)
+
+    @classmethod
+    def teacher_request(cls, config: SeedConfig, teacher) -> FeatureRequest:
+        use_projection = _uses_projection(config, teacher)
+        return FeatureRequest(embedding=not use_projection, projection=use_projection)
+
+    @classmethod
+    def student_request(cls, config: SeedConfig) -> FeatureRequest:
+        return FeatureRequest(embedding=True)
+
+    @classmethod
+    def check_compatible(cls, config: SeedConfig, teacher) -> None:
+        if config.teacher_embed == "projection" and not teacher.has_projection:
+            raise UsageError(
+                f"strategy.seed.teacher_embed = projection, but teacher {teacher.name!r} has no "
+                "projection head; use auto or embedding"
+            )
+
+    def forward(self, step: StepInputs) -> dict[str, Tensor]:
+        z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
+        z_s = F.normalize(fp32(self.head(step.student.embedding)), dim=1)
+        loss = seed_loss(z_s, z_t, self.queue.embeddings, self.config.tau_student, self.config.tau_teacher)
+        return {self.name: loss}
+
+    def after_step(self, step: StepInputs, gather: Gather) -> None:
+        z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
+        self.queue.push(gather(z_t))
+
+
+def _uses_projection(config: SeedConfig, teacher) -> bool:
+    if config.teacher_embed == "auto":
+        return teacher.has_projection
+    return config.teacher_embed == "projection"

@@ -1,0 +1,104 @@
+"""Students: plain timm models described by `students/*.yaml` specs, a spec file of your own, or
+any `timm:<name>`.
+
+A spec names the timm architecture, its default input size, whether it runs channels_last and
+extra `create_model` arguments. Students are created with `num_classes=0`, so `model(x)` is the
+pooled embedding and the exported file is exactly the backbone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import yaml
+from torch import nn
+
+from .errors import UsageError
+from .recipe import _build_dataclass, _data_dir
+from .registry import did_you_mean
+
+
+@dataclass(frozen=True)
+class StudentSpec:
+    name: str
+    timm: str
+    description: str = ""
+    input_size: int = 224
+    channels_last: bool = True
+    model_args: dict[str, Any] = field(default_factory=dict)
+
+
+def students_dir():
+    return _data_dir("students")
+
+
+def read_spec(path: Path) -> StudentSpec:
+    """Validate one student spec file against `StudentSpec`."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise UsageError(f"cannot read student spec {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"student spec {path} must be a mapping with at least `timm: <model name>`")
+    spec = _build_dataclass(StudentSpec, {**data, "name": data.get("name", path.stem)}, f"student spec {path.name}")
+    if not timm.is_model(spec.timm):
+        raise UsageError(f"student spec {path}: unknown timm model {spec.timm!r}: "
+                         f"{did_you_mean(spec.timm, timm.list_models())}")
+    return spec
+
+
+@lru_cache(maxsize=None)
+def _shipped_specs() -> dict[str, StudentSpec]:
+    return {path.stem: read_spec(path) for path in sorted(students_dir().glob("*.yaml"))}
+
+
+def list_students() -> list[str]:
+    return sorted(_shipped_specs()) + ["timm:<model name>"]
+
+
+def student_spec(name: str) -> StudentSpec:
+    if name.startswith("timm:"):
+        timm_name = name[len("timm:"):]
+        if not timm_name or not timm.is_model(timm_name):
+            raise UsageError(f"unknown timm model {timm_name!r} in student {name!r}: "
+                             f"{did_you_mean(timm_name, timm.list_models())}")
+        is_vit = "vit" in timm_name or "deit" in timm_name
+        return StudentSpec(name=name, timm=timm_name, description=f"timm {timm_name}", channels_last=not is_vit)
+    if name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file():
+        return read_spec(Path(name).expanduser())
+    specs = _shipped_specs()
+    if name not in specs:
+        raise UsageError(f"unknown student {name!r}: {did_you_mean(name, list(specs) + ['timm:<model name>'])}")
+    return specs[name]
+
+
+def model_args_for(spec: StudentSpec, input_size: int) -> dict[str, Any]:
+    """timm.create_model arguments, including the image size for models with a fixed input size (ViTs)."""
+    args = dict(spec.model_args)
+    cfg = timm.models.get_pretrained_cfg(spec.timm)
+    if cfg is not None and cfg.fixed_input_size:
+        args.setdefault("img_size", input_size)
+    return args
+
+
+def create_student(spec: StudentSpec, input_size: int, seed: int | None = None) -> nn.Module:
+    """A fresh, randomly initialised student (deterministic when `seed` is given)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    try:
+        return timm.create_model(spec.timm, pretrained=False, num_classes=0, **model_args_for(spec, input_size))
+    except (TypeError, ValueError, AssertionError) as e:
+        raise UsageError(f"cannot build student {spec.name!r} ({spec.timm}) at {input_size} px: {e}") from None
+
+
+def student_input_config(model: nn.Module, input_size: int):
+    """The student's normalisation: its architecture's default pretrained config (ImageNet mean/std)."""
+    from .teachers import InputConfig
+
+    cfg = timm.data.resolve_data_config({}, model=model)
+    return InputConfig(size=(input_size, input_size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))

@@ -1,0 +1,97 @@
+"""Reading checkpoint files safely, with errors that name the file and say what to do.
+
+Only `torch.load(weights_only=True)` and safetensors: nothing in a checkpoint can run code.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError
+
+StateDict = dict[str, Tensor]
+
+
+def read_checkpoint(path: str | Path) -> Any:
+    """Load a .safetensors / .pth / .pt / .pth.tar file onto the CPU, refusing executable pickles."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise UsageError(f"checkpoint {path} does not exist; check the path given to --teacher-weights")
+    if not path.is_file():
+        raise UsageError(f"checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise UsageError(f"checkpoint {path} is empty (0 bytes); download it again")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise UsageError(f"checkpoint {path} is not a readable safetensors file ({e}); "
+                             "it may be truncated: download it again") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UsageError(
+            f"refused to load {path}: it holds Python objects that safe loading does not allow "
+            f"({str(e).splitlines()[0][:200]}). distillkit never runs code from a checkpoint. If you "
+            "trust the file, re-save only its tensors, e.g. as safetensors, and pass that file"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UsageError(
+            f"checkpoint {path} could not be read ({str(e).splitlines()[0][:200]}); it is truncated "
+            "or not a PyTorch checkpoint: download it again or pass a .safetensors file"
+        ) from None
+
+
+def unwrap_state_dict(checkpoint: Any, path: str | Path = "checkpoint") -> StateDict:
+    """Find the tensor dict inside common wrappers ({'state_dict': ...}, {'model': ...}) and strip
+    the DDP/compile prefixes `module.` and `_orig_mod.`."""
+    node = checkpoint
+    for key in ("state_dict", "model"):
+        if isinstance(node, dict) and isinstance(node.get(key), dict):
+            node = node[key]
+    if not isinstance(node, dict) or not node or not all(isinstance(v, Tensor) for v in node.values()):
+        raise UsageError(f"{path} holds no state dict of tensors (top-level keys: {_keys(checkpoint)})")
+    out = {}
+    for key, value in node.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+        out[key] = value
+    return out
+
+
+def _keys(obj: Any) -> str:
+    if isinstance(obj, dict):
+        keys = list(obj)
+        return ", ".join(map(str, keys[:8])) + (f" ... ({len(keys)} in all)" if len(keys) > 8 else "")
+    return type(obj).__name__
+
+
+def load_exact(model: nn.Module, state_dict: StateDict, source: str, hint: str = "") -> None:
+    """A strict load; on any mismatch one readable report (missing, unexpected, shapes), never a partial load."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state_dict[k].shape)} vs model {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    ]
+    if missing or unexpected or shapes:
+        lines = [f"{source} does not fit {type(model).__name__} exactly:"]
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                             ("shape mismatches", shapes)):
+            if items:
+                lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
+        if hint:
+            lines.append(f"  hint: {hint}")
+        raise UsageError("\n".join(lines))
+    model.load_state_dict(state_dict, strict=True)

@@ -1,0 +1,1 @@
+"""Training: the Accelerate loop and run checkpoints."""

@@ -1,0 +1,263 @@
+"""The training loop, on Accelerate: teacher features -> student features -> losses -> step.
+
+One trainable module (`DistillModule` = student + objective with its heads and queues) is what
+Accelerate prepares, so DDP wraps exactly that; the frozen teacher is only moved to the device.
+Views are rendered from parameters that depend on (seed, epoch, image index, view), so the data
+a step sees does not depend on the number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from ..data import ViewConfig, collate_skipping_bad, render_views, sample_view_params
+from ..errors import RunError, UsageError
+from ..features import FeatureRequest, Features, extract_features
+from ..recipe import Recipe
+from ..strategies import Objective, StepInputs
+from ..teachers import InputConfig, Teacher, prepare_input
+from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
+
+MAX_NONFINITE_STEPS = 20  # consecutive skipped steps before the run stops
+
+
+class DistillModule(nn.Module):
+    """The student and the objective (strategy heads, queues): everything that trains."""
+
+    def __init__(self, student: nn.Module, objective: Objective, student_input: InputConfig, channels_last: bool,
+                 student_request: FeatureRequest):
+        super().__init__()
+        self.student = student
+        self.objective = objective
+        self.student_input = student_input
+        self.channels_last = channels_last
+        self.student_request = student_request
+
+    def forward(self, views: list[Tensor], teacher_views: list[Features], labels: Tensor | None,
+                progress: float) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
+        student_views = [
+            extract_features(self.student, prepare_input(v, self.student_input, self.channels_last),
+                             self.student_request)
+            for v in views
+        ]
+        step = StepInputs(teacher_views=teacher_views, student_views=student_views, labels=labels, progress=progress)
+        loss, terms = self.objective(step)
+        return loss, terms, step
+
+
+class EpochSampler(Sampler[int]):
+    """A shuffle that depends only on (seed, epoch): the same order on every process and after a resume."""
+
+    def __init__(self, size: int, seed: int):
+        self.size = size
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        return iter(torch.randperm(self.size, generator=generator).tolist())
+
+    def __len__(self) -> int:
+        return self.size
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
+    """Linear warm-up from 0, then cosine decay to 0."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def build_optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
+    """SGD or AdamW; no weight decay on biases and norm parameters (1-D tensors)."""
+    decay, no_decay = [], []
+    for param in module.parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 else decay).append(param)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if recipe.train.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=recipe.train.lr, momentum=recipe.train.momentum)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    epochs: int
+    seconds: float
+    images_per_second: float
+    resumed_from_step: int
+    final_terms: dict[str, float] = field(default_factory=dict)
+    skipped_steps: int = 0
+
+
+def make_accelerator(recipe: Recipe):
+    from accelerate import Accelerator
+
+    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    try:
+        return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=recipe.train.grad_accum)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--precision {recipe.train.precision} is not available on this machine ({e}); "
+                         "use fp32, or bf16 on a CPU") from None
+
+
+def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, train_set: Dataset,
+          run_dir: Path, resume: bool, progress) -> TrainResult:
+    """Run the optimisation; checkpoints every epoch; returns what happened."""
+    world = accelerator.num_processes
+    if recipe.train.batch_size % world:
+        raise UsageError(f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over "
+                         f"{world} processes")
+    per_process = recipe.train.batch_size // world
+    if len(train_set) < recipe.train.batch_size:
+        raise UsageError(f"only {len(train_set)} training images, fewer than one batch of "
+                         f"{recipe.train.batch_size}; lower --batch-size or use more images")
+    sampler = EpochSampler(len(train_set), recipe.train.seed)
+    loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
+                        num_workers=recipe.data.num_workers, collate_fn=collate_skipping_bad,
+                        persistent_workers=recipe.data.num_workers > 0)
+    optimizer = build_optimizer(module, recipe)
+    module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
+    teacher.to(accelerator.device)
+    inner: DistillModule = accelerator.unwrap_model(module)
+
+    micro_batches = len(loader)
+    steps_per_epoch = micro_batches // recipe.train.grad_accum
+    if steps_per_epoch < 1:
+        raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum "
+                         f"{recipe.train.grad_accum}")
+    total_steps = recipe.train.epochs * steps_per_epoch
+    if recipe.train.max_steps is not None:
+        total_steps = min(total_steps, recipe.train.max_steps)
+    warmup_steps = int(recipe.train.warmup_fraction * total_steps)
+    recipe_dict = recipe.to_dict()
+
+    step, start_epoch = 0, 0
+    checkpoint = find_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
+    if checkpoint is not None:
+        changes = recipe_changes(saved_recipe(checkpoint), recipe_dict)
+        if changes:
+            raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes))
+        state = load_checkpoint(checkpoint, inner, optimizer)
+        step, start_epoch = state["step"], state["epoch"]
+    resumed_from = step
+
+    teacher_request = _teacher_request(inner.objective, teacher)
+    view_config = ViewConfig(size=_view_size(recipe, teacher, inner), crop_scale=recipe.data.crop_scale,
+                             crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
+    metrics_path = run_dir / "metrics.jsonl"
+    main = accelerator.is_main_process
+    task = progress.add_task("distilling", total=total_steps, completed=step, terms="", speed="") if main else None
+
+    start_time = time.perf_counter()
+    images_seen, nonfinite_run, skipped = 0, 0, 0
+    terms_mean: dict[str, float] = {}
+    epoch = start_epoch
+    module.train()
+    while step < total_steps and epoch < recipe.train.epochs:
+        sampler.set_epoch(epoch)
+        epoch_start = time.perf_counter()
+        for batch in loader:
+            if batch is None:
+                continue
+            images, labels, indices = batch
+            views = [
+                render_views(images, sample_view_params(indices, images.shape[-2], images.shape[-1], view_config,
+                                                        seed=recipe.train.seed, epoch=epoch, view=v),
+                             view_config.size)
+                for v in range(inner.objective.num_views)
+            ]
+            with accelerator.accumulate(module):
+                with accelerator.autocast():
+                    teacher_views = [teacher(v, teacher_request) for v in views]
+                    loss, terms, step_inputs = module(views, teacher_views, labels, step / total_steps)
+                finite = _all_finite(accelerator, loss)
+                if finite:
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and recipe.train.clip_grad:
+                        accelerator.clip_grad_norm_(module.parameters(), recipe.train.clip_grad)
+                    for group in optimizer.param_groups:
+                        group["lr"] = recipe.train.lr * lr_factor(step, total_steps, warmup_steps)
+                    optimizer.step()
+                    inner.objective.after_step(step_inputs, accelerator.gather)
+                optimizer.zero_grad(set_to_none=True)
+            images_seen += images.shape[0] * accelerator.num_processes
+            if not finite:
+                skipped += 1
+                nonfinite_run += 1
+                warnings.warn(f"step {step}: the loss is not finite ({loss.item()}); the step was skipped")
+                if nonfinite_run >= MAX_NONFINITE_STEPS:
+                    raise RunError(f"{MAX_NONFINITE_STEPS} steps in a row had a non-finite loss; stopping. The "
+                                   f"last good checkpoint is in {run_dir / 'checkpoints'}; lower --lr or use fp32")
+                continue
+            nonfinite_run = 0
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+            terms_mean = {k: 0.9 * terms_mean.get(k, v) + 0.1 * v for k, v in values.items()}
+            if main:
+                speed = images_seen / (time.perf_counter() - start_time)
+                progress.update(task, completed=step, speed=f"{speed:.0f} img/s",
+                                terms=" ".join(f"{k} {v:.4f}" for k, v in terms_mean.items()))
+                if step % recipe.train.log_every == 0 or step == total_steps:
+                    _append_jsonl(metrics_path, {"step": step, "epoch": epoch, **values,
+                                                 "lr": optimizer.param_groups[0]["lr"],
+                                                 "images_per_s": round(speed, 1)})
+            if step >= total_steps:
+                break
+        epoch += 1
+        if main:
+            _append_jsonl(metrics_path, {"epoch_end": epoch, "step": step,
+                                         "seconds": round(time.perf_counter() - epoch_start, 2),
+                                         **{k: round(v, 6) for k, v in terms_mean.items()}})
+            save_checkpoint(run_dir, inner, optimizer, {"step": step, "epoch": epoch}, recipe_dict)
+        accelerator.wait_for_everyone()
+
+    seconds = time.perf_counter() - start_time
+    return TrainResult(steps=step, epochs=epoch, seconds=seconds,
+                       images_per_second=images_seen / seconds if seconds > 0 else 0.0,
+                       resumed_from_step=resumed_from, final_terms=terms_mean, skipped_steps=skipped)
+
+
+def _teacher_request(objective: Objective, teacher: Teacher) -> FeatureRequest:
+    request = FeatureRequest()
+    for strategy in objective.strategies.values():
+        request = request.merge(type(strategy).teacher_request(strategy.config, teacher))
+    return request
+
+
+def _view_size(recipe: Recipe, teacher: Teacher, inner: DistillModule) -> int:
+    if recipe.data.view_size:
+        return recipe.data.view_size
+    return max(*teacher.input_config.size, *inner.student_input.size)
+
+
+def _all_finite(accelerator, loss: Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite).min()
+    return bool(finite.item())
+
+
+def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
