@@ -118,7 +118,7 @@ def compress(
     metrics: dict[str, Any] = {}
     student_dir = run_dir / "student"
     if main:
-        trained = accelerator.unwrap_model(module).student.float().cpu()
+        trained = accelerator.unwrap_model(module).student.float().cpu().eval()
         tick = time.perf_counter()
         metrics = evaluate_run(resolved, teacher_model.cpu(), trained, spec, student_size, student_input,
                                channels_last, images, console)

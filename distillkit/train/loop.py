@@ -173,7 +173,7 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
     epoch = start_epoch
     module.train()
     while step < total_steps and epoch < recipe.train.epochs:
-        sampler.set_epoch(epoch)
+        loader.set_epoch(epoch)  # through Accelerate's loader: it re-sets the sampler's epoch on every __iter__
         epoch_start = time.perf_counter()
         for batch in loader:
             if batch is None:
@@ -218,6 +218,11 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
                 speed = images_seen / (time.perf_counter() - start_time)
                 progress.update(task, completed=step, speed=f"{speed:.0f} img/s",
                                 terms=" ".join(f"{k} {v:.4f}" for k, v in terms_mean.items()))
+                if not progress.console.is_terminal and (step % max(1, total_steps // 10) == 0
+                                                         or step == total_steps):
+                    progress.console.print(f"step {step}/{total_steps} epoch {epoch + 1} "
+                                           + " ".join(f"{k} {v:.4f}" for k, v in terms_mean.items())
+                                           + f" {speed:.0f} img/s", highlight=False)
                 if step % recipe.train.log_every == 0 or step == total_steps:
                     _append_jsonl(metrics_path, {"step": step, "epoch": epoch, **values,
                                                  "lr": optimizer.param_groups[0]["lr"],

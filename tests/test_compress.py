@@ -1,0 +1,129 @@
+"""End-to-end runs of `compress`, small enough for CI: real EfficientNet-Lite0 teacher at 32 px,
+MobileNetV3-Small student at 32 px, a few steps on a few hundred images."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+import distillkit
+from distillkit.cli import app
+from distillkit.errors import UsageError
+from distillkit.train import loop
+
+TINY = [
+    "teacher.input_size=32",
+    "strategy.seed.queue_size=64",
+    "eval.max_train=200",
+    "eval.max_test=100",
+    "eval.probe_steps=20",
+    "eval.latency_runs=2",
+]
+
+
+def tiny_run(out, **kwargs):
+    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=128, batch_size=32,
+                   out=out, set=list(TINY), quiet=True)
+    options.update(kwargs)
+    return distillkit.compress(**options)
+
+
+def test_api_run_writes_everything_and_exports_the_trained_student(tmp_path):
+    result = tiny_run(tmp_path / "run", epochs=1)
+    assert result.steps == 4  # 128 images / 32 per batch
+    for name in ("teacher", "student", "student_random_init"):
+        row = result.metrics[name]
+        assert 0.0 <= row["knn_top1"] <= 1.0 and 0.0 <= row["probe_top1"] <= 1.0
+        assert row["params"] > 0 and row["latency_ms"] > 0
+    assert result.metrics["teacher"]["params"] > result.metrics["student"]["params"]
+    assert set(result.timings) >= {"setup", "train", "evaluate", "export", "total"}
+
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [line for line in lines if "loss" in line]
+    assert steps and all(np.isfinite(line["loss"]) and "seed" in line for line in steps)
+    assert any("epoch_end" in line for line in lines)
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["steps"] == 4 and saved["metrics"]["student"]["params"] == result.metrics["student"]["params"]
+
+    # The export holds exactly the checkpoint's student weights, and plain timm loads it.
+    exported = load_file(str(result.student_dir / "model.safetensors"))
+    checkpoint = load_file(str(result.run_dir / "checkpoints" / "last" / "model.safetensors"))
+    student_part = {k[len("student."):]: v for k, v in checkpoint.items() if k.startswith("student.")}
+    assert exported.keys() == student_part.keys()
+    assert all(torch.equal(exported[k], student_part[k]) for k in exported)
+    assert any(k.startswith("objective.strategies.seed.queue") for k in checkpoint)
+
+    model = timm.create_model(f"local-dir:{result.student_dir}", pretrained=True).eval()
+    config = json.loads((result.student_dir / "config.json").read_text())
+    assert config["architecture"] == "mobilenetv3_small_100"
+    assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.allclose(model(x), distillkit.load_student(result.run_dir)(x), atol=1e-6)
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
+    whole = tiny_run(tmp_path / "whole", epochs=2, set=TINY + ["eval.enabled=false"])
+
+    real_save = loop.save_checkpoint
+
+    def crash_after_first_checkpoint(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt("simulated crash after epoch 1")
+
+    monkeypatch.setattr(loop, "save_checkpoint", crash_after_first_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"])
+    monkeypatch.setattr(loop, "save_checkpoint", real_save)
+
+    resumed = tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], resume=True)
+    assert resumed.steps == whole.steps == 8
+    a = load_file(str(whole.run_dir / "checkpoints" / "last" / "model.safetensors"))
+    b = load_file(str(resumed.run_dir / "checkpoints" / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
+
+
+def test_resume_with_a_changed_recipe_is_refused(tmp_path):
+    tiny_run(tmp_path / "run", max_steps=2, set=TINY + ["eval.enabled=false"])
+    with pytest.raises(UsageError, match=r"train.lr: 0.05 -> 0.1"):
+        tiny_run(tmp_path / "run", max_steps=4, lr=0.1, set=TINY + ["eval.enabled=false"], resume=True)
+
+
+def test_an_existing_run_is_not_overwritten_by_accident(tmp_path):
+    tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
+    with pytest.raises(UsageError, match="already holds a run"):
+        tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
+    again = tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"], overwrite=True)
+    assert again.steps == 1
+
+
+def test_unlabelled_folder_trains_and_reports_size_and_latency(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    result = tiny_run(tmp_path / "run", data=str(folder), limit=None, batch_size=16, max_steps=2)
+    assert result.steps == 2
+    assert "knn_top1" not in result.metrics["student"]
+    assert result.metrics["student"]["latency_ms"] > 0
+
+
+def test_cli_compress_runs_end_to_end(tmp_path):
+    args = ["compress", "--student", "mobilenetv3-small", "--limit", "64", "--batch-size", "32", "--max-steps", "2",
+            "--out", str(tmp_path / "cli"), "--quiet", "--seed", "1", "--precision", "fp32"]
+    for item in TINY:
+        args += ["--set", item]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cli" / "student" / "model.safetensors").is_file()
+    recipe = (tmp_path / "cli" / "recipe.yaml").read_text()
+    assert "seed: 1" in recipe and "max_steps: 2" in recipe
