@@ -9,6 +9,7 @@ value raises `UsageError` naming the key path and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -138,6 +139,8 @@ def read_yaml(path: Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise UsageError(f"cannot read recipe {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"recipe {path} is not a text (UTF-8 YAML) file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
@@ -204,10 +207,15 @@ def _build_dataclass(cls: type, data: Any, path: str) -> Any:
         raise UsageError(f"{path or 'recipe'} must be a mapping, got {_describe(data)}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in fields(cls)}
+    prefix = f"{path}." if path else ""
     for key in data:
         if key not in known:
-            where = f"{path}.{key}" if path else str(key)
-            raise UsageError(f"unknown recipe key {where!r}: {did_you_mean(str(key), list(known))}")
+            suggestion = did_you_mean(prefix + str(key), [prefix + k for k in known])
+            raise UsageError(f"unknown key {prefix + str(key)!r}: {suggestion}")
+    for name, spec in known.items():
+        required = spec.default is dataclasses.MISSING and spec.default_factory is dataclasses.MISSING
+        if required and name not in data:
+            raise UsageError(f"{path or 'recipe'} is missing the required key {name!r}")
     values = {}
     for name, value in data.items():
         values[name] = check_value(hints[name], value, f"{path}.{name}" if path else name)
@@ -257,11 +265,13 @@ def check_value(hint: Any, value: Any, path: str) -> Any:
     if hint is float:
         if isinstance(value, str):
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UsageError(f"{path} must be a number, got {_describe(value)}")
+        if not math.isfinite(value):
+            raise UsageError(f"{path} must be a finite number, got {value}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

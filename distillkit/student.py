@@ -41,7 +41,7 @@ def read_spec(path: Path) -> StudentSpec:
     """Validate one student spec file against `StudentSpec`."""
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, yaml.YAMLError) as e:
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise UsageError(f"cannot read student spec {path}: {e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"student spec {path} must be a mapping with at least `timm: <model name>`")

@@ -216,6 +216,8 @@ def read_idx(path: Path) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise UsageError(f"{path} is not an IDX file of unsigned bytes")
     ndim = raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise UsageError(f"{path} is truncated: its header is incomplete")
     dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(dims):
@@ -257,6 +259,8 @@ def load_folder(root: Path, val_fraction: float, seed: int, size: int):
         test_paths, test_labels, test_classes = scan_folder(held_out, classes)
         where = f"image folder {root} (train/ and {held_out.name}/)"
     else:
+        if (root / "train").is_dir():  # train/ alone: split it
+            root = root / "train"
         paths, labels, classes = scan_folder(root)
         order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(round(len(paths) * val_fraction))) if labels is not None and len(paths) > 1 else 0

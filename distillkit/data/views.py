@@ -68,13 +68,24 @@ def sample_view_params(indices: Tensor, height: int, width: int, config: ViewCon
     y_pos = u[:, 3 * ATTEMPTS:4 * ATTEMPTS][rows, pick]
     x0 = torch.floor(x_pos * (width - w + 1)).clamp(max=width - w)
     y0 = torch.floor(y_pos * (height - h + 1)).clamp(max=height - h)
-    fallback = first < 0  # no proposal fitted: take the whole image
-    w = torch.where(fallback, torch.full_like(w, width), w)
-    h = torch.where(fallback, torch.full_like(h, height), h)
-    x0 = torch.where(fallback, torch.zeros_like(x0), x0)
-    y0 = torch.where(fallback, torch.zeros_like(y0), y0)
+    # No proposal fitted: a centre crop at the aspect ratio clamped into crop_ratio (as torchvision).
+    fallback = first < 0
+    fw, fh = _fallback_crop(height, width, config.crop_ratio)
+    w = torch.where(fallback, torch.full_like(w, fw), w)
+    h = torch.where(fallback, torch.full_like(h, fh), h)
+    x0 = torch.where(fallback, torch.full_like(x0, (width - fw) // 2), x0)
+    y0 = torch.where(fallback, torch.full_like(y0, (height - fh) // 2), y0)
     flip = (u[:, -1] < config.flip).double()
     return torch.stack([x0, y0, x0 + w, y0 + h, flip], dim=1)
+
+
+def _fallback_crop(height: int, width: int, ratio: tuple[float, float]) -> tuple[int, int]:
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        return width, min(height, max(1, round(width / ratio[0])))
+    if in_ratio > ratio[1]:
+        return min(width, max(1, round(height * ratio[1]))), height
+    return width, height
 
 
 def as_views(images: Tensor) -> Tensor:

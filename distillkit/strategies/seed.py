@@ -38,6 +38,12 @@ class SeedConfig:
     head_hidden_dim: int | None = None  # None = the student's feature width (official default)
     teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
 
+    def __post_init__(self):  # runs while the recipe is validated, before anything loads
+        for key in ("queue_size", "tau_student", "tau_teacher", "embed_dim", "head_hidden_dim"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise UsageError(f"strategy.seed.{key} must be positive, got {value}")
+
 
 def seed_loss(student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float,
               tau_teacher: float) -> Tensor:
@@ -89,8 +95,6 @@ class Seed(Strategy):
                 f"strategy.seed.embed_dim = {config.embed_dim}, but the teacher embedding SEED distils "
                 f"has {teacher_dim} dims; the two must match: set it to {teacher_dim} or null"
             )
-        if config.queue_size < 1 or config.tau_student <= 0 or config.tau_teacher <= 0:
-            raise UsageError("strategy.seed.queue_size, tau_student and tau_teacher must be positive")
         student_dim = student_probe.embedding.shape[1]
         self.head = mlp_head(student_dim, config.head_hidden_dim or student_dim, teacher_dim)
         self.queue = EmbeddingQueue(config.queue_size, teacher_dim)
