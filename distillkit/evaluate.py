@@ -86,24 +86,29 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.inference_mode()
 def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last: bool, runs: int = 30) -> float:
-    """Median single-image forward time on the CPU, in milliseconds, after 5 warm-up runs."""
+    """Median single-image forward time on the CPU, in milliseconds, after 5 warm-up runs.
+
+    The model is moved outside inference mode (moving it inside would turn its parameters into
+    inference tensors) and its device and training mode are restored afterwards.
+    """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval().cpu()
-    x = torch.rand(1, 3, *input_size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    for _ in range(5):
-        model(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        model(x)
-        times.append((time.perf_counter() - start) * 1000)
-    model.to(device).train(was_training)
-    return statistics.median(times)
+    try:
+        x = torch.rand(1, 3, *input_size)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        times = []
+        with torch.no_grad():
+            for i in range(runs + 5):
+                start = time.perf_counter()
+                model(x)
+                if i >= 5:
+                    times.append((time.perf_counter() - start) * 1000)
+        return statistics.median(times)
+    finally:
+        model.to(device).train(was_training)
 
 
 def eval_subset(dataset: Dataset, max_items: int, seed: int) -> Dataset:

@@ -87,7 +87,7 @@ class Objective(nn.Module):
         for name, strategy in self.strategies.items():
             values = strategy(step)
             for term, weight in strategy.term_weights().items():
-                if term not in values or weight == 0:
+                if term not in values or self.weights[name] * weight == 0:
                     continue
                 terms[term if term.startswith(name) else f"{name}.{term}"] = values[term].detach()
                 contribution = self.weights[name] * weight * values[term]

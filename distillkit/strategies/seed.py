@@ -48,11 +48,12 @@ class SeedConfig:
 def seed_loss(student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float,
               tau_teacher: float) -> Tensor:
     """The SEED soft cross-entropy for l2-normalised (B, D) embeddings and a (K, D) queue."""
-    z_s, z_t, queue = fp32(student_embed), fp32(teacher_embed), fp32(queue)
-    student_logits = torch.cat([(z_s * z_t).sum(1, keepdim=True), z_s @ queue.T], dim=1) / tau_student
-    teacher_logits = torch.cat([(z_t * z_t).sum(1, keepdim=True), z_t @ queue.T], dim=1) / tau_teacher
-    target = F.softmax(teacher_logits, dim=1)
-    return -(target * F.log_softmax(student_logits, dim=1)).sum(1).mean()
+    with torch.autocast(device_type=student_embed.device.type, enabled=False):  # fp32 even under autocast
+        z_s, z_t, queue = fp32(student_embed), fp32(teacher_embed), fp32(queue)
+        student_logits = torch.cat([(z_s * z_t).sum(1, keepdim=True), z_s @ queue.T], dim=1) / tau_student
+        teacher_logits = torch.cat([(z_t * z_t).sum(1, keepdim=True), z_t @ queue.T], dim=1) / tau_teacher
+        target = F.softmax(teacher_logits, dim=1)
+        return -(target * F.log_softmax(student_logits, dim=1)).sum(1).mean()
 
 
 class EmbeddingQueue(nn.Module):

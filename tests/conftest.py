@@ -1,0 +1,12 @@
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """Small models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription
+    (a 5 ms ViT-tiny forward took ~1 s with 2 threads while another process was busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
