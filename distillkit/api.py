@@ -20,11 +20,11 @@ from .data import check_data_source, open_data
 from .errors import UsageError
 from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 from .export import export_student
-from .features import FeatureRequest, probe_features
+from .features import FeatureRequest, is_token_model, probe_features
 from .io import write_json, write_text
 from .recipe import Recipe, recipe_to_yaml, resolve_recipe
 from .strategies import STRATEGIES, Objective
-from .student import create_student, model_args_for, student_input_config, student_spec
+from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint
 from .train.loop import DistillModule, make_accelerator, train
@@ -94,8 +94,8 @@ def compress(
                                  resolved.teacher.channels_last)
     spec = student_spec(resolved.student.name)
     student_size = resolved.student.input_size or spec.input_size
-    channels_last = spec.channels_last if resolved.student.channels_last is None else resolved.student.channels_last
     student_model = create_student(spec, student_size, seed=resolved.train.seed)
+    channels_last = uses_channels_last(spec, student_model, resolved.student.channels_last)
     if channels_last:
         student_model.to(memory_format=torch.channels_last)
     student_input = student_input_config(student_model, student_size)
@@ -276,7 +276,7 @@ def evaluate_student(path: str | Path, data: str = "builtin:fashion-mnist", max_
     images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(size))
     if images.test is None or not images.num_classes:
         raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
-    channels_last = not hasattr(model, "patch_embed")
+    channels_last = not is_token_model(model)
     embed = _student_embed(model, input_config, channels_last)
     bank = eval_subset(images.train_all, max_train, seed)
     test = eval_subset(images.test, max_test, seed)

@@ -31,18 +31,6 @@ class Features:
     layers: dict[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
 
-    def detach(self) -> "Features":
-        return Features(
-            embedding=_detach(self.embedding),
-            projection=_detach(self.projection),
-            layers={k: v.detach() for k, v in self.layers.items()},
-            logits=_detach(self.logits),
-        )
-
-
-def _detach(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.detach()
-
 
 @dataclass(frozen=True)
 class FeatureRequest:
@@ -65,12 +53,6 @@ class FeatureRequest:
             layers=layers,
             logits=self.logits or other.logits,
         )
-
-    def describe(self) -> str:
-        parts = [n for n in ("embedding", "projection", "logits") if getattr(self, n)]
-        if self.layers:
-            parts.append(f"layers {list(self.layers)}")
-        return ", ".join(parts) or "nothing"
 
 
 def num_layers(model: nn.Module) -> int:
@@ -129,9 +111,14 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
     return features
 
 
+def is_token_model(model: nn.Module) -> bool:
+    """ViT-like models (patch embedding + blocks of tokens), as opposed to conv nets."""
+    return hasattr(model, "blocks") and hasattr(model, "patch_embed")
+
+
 def _layer_format(model: nn.Module) -> str:
     """Token models give (B, N, C) tokens; conv nets give (B, C, H, W) maps."""
-    return "NLC" if hasattr(model, "blocks") and hasattr(model, "patch_embed") else "NCHW"
+    return "NLC" if is_token_model(model) else "NCHW"
 
 
 def probe_features(model: nn.Module, request: FeatureRequest, input_size: tuple[int, int]) -> Features:

@@ -29,7 +29,7 @@ class StudentSpec:
     timm: str
     description: str = ""
     input_size: int = 224
-    channels_last: bool = True
+    channels_last: bool | None = None  # None = auto: conv nets yes, token models (ViTs) no
     model_args: dict[str, Any] = field(default_factory=dict)
 
 
@@ -67,8 +67,7 @@ def student_spec(name: str) -> StudentSpec:
         if not timm_name or not timm.is_model(timm_name):
             raise UsageError(f"unknown timm model {timm_name!r} in student {name!r}: "
                              f"{did_you_mean(timm_name, timm.list_models())}")
-        is_vit = "vit" in timm_name or "deit" in timm_name
-        return StudentSpec(name=name, timm=timm_name, description=f"timm {timm_name}", channels_last=not is_vit)
+        return StudentSpec(name=name, timm=timm_name, description=f"timm {timm_name}")
     if name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file():
         return read_spec(Path(name).expanduser())
     specs = _shipped_specs()
@@ -94,6 +93,16 @@ def create_student(spec: StudentSpec, input_size: int, seed: int | None = None) 
         return timm.create_model(spec.timm, pretrained=False, num_classes=0, **model_args_for(spec, input_size))
     except (TypeError, ValueError, AssertionError) as e:
         raise UsageError(f"cannot build student {spec.name!r} ({spec.timm}) at {input_size} px: {e}") from None
+
+
+def uses_channels_last(spec: StudentSpec, model: nn.Module, override: bool | None = None) -> bool:
+    """The recipe's choice, else the spec's, else conv nets yes and token models no."""
+    from .features import is_token_model
+
+    for choice in (override, spec.channels_last):
+        if choice is not None:
+            return choice
+    return not is_token_model(model)
 
 
 def student_input_config(model: nn.Module, input_size: int):

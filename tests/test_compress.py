@@ -93,7 +93,7 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
 
 def test_resume_with_a_changed_recipe_is_refused(tmp_path):
     tiny_run(tmp_path / "run", max_steps=2, set=TINY + ["eval.enabled=false"])
-    with pytest.raises(UsageError, match=r"train.lr: 0.05 -> 0.1"):
+    with pytest.raises(UsageError, match=r"train.lr: 0.15 -> 0.1"):
         tiny_run(tmp_path / "run", max_steps=4, lr=0.1, set=TINY + ["eval.enabled=false"], resume=True)
 
 
@@ -127,3 +127,11 @@ def test_cli_compress_runs_end_to_end(tmp_path):
     assert (tmp_path / "cli" / "student" / "model.safetensors").is_file()
     recipe = (tmp_path / "cli" / "recipe.yaml").read_text()
     assert "seed: 1" in recipe and "max_steps: 2" in recipe
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs_on_cpu_with_finite_losses(tmp_path, precision):
+    result = tiny_run(tmp_path / precision, max_steps=3, precision=precision, set=TINY + ["eval.enabled=false"])
+    assert result.steps == 3
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(line["seed"]) for line in lines if "seed" in line)

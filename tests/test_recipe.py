@@ -46,7 +46,7 @@ def test_default_recipe_matches_default_yaml():
     assert recipe.train.epochs == 2
     assert recipe.train.batch_size == 128
     assert recipe.train.optimizer == "sgd"
-    assert recipe.train.lr == 0.05
+    assert recipe.train.lr == 0.15
     assert recipe.train.weight_decay == 0.0001
     assert recipe.eval.max_train == 10000
     assert recipe.eval.max_test == 5000
@@ -54,7 +54,7 @@ def test_default_recipe_matches_default_yaml():
     seed = recipe.strategy["seed"]
     assert seed["queue_size"] == 4096
     assert seed["tau_student"] == 0.2
-    assert seed["tau_teacher"] == 0.0001
+    assert seed["tau_teacher"] == 0.05
     # a strategy section is completed with the strategy's own defaults
     assert seed["weight"] == 1.0
     assert seed["teacher_embed"] == "auto"
@@ -295,7 +295,7 @@ def test_strategy_seed_keeps_recipe_settings():
     recipe = resolve_recipe("default", strategy="seed")
     assert list(recipe.strategy) == ["seed"]
     assert recipe.strategy["seed"]["queue_size"] == 4096  # from default.yaml, not the 65536 schema default
-    assert recipe.strategy["seed"]["tau_teacher"] == 0.0001
+    assert recipe.strategy["seed"]["tau_teacher"] == 0.05
 
 
 def test_strategy_then_set_override():

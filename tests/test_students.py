@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from distillkit.errors import UsageError
-from distillkit.student import StudentSpec, create_student, list_students, model_args_for, student_spec
+from distillkit.student import (StudentSpec, create_student, list_students, model_args_for, student_spec,
+                                uses_channels_last)
 
 SHIPPED = {
     # name: (timm architecture, channels_last) as written in students/*.yaml
@@ -62,15 +63,18 @@ def test_timm_student():
     spec = student_spec("timm:resnet18")
     assert spec.name == "timm:resnet18"
     assert spec.timm == "resnet18"
-    assert spec.channels_last is True
     model = create_student(spec, 32, seed=0).eval()
+    assert uses_channels_last(spec, model) is True  # auto: a conv net
     with torch.no_grad():
         out = model(torch.zeros(1, 3, 32, 32))
     assert out.shape == (1, 512)  # resnet18 pooled features
 
 
 def test_timm_vit_student_is_not_channels_last():
-    assert student_spec("timm:vit_tiny_patch16_224").channels_last is False
+    spec = student_spec("timm:vit_tiny_patch16_224")
+    model = create_student(spec, 32, seed=0)
+    assert uses_channels_last(spec, model) is False  # auto: a token model
+    assert uses_channels_last(spec, model, override=True) is True  # the recipe's choice wins
 
 
 @pytest.mark.parametrize("name", ["timm:", "timm:resnet_does_not_exist"])

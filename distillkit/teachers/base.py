@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import FeatureRequest, Features, extract_features, num_layers
+from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ class Teacher(nn.Module):
         self.projection_head = projection_head
         self.input_config = input_config
         self.source = source
-        self.channels_last = channels_last and not _is_vit(model)
+        self.channels_last = channels_last and not is_token_model(model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.requires_grad_(False)
@@ -68,7 +68,7 @@ class Teacher(nn.Module):
 
     @property
     def is_vit(self) -> bool:
-        return _is_vit(self.model)
+        return is_token_model(self.model)
 
     @property
     def num_layers(self) -> int:
@@ -108,7 +108,3 @@ class Teacher(nn.Module):
 
 def _clone(t: Tensor | None) -> Tensor | None:
     return None if t is None else t.clone()
-
-
-def _is_vit(model: nn.Module) -> bool:
-    return hasattr(model, "blocks") and hasattr(model, "patch_embed")
