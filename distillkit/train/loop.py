@@ -108,8 +108,13 @@ class TrainResult:
 
 def make_accelerator(recipe: Recipe):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
 
     mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    # Accelerate keeps its settings in process-wide singletons; a pipeline calling compress() twice
+    # (say fp32, then bf16) must get the second run's settings. The process group (PartialState) stays.
+    AcceleratorState._reset_state()
+    GradientState._reset_state()
     try:
         return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=recipe.train.grad_accum)
     except (ValueError, RuntimeError) as e:
