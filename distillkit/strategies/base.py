@@ -8,6 +8,13 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
     forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
     term_weights()                   -> {term: weight}   how the objective weighs them
     after_step(step, gather)                             state updates after the loss (queues)
+
+Optional hooks:
+    expand_views(views)              -> views            derive more views from the rendered ones
+                                                         (e.g. the four rotations of each view)
+    student_features(student, x, teacher, request) -> Features | None
+                                                         run the student itself (e.g. on kept tokens
+                                                         only); None = the generic extraction
 """
 
 from __future__ import annotations
@@ -71,6 +78,13 @@ class Strategy(nn.Module):
     def after_step(self, step: StepInputs, gather: Gather) -> None:
         """Update state once the loss is computed (e.g. enqueue teacher embeddings)."""
 
+    def expand_views(self, views: list[Tensor]) -> list[Tensor]:
+        return views
+
+    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
+                         request: FeatureRequest) -> Features | None:
+        return None
+
 
 class Objective(nn.Module):
     """Several strategies, each with a recipe weight; sums their weighted terms."""
@@ -99,6 +113,20 @@ class Objective(nn.Module):
     def after_step(self, step: StepInputs, gather: Gather) -> None:
         for strategy in self.strategies.values():
             strategy.after_step(step, gather)
+
+    def expand_views(self, views: list[Tensor]) -> list[Tensor]:
+        for strategy in self.strategies.values():
+            views = strategy.expand_views(views)
+        return views
+
+    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
+                         request: FeatureRequest) -> Features | None:
+        """The one strategy that runs the student itself, if any (checked when composing)."""
+        for strategy in self.strategies.values():
+            features = strategy.student_features(student, x, teacher, request)
+            if features is not None:
+                return features
+        return None
 
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

@@ -45,11 +45,12 @@ class DistillModule(nn.Module):
 
     def forward(self, views: list[Tensor], teacher_views: list[Features], labels: Tensor | None,
                 progress: float) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
-        student_views = [
-            extract_features(self.student, prepare_input(v, self.student_input, self.channels_last),
-                             self.student_request)
-            for v in views
-        ]
+        student_views = []
+        for view, teacher in zip(views, teacher_views):
+            x = prepare_input(view, self.student_input, self.channels_last)
+            features = self.objective.student_features(self.student, x, teacher, self.student_request)
+            student_views.append(features if features is not None
+                                 else extract_features(self.student, x, self.student_request))
         step = StepInputs(teacher_views=teacher_views, student_views=student_views, labels=labels, progress=progress)
         loss, terms = self.objective(step)
         return loss, terms, step
@@ -190,6 +191,7 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
                              view_config.size)
                 for v in range(inner.objective.num_views)
             ]
+            views = inner.objective.expand_views(views)
             with accelerator.accumulate(module):
                 with accelerator.autocast():
                     teacher_views = [teacher(v, teacher_request) for v in views]
