@@ -2,7 +2,7 @@
 
 Teachers and students produce `Features`; strategies consume them and never touch models.
 Extraction uses timm's `forward_intermediates`, which every timm model answers, so one path
-serves ViTs and CNNs.
+serves ViTs and CNNs. Attention relations of ViT blocks come from hooks (relations.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import UsageError
+from .relations import capture_qk
 
 
 @dataclass
@@ -24,12 +25,18 @@ class Features:
     projection: the teacher's own projection-head embedding, (B, P), when it has one
     layers:     block index -> tokens (B, N, C) for ViTs (prefix tokens removed) or maps (B, C, H, W)
     logits:     class logits (B, num_classes), when the model has a classifier
+    relations:  ViT block index -> that block's attention queries and keys, stacked: (2, B, heads, N, d_head)
+                with the prefix tokens first (N counts them); `distillkit.relations.relation_maps` turns
+                them into softmax(q k^T / sqrt(d)) maps (B, heads, N, N)
+    prefix_tokens: how many of the N relation tokens are prefix (class, register) tokens
     """
 
     embedding: Tensor | None = None
     projection: Tensor | None = None
     layers: dict[int, Tensor] = field(default_factory=dict)
     logits: Tensor | None = None
+    relations: dict[int, Tensor] = field(default_factory=dict)
+    prefix_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -38,21 +45,28 @@ class FeatureRequest:
 
     `layers` holds block indices (int, negative counts from the end) or relative depths
     (float in (0, 1], e.g. 0.5 = the block half-way down); `resolve_layers` turns them into indices.
+    `relations` names ViT blocks the same way; each gives its attention queries and keys.
     """
 
     embedding: bool = False
     projection: bool = False
     layers: tuple[int | float, ...] = ()
     logits: bool = False
+    relations: tuple[int | float, ...] = ()
 
     def merge(self, other: "FeatureRequest") -> "FeatureRequest":
-        layers = tuple(dict.fromkeys(self.layers + other.layers))
         return FeatureRequest(
             embedding=self.embedding or other.embedding,
             projection=self.projection or other.projection,
-            layers=layers,
+            layers=tuple(dict.fromkeys(self.layers + other.layers)),
             logits=self.logits or other.logits,
+            relations=tuple(dict.fromkeys(self.relations + other.relations)),
         )
+
+    @property
+    def needs_head(self) -> bool:
+        """Whether the final norm and pooling are needed (anything beyond taps of blocks)."""
+        return self.embedding or self.projection or self.logits
 
 
 def num_layers(model: nn.Module) -> int:
@@ -87,28 +101,47 @@ def resolve_layers(depths: tuple[int | float, ...], total: int) -> tuple[int, ..
 def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Features:
     """Run a timm model once and collect what `request` asks for.
 
-    Without layer taps this is a plain forward (`model.forward_features` + `forward_head`);
-    with taps it is one `forward_intermediates` call, so the final embedding and the taps
-    come from the same pass. Projection heads are the teacher's business, not this function's.
+    Without layer or relation taps this is a plain forward (`model.forward_features` + `forward_head`);
+    with taps it is one `forward_intermediates` call, so the final embedding and the taps come from the
+    same pass, and a pass that needs no head stops after the deepest tapped block. Relations are read
+    by hooks on the tapped ViT blocks during that pass. Projection heads are the teacher's business.
     """
     wants_head = request.embedding or request.logits
     features = Features()
-    if request.layers:
-        indices = resolve_layers(request.layers, num_layers(model))
-        final, intermediates = model.forward_intermediates(
-            x, indices=list(indices), norm=False, output_fmt=_layer_format(model),
-            intermediates_only=False,
-        )
-        features.layers = dict(zip(sorted(indices), intermediates))
-    elif wants_head:
-        final = model.forward_features(x)
-    else:
+    total = num_layers(model) if request.layers or request.relations else 0
+    layers = resolve_layers(request.layers, total) if request.layers else ()
+    relations = resolve_relations(model, request.relations, total) if request.relations else ()
+    taps = sorted(set(layers) | set(relations))
+    if not taps and not wants_head:
         return features
+    final = None
+    with capture_qk(model.blocks if relations else None, relations) as captured:
+        if taps:
+            out = model.forward_intermediates(
+                x, indices=taps, norm=False, output_fmt=_layer_format(model),
+                intermediates_only=not wants_head, stop_early=not wants_head,
+            )
+            final, intermediates = out if wants_head else (None, out)
+            by_index = dict(zip(taps, intermediates))
+            features.layers = {i: by_index[i] for i in sorted(layers)}
+        else:
+            final = model.forward_features(x)
+    if relations:
+        features.relations = {i: captured[i] for i in sorted(relations)}
+        features.prefix_tokens = getattr(model, "num_prefix_tokens", 0)
     if request.embedding:
         features.embedding = model.forward_head(final, pre_logits=True)
     if request.logits:
         features.logits = model.forward_head(final)
     return features
+
+
+def resolve_relations(model: nn.Module, depths: tuple[int | float, ...], total: int) -> tuple[int, ...]:
+    """Block indices of the requested relations; only ViT-like models have attention blocks."""
+    if not is_token_model(model):
+        raise UsageError(f"attention relations were requested from {type(model).__name__}, a conv net without "
+                         "attention blocks; relation strategies need a ViT (e.g. a mae-*, dino-* or vit-tiny model)")
+    return resolve_layers(depths, total)
 
 
 def is_token_model(model: nn.Module) -> bool:

@@ -3,17 +3,24 @@
 Frozen means: parameters never require grad, the module stays in eval mode even when `.train()` is
 called (mdistiller's lesson), and every forward runs under `torch.inference_mode()`. Views arrive as
 raw [0, 1] images; the teacher resizes and normalises them itself (timm's `normalize_input` idea).
+
+A teacher whose strategies only tap early blocks can be pruned for training (`prune`): the blocks,
+final norm and head nobody reads are dropped from the network it runs; `unprune` brings them back
+(evaluation needs the embedding).
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers
+from ..errors import UsageError
+from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
 
 
 @dataclass(frozen=True)
@@ -64,7 +71,7 @@ class Teacher(nn.Module):
 
     @property
     def has_logits(self) -> bool:
-        return getattr(self.model, "num_classes", 0) > 0
+        return getattr(self.full_model, "num_classes", 0) > 0
 
     @property
     def is_vit(self) -> bool:
@@ -72,13 +79,60 @@ class Teacher(nn.Module):
 
     @property
     def num_layers(self) -> int:
-        return num_layers(self.model)
+        return num_layers(self.full_model)
+
+    @property
+    def full_model(self) -> nn.Module:
+        """The whole network, also while a pruned copy of it runs (`prune`)."""
+        whole = self.__dict__.get("_unpruned")
+        return self.model if whole is None else whole
+
+    @property
+    def pruned_to(self) -> int | None:
+        """How many layers the running network keeps after `prune`; None when it is whole."""
+        return self.__dict__.get("_pruned_to")
+
+    def prune(self, request: FeatureRequest) -> bool:
+        """Run only what `request` reads: drop later blocks, the final norm and the head.
+
+        Applies when the request taps layers or relations and needs no embedding, projection or
+        logits. The pruned network is a structural copy sharing the parameters (timm's
+        `prune_intermediate_layers` on it); the whole one is kept, unregistered, for `unprune`.
+        Returns whether anything was pruned.
+        """
+        taps = request.layers + request.relations
+        if self.pruned_to is not None or request.needs_head or not taps:
+            return False
+        if not hasattr(self.model, "prune_intermediate_layers"):
+            return False
+        indices = sorted(set(resolve_layers(taps, self.num_layers)))
+        shared = {id(t): t for t in itertools.chain(self.model.parameters(), self.model.buffers())}
+        pruned = copy.deepcopy(self.model, shared)
+        pruned.prune_intermediate_layers(indices, prune_norm=True, prune_head=True)
+        self.__dict__["_unpruned"] = self.model
+        self.__dict__["_pruned_to"] = indices[-1] + 1
+        self.model = pruned
+        return True
+
+    def unprune(self) -> None:
+        """Run the whole network again. Blocks the pruned copy did not hold stay where they were:
+        move the teacher (`.to(device)`) afterwards."""
+        whole = self.__dict__.pop("_unpruned", None)
+        self.__dict__.pop("_pruned_to", None)
+        if whole is not None:
+            self.model = whole
 
     def forward(self, views: Tensor, request: FeatureRequest) -> Features:
+        if self.pruned_to is not None:
+            self._check_within_pruned(request)
+            # absolute indices, so relative depths keep meaning the whole network's blocks
+            request = FeatureRequest(layers=resolve_layers(request.layers, self.num_layers),
+                                     relations=resolve_layers(request.relations, self.num_layers))
         with torch.inference_mode():
             x = prepare_input(views, self.input_config, self.channels_last)
             wanted = FeatureRequest(
-                embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits
+                embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits,
+                relations=request.relations,
             )
             features = extract_features(self.model, x, wanted)
             if request.projection:
@@ -89,21 +143,35 @@ class Teacher(nn.Module):
             projection=_clone(features.projection),
             layers={k: v.clone() for k, v in features.layers.items()},
             logits=_clone(features.logits),
+            relations={k: v.clone() for k, v in features.relations.items()},
+            prefix_tokens=features.prefix_tokens,
         )
 
+    def _check_within_pruned(self, request: FeatureRequest) -> None:
+        deepest = max(resolve_layers(request.layers + request.relations, self.num_layers), default=-1)
+        if request.needs_head or deepest >= self.pruned_to:
+            raise UsageError(f"teacher {self.name} was pruned to its first {self.pruned_to} layers for training and "
+                             "cannot give the embedding, projection, logits or deeper layers; call "
+                             "teacher.unprune() first")
+
     def describe(self) -> dict:
+        model = self.full_model
         return {
             "name": self.name,
-            "architecture": getattr(self.model, "pretrained_cfg", {}).get("architecture", type(self.model).__name__),
+            "architecture": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
             "source": self.source,
             "input_size": list(self.input_config.size),
             "mean": list(self.input_config.mean),
             "std": list(self.input_config.std),
-            "embed_dim": getattr(self.model, "num_features", None),
+            "embed_dim": getattr(model, "num_features", None),
             "has_projection": self.has_projection,
             "has_logits": self.has_logits,
-            "params": sum(p.numel() for p in self.parameters()),
+            "params": sum(p.numel() for p in model.parameters()) + _params(self.projection_head),
         }
+
+
+def _params(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters())
 
 
 def _clone(t: Tensor | None) -> Tensor | None:
