@@ -52,6 +52,7 @@ def compress(
     *,
     teacher: str | None = None,
     teacher_weights: str | Path | None = None,
+    arch: str | None = None,
     student: str | None = None,
     strategy: str | None = None,
     data: str | Path | None = None,
@@ -74,7 +75,7 @@ def compress(
     default recipe). Keyword options override it, then `set` ("train.lr=0.1" items) overrides those.
     """
     started = time.perf_counter()
-    options = dict(teacher=teacher, teacher_weights=teacher_weights, student=student, data=data, epochs=epochs,
+    options = dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data, epochs=epochs,
                    max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, seed=seed,
                    precision=precision)
     resolved = resolve_recipe(recipe, options, strategy=strategy, overrides=set)
@@ -91,7 +92,8 @@ def compress(
                   f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
 
     teacher_model = load_teacher(resolved.teacher.name, resolved.teacher.weights, resolved.teacher.input_size,
-                                 resolved.teacher.channels_last)
+                                 resolved.teacher.channels_last, variant=resolved.teacher.variant,
+                                 arch=resolved.teacher.arch)
     spec = student_spec(resolved.student.name)
     student_size = resolved.student.input_size or spec.input_size
     student_model = create_student(spec, student_size, seed=resolved.train.seed)
@@ -149,7 +151,8 @@ def compress(
 
 def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Name checks and run-folder checks, before any model or data loads."""
-    check_teacher_name(recipe.teacher.name)
+    check_teacher_name(recipe.teacher.name, variant=recipe.teacher.variant, arch=recipe.teacher.arch,
+                       weights=recipe.teacher.weights)
     student_spec(recipe.student.name)
     check_data_source(recipe.data.source)
     if resume and overwrite:

@@ -55,8 +55,9 @@ class Precision(str, Enum):
 @app.command()
 @reports_errors
 def compress(
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a zoo name (see `distillkit list teachers`) or timm:<model>."),
+    teacher: Optional[str] = typer.Option(None, help="Teacher: a zoo name (see `distillkit list teachers`), timm:<model> or file:<path>."),
     teacher_weights: Optional[Path] = typer.Option(None, help="Local teacher checkpoint (.safetensors/.pth); works offline."),
+    arch: Optional[str] = typer.Option(None, help="timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224."),
     student: Optional[str] = typer.Option(None, help="Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>."),
     strategy: Optional[str] = typer.Option(None, help="Strategy name, or several joined by '+' (see `distillkit list strategies`)."),
     data: Optional[str] = typer.Option(None, help="Image folder (class subfolders or flat) or builtin:fashion-mnist."),
@@ -81,7 +82,7 @@ def compress(
     from .api import compress as run_compress
 
     run_compress(
-        recipe, teacher=teacher, teacher_weights=teacher_weights, student=student, strategy=strategy, data=data,
+        recipe, teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, strategy=strategy, data=data,
         epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
         resume=resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, quiet=quiet,
     )
@@ -103,13 +104,13 @@ def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
     if what is ListWhat.teachers:
         from .teachers import TEACHERS
 
-        for column in ("name", "architecture", "weights", "description"):
-            table.add_column(column)
+        for column in ("name", "architecture", "embedding", "weights", "license"):
+            table.add_column(column, no_wrap=column == "name")
         for name in TEACHERS:
             spec = TEACHERS.get(name)
-            table.add_row(name, spec.architecture, spec.weights_source, spec.description)
-        table.add_row("timm:<model name>", "any timm model", "timm hub, or --teacher-weights FILE",
-                      "e.g. timm:vit_small_patch16_224.dino")
+            table.add_row(name, spec.architecture, spec.embedding_dims, spec.weights_source, spec.license or "-")
+        table.add_row("timm:<model name>", "any timm model", "-", "timm hub, or a file", "-")
+        table.add_row("file:<path>", "--arch <timm name>", "-", "the file", "-")
     elif what is ListWhat.students:
         from .student import _shipped_specs
 

