@@ -24,6 +24,7 @@ from .features import FeatureRequest, is_token_model, probe_features
 from .io import write_json, write_text
 from .recipe import Recipe, recipe_to_yaml, resolve_recipe
 from .strategies import STRATEGIES, Objective
+from .strategies.base import check_composable
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint
@@ -170,14 +171,19 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
 
 def build_objective(recipe: Recipe, teacher: Teacher, student: torch.nn.Module,
                     student_size: int) -> tuple[Objective, FeatureRequest]:
-    """Instantiate the recipe's strategies, sized by dry forwards of both networks."""
+    """Instantiate the recipe's strategies, sized by dry forwards of both networks.
+
+    Every strategy first checks that the teacher and the student can give what it needs, and the
+    composition is checked, before any forward pass."""
     strategies, weights = {}, {}
     student_request = FeatureRequest()
     for name, settings in recipe.strategy.items():
         cls = STRATEGIES.get(name)
         config = cls.Config(**settings)
         cls.check_compatible(config, teacher)
+        cls.check_student(config, student)
         student_request = student_request.merge(cls.student_request(config))
+    check_composable({name: STRATEGIES.get(name) for name in recipe.strategy})
     for name, settings in recipe.strategy.items():
         cls = STRATEGIES.get(name)
         config = cls.Config(**settings)

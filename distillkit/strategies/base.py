@@ -5,6 +5,8 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
 
     teacher_request(config, teacher) -> FeatureRequest   what it needs from the frozen teacher
     student_request(config)          -> FeatureRequest   what it needs from the student
+    check_compatible(config, teacher)                    UsageError if the teacher cannot give it
+    check_student(config, student)                       UsageError if the student cannot give it
     forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
     term_weights()                   -> {term: weight}   how the objective weighs them
     after_step(step, gather)                             state updates after the loss (queues)
@@ -14,11 +16,15 @@ Optional hooks:
                                                          (e.g. the four rotations of each view)
     student_features(student, x, teacher, request) -> Features | None
                                                          run the student itself (e.g. on kept tokens
-                                                         only); None = the generic extraction
+                                                         only); None = the generic extraction. At most
+                                                         one strategy of an objective may override it;
+                                                         `peer_request` then says what the others need
+                                                         from the student, which its Features must hold.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, ClassVar
 
@@ -68,9 +74,24 @@ class Strategy(nn.Module):
     def student_request(cls, config: Any) -> FeatureRequest:
         raise NotImplementedError
 
+    # What the other strategies of the objective need from the student (set by `Objective` on the
+    # strategy that runs the student itself); the Features it returns must hold that too.
+    peer_request: FeatureRequest = FeatureRequest()
+
     @classmethod
     def check_compatible(cls, config: Any, teacher: Any) -> None:
         """Raise `UsageError` when the teacher cannot give what this strategy needs."""
+
+    @classmethod
+    def check_student(cls, config: Any, student: nn.Module) -> None:
+        """Raise `UsageError` when the student model cannot give what this strategy needs.
+
+        Called before any forward pass, so a recipe is rejected before training starts."""
+
+    @classmethod
+    def runs_student(cls) -> bool:
+        """Whether this strategy runs the student itself (overrides `student_features`)."""
+        return cls.student_features is not Strategy.student_features
 
     def term_weights(self) -> dict[str, float]:
         return {self.name: 1.0}
@@ -91,9 +112,17 @@ class Objective(nn.Module):
 
     def __init__(self, strategies: dict[str, Strategy], weights: dict[str, float]):
         super().__init__()
+        check_composable({name: type(s) for name, s in strategies.items()})
         self.strategies = nn.ModuleDict(strategies)
         self.weights = dict(weights)
         self.num_views = max(s.num_views for s in strategies.values())
+        for name, strategy in strategies.items():
+            if type(strategy).runs_student():
+                peers = FeatureRequest()
+                for other_name, other in strategies.items():
+                    if other_name != name:
+                        peers = peers.merge(type(other).student_request(other.config))
+                strategy.peer_request = peers
 
     def forward(self, step: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
         total: Tensor | None = None
@@ -127,6 +156,47 @@ class Objective(nn.Module):
             if features is not None:
                 return features
         return None
+
+
+def check_composable(strategies: dict[str, type[Strategy]]) -> None:
+    """Reject compositions the training step cannot serve: two strategies that both run the student."""
+    owners = [name for name, cls in strategies.items() if cls.runs_student()]
+    if len(owners) > 1:
+        raise UsageError(
+            f"strategies {' and '.join(repr(n) for n in owners)} both run the student themselves (their own "
+            "masked forward), so they cannot be combined in one recipe; keep one of them"
+        )
+
+
+def uses_projection(teacher_embed: str, teacher: Any) -> bool:
+    """`teacher_embed` auto | projection | embedding -> whether to distil the teacher's projection."""
+    if teacher_embed == "auto":
+        return bool(teacher.has_projection)
+    return teacher_embed == "projection"
+
+
+def check_teacher_embed(strategy: str, teacher_embed: str, teacher: Any) -> None:
+    if teacher_embed == "projection" and not teacher.has_projection:
+        raise UsageError(
+            f"strategy.{strategy}.teacher_embed = projection, but teacher {teacher.name!r} has no "
+            "projection head; use auto or embedding"
+        )
+
+
+def teacher_vector(features: Features, use_projection: bool) -> Tensor:
+    """The teacher's pooled embedding or its projection-head output, (B, D)."""
+    return features.projection if use_projection else features.embedding
+
+
+def as_map(features: Tensor, what: str) -> Tensor:
+    """(B, C, H, W) maps stay; (B, N, C) tokens of a square grid become (B, C, sqrt N, sqrt N)."""
+    if features.dim() == 4:
+        return features
+    side = math.isqrt(features.shape[1]) if features.dim() == 3 else 0
+    if side == 0 or side * side != features.shape[1]:
+        raise UsageError(f"{what} has shape {tuple(features.shape)}; expected (B, C, H, W) maps or the tokens "
+                         "of a square patch grid")
+    return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], side, side)
 
 
 def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:

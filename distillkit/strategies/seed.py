@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
 from . import register_strategy
-from .base import Gather, StepInputs, Strategy, fp32, mlp_head
+from .base import (Gather, StepInputs, Strategy, check_teacher_embed, fp32, mlp_head, teacher_vector,
+                   uses_projection)
 
 
 @dataclass
@@ -77,8 +78,7 @@ class EmbeddingQueue(nn.Module):
         self.pointer.fill_((start + batch.shape[0]) % size)
 
 
-def teacher_embedding(features: Features, use_projection: bool) -> Tensor:
-    return features.projection if use_projection else features.embedding
+teacher_embedding = teacher_vector
 
 
 @register_strategy
@@ -102,7 +102,7 @@ class Seed(Strategy):
 
     @classmethod
     def teacher_request(cls, config: SeedConfig, teacher) -> FeatureRequest:
-        use_projection = _uses_projection(config, teacher)
+        use_projection = uses_projection(config.teacher_embed, teacher)
         return FeatureRequest(embedding=not use_projection, projection=use_projection)
 
     @classmethod
@@ -111,11 +111,7 @@ class Seed(Strategy):
 
     @classmethod
     def check_compatible(cls, config: SeedConfig, teacher) -> None:
-        if config.teacher_embed == "projection" and not teacher.has_projection:
-            raise UsageError(
-                f"strategy.seed.teacher_embed = projection, but teacher {teacher.name!r} has no "
-                "projection head; use auto or embedding"
-            )
+        check_teacher_embed(cls.name, config.teacher_embed, teacher)
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
@@ -126,9 +122,3 @@ class Seed(Strategy):
     def after_step(self, step: StepInputs, gather: Gather) -> None:
         z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
         self.queue.push(gather(z_t))
-
-
-def _uses_projection(config: SeedConfig, teacher) -> bool:
-    if config.teacher_embed == "auto":
-        return teacher.has_projection
-    return config.teacher_embed == "projection"
