@@ -1,0 +1,289 @@
+"""Multi-hidden-layer regression (Bootleg-style): predict several normalised teacher layers at once.
+
+Lowe, Fuller, Oore, Shelhamer, Taylor, "Self-Distillation of Hidden Layers" (Bootleg, arXiv 2603.15553;
+no official code), which extends I-JEPA (Assran et al., CVPR 2023, arXiv 2301.08243; official code
+facebookresearch/ijepa src/train.py:298-313, src/models/vision_transformer.py:220-257
+`VisionTransformerPredictor`) by regressing the concatenation of several layers. distillkit's exact
+construction is docs/methods-spec.md 4.3. Targets, for the blocks l in `layers` (relative depths
+(0.25, 0.5, 0.75, 1.0) by default, i.e. 4 evenly spaced blocks ending at the last):
+
+    h_l = raw output of teacher block l (no final norm), prefix tokens removed       (B, N, D_l)
+          (a CNN teacher: its stage-l feature map, flattened to (B, H*W, C_l) tokens)
+    y   = concat_l layer_norm(h_l)   per token over channels, no affine, eps 1e-5     (B, N, sum_l D_l)
+
+ViT students (timm VisionTransformer) are trained I-JEPA style: 4 target blocks and 1 context block
+are sampled on the student's patch grid (distillkit.data.masks; target scale (0.15, 0.2), aspect
+(0.75, 1.5); context scale (0.85, 1.0) minus the targets, at least `mask_min_keep` patches). The
+student encodes only its context tokens (patch embed + pos embed, gather, blocks, norm; `student_features`),
+and a narrow ViT predictor (depth 6, width 384 by default; timm `Block`s, fixed 2-D sin-cos positions)
+reads the context tokens plus one mask token per target position and outputs Linear(width, sum_l D_l)
+per target token:
+
+    L = (1/4) sum_k  SmoothL1_beta(pred_k, y[target_k])     (element mean; beta 1; or MSE)
+
+Other students (CNNs) are not masked: their last feature map goes through a 1x1 conv to sum_l D_l
+channels, is adaptive-avg-pooled to the teacher's grid, and every token is regressed with the same loss.
+Layers that act after that map (EfficientNet's conv_head + bn2, MobileNetV3's conv_head after pooling)
+get no gradient from this loss: alone it leaves them at their initialisation, so compose it with an
+embedding strategy (recipes/seed-hidden.yaml) to train the whole exported network.
+
+distillkit decisions [D]: when the teacher's grid differs from the target grid (the student's patch grid
+for ViT students; for CNN teachers, whose stages have different resolutions, the grid of the deepest
+requested layer), each teacher layer's (B, C, H, W) map is adaptive-avg-pooled to that grid *before* the
+per-token layer norm, so every target token is exactly z-scored. Mask positions are drawn with a
+generator seeded from the global torch RNG, which checkpoints save and restore. The student's
+`patch_drop` is skipped on the masked path (the masks replace it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block, VisionTransformer
+from torch import Tensor, nn
+
+from ..data.masks import check_mask_grid, sample_block_masks
+from ..errors import UsageError
+from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
+from . import register_strategy
+from .base import StepInputs, Strategy, as_map, fp32
+
+TARGET_NORM_EPS = 1e-5  # I-JEPA's F.layer_norm default
+
+
+@dataclass
+class HiddenConfig:
+    weight: float = 1.0
+    layers: list[int | float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])  # teacher layers
+    loss: Literal["smooth_l1", "mse"] = "smooth_l1"
+    beta: float = 1.0  # Smooth-L1 beta
+    predictor_depth: int = 6  # ViT students only
+    predictor_width: int = 384
+    predictor_heads: int = 6
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)
+    target_aspect: tuple[float, float] = (0.75, 1.5)
+    context_scale: tuple[float, float] = (0.85, 1.0)
+    mask_min_keep: int = 10
+
+    def __post_init__(self):
+        for key in ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"):
+            if getattr(self, key) <= 0:
+                raise UsageError(f"strategy.hidden.{key} must be positive, got {getattr(self, key)}")
+        if not self.layers:
+            raise UsageError("strategy.hidden.layers must name at least one teacher layer, e.g. [0.5, 1.0]")
+        if self.predictor_width % self.predictor_heads or self.predictor_width % 4:
+            raise UsageError(f"strategy.hidden.predictor_width ({self.predictor_width}) must be a multiple of 4 "
+                             f"and of predictor_heads ({self.predictor_heads})")
+        for key in ("target_scale", "context_scale"):
+            low, high = getattr(self, key)
+            if not 0.0 < low <= high <= 1.0:
+                raise UsageError(f"strategy.hidden.{key} must satisfy 0 < low <= high <= 1, got {[low, high]}")
+        low, high = self.target_aspect
+        if not 0.0 < low <= high:
+            raise UsageError(f"strategy.hidden.target_aspect must satisfy 0 < low <= high, got {[low, high]}")
+
+
+@dataclass
+class MaskedFeatures(Features):
+    """Student features of a masked forward: the encoded context tokens and where they and the targets are."""
+
+    context_tokens: Tensor | None = None  # (B, N_ctx, D_s), after the student's final norm
+    context_index: Tensor | None = None  # (B, N_ctx) flat patch indices
+    target_index: Tensor | None = None  # (num_targets, B, N_tgt)
+
+
+def normalised_targets(layers: list[Tensor], grid: tuple[int, int]) -> Tensor:
+    """concat_l layer_norm(h_l) per token, each layer pooled to `grid` first: (B, H*W, sum_l C_l), fp32."""
+    out = []
+    for layer in layers:
+        layer = as_map(fp32(layer), "a teacher layer of strategy hidden")
+        if tuple(layer.shape[-2:]) != tuple(grid):
+            layer = F.adaptive_avg_pool2d(layer, grid)
+        tokens = layer.flatten(2).transpose(1, 2)
+        out.append(F.layer_norm(tokens, tokens.shape[-1:], eps=TARGET_NORM_EPS))
+    return torch.cat(out, dim=-1)
+
+
+def regression_loss(prediction: Tensor, target: Tensor, loss: str, beta: float) -> Tensor:
+    with torch.autocast(device_type=prediction.device.type, enabled=False):
+        prediction, target = fp32(prediction), fp32(target)
+        if loss == "smooth_l1":
+            return F.smooth_l1_loss(prediction, target, beta=beta)
+        return F.mse_loss(prediction, target)
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """tokens (B, N, C), index (B, K) -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def sincos_2d(grid: tuple[int, int], dim: int) -> Tensor:
+    """Fixed 2-D sin-cos position embeddings (MAE / I-JEPA `get_2d_sincos_pos_embed`): (H*W, dim)."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
+                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+
+    def encode(positions: Tensor, d: int) -> Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        angles = positions.flatten()[:, None] * omega[None]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(rows, dim // 2), encode(cols, dim // 2)], dim=1).float()
+
+
+class Predictor(nn.Module):
+    """I-JEPA's narrow ViT predictor: context tokens + mask tokens at the target positions -> targets."""
+
+    def __init__(self, in_dim: int, out_dim: int, grid: tuple[int, int], width: int, depth: int, heads: int):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.register_buffer("pos_embed", sincos_2d(grid, width)[None], persistent=False)
+        norm = partial(nn.LayerNorm, eps=1e-6)
+        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
+                                      for _ in range(depth)])
+        self.norm = norm(width)
+        self.proj = nn.Linear(width, out_dim)
+        self.apply(_init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+        for i, block in enumerate(self.blocks, start=1):  # I-JEPA `fix_init_weight`
+            block.attn.proj.weight.data.div_(math.sqrt(2.0 * i))
+            block.mlp.fc2.weight.data.div_(math.sqrt(2.0 * i))
+
+    def forward(self, context: Tensor, context_index: Tensor, target_index: Tensor) -> Tensor:
+        """context (B, N_ctx, D_s), context_index (B, N_ctx), target_index (T, B, N_tgt) -> (T, B, N_tgt, out)."""
+        num_targets, batch, num_target_tokens = target_index.shape
+        pos = self.pos_embed.to(context.dtype)
+        x = self.embed(context) + gather_tokens(pos.expand(batch, -1, -1), context_index)
+        num_context = x.shape[1]
+        flat_targets = target_index.reshape(num_targets * batch, num_target_tokens)  # block-major rows
+        queries = self.mask_token + gather_tokens(pos.expand(num_targets * batch, -1, -1), flat_targets)
+        x = torch.cat([x.repeat(num_targets, 1, 1), queries.to(x.dtype)], dim=1)
+        x = self.norm(self.blocks(x))
+        out = self.proj(x[:, num_context:])
+        return out.view(num_targets, batch, num_target_tokens, -1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
+def encode_context(student: VisionTransformer, x: Tensor, context_index: Tensor) -> Tensor:
+    """A timm ViT forward on the kept patches only: (B, N_ctx, D_s) patch tokens after the final norm."""
+    tokens = student._pos_embed(student.patch_embed(x))
+    tokens = student.norm_pre(tokens)
+    prefix = student.num_prefix_tokens
+    tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], context_index)], dim=1)
+    tokens = student.norm(student.blocks(tokens))
+    return tokens[:, prefix:]
+
+
+def _square_grid(tokens: int, what: str) -> tuple[int, int]:
+    side = math.isqrt(tokens)
+    if side * side != tokens:
+        raise UsageError(f"strategy hidden: {what} has {tokens} tokens, not a square patch grid")
+    return side, side
+
+
+@register_strategy
+class Hidden(Strategy):
+    name = "hidden"
+    Config = HiddenConfig
+    summary = ("multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "
+               "context + predictor for ViT students")
+
+    def __init__(self, config: HiddenConfig, teacher_probe: Features, student_probe: Features):
+        super().__init__(config, teacher_probe, student_probe)
+        self.teacher_layers = sorted(teacher_probe.layers)
+        teacher_maps = [as_map(teacher_probe.layers[i], "a teacher layer of strategy hidden")
+                        for i in self.teacher_layers]
+        self.target_dim = sum(m.shape[1] for m in teacher_maps)
+        (self.student_layer, student_layer), = student_probe.layers.items()
+        self.masked = student_layer.dim() == 3  # tokens: a ViT student
+        if self.masked:
+            self.grid = _square_grid(student_layer.shape[1], "the student's last block")
+            self.predictor = Predictor(student_layer.shape[2], self.target_dim, self.grid, config.predictor_width,
+                                       config.predictor_depth, config.predictor_heads)
+        else:
+            self.grid = tuple(teacher_maps[-1].shape[-2:])  # the deepest requested teacher layer's grid
+            self.proj = nn.Conv2d(student_layer.shape[1], self.target_dim, kernel_size=1)
+
+    @classmethod
+    def teacher_request(cls, config: HiddenConfig, teacher) -> FeatureRequest:
+        return FeatureRequest(layers=tuple(config.layers))
+
+    @classmethod
+    def student_request(cls, config: HiddenConfig) -> FeatureRequest:
+        return FeatureRequest(layers=(-1,))
+
+    @classmethod
+    def check_compatible(cls, config: HiddenConfig, teacher) -> None:
+        try:
+            resolve_layers(tuple(config.layers), teacher.num_layers)
+        except UsageError as e:
+            raise UsageError(f"strategy hidden regresses the teacher's hidden layers {list(config.layers)}, "
+                             f"but {e}; change strategy.hidden.layers") from None
+
+    @classmethod
+    def check_student(cls, config: HiddenConfig, student: nn.Module) -> None:
+        if is_token_model(student):
+            if not isinstance(student, VisionTransformer):
+                raise UsageError(
+                    f"strategy hidden masks a ViT student's tokens and needs a timm VisionTransformer "
+                    f"(patch_embed, _pos_embed, blocks, norm); {type(student).__name__} is another kind of token "
+                    "model; use a VisionTransformer student or a CNN"
+                )
+            try:
+                check_mask_grid(tuple(student.patch_embed.grid_size), config.context_scale, config.mask_min_keep)
+            except UsageError as e:
+                raise UsageError(f"strategy hidden (I-JEPA block masks on the student's patches): {e}") from None
+            return
+        try:
+            num_layers(student)
+        except UsageError as e:
+            raise UsageError(f"strategy hidden regresses from the student's last feature map, but {e}") from None
+
+    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
+                         request: FeatureRequest) -> Features | None:
+        if not self.masked:
+            return None  # the generic extraction gives the last feature map
+        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, which checkpoints restore
+        masks = sample_block_masks(
+            x.shape[0], self.grid, torch.Generator().manual_seed(seed), num_targets=self.config.num_targets,
+            target_scale=self.config.target_scale, target_aspect=self.config.target_aspect,
+            context_scale=self.config.context_scale, min_keep=self.config.mask_min_keep)
+        context_index, target_index = masks.context.to(x.device), masks.targets.to(x.device)
+        # Other strategies of the objective get their features from a full forward.
+        full = extract_features(student, x, self.peer_request) if self.peer_request != FeatureRequest() else Features()
+        shared = {f.name: getattr(full, f.name) for f in dataclasses.fields(Features)}
+        return MaskedFeatures(**shared, context_tokens=encode_context(student, x, context_index),
+                              context_index=context_index, target_index=target_index)
+
+    def forward(self, step: StepInputs) -> dict[str, Tensor]:
+        targets = normalised_targets([step.teacher.layers[i] for i in self.teacher_layers], self.grid)
+        student = step.student
+        if not self.masked:
+            prediction = self.proj(student.layers[self.student_layer])
+            if tuple(prediction.shape[-2:]) != tuple(self.grid):
+                prediction = F.adaptive_avg_pool2d(prediction, self.grid)
+            prediction = prediction.flatten(2).transpose(1, 2)
+            return {self.name: regression_loss(prediction, targets, self.config.loss, self.config.beta)}
+        if not isinstance(student, MaskedFeatures) or student.context_tokens is None:
+            raise UsageError("strategy hidden with a ViT student needs the masked student forward "
+                             "(its student_features hook); got plain features")
+        predictions = self.predictor(student.context_tokens, student.context_index, student.target_index)
+        losses = [regression_loss(p, gather_tokens(targets, index), self.config.loss, self.config.beta)
+                  for p, index in zip(predictions, student.target_index)]
+        return {self.name: torch.stack(losses).mean()}
