@@ -28,7 +28,7 @@ from .strategies.base import check_composable
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint
-from .train.loop import DistillModule, make_accelerator, train
+from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, teacher_request_of, train
 
 
 @dataclass
@@ -65,6 +65,7 @@ def compress(
     out: str | Path | None = None,
     set: list[str] | dict[str, Any] | None = None,  # noqa: A002 - the CLI's --set
     resume: bool = False,
+    force_resume: bool = False,
     overwrite: bool = False,
     seed: int | None = None,
     precision: str | None = None,
@@ -74,18 +75,25 @@ def compress(
 
     `recipe` is a shipped recipe name, a YAML path, a dict or a `Recipe` (default: the embedded
     default recipe). Keyword options override it, then `set` ("train.lr=0.1" items) overrides those.
+    `resume` continues the run in `out` exactly where its last checkpoint left it; a changed recipe
+    is refused unless `force_resume`.
     """
+    with explain_out_of_memory():
+        return _compress(recipe, dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data,
+                                      epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr,
+                                      out=out, seed=seed, precision=precision),
+                         strategy, set, resume, force_resume, overwrite, quiet)
+
+
+def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, resume: bool, force_resume: bool,
+              overwrite: bool, quiet: bool) -> CompressResult:
     started = time.perf_counter()
-    options = dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data, epochs=epochs,
-                   max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, seed=seed,
-                   precision=precision)
-    resolved = resolve_recipe(recipe, options, strategy=strategy, overrides=set)
+    resolved = resolve_recipe(recipe, options, strategy=strategy, overrides=overrides)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     validate_before_loading(resolved, run_dir, resume, overwrite)
-    console = Console(quiet=quiet)
-
     accelerator = make_accelerator(resolved)
     main = accelerator.is_main_process
+    console = Console(quiet=quiet or not main)  # one process speaks
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
@@ -103,6 +111,9 @@ def compress(
         student_model.to(memory_format=torch.channels_last)
     student_input = student_input_config(student_model, student_size)
     objective, student_request = build_objective(resolved, teacher_model, student_model, student_size)
+    if teacher_model.prune(teacher_request_of(objective, teacher_model)):  # blocks no strategy reads
+        console.print(f"teacher: training runs {teacher_model.pruned_to} of its {teacher_model.num_layers} layers, "
+                      "without the final norm and head")
     module = DistillModule(student_model, objective, student_input, channels_last, student_request)
 
     view_size = resolved.data.view_size or max(*teacher_model.input_config.size, student_size)
@@ -113,16 +124,20 @@ def compress(
     timings = {"setup": time.perf_counter() - started}
 
     with _progress(console) as progress:
-        result = train(resolved, accelerator, teacher_model, module, images.train, run_dir, resume, progress)
+        result = train(resolved, accelerator, teacher_model, module, images.train, run_dir, resume, progress,
+                       force_resume=force_resume)
     timings["train"] = result.seconds
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
-                  + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else ""))
+                  + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
+                  + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
+                  + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else ""))
 
     metrics: dict[str, Any] = {}
     student_dir = run_dir / "student"
     if main:
         trained = accelerator.unwrap_model(module).student.float().cpu().eval()
         tick = time.perf_counter()
+        teacher_model.unprune()  # evaluation embeds with the whole teacher
         metrics = evaluate_run(resolved, teacher_model.cpu(), trained, spec, student_size, student_input,
                                channels_last, images, console)
         timings["evaluate"] = time.perf_counter() - tick

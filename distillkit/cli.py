@@ -70,6 +70,7 @@ def compress(
     recipe: Optional[str] = typer.Option(None, help="Recipe: a YAML file or a shipped name (see `distillkit list recipes`)."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=0.1 (repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
+    force_resume: bool = typer.Option(False, help="With --resume: continue even though the recipe changed."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
     precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
@@ -84,7 +85,7 @@ def compress(
     run_compress(
         recipe, teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, strategy=strategy, data=data,
         epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
-        resume=resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, quiet=quiet,
+        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, quiet=quiet,
     )
 
 

@@ -31,11 +31,10 @@ def embed_dataset(embed: Embed, dataset: Dataset, batch_size: int = 256, num_wor
                         collate_fn=collate_skipping_bad)
     features, labels = [], []
     for batch in loader:
-        if batch is None:
+        if batch.images is None:
             continue
-        images, batch_labels, _ = batch
-        features.append(embed(as_views(images.to(device))).float().cpu())
-        labels.append(batch_labels)
+        features.append(embed(as_views(batch.images.to(device))).float().cpu())
+        labels.append(batch.labels)
     return torch.cat(features), torch.cat(labels)
 
 

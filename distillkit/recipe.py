@@ -50,6 +50,7 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     flip: float = 0.5  # horizontal flip probability
     view_size: int | None = None  # pixels of the raw views; None = the largest network input
+    max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
 
 
 @dataclass
@@ -67,6 +68,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     seed: int = 0
     log_every: int = 10  # steps between JSONL metric lines
+    checkpoint_every: int | None = 200  # optimiser steps between checkpoints (and one every epoch); None = epochs only
+    deterministic: bool = False  # torch deterministic algorithms (exact resume / equivalence on CPU)
+    sync_bn: bool = False  # synchronise BatchNorm statistics across processes (GPUs only)
+    max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
 
 
 @dataclass
@@ -309,6 +314,7 @@ def check_ranges(recipe: Recipe) -> None:
         "train.batch_size": recipe.train.batch_size,
         "train.grad_accum": recipe.train.grad_accum,
         "train.log_every": recipe.train.log_every,
+        "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps,
         "eval.knn_k": recipe.eval.knn_k,
         "eval.max_train": recipe.eval.max_train,
         "eval.max_test": recipe.eval.max_test,
@@ -318,6 +324,7 @@ def check_ranges(recipe: Recipe) -> None:
             raise UsageError(f"{key} must be at least 1, got {value}")
     optional_positive = {
         "train.max_steps": recipe.train.max_steps,
+        "train.checkpoint_every": recipe.train.checkpoint_every,
         "data.limit": recipe.data.limit,
         "teacher.input_size": recipe.teacher.input_size,
         "student.input_size": recipe.student.input_size,
@@ -333,6 +340,8 @@ def check_ranges(recipe: Recipe) -> None:
         raise UsageError(f"train.warmup_fraction must be in [0, 1), got {recipe.train.warmup_fraction}")
     if not 0.0 < recipe.data.val_fraction < 1.0:
         raise UsageError(f"data.val_fraction must be in (0, 1), got {recipe.data.val_fraction}")
+    if not 0.0 <= recipe.data.max_bad_fraction <= 1.0:
+        raise UsageError(f"data.max_bad_fraction must be in [0, 1], got {recipe.data.max_bad_fraction}")
     if not 0.0 <= recipe.data.flip <= 1.0:
         raise UsageError(f"data.flip must be a probability in [0, 1], got {recipe.data.flip}")
     low, high = recipe.data.crop_scale

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import distillkit.data.sources as sources
-from distillkit.data import check_data_source, collate_skipping_bad, open_data
+from distillkit.data import BadImage, check_data_source, collate_skipping_bad, open_data
 from distillkit.data.sources import load_fashion_mnist, load_folder, read_idx
 from distillkit.errors import UsageError
 
@@ -378,15 +378,13 @@ def test_unreadable_image_is_skipped(tmp_path, content):
     data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.1, load_size=8)
     assert len(data.train) == 3
     bad_index = data.train.paths.index(bad)
-    with pytest.warns(UserWarning, match="bad.png"):
-        assert data.train[bad_index] is None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        batch = collate_skipping_bad([data.train[i] for i in range(3)])
-    images, labels, indices = batch
-    assert images.shape == (2, 3, 8, 8)
-    assert labels.tolist() == [-1, -1]
-    assert sorted(indices.tolist()) == sorted(data.train.paths.index(p) for p in good)
+    marker = data.train[bad_index]
+    assert isinstance(marker, BadImage) and marker.path.endswith("bad.png") and marker.reason
+    batch = collate_skipping_bad([data.train[i] for i in range(3)])
+    assert batch.images.shape == (2, 3, 8, 8)
+    assert batch.labels.tolist() == [-1, -1]
+    assert sorted(batch.indices.tolist()) == sorted(data.train.paths.index(p) for p in good)
+    assert [b.path for b in batch.bad] == [str(bad)]
 
 
 def test_truncated_png_is_skipped(tmp_path):
@@ -397,19 +395,21 @@ def test_truncated_png_is_skipped(tmp_path):
     path.write_bytes(path.read_bytes()[:200])
     write_png(tmp_path / "ok.png", (1, 1, 1))
     data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.1, load_size=8)
-    with pytest.warns(UserWarning):
-        assert data.train[data.train.paths.index(path)] is None
+    assert isinstance(data.train[data.train.paths.index(path)], BadImage)
 
 
 def test_collate_skipping_bad():
     item = lambda i: (torch.full((3, 2, 2), i, dtype=torch.uint8), i % 2, i)  # noqa: E731
-    images, labels, indices = collate_skipping_bad([item(1), None, item(2), None, item(3)])
-    assert images.shape == (3, 3, 2, 2)
-    assert images[:, 0, 0, 0].tolist() == [1, 2, 3]
-    assert labels.tolist() == [1, 0, 1]
-    assert labels.dtype == torch.long and indices.dtype == torch.long
-    assert indices.tolist() == [1, 2, 3]
-    assert collate_skipping_bad([None, None]) is None
+    bad = BadImage("x.png", "broken")
+    batch = collate_skipping_bad([item(1), bad, item(2), bad, item(3)])
+    assert batch.images.shape == (3, 3, 2, 2)
+    assert batch.images[:, 0, 0, 0].tolist() == [1, 2, 3]
+    assert batch.labels.tolist() == [1, 0, 1]
+    assert batch.labels.dtype == torch.long and batch.indices.dtype == torch.long
+    assert batch.indices.tolist() == [1, 2, 3]
+    assert batch.bad == [bad, bad]
+    empty = collate_skipping_bad([bad, bad])
+    assert empty.images is None and len(empty.bad) == 2
 
 
 @pytest.mark.parametrize(

@@ -58,10 +58,26 @@ class TensorImages(Dataset):
         return self.images[index], label, index
 
 
+@dataclass(frozen=True)
+class BadImage:
+    """Stands in for an image file that could not be decoded."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Batch:
+    images: Tensor | None  # uint8 (B, C, H, W); None when every item was bad
+    labels: Tensor | None
+    indices: Tensor | None
+    bad: list[BadImage]
+
+
 class FolderImages(Dataset):
     """Image files decoded on demand, resized (shorter side) and centre-cropped to `size` x `size`.
 
-    An unreadable file yields None; `collate_skipping_bad` drops it and counts it.
+    An unreadable file yields a `BadImage`; `collate_skipping_bad` drops it and reports it.
     """
 
     def __init__(self, paths: list[Path], labels: list[int] | None, size: int):
@@ -83,20 +99,20 @@ class FolderImages(Dataset):
                 img = TF.center_crop(img, [self.size, self.size])
                 tensor = TF.pil_to_tensor(img)
         except (OSError, ValueError, SyntaxError) as e:
-            warnings.warn(f"skipping unreadable image {self.paths[index]}: {e}")
-            return None
+            return BadImage(str(self.paths[index]), str(e).splitlines()[0][:200] or type(e).__name__)
         label = self.labels[index] if self.labels is not None else -1
         return tensor, label, index
 
 
-def collate_skipping_bad(items):
-    good = [item for item in items if item is not None]
+def collate_skipping_bad(items) -> Batch:
+    bad = [item for item in items if isinstance(item, BadImage)]
+    good = [item for item in items if not isinstance(item, BadImage)]
     if not good:
-        return None
+        return Batch(None, None, None, bad)
     images = torch.stack([item[0] for item in good])
     labels = torch.tensor([item[1] for item in good], dtype=torch.long)
     indices = torch.tensor([item[2] for item in good], dtype=torch.long)
-    return images, labels, indices
+    return Batch(images, labels, indices, bad)
 
 
 class Subset(Dataset):

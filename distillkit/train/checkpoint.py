@@ -85,7 +85,7 @@ def saved_recipe(path: Path) -> dict[str, Any]:
 
 
 # Keys that may change between a run and its resumption: length, output and evaluation settings.
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "out", "eval.")
+RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every", "out", "eval.")
 
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

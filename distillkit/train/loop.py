@@ -10,9 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import threading
 import time
 import warnings
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -27,9 +30,6 @@ from ..recipe import Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
-
-MAX_NONFINITE_STEPS = 20  # consecutive skipped steps before the run stops
-
 
 class DistillModule(nn.Module):
     """The student and the objective (strategy heads, queues): everything that trains."""
@@ -105,6 +105,33 @@ class TrainResult:
     resumed_from_step: int
     final_terms: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
+    bad_images: int = 0
+
+
+class StopSignals:
+    """SIGINT / SIGTERM ask the loop to finish its step, save a checkpoint and stop.
+
+    A second signal while stopping raises KeyboardInterrupt at once.
+    """
+
+    def __init__(self):
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
 
 
 def make_accelerator(recipe: Recipe):
@@ -117,25 +144,42 @@ def make_accelerator(recipe: Recipe):
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
-        return Accelerator(mixed_precision=mixed, gradient_accumulation_steps=recipe.train.grad_accum)
+        # cpu=True when there is no GPU: that is what makes Accelerate set up gloo under torchrun on CPUs
+        accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=recipe.train.grad_accum,
+                                  cpu=not torch.cuda.is_available())
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--precision {recipe.train.precision} is not available on this machine ({e}); "
                          "use fp32, or bf16 on a CPU") from None
+    if recipe.train.sync_bn and accelerator.device.type == "cpu" and accelerator.num_processes > 1:
+        raise UsageError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU processes")
+    if recipe.train.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return accelerator
+
+
+@dataclass
+class Position:
+    """Where the run is: optimiser steps done, the current epoch, micro-batches done in it."""
+
+    step: int = 0
+    epoch: int = 0
+    batch: int = 0
 
 
 def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, train_set: Dataset,
-          run_dir: Path, resume: bool, progress) -> TrainResult:
-    """Run the optimisation; checkpoints every epoch; returns what happened."""
+          run_dir: Path, resume: bool, progress, force_resume: bool = False) -> TrainResult:
+    """Run the optimisation, checkpointing every `train.checkpoint_every` steps and every epoch."""
     world = accelerator.num_processes
     if recipe.train.batch_size % world:
         raise UsageError(f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over "
                          f"{world} processes")
-    per_process = recipe.train.batch_size // world
     if len(train_set) < recipe.train.batch_size:
         raise UsageError(f"only {len(train_set)} training images, fewer than one batch of "
                          f"{recipe.train.batch_size}; lower --batch-size or use more images")
+    if recipe.train.sync_bn:
+        module.student = nn.SyncBatchNorm.convert_sync_batchnorm(module.student)
     sampler = EpochSampler(len(train_set), recipe.train.seed)
-    loader = DataLoader(train_set, batch_size=per_process, sampler=sampler, drop_last=True,
+    loader = DataLoader(train_set, batch_size=recipe.train.batch_size // world, sampler=sampler, drop_last=True,
                         num_workers=recipe.data.num_workers, collate_fn=collate_skipping_bad,
                         persistent_workers=recipe.data.num_workers > 0)
     optimizer = build_optimizer(module, recipe)
@@ -153,104 +197,178 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
         total_steps = min(total_steps, recipe.train.max_steps)
     warmup_steps = int(recipe.train.warmup_fraction * total_steps)
     recipe_dict = recipe.to_dict()
+    position = _resume(run_dir, recipe_dict, inner, optimizer, force_resume) if resume else Position()
+    resumed_from = position.step
 
-    step, start_epoch = 0, 0
-    checkpoint = find_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
-    if checkpoint is not None:
-        changes = recipe_changes(saved_recipe(checkpoint), recipe_dict)
-        if changes:
-            raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes))
-        state = load_checkpoint(checkpoint, inner, optimizer)
-        step, start_epoch = state["step"], state["epoch"]
-    resumed_from = step
-
-    teacher_request = _teacher_request(inner.objective, teacher)
+    teacher_request = teacher_request_of(inner.objective, teacher)
     view_config = ViewConfig(size=_view_size(recipe, teacher, inner), crop_scale=recipe.data.crop_scale,
                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
     metrics_path = run_dir / "metrics.jsonl"
     main = accelerator.is_main_process
-    task = progress.add_task("distilling", total=total_steps, completed=step, terms="", speed="") if main else None
+    task = progress.add_task("distilling", total=total_steps, completed=position.step, terms="",
+                             speed="") if main else None
 
-    start_time = time.perf_counter()
-    images_seen, nonfinite_run, skipped = 0, 0, 0
-    terms_mean: dict[str, float] = {}
-    epoch = start_epoch
-    module.train()
-    while step < total_steps and epoch < recipe.train.epochs:
-        loader.set_epoch(epoch)  # through Accelerate's loader: it re-sets the sampler's epoch on every __iter__
-        epoch_start = time.perf_counter()
-        for batch in loader:
-            if batch is None:
-                continue
-            images, labels, indices = batch
-            views = [
-                render_views(images, sample_view_params(indices, images.shape[-2], images.shape[-1], view_config,
-                                                        seed=recipe.train.seed, epoch=epoch, view=v),
-                             view_config.size)
-                for v in range(inner.objective.num_views)
-            ]
-            views = inner.objective.expand_views(views)
-            with accelerator.accumulate(module):
-                with accelerator.autocast():
-                    teacher_views = [teacher(v, teacher_request) for v in views]
-                    loss, terms, step_inputs = module(views, teacher_views, labels, step / total_steps)
-                finite = _all_finite(accelerator, loss)
-                if finite:
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and recipe.train.clip_grad:
-                        accelerator.clip_grad_norm_(module.parameters(), recipe.train.clip_grad)
-                    for group in optimizer.param_groups:
-                        group["lr"] = recipe.train.lr * lr_factor(step, total_steps, warmup_steps)
-                    optimizer.step()
-                    inner.objective.after_step(step_inputs, accelerator.gather)
-                optimizer.zero_grad(set_to_none=True)
-            images_seen += images.shape[0] * accelerator.num_processes
-            if not finite:
-                skipped += 1
-                nonfinite_run += 1
-                warnings.warn(f"step {step}: the loss is not finite ({loss.item()}); the step was skipped")
-                if nonfinite_run >= MAX_NONFINITE_STEPS:
-                    raise RunError(f"{MAX_NONFINITE_STEPS} steps in a row had a non-finite loss; stopping. The "
-                                   f"last good checkpoint is in {run_dir / 'checkpoints'}; lower --lr or use fp32")
-                continue
-            nonfinite_run = 0
-            if not accelerator.sync_gradients:
-                continue
-            step += 1
-            values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
-            terms_mean = {k: 0.9 * terms_mean.get(k, v) + 0.1 * v for k, v in values.items()}
-            if main:
-                speed = images_seen / (time.perf_counter() - start_time)
-                progress.update(task, completed=step, speed=f"{speed:.0f} img/s",
-                                terms=" ".join(f"{k} {v:.4f}" for k, v in terms_mean.items()))
-                if not progress.console.is_terminal and (step % max(1, total_steps // 10) == 0
-                                                         or step == total_steps):
-                    progress.console.print(f"step {step}/{total_steps} epoch {epoch + 1} "
-                                           + " ".join(f"{k} {v:.4f}" for k, v in terms_mean.items())
-                                           + f" {speed:.0f} img/s", highlight=False)
-                if step % recipe.train.log_every == 0 or step == total_steps:
-                    _append_jsonl(metrics_path, {"step": step, "epoch": epoch, **values,
-                                                 "lr": optimizer.param_groups[0]["lr"],
-                                                 "images_per_s": round(speed, 1)})
-            if step >= total_steps:
-                break
-        epoch += 1
+    def checkpoint() -> None:
         if main:
-            _append_jsonl(metrics_path, {"epoch_end": epoch, "step": step,
-                                         "seconds": round(time.perf_counter() - epoch_start, 2),
-                                         **{k: round(v, 6) for k, v in terms_mean.items()}})
-            save_checkpoint(run_dir, inner, optimizer, {"step": step, "epoch": epoch}, recipe_dict)
+            save_checkpoint(run_dir, inner, optimizer, asdict(position), recipe_dict)
         accelerator.wait_for_everyone()
 
+    start_time = time.perf_counter()
+    images_seen, nonfinite_run, skipped, bad_seen = 0, 0, 0, []
+    terms_mean: dict[str, float] = {}
+    module.train()
+    with StopSignals() as signals:
+        while position.step < total_steps and position.epoch < recipe.train.epochs:
+            loader.set_epoch(position.epoch)  # through Accelerate's loader: it re-sets the sampler's epoch
+            epoch_loader = accelerator.skip_first_batches(loader, position.batch) if position.batch else loader
+            epoch_start = time.perf_counter()
+            for batch in epoch_loader:
+                position.batch += 1
+                bad_seen += batch.bad
+                _check_bad_images(bad_seen, len(train_set), recipe.data.max_bad_fraction)
+                if batch.images is None:
+                    continue
+                views = [
+                    render_views(batch.images, sample_view_params(
+                        batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
+                        seed=recipe.train.seed, epoch=position.epoch, view=v), view_config.size)
+                    for v in range(inner.objective.num_views)
+                ]
+                views = inner.objective.expand_views(views)
+                with accelerator.accumulate(module):
+                    with accelerator.autocast():
+                        teacher_views = [teacher(v, teacher_request) for v in views]
+                        loss, terms, step_inputs = module(views, teacher_views, batch.labels,
+                                                          position.step / total_steps)
+                    finite = _all_finite(accelerator, loss)
+                    if finite:
+                        accelerator.backward(loss)
+                        if accelerator.sync_gradients and recipe.train.clip_grad:
+                            accelerator.clip_grad_norm_(module.parameters(), recipe.train.clip_grad)
+                        for group in optimizer.param_groups:
+                            group["lr"] = recipe.train.lr * lr_factor(position.step, total_steps, warmup_steps)
+                        optimizer.step()
+                        inner.objective.after_step(step_inputs, accelerator.gather)
+                    optimizer.zero_grad(set_to_none=True)
+                images_seen += batch.images.shape[0] * world
+                if not finite:
+                    skipped += 1
+                    nonfinite_run += 1
+                    warnings.warn(f"step {position.step}: the loss is not finite ({loss.item()}); step skipped")
+                    if nonfinite_run >= recipe.train.max_nonfinite_steps:
+                        raise RunError(
+                            f"{nonfinite_run} steps in a row had a non-finite loss; stopping. The last good "
+                            f"checkpoint is in {run_dir / 'checkpoints'}; lower --lr, clip gradients "
+                            "(--set train.clip_grad=1.0) or use --precision fp32")
+                    continue
+                nonfinite_run = 0
+                if not accelerator.sync_gradients:
+                    continue
+                position.step += 1
+                values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+                terms_mean = {k: 0.9 * terms_mean.get(k, v) + 0.1 * v for k, v in values.items()}
+                log_now = position.step % recipe.train.log_every == 0 or position.step == total_steps
+                if log_now and world > 1:  # the global batch's losses, not this process's share
+                    values = _mean_over_processes(accelerator, terms | {"loss": loss.detach()})
+                if main:
+                    speed = images_seen / (time.perf_counter() - start_time)
+                    _report(progress, task, position, total_steps, terms_mean, speed)
+                    if log_now:
+                        _append_jsonl(metrics_path, {"step": position.step, "epoch": position.epoch, **values,
+                                                     "lr": optimizer.param_groups[0]["lr"],
+                                                     "images_per_s": round(speed, 1)})
+                every = recipe.train.checkpoint_every
+                stop = _agreed(accelerator, signals.received is not None)
+                if (every and position.step % every == 0) or stop:
+                    checkpoint()
+                if stop:
+                    raise RunError(
+                        f"stopped by signal {signals.received} at step {position.step}; the run is saved. "
+                        f"Resume it with: distillkit compress --out {run_dir} --resume")
+                if position.step >= total_steps:
+                    break
+            if position.batch >= micro_batches:  # the epoch ran to its end
+                if main:
+                    _append_jsonl(metrics_path, {"epoch_end": position.epoch + 1, "step": position.step,
+                                                 "seconds": round(time.perf_counter() - epoch_start, 2),
+                                                 **{k: round(v, 6) for k, v in terms_mean.items()}})
+                position.epoch += 1
+                position.batch = 0
+            checkpoint()  # after every epoch, and where max_steps stopped inside one
+
     seconds = time.perf_counter() - start_time
-    return TrainResult(steps=step, epochs=epoch, seconds=seconds,
+    if bad_seen:
+        warnings.warn(f"{len(bad_seen)} unreadable images were skipped, e.g. "
+                      + "; ".join(f"{b.path} ({b.reason})" for b in bad_seen[:3]))
+    return TrainResult(steps=position.step, epochs=position.epoch, seconds=seconds,
                        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
-                       resumed_from_step=resumed_from, final_terms=terms_mean, skipped_steps=skipped)
+                       resumed_from_step=resumed_from, final_terms=terms_mean, skipped_steps=skipped,
+                       bad_images=len(bad_seen))
 
 
-def _teacher_request(objective: Objective, teacher: Teacher) -> FeatureRequest:
+def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
+    changes = recipe_changes(saved_recipe(checkpoint), recipe_dict)
+    if changes and not force:
+        raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes)
+                         + "\nundo the changes, or pass --force-resume to continue with the new recipe")
+    if changes:
+        warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
+    state = load_checkpoint(checkpoint, inner, optimizer)
+    return Position(step=state["step"], epoch=state["epoch"], batch=state.get("batch", 0))
+
+
+def _check_bad_images(bad: list, dataset_size: int, max_fraction: float) -> None:
+    if bad and len(bad) > max_fraction * dataset_size:
+        examples = "; ".join(f"{b.path} ({b.reason})" for b in bad[:3])
+        raise RunError(f"{len(bad)} of {dataset_size} training images are unreadable, more than "
+                       f"data.max_bad_fraction = {max_fraction}; e.g. {examples}. Remove or fix them, or "
+                       "raise data.max_bad_fraction")
+
+
+@contextmanager
+def explain_out_of_memory():
+    """Turn an allocation failure (GPU or CPU) into a `RunError` that says what to change."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise RunError(_OOM_ADVICE) from e
+    except RuntimeError as e:
+        if "can't allocate memory" not in str(e) and "out of memory" not in str(e):
+            raise
+        raise RunError(_OOM_ADVICE) from e
+
+
+_OOM_ADVICE = ("the batch does not fit in memory; lower --batch-size (or use --set train.grad_accum=N with a "
+               "smaller batch), or lower the input sizes")
+
+
+def _report(progress, task, position: Position, total_steps: int, terms: dict[str, float], speed: float) -> None:
+    text = " ".join(f"{k} {v:.4f}" for k, v in terms.items())
+    progress.update(task, completed=position.step, speed=f"{speed:.0f} img/s", terms=text)
+    if not progress.console.is_terminal and (position.step % max(1, total_steps // 10) == 0
+                                             or position.step == total_steps):
+        progress.console.print(f"step {position.step}/{total_steps} epoch {position.epoch + 1} {text} "
+                               f"{speed:.0f} img/s", highlight=False)
+
+
+def _mean_over_processes(accelerator, values: dict[str, Tensor]) -> dict[str, float]:
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).to(accelerator.device)
+    means = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(values, means.tolist()))
+
+
+def _agreed(accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any (a signal may reach only some of them)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
+
+
+def teacher_request_of(objective: Objective, teacher: Teacher) -> FeatureRequest:
+    """Everything the objective's strategies need from the teacher, merged."""
     request = FeatureRequest()
     for strategy in objective.strategies.values():
         request = request.merge(type(strategy).teacher_request(strategy.config, teacher))

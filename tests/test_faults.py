@@ -1,0 +1,172 @@
+"""Runs that survive: SIGKILL + --resume, SIGTERM, bad images, non-finite losses, full disks, OOM."""
+
+from __future__ import annotations
+
+import errno
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import distillkit
+from distillkit.errors import RunError, UsageError
+from distillkit.strategies.seed import Seed
+from distillkit.teachers.base import Teacher
+
+FAULT_RUN = Path(__file__).parent / "helpers" / "fault_run.py"
+TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=false", "train.deterministic=true"]
+
+
+def cli_args(out: Path, *extra: str) -> list[str]:
+    args = ["--student", "mobilenetv3-small", "--limit", "128", "--batch-size", "16", "--epochs", "2",
+            "--out", str(out), "--quiet", "--set", "train.checkpoint_every=3"]
+    for item in TINY:
+        args += ["--set", item]
+    return args + list(extra)
+
+
+def fault_run(fault: list[str], args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(FAULT_RUN), *fault, "--", *args], capture_output=True, text=True,
+                          timeout=300)
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "checkpoints" / "last" / "model.safetensors"))
+
+
+def saved_position(run: Path) -> dict:
+    state = torch.load(run / "checkpoints" / "last" / "train_state.pt", weights_only=True)
+    return {k: state[k] for k in ("step", "epoch", "batch")}
+
+
+def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
+    whole = fault_run([], cli_args(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    assert saved_position(tmp_path / "whole")["step"] == 16  # 2 epochs x 128 / 16
+
+    killed = fault_run(["--kill-after-checkpoint", "6"], cli_args(tmp_path / "killed"))
+    assert killed.returncode == -9  # SIGKILL
+    assert saved_position(tmp_path / "killed") == {"step": 6, "epoch": 0, "batch": 6}  # mid-epoch
+
+    resumed = fault_run([], cli_args(tmp_path / "killed", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["step"] == 16
+
+
+def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+    stopped = fault_run(["--term-at-step", "4"], cli_args(tmp_path / "run"))
+    assert stopped.returncode == 1
+    message = " ".join(stopped.stderr.split())
+    assert "--resume" in message and "step 5" in message
+    assert saved_position(tmp_path / "run")["step"] == 5  # step index 4 completed, then saved
+    resumed = fault_run([], cli_args(tmp_path / "run", "--resume"))
+    assert resumed.returncode == 0, resumed.stderr
+    assert saved_position(tmp_path / "run")["step"] == 16
+
+
+def tiny(out, **kwargs):
+    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=16, out=out,
+                   set=list(TINY), quiet=True)
+    options.update(kwargs)
+    return distillkit.compress(**options)
+
+
+def test_resume_with_a_changed_recipe_needs_force(tmp_path):
+    tiny(tmp_path / "run", max_steps=2)
+    with pytest.raises(UsageError, match="--force-resume"):
+        tiny(tmp_path / "run", max_steps=4, lr=0.01, resume=True)
+    with pytest.warns(UserWarning, match="changed recipe"):
+        result = tiny(tmp_path / "run", max_steps=4, lr=0.01, resume=True, force_resume=True)
+    assert result.steps == 4
+
+
+def image_folder(root: Path, good: int, bad: int) -> Path:
+    rng = np.random.default_rng(0)
+    for cls in ("a", "b"):
+        (root / cls).mkdir(parents=True)
+    for i in range(good):
+        Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(root / "ab"[i % 2] / f"{i}.png")
+    for i in range(bad):
+        (root / "a" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really" if i % 2 else b"")
+    return root
+
+
+def test_a_few_bad_images_are_skipped_and_counted(tmp_path):
+    data = image_folder(tmp_path / "images", good=60, bad=2)
+    with pytest.warns(UserWarning, match="unreadable images were skipped, e.g. .*broken"):
+        result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=1,
+                      set=TINY + ["data.max_bad_fraction=0.1", "data.val_fraction=0.05"])
+    assert result.steps >= 1
+
+
+def test_too_many_bad_images_stop_the_run_with_examples(tmp_path):
+    data = image_folder(tmp_path / "images", good=40, bad=8)
+    with pytest.raises(RunError, match=r"unreadable, more than data.max_bad_fraction = 0.01; e.g. .*broken"):
+        tiny(tmp_path / "run", data=str(data), limit=None, epochs=1, set=TINY + ["data.val_fraction=0.05"])
+
+
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+    real_forward = Seed.forward
+    calls = {"n": 0}
+
+    def nan_on_calls(bad_calls):
+        def forward(self, step):
+            calls["n"] += 1
+            out = real_forward(self, step)
+            return {k: v * float("nan") for k, v in out.items()} if calls["n"] in bad_calls else out
+        return forward
+
+    monkeypatch.setattr(Seed, "forward", nan_on_calls({2, 3}))
+    with pytest.warns(UserWarning, match="not finite"):
+        result = tiny(tmp_path / "skips", max_steps=3)
+    assert result.steps == 3  # two batches skipped, three good steps
+
+    calls["n"] = 0
+    monkeypatch.setattr(Seed, "forward", nan_on_calls(set(range(3, 100))))
+    with pytest.raises(RunError, match="3 steps in a row had a non-finite loss"), pytest.warns(UserWarning):
+        tiny(tmp_path / "stops", epochs=3, set=TINY + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1"])
+    state = torch.load(tmp_path / "stops" / "checkpoints" / "last" / "train_state.pt", weights_only=True)
+    assert state["step"] == 2  # the last good step is kept
+
+
+def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    tiny(tmp_path / "run", max_steps=2)
+    before = final_weights(tmp_path / "run")
+
+    import safetensors.torch
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+    with pytest.raises(RunError, match="disk is full"):
+        tiny(tmp_path / "run", max_steps=4, resume=True)
+    after = final_weights(tmp_path / "run")
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "last"]
+    assert leftovers == []
+
+
+def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
+    def no_memory(self, views, request):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(Teacher, "forward", no_memory)
+    with pytest.raises(RunError, match="does not fit in memory; lower --batch-size"):
+        tiny(tmp_path / "run", max_steps=1)
+
+
+def test_sync_bn_on_cpu_processes_is_refused_or_harmless(tmp_path):
+    # one process: nothing to synchronise, the run works
+    assert tiny(tmp_path / "run", max_steps=1, set=TINY + ["train.sync_bn=true"]).steps == 1
