@@ -1,6 +1,6 @@
 """Feature distillation (timm-style baseline): regress the teacher's pooled embedding.
 
-timm's `FeatureDistillationTask` (timm/task/distillation.py, timm >= 1.0.20): the student's pooled
+timm's `FeatureDistillationTask` (timm/task/distillation.py): the student's pooled
 pre-logits embedding goes through a Linear projection to the teacher's width and is regressed onto
 the teacher's pooled pre-logits embedding. For one view:
 
