@@ -8,7 +8,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import torch
 from rich.console import Console
@@ -22,13 +22,13 @@ from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, 
 from .export import export_student
 from .features import FeatureRequest, is_token_model, probe_features
 from .io import write_json, write_text
-from .recipe import Recipe, recipe_to_yaml, resolve_recipe
+from .recipe import PRIMARY_TEACHER, Recipe, recipe_to_yaml, resolve_recipe
 from .strategies import STRATEGIES, Objective
 from .strategies.base import check_composable
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint
-from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, teacher_request_of, train
+from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, train
 
 
 @dataclass
@@ -100,9 +100,9 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
                   f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
 
-    teacher_model = load_teacher(resolved.teacher.name, resolved.teacher.weights, resolved.teacher.input_size,
-                                 resolved.teacher.channels_last, variant=resolved.teacher.variant,
-                                 arch=resolved.teacher.arch)
+    teachers = {role: load_teacher(t.name, t.weights, t.input_size, t.channels_last, variant=t.variant, arch=t.arch)
+                for role, t in resolved.all_teachers().items()}
+    teacher_model = teachers[PRIMARY_TEACHER]
     spec = student_spec(resolved.student.name)
     student_size = resolved.student.input_size or spec.input_size
     student_model = create_student(spec, student_size, seed=resolved.train.seed)
@@ -110,13 +110,15 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     if channels_last:
         student_model.to(memory_format=torch.channels_last)
     student_input = student_input_config(student_model, student_size)
-    objective, student_request = build_objective(resolved, teacher_model, student_model, student_size)
-    if teacher_model.prune(teacher_request_of(objective, teacher_model)):  # blocks no strategy reads
-        console.print(f"teacher: training runs {teacher_model.pruned_to} of its {teacher_model.num_layers} layers, "
-                      "without the final norm and head")
+    objective, student_request = build_objective(resolved, teachers, student_model, student_size)
+    for role, request in objective.teacher_requests(teachers).items():
+        if teachers[role].prune(request):  # blocks no strategy reads
+            console.print(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
+                          f"{teachers[role].num_layers} layers, without the final norm and head")
     module = DistillModule(student_model, objective, student_input, channels_last, student_request)
 
-    view_size = resolved.data.view_size or max(*teacher_model.input_config.size, student_size)
+    view_size = resolved.data.view_size or max(*(s for t in teachers.values() for s in t.input_config.size),
+                                               student_size)
     images = open_data(resolved.data.source, limit=resolved.data.limit, seed=resolved.train.seed,
                        val_fraction=resolved.data.val_fraction,
                        load_size=resolved.data.load_size or int(round(view_size * 1.15)))
@@ -124,7 +126,7 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     timings = {"setup": time.perf_counter() - started}
 
     with _progress(console) as progress:
-        result = train(resolved, accelerator, teacher_model, module, images.train, run_dir, resume, progress,
+        result = train(resolved, accelerator, teachers, module, images.train, run_dir, resume, progress,
                        force_resume=force_resume)
     timings["train"] = result.seconds
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
@@ -148,6 +150,8 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
                        provenance={
                            "distillkit_version": __version__,
                            "teacher": teacher_model.describe(),
+                           **({"other_teachers": {role: t.describe() for role, t in teachers.items()
+                                                  if role != PRIMARY_TEACHER}} if len(teachers) > 1 else {}),
                            "strategy": resolved.strategy,
                            "data": images.source,
                            "steps": result.steps,
@@ -167,8 +171,11 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
 
 def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Name checks and run-folder checks, before any model or data loads."""
-    check_teacher_name(recipe.teacher.name, variant=recipe.teacher.variant, arch=recipe.teacher.arch,
-                       weights=recipe.teacher.weights)
+    for role, t in recipe.all_teachers().items():
+        try:
+            check_teacher_name(t.name, variant=t.variant, arch=t.arch, weights=t.weights)
+        except UsageError as e:
+            raise UsageError(f"teachers.{role}: {e}" if role != PRIMARY_TEACHER else str(e)) from None
     student_spec(recipe.student.name)
     check_data_source(recipe.data.source)
     if resume and overwrite:
@@ -184,27 +191,42 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
         shutil.rmtree(run_dir)
 
 
-def build_objective(recipe: Recipe, teacher: Teacher, student: torch.nn.Module,
+def build_objective(recipe: Recipe, teachers: Teacher | Mapping[str, Teacher], student: torch.nn.Module,
                     student_size: int) -> tuple[Objective, FeatureRequest]:
-    """Instantiate the recipe's strategies, sized by dry forwards of both networks.
+    """Instantiate the recipe's strategies, sized by dry forwards of the teachers and the student.
 
-    Every strategy first checks that the teacher and the student can give what it needs, and the
-    composition is checked, before any forward pass."""
+    `teachers`: role -> frozen teacher (a lone Teacher is the primary role). Every strategy first
+    checks that its teachers and the student can give what it needs, every extra teacher must be read
+    by some strategy, and the composition is checked, all before any forward pass."""
+    if isinstance(teachers, Teacher):
+        teachers = {PRIMARY_TEACHER: teachers}
     strategies, weights = {}, {}
     student_request = FeatureRequest()
-    for name, settings in recipe.strategy.items():
+    configs = {name: STRATEGIES.get(name).Config(**settings) for name, settings in recipe.strategy.items()}
+    read_roles = set()
+    for name, config in configs.items():
         cls = STRATEGIES.get(name)
-        config = cls.Config(**settings)
-        cls.check_compatible(config, teacher)
+        roles = cls.teacher_roles(config)
+        for role in roles:
+            if role not in teachers:
+                raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
+                                 f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) or "
+                                 "point the strategy at another role")
+        read_roles.update(roles)
+        cls.check_teachers(config, teachers)
         cls.check_student(config, student)
         student_request = student_request.merge(cls.student_request(config))
-    check_composable({name: STRATEGIES.get(name) for name in recipe.strategy})
-    for name, settings in recipe.strategy.items():
+    unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
+    if unread:
+        raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
+                         f"({', '.join(configs)}); remove it or configure a strategy to use it")
+    check_composable({name: STRATEGIES.get(name) for name in configs})
+    for name, config in configs.items():
         cls = STRATEGIES.get(name)
-        config = cls.Config(**settings)
-        teacher_probe = teacher(torch.zeros(2, 3, *teacher.input_config.size), cls.teacher_request(config, teacher))
+        probes = {role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
+                  for role, request in cls.teacher_requests(config, teachers).items()}
         student_probe = probe_features(student, cls.student_request(config), (student_size, student_size))
-        strategies[name] = cls(config, teacher_probe, student_probe)
+        strategies[name] = cls.build(config, probes, student_probe)
         weights[name] = config.weight
     return Objective(strategies, weights), student_request
 

@@ -85,9 +85,14 @@ class EvalConfig:
     latency_runs: int = 30
 
 
+PRIMARY_TEACHER = "teacher"  # the role of the `teacher:` section; `teachers:` adds other roles
+
+
 @dataclass
 class Recipe:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # more frozen teachers, by role (e.g. `mim: {name: mae-vitb}`), for strategies that read two at once
+    teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
     # strategy name -> its settings (each strategy's own dataclass, plus `weight`)
     strategy: dict[str, dict[str, Any]] = field(default_factory=lambda: {"seed": {}})
@@ -98,6 +103,10 @@ class Recipe:
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
+
+    def all_teachers(self) -> dict[str, TeacherConfig]:
+        """Every teacher by role, the primary `teacher` first."""
+        return {PRIMARY_TEACHER: self.teacher, **self.teachers}
 
 
 def _plain(value: Any) -> Any:
@@ -206,7 +215,18 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
     """Validate a nested dict against the schema and return a typed `Recipe`."""
     recipe = _build_dataclass(Recipe, data, "")
     recipe.strategy = _validate_strategies(recipe.strategy)
+    _check_teacher_roles(recipe.teachers)
     return recipe
+
+
+def _check_teacher_roles(teachers: dict[str, TeacherConfig]) -> None:
+    for role in teachers:
+        if role == PRIMARY_TEACHER:
+            raise UsageError(f"teachers.{role}: the role {PRIMARY_TEACHER!r} is the `teacher:` section itself; "
+                             "give the extra teacher another role name, e.g. teachers.mim")
+        if not str(role).isidentifier():
+            raise UsageError(f"teachers.{role}: a teacher role must be a plain name (letters, digits, _), "
+                             "e.g. mim or cl")
 
 
 def _build_dataclass(cls: type, data: Any, path: str) -> Any:
@@ -256,6 +276,9 @@ def check_value(hint: Any, value: Any, path: str) -> Any:
     if origin is dict:
         if not isinstance(value, dict):
             raise UsageError(f"{path} must be a mapping, got {_describe(value)}")
+        if args and dataclasses.is_dataclass(args[1]):
+            return {key: check_value(args[1], {} if item is None else item, f"{path}.{key}")
+                    for key, item in value.items()}
         return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -326,6 +349,7 @@ def check_ranges(recipe: Recipe) -> None:
         "train.max_steps": recipe.train.max_steps,
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "data.limit": recipe.data.limit,
+        **{f"teachers.{role}.input_size": t.input_size for role, t in recipe.teachers.items()},
         "teacher.input_size": recipe.teacher.input_size,
         "student.input_size": recipe.student.input_size,
         "data.view_size": recipe.data.view_size,

@@ -86,7 +86,7 @@ def train_steps(objective: Objective, request: FeatureRequest, teacher, student,
         student_views = []
         for view, teacher_view in zip(views, teacher_views):
             x = prepare_input(view, student_input, False)
-            features = objective.student_features(student, x, teacher_view, request)
+            features = objective.student_features(student, x, {"teacher": teacher_view}, request, 0.0)
             student_views.append(features if features is not None else extract_features(student, x, request))
         step = StepInputs(teacher_views, student_views, labels, 0.0)
         loss, terms = objective(step)
@@ -174,22 +174,22 @@ def test_student_features_masks_a_vit_and_serves_the_other_strategies(vit_teache
     assert objective.strategies["seed"].peer_request == FeatureRequest()  # only the one that runs the student
     x = torch.randn(3, 3, 32, 32)
     torch.manual_seed(0)
-    features = objective.student_features(student, x, None, request)
+    features = objective.student_features(student, x, {}, request, 0.0)
     assert isinstance(features, MaskedFeatures)
     assert features.embedding.shape == (3, 64)  # from a full forward, for SEED
     assert features.target_index.shape[:2] == (4, 3)
     assert features.context_tokens.shape == (3, features.context_index.shape[1], 64)
     torch.manual_seed(0)
-    again = objective.student_features(student, x, None, request)
+    again = objective.student_features(student, x, {}, request, 0.0)
     assert torch.equal(again.context_index, features.context_index)  # masks follow the global RNG
     alone, alone_request = build({"hidden": TINY_HIDDEN}, vit_teacher, student)
-    only = alone.student_features(student, x, None, alone_request)
+    only = alone.student_features(student, x, {}, alone_request, 0.0)
     assert only.embedding is None and only.layers == {}  # nobody else needs a full forward
 
 
 def test_cnn_students_take_the_generic_extraction(lite0):
     objective, request = build({"hidden": {}}, lite0, cnn_student())
-    assert objective.student_features(cnn_student(), torch.randn(2, 3, 32, 32), None, request) is None
+    assert objective.student_features(cnn_student(), torch.randn(2, 3, 32, 32), {}, request, 0.0) is None
     assert request == FeatureRequest(layers=(-1,))
 
 

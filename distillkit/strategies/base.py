@@ -11,13 +11,21 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
     term_weights()                   -> {term: weight}   how the objective weighs them
     after_step(step, gather)                             state updates after the loss (queues)
 
+Several teachers: a recipe's `teacher:` is the role "teacher"; `teachers:` adds more roles (e.g.
+"mim"). A strategy that reads more than one overrides the role-aware forms of the hooks above:
+    teacher_requests(config, teachers) -> {role: FeatureRequest}
+    check_teachers(config, teachers)                     UsageError naming the role and what it lacks
+    build(config, teacher_probes, student_probe)         construct from each role's probe Features
+and reads `StepInputs.views_of(role)`.
+
 Optional hooks:
     expand_views(views)              -> views            derive more views from the rendered ones
                                                          (e.g. the four rotations of each view)
-    student_features(student, x, teacher, request) -> Features | None
+    student_features(student, x, teachers, request, progress) -> Features | None
                                                          run the student itself (e.g. on kept tokens
-                                                         only); None = the generic extraction. At most
-                                                         one strategy of an objective may override it;
+                                                         only); `teachers` holds each role's Features of
+                                                         the same view. None = the generic extraction. At
+                                                         most one strategy of an objective may override it;
                                                          `peer_request` then says what the others need
                                                          from the student, which its Features must hold.
 """
@@ -25,28 +33,33 @@ Optional hooks:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
+from ..recipe import PRIMARY_TEACHER
 
 
 @dataclass
 class StepInputs:
     """Everything a strategy sees for one optimisation step (one entry per view)."""
 
-    teacher_views: list[Features]
+    teacher_views: list[Features]  # the primary teacher's
     student_views: list[Features]
     labels: Tensor | None
     progress: float  # fraction of training done, in [0, 1]
+    other_teachers: dict[str, list[Features]] = field(default_factory=dict)  # role -> views
 
     @property
     def teacher(self) -> Features:
         return self.teacher_views[0]
+
+    def views_of(self, role: str) -> list[Features]:
+        return self.teacher_views if role == PRIMARY_TEACHER else self.other_teachers[role]
 
     @property
     def student(self) -> Features:
@@ -82,6 +95,23 @@ class Strategy(nn.Module):
     def check_compatible(cls, config: Any, teacher: Any) -> None:
         """Raise `UsageError` when the teacher cannot give what this strategy needs."""
 
+    # Role-aware forms: a strategy reading one teacher reads the primary one.
+    @classmethod
+    def teacher_roles(cls, config: Any) -> tuple[str, ...]:
+        return (PRIMARY_TEACHER,)
+
+    @classmethod
+    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any]) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: cls.teacher_request(config, teachers[PRIMARY_TEACHER])}
+
+    @classmethod
+    def check_teachers(cls, config: Any, teachers: Mapping[str, Any]) -> None:
+        cls.check_compatible(config, teachers[PRIMARY_TEACHER])
+
+    @classmethod
+    def build(cls, config: Any, teacher_probes: Mapping[str, Features], student_probe: Features) -> "Strategy":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
     @classmethod
     def check_student(cls, config: Any, student: nn.Module) -> None:
         """Raise `UsageError` when the student model cannot give what this strategy needs.
@@ -102,8 +132,8 @@ class Strategy(nn.Module):
     def expand_views(self, views: list[Tensor]) -> list[Tensor]:
         return views
 
-    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
-                         request: FeatureRequest) -> Features | None:
+    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
+                         request: FeatureRequest, progress: float) -> Features | None:
         return None
 
 
@@ -148,11 +178,19 @@ class Objective(nn.Module):
             views = strategy.expand_views(views)
         return views
 
-    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
-                         request: FeatureRequest) -> Features | None:
+    def teacher_requests(self, teachers: Mapping[str, Any]) -> dict[str, FeatureRequest]:
+        """What the strategies need from each teacher role, merged per role."""
+        merged: dict[str, FeatureRequest] = {}
+        for strategy in self.strategies.values():
+            for role, request in type(strategy).teacher_requests(strategy.config, teachers).items():
+                merged[role] = merged.get(role, FeatureRequest()).merge(request)
+        return merged
+
+    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
+                         request: FeatureRequest, progress: float) -> Features | None:
         """The one strategy that runs the student itself, if any (checked when composing)."""
         for strategy in self.strategies.values():
-            features = strategy.student_features(student, x, teacher, request)
+            features = strategy.student_features(student, x, teachers, request, progress)
             if features is not None:
                 return features
         return None

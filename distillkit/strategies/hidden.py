@@ -41,7 +41,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -255,8 +255,8 @@ class Hidden(Strategy):
         except UsageError as e:
             raise UsageError(f"strategy hidden regresses from the student's last feature map, but {e}") from None
 
-    def student_features(self, student: nn.Module, x: Tensor, teacher: Features,
-                         request: FeatureRequest) -> Features | None:
+    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
+                         request: FeatureRequest, progress: float) -> Features | None:
         if not self.masked:
             return None  # the generic extraction gives the last feature map
         seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, which checkpoints restore

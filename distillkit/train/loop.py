@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from ..data import ViewConfig, collate_skipping_bad, render_views, sample_view_params
 from ..errors import RunError, UsageError
 from ..features import FeatureRequest, Features, extract_features
-from ..recipe import Recipe
+from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
@@ -43,15 +43,18 @@ class DistillModule(nn.Module):
         self.channels_last = channels_last
         self.student_request = student_request
 
-    def forward(self, views: list[Tensor], teacher_views: list[Features], labels: Tensor | None,
+    def forward(self, views: list[Tensor], teachers: dict[str, list[Features]], labels: Tensor | None,
                 progress: float) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
+        """`teachers`: role -> that teacher's Features of each view (the primary role first)."""
         student_views = []
-        for view, teacher in zip(views, teacher_views):
+        for v, view in enumerate(views):
             x = prepare_input(view, self.student_input, self.channels_last)
-            features = self.objective.student_features(self.student, x, teacher, self.student_request)
+            of_view = {role: features[v] for role, features in teachers.items()}
+            features = self.objective.student_features(self.student, x, of_view, self.student_request, progress)
             student_views.append(features if features is not None
                                  else extract_features(self.student, x, self.student_request))
-        step = StepInputs(teacher_views=teacher_views, student_views=student_views, labels=labels, progress=progress)
+        step = StepInputs(teacher_views=teachers.get(PRIMARY_TEACHER, []), student_views=student_views, labels=labels, progress=progress,
+                          other_teachers={role: f for role, f in teachers.items() if role != PRIMARY_TEACHER})
         loss, terms = self.objective(step)
         return loss, terms, step
 
@@ -166,9 +169,11 @@ class Position:
     batch: int = 0
 
 
-def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, train_set: Dataset,
+def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: DistillModule, train_set: Dataset,
           run_dir: Path, resume: bool, progress, force_resume: bool = False) -> TrainResult:
-    """Run the optimisation, checkpointing every `train.checkpoint_every` steps and every epoch."""
+    """Run the optimisation, checkpointing every `train.checkpoint_every` steps and every epoch.
+
+    `teachers`: role -> frozen teacher, the primary ("teacher") first."""
     world = accelerator.num_processes
     if recipe.train.batch_size % world:
         raise UsageError(f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over "
@@ -184,7 +189,8 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
                         persistent_workers=recipe.data.num_workers > 0)
     optimizer = build_optimizer(module, recipe)
     module, optimizer, loader = accelerator.prepare(module, optimizer, loader)
-    teacher.to(accelerator.device)
+    for teacher in teachers.values():
+        teacher.to(accelerator.device)
     inner: DistillModule = accelerator.unwrap_model(module)
 
     micro_batches = len(loader)
@@ -200,8 +206,8 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
     position = _resume(run_dir, recipe_dict, inner, optimizer, force_resume) if resume else Position()
     resumed_from = position.step
 
-    teacher_request = teacher_request_of(inner.objective, teacher)
-    view_config = ViewConfig(size=_view_size(recipe, teacher, inner), crop_scale=recipe.data.crop_scale,
+    teacher_requests = inner.objective.teacher_requests(teachers)
+    view_config = ViewConfig(size=_view_size(recipe, teachers, inner), crop_scale=recipe.data.crop_scale,
                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
     metrics_path = run_dir / "metrics.jsonl"
     main = accelerator.is_main_process
@@ -237,7 +243,8 @@ def train(recipe: Recipe, accelerator, teacher: Teacher, module: DistillModule, 
                 views = inner.objective.expand_views(views)
                 with accelerator.accumulate(module):
                     with accelerator.autocast():
-                        teacher_views = [teacher(v, teacher_request) for v in views]
+                        teacher_views = {role: [teachers[role](v, request) for v in views]
+                                         for role, request in teacher_requests.items()}
                         loss, terms, step_inputs = module(views, teacher_views, batch.labels,
                                                           position.step / total_steps)
                     finite = _all_finite(accelerator, loss)
@@ -367,18 +374,10 @@ def _agreed(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
 
 
-def teacher_request_of(objective: Objective, teacher: Teacher) -> FeatureRequest:
-    """Everything the objective's strategies need from the teacher, merged."""
-    request = FeatureRequest()
-    for strategy in objective.strategies.values():
-        request = request.merge(type(strategy).teacher_request(strategy.config, teacher))
-    return request
-
-
-def _view_size(recipe: Recipe, teacher: Teacher, inner: DistillModule) -> int:
+def _view_size(recipe: Recipe, teachers: dict[str, Teacher], inner: DistillModule) -> int:
     if recipe.data.view_size:
         return recipe.data.view_size
-    return max(*teacher.input_config.size, *inner.student_input.size)
+    return max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
 
 
 def _all_finite(accelerator, loss: Tensor) -> bool:
