@@ -111,7 +111,7 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
         student_model.to(memory_format=torch.channels_last)
     student_input = student_input_config(student_model, student_size)
     objective, student_request = build_objective(resolved, teachers, student_model, student_size)
-    for role, request in objective.teacher_requests(teachers).items():
+    for role, request in objective.teacher_requests(teachers, student_model).items():
         if teachers[role].prune(request):  # blocks no strategy reads
             console.print(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
                           f"{teachers[role].num_layers} layers, without the final norm and head")
@@ -224,9 +224,9 @@ def build_objective(recipe: Recipe, teachers: Teacher | Mapping[str, Teacher], s
     for name, config in configs.items():
         cls = STRATEGIES.get(name)
         probes = {role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
-                  for role, request in cls.teacher_requests(config, teachers).items()}
+                  for role, request in cls.teacher_requests(config, teachers, student).items()}
         student_probe = probe_features(student, cls.student_request(config), (student_size, student_size))
-        strategies[name] = cls.build(config, probes, student_probe)
+        strategies[name] = cls.build(config, teachers, probes, student, student_probe)
         weights[name] = config.weight
     return Objective(strategies, weights), student_request
 

@@ -20,7 +20,7 @@ from distillkit.teachers.zoo import RANDOM_WEIGHTS
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 NEW_RECIPES = ["feature-cnn", "feature-vit", "logits-cnn", "logits-vit", "kdss-cnn", "kdss-vit", "hidden-cnn",
-               "hidden-vit", "seed-hidden"]
+               "hidden-vit", "seed-hidden", "sdssl-cnn", "sdssl-vit"]
 
 TINY_VIT = """\
 timm: vit_tiny_patch16_224
@@ -39,7 +39,10 @@ def shrink(name: str, tmp_path) -> tuple[dict, list[str]]:
     recipe = resolve_recipe(name)
     overrides = ["eval.enabled=false", "eval.latency_runs=1"]
     kwargs = {}
-    if recipe.teacher.name.startswith("timm:"):
+    if recipe.teachers:  # two ViT-B teachers: random ViT-Tinys (also 224 px, 14x14 patches) instead
+        for section in ["teacher"] + [f"teachers.{role}" for role in recipe.teachers]:
+            overrides += [f"{section}.name=timm:vit_tiny_patch16_224", f"{section}.weights={RANDOM_WEIGHTS}"]
+    elif recipe.teacher.name.startswith("timm:"):
         kwargs["teacher_weights"] = RANDOM_WEIGHTS  # fixed-size hub ViTs keep their 224 px
     else:
         overrides.append("teacher.input_size=32")
@@ -62,7 +65,7 @@ def test_each_new_strategy_ships_a_cnn_and_a_vit_recipe():
     names = list_recipes()
     for recipe in NEW_RECIPES:
         assert recipe in names
-    for strategy in ("feature", "logits", "kdss", "hidden"):
+    for strategy in ("feature", "logits", "kdss", "hidden", "sdssl"):
         students = {_is_vit_student(resolve_recipe(f"{strategy}-{kind}").student.name): kind for kind in ("cnn", "vit")}
         assert students == {False: "cnn", True: "vit"}, strategy
         assert list(resolve_recipe(f"{strategy}-cnn").strategy) == [strategy]
@@ -72,7 +75,7 @@ def test_each_new_strategy_ships_a_cnn_and_a_vit_recipe():
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_recipe_runs_a_few_steps_end_to_end(name, tmp_path):
     kwargs, overrides = shrink(name, tmp_path)
-    batch = 8 if kwargs.get("teacher_weights") else 16  # a ViT-S/16 teacher at 224 px costs 0.1 s an image
+    batch = 8 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 16  # a ViT-S/16 teacher at 224 px costs 0.1 s an image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random teacher weights are announced with a warning
         result = distillkit.compress(name, limit=2 * batch, batch_size=batch, max_steps=2, out=tmp_path / "run",

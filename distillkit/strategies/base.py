@@ -13,9 +13,10 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
 
 Several teachers: a recipe's `teacher:` is the role "teacher"; `teachers:` adds more roles (e.g.
 "mim"). A strategy that reads more than one overrides the role-aware forms of the hooks above:
-    teacher_requests(config, teachers) -> {role: FeatureRequest}
+    teacher_requests(config, teachers, student) -> {role: FeatureRequest}
     check_teachers(config, teachers)                     UsageError naming the role and what it lacks
-    build(config, teacher_probes, student_probe)         construct from each role's probe Features
+    build(config, teachers, teacher_probes, student, student_probe)
+                                                         construct from the networks and their probe Features
 and reads `StepInputs.views_of(role)`.
 
 Optional hooks:
@@ -101,7 +102,8 @@ class Strategy(nn.Module):
         return (PRIMARY_TEACHER,)
 
     @classmethod
-    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any]) -> dict[str, FeatureRequest]:
+    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any],
+                         student: nn.Module) -> dict[str, FeatureRequest]:
         return {PRIMARY_TEACHER: cls.teacher_request(config, teachers[PRIMARY_TEACHER])}
 
     @classmethod
@@ -109,7 +111,9 @@ class Strategy(nn.Module):
         cls.check_compatible(config, teachers[PRIMARY_TEACHER])
 
     @classmethod
-    def build(cls, config: Any, teacher_probes: Mapping[str, Features], student_probe: Features) -> "Strategy":
+    def build(cls, config: Any, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Strategy":
+        """Construct from the teachers and the student and their probe Features (dry-forward outputs)."""
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
@@ -178,11 +182,11 @@ class Objective(nn.Module):
             views = strategy.expand_views(views)
         return views
 
-    def teacher_requests(self, teachers: Mapping[str, Any]) -> dict[str, FeatureRequest]:
+    def teacher_requests(self, teachers: Mapping[str, Any], student: nn.Module) -> dict[str, FeatureRequest]:
         """What the strategies need from each teacher role, merged per role."""
         merged: dict[str, FeatureRequest] = {}
         for strategy in self.strategies.values():
-            for role, request in type(strategy).teacher_requests(strategy.config, teachers).items():
+            for role, request in type(strategy).teacher_requests(strategy.config, teachers, student).items():
                 merged[role] = merged.get(role, FeatureRequest()).merge(request)
         return merged
 

@@ -206,7 +206,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     position = _resume(run_dir, recipe_dict, inner, optimizer, force_resume) if resume else Position()
     resumed_from = position.step
 
-    teacher_requests = inner.objective.teacher_requests(teachers)
+    teacher_requests = inner.objective.teacher_requests(teachers, inner.student)
     view_config = ViewConfig(size=_view_size(recipe, teachers, inner), crop_scale=recipe.data.crop_scale,
                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
     metrics_path = run_dir / "metrics.jsonl"
