@@ -29,6 +29,9 @@ class Features:
                 with the prefix tokens first (N counts them); `distillkit.relations.relation_maps` turns
                 them into softmax(q k^T / sqrt(d)) maps (B, heads, N, N)
     prefix_tokens: how many of the N relation tokens are prefix (class, register) tokens
+    block_embeddings: block index -> that block's output pooled as the model pools its last one, (B, C):
+                ViTs: the final norm, then the model's own pooling (class token, or the patch-token mean
+                for global_pool='avg', then fc_norm); conv nets: the global average of the stage map
     """
 
     embedding: Tensor | None = None
@@ -37,6 +40,7 @@ class Features:
     logits: Tensor | None = None
     relations: dict[int, Tensor] = field(default_factory=dict)
     prefix_tokens: int = 0
+    block_embeddings: dict[int, Tensor] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,7 @@ class FeatureRequest:
     `layers` holds block indices (int, negative counts from the end) or relative depths
     (float in (0, 1], e.g. 0.5 = the block half-way down); `resolve_layers` turns them into indices.
     `relations` names ViT blocks the same way; each gives its attention queries and keys.
+    `block_embeddings` names blocks the same way, or is "all"; each gives its pooled embedding.
     """
 
     embedding: bool = False
@@ -53,6 +58,7 @@ class FeatureRequest:
     layers: tuple[int | float, ...] = ()
     logits: bool = False
     relations: tuple[int | float, ...] = ()
+    block_embeddings: tuple[int | float, ...] | str = ()
 
     def merge(self, other: "FeatureRequest") -> "FeatureRequest":
         return FeatureRequest(
@@ -61,12 +67,21 @@ class FeatureRequest:
             layers=tuple(dict.fromkeys(self.layers + other.layers)),
             logits=self.logits or other.logits,
             relations=tuple(dict.fromkeys(self.relations + other.relations)),
+            block_embeddings=merge_blocks(self.block_embeddings, other.block_embeddings),
         )
 
     @property
     def needs_head(self) -> bool:
         """Whether the final norm and pooling are needed (anything beyond taps of blocks)."""
-        return self.embedding or self.projection or self.logits
+        return self.embedding or self.projection or self.logits or bool(self.block_embeddings)
+
+
+def merge_blocks(a: tuple[int | float, ...] | str,
+                 b: tuple[int | float, ...] | str) -> tuple[int | float, ...] | str:
+    """Union of two block selections, where "all" absorbs the other."""
+    if "all" in (a, b):
+        return "all"
+    return tuple(dict.fromkeys(a + b))
 
 
 def num_layers(model: nn.Module) -> int:
@@ -108,22 +123,26 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
     """
     wants_head = request.embedding or request.logits
     features = Features()
-    total = num_layers(model) if request.layers or request.relations else 0
+    total = num_layers(model) if request.layers or request.relations or request.block_embeddings else 0
     layers = resolve_layers(request.layers, total) if request.layers else ()
     relations = resolve_relations(model, request.relations, total) if request.relations else ()
-    taps = sorted(set(layers) | set(relations))
+    blocks = (tuple(range(total)) if request.block_embeddings == "all"
+              else resolve_layers(request.block_embeddings, total))
+    taps = sorted(set(layers) | set(relations) | set(blocks))
     if not taps and not wants_head:
         return features
     final = None
     with capture_qk(model.blocks if relations else None, relations) as captured:
         if taps:
+            prefix = {"return_prefix_tokens": True} if blocks and is_token_model(model) else {}
             out = model.forward_intermediates(
                 x, indices=taps, norm=False, output_fmt=_layer_format(model),
-                intermediates_only=not wants_head, stop_early=not wants_head,
+                intermediates_only=not wants_head, stop_early=not wants_head, **prefix,
             )
             final, intermediates = out if wants_head else (None, out)
             by_index = dict(zip(taps, intermediates))
-            features.layers = {i: by_index[i] for i in sorted(layers)}
+            features.layers = {i: _without_prefix(by_index[i]) for i in sorted(layers)}
+            features.block_embeddings = {i: _block_embedding(model, by_index[i]) for i in blocks}
         else:
             final = model.forward_features(x)
     if relations:
@@ -134,6 +153,20 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
     if request.logits:
         features.logits = model.forward_head(final)
     return features
+
+
+def _without_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """A tap taken with `return_prefix_tokens` is (patch tokens, prefix tokens) for models with prefix tokens."""
+    return tap[0] if isinstance(tap, tuple) else tap
+
+
+def _block_embedding(model: nn.Module, tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:
+    """One block's output pooled as the model pools its last block (see `Features.block_embeddings`)."""
+    if isinstance(tap, tuple):
+        tap = torch.cat([tap[1], tap[0]], dim=1)  # prefix tokens first, as the model holds them
+    if tap.dim() == 4:
+        return tap.mean((2, 3))
+    return model.forward_head(model.norm(tap), pre_logits=True)
 
 
 def resolve_relations(model: nn.Module, depths: tuple[int | float, ...], total: int) -> tuple[int, ...]:
