@@ -22,9 +22,15 @@ def create_backbone(arch: str, input_size: int | None, is_vit: bool, kwargs: Map
     if is_vit and input_size:
         kwargs.setdefault("img_size", input_size)
     model = timm.create_model(arch, pretrained=False, **kwargs)
-    if not is_vit and input_size and hasattr(model, "set_input_size") and hasattr(model, "pos_embed"):
-        model.set_input_size(img_size=(input_size, input_size))  # a ViT named by file:<path> --arch
+    if not is_vit:
+        fit_input_size(model, input_size)  # a ViT named by file:<path> --arch or timm:<name>
     return model
+
+
+def fit_input_size(model: nn.Module, input_size: int | None) -> None:
+    """Rebuild a fixed-size ViT for `input_size` pixels (timm resamples its position embeddings)."""
+    if input_size and hasattr(model, "set_input_size") and hasattr(model, "pos_embed"):
+        model.set_input_size(img_size=(input_size, input_size))
 
 
 def random_model(arch: str, input_size: int | None = None, is_vit: bool = False,

@@ -21,7 +21,7 @@ from ..errors import UsageError
 from ..registry import did_you_mean
 from . import families  # noqa: F401 - registers the self-supervised zoo
 from .base import InputConfig, Teacher
-from .build import create_backbone, load_backbone, random_model
+from .build import create_backbone, fit_input_size, load_backbone, random_model
 from .checkpoint import read_checkpoint
 from .families import GAP_VIT, describe_source, projection_head
 from .formats import VARIANTS, describe_variants, extract
@@ -115,7 +115,8 @@ def _input_config(model: nn.Module, input_size: int | None) -> InputConfig:
 
 def _build_timm(timm_name: str, options: BuildOptions) -> Built:
     if options.weights == RANDOM_WEIGHTS:
-        return Built(random_model(timm_name, kwargs=options.model_kwargs), None, "random init (smoke tests only)")
+        return Built(random_model(timm_name, options.input_size, kwargs=options.model_kwargs), None,
+                     "random init (smoke tests only)")
     if options.weights is not None:
         return build_from_file(f"timm:{timm_name}", timm_name, Path(options.weights).expanduser(), options)
     if options.variant is not None:
@@ -124,6 +125,7 @@ def _build_timm(timm_name: str, options: BuildOptions) -> Built:
     hint = (f"Download the weights on a machine with internet (e.g. timm.create_model('{timm_name}', "
             "pretrained=True) and save its state_dict as .safetensors), then pass --teacher-weights FILE.")
     model = create_pretrained(timm_name, f"teacher timm:{timm_name}", hint, **options.model_kwargs)
+    fit_input_size(model, options.input_size)
     return Built(model, None, f"timm hub ({timm_name})")
 
 
