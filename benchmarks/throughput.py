@@ -1,0 +1,185 @@
+"""Training throughput: distillkit's step loop vs a bare PyTorch loop vs the student alone. One JSON line per pair.
+
+    python benchmarks/throughput.py [--steps 20] [--batch 64] [--rounds 2] [--pairs lite0 vit-s]
+                                    [--precision fp32|bf16] [--vit-size 112]
+
+For each teacher -> student pair, with synthetic uint8 images in memory (no disk, no decoding), the same
+SEED objective, batch, precision and views are timed three ways:
+
+  (a) distillkit: `distillkit.train.loop.train` as `compress` runs it (Accelerate, DataLoader, collate,
+      view rendering, non-finite checks, loss logging, progress, JSONL, the end-of-run checkpoint);
+  (b) bare: a hand-written loop doing the same computation: index a shuffled batch, render the views,
+      teacher forward under inference mode, student forward, the objective, backward, SGD step, queue update;
+  (c) student alone: (b) without the teacher (the student's forward + its MLP head, a dummy loss).
+
+Printed: images/s for each and `overhead_ratio` = time(a) / time(b) (target <= 1.05), plus the teacher's
+share of a bare step (1 - time(c) / time(b)). Each variant is warmed up, then timed over `--rounds`
+rounds of `--steps` steps, interleaved; the fastest round counts (least disturbed by other processes).
+Pairs: `lite0` = EfficientNet-Lite0 (real weights, 64 px) -> MobileNetV3-Small (32 px); `vit-s` = a ViT-S/16
+teacher (random weights: speed does not depend on them) at `--vit-size` px -> MobileNetV3-Small (32 px).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+
+from distillkit.api import build_objective
+from distillkit.data import ViewConfig, render_views, sample_view_params
+from distillkit.data.sources import TensorImages
+from distillkit.features import FeatureRequest, extract_features
+from distillkit.recipe import resolve_recipe
+from distillkit.strategies import StepInputs
+from distillkit.student import create_student, student_input_config, student_spec, uses_channels_last
+from distillkit.teachers import load_teacher, prepare_input
+from distillkit.teachers.zoo import RANDOM_WEIGHTS
+from distillkit.train.loop import DistillModule, lr_factor, make_accelerator, train
+
+PAIRS = {
+    "lite0": {"teacher": {"name": "efficientnet-lite0", "input_size": 64}, "student_size": 32},
+    "vit-s": {"teacher": {"name": "timm:vit_small_patch16_224", "weights": RANDOM_WEIGHTS}, "student_size": 32},
+}
+
+
+class Setup:
+    """One pair's recipe, teacher, student + objective, and in-memory images."""
+
+    def __init__(self, pair: str, args):
+        spec = PAIRS[pair]
+        teacher = dict(spec["teacher"])
+        if pair == "vit-s":
+            teacher["input_size"] = args.vit_size
+        self.recipe = resolve_recipe({
+            "teacher": teacher,
+            "student": {"name": "mobilenetv3-small", "input_size": spec["student_size"]},
+            "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}},
+            "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "lr": 0.05,
+                      "precision": args.precision, "checkpoint_every": None, "warmup_fraction": 0.0},
+            "eval": {"enabled": False},
+        })
+        t = self.recipe.teacher
+        self.teacher = load_teacher(t.name, t.weights, t.input_size, t.channels_last)
+        size = self.recipe.student.input_size
+        student = create_student(student_spec(self.recipe.student.name), size, seed=0)
+        self.channels_last = uses_channels_last(student_spec(self.recipe.student.name), student, None)
+        if self.channels_last:
+            student.to(memory_format=torch.channels_last)
+        objective, request = build_objective(self.recipe, self.teacher, student, size)
+        self.teacher_request = objective.teacher_requests({"teacher": self.teacher}, student)["teacher"]
+        self.teacher.prune(self.teacher_request)
+        self.module = DistillModule(student, objective, student_input_config(student, size), self.channels_last,
+                                    request)
+        self.view_size = max(*self.teacher.input_config.size, size)
+        load = int(round(self.view_size * 1.15))
+        generator = torch.Generator().manual_seed(0)
+        images = torch.randint(0, 256, (args.batch * (args.steps + 1), 3, load, load), dtype=torch.uint8,
+                               generator=generator)
+        self.data = TensorImages(images, torch.zeros(images.shape[0], dtype=torch.int64))
+
+
+def run_distillkit(setup: Setup, steps: int) -> float:
+    """(a): the loop `compress` runs; seconds for `steps` optimiser steps."""
+    recipe = copy.deepcopy(setup.recipe)
+    recipe.train.max_steps = steps
+    accelerator = make_accelerator(recipe)
+    module = copy.deepcopy(setup.module)
+    with tempfile.TemporaryDirectory() as run_dir, Progress(console=Console(quiet=True)) as progress:
+        start = time.perf_counter()
+        result = train(recipe, accelerator, {"teacher": setup.teacher}, module, setup.data, Path(run_dir), False,
+                       progress)
+        seconds = time.perf_counter() - start
+    assert result.steps == steps, result
+    return seconds
+
+
+def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
+    """(b), or (c) with_teacher=False: the same step written by hand."""
+    recipe = setup.recipe
+    module = copy.deepcopy(setup.module)
+    student, objective = module.student, module.objective
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=recipe.train.lr, momentum=recipe.train.momentum,
+                                weight_decay=recipe.train.weight_decay)
+    views_config = ViewConfig(size=setup.view_size, crop_scale=recipe.data.crop_scale,
+                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
+    request = module.student_request if with_teacher else FeatureRequest(embedding=True)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
+    order = torch.randperm(len(setup.data), generator=torch.Generator().manual_seed(0))
+    batch = recipe.train.batch_size
+    module.train()
+    start = time.perf_counter()
+    for step in range(steps):
+        indices = order[step * batch:(step + 1) * batch]
+        images = setup.data.images[indices]
+        views = render_views(images, sample_view_params(indices, images.shape[-2], images.shape[-1], views_config,
+                                                        seed=0, epoch=0, view=0), views_config.size)
+        with autocast:
+            x = prepare_input(views, module.student_input, setup.channels_last)
+            student_view = extract_features(student, x, request)
+            if with_teacher:
+                teacher_view = setup.teacher(views, setup.teacher_request)
+                step_inputs = StepInputs([teacher_view], [student_view], None, step / steps)
+                loss, _ = objective(step_inputs)
+            else:
+                loss = objective.strategies["seed"].head(student_view.embedding).float().pow(2).mean()
+        loss.backward()
+        for group in optimizer.param_groups:
+            group["lr"] = recipe.train.lr * lr_factor(step, steps, 0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if with_teacher:
+            objective.after_step(step_inputs, lambda t: t)
+    return time.perf_counter() - start
+
+
+def measure(pair: str, args) -> dict:
+    setup = Setup(pair, args)
+    variants = {"distillkit": lambda n: run_distillkit(setup, n), "bare": lambda n: run_bare(setup, n),
+                "student_alone": lambda n: run_bare(setup, n, with_teacher=False)}
+    for run in variants.values():
+        run(2)  # warm-up
+    best = {name: float("inf") for name in variants}
+    for _ in range(args.rounds):
+        for name, run in variants.items():
+            best[name] = min(best[name], run(args.steps))
+    images = args.steps * args.batch
+    return {
+        "benchmark": "throughput", "pair": pair, "teacher": setup.teacher.name,
+        "teacher_px": setup.teacher.input_config.size[0], "student": setup.recipe.student.name,
+        "student_px": setup.recipe.student.input_size, "batch": args.batch, "steps": args.steps,
+        "precision": args.precision,
+        **{f"{name}_img_per_s": round(images / seconds, 1) for name, seconds in best.items()},
+        "overhead_ratio": round(best["distillkit"] / best["bare"], 3),
+        "teacher_share_of_bare_step": round(1 - best["student_alone"] / best["bare"], 3),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pairs", nargs="+", default=list(PAIRS), choices=list(PAIRS))
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--vit-size", type=int, default=112, help="ViT-S teacher input (px); 224 is its native size")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")  # the ViT-S teacher's random weights are announced with a warning
+    for pair in args.pairs:
+        print(json.dumps(measure(pair, args)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
