@@ -9,7 +9,7 @@ __version__ = "0.1.0"
 
 from .api import CompressResult, compress  # noqa: E402
 from .errors import DistillkitError, RunError, UsageError  # noqa: E402
-from .export import load_student  # noqa: E402
+from .export import export, load_student  # noqa: E402
 from .features import FeatureRequest, Features  # noqa: E402
 from .recipe import Recipe, list_recipes, resolve_recipe  # noqa: E402
 from .strategies import STRATEGIES  # noqa: E402
@@ -23,6 +23,6 @@ def list_strategies() -> list[str]:
 
 __all__ = [
     "CompressResult", "DistillkitError", "FeatureRequest", "Features", "Recipe", "RunError", "Teacher", "UsageError",
-    "compress", "list_recipes", "list_strategies", "list_students", "list_teachers", "load_student", "load_teacher",
+    "compress", "export", "list_recipes", "list_strategies", "list_students", "list_teachers", "load_student", "load_teacher",
     "resolve_recipe", "__version__",
 ]

@@ -20,7 +20,7 @@ from .data import check_data_source, open_data
 from .errors import UsageError
 from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 from .export import export_student
-from .features import FeatureRequest, is_token_model, probe_features
+from .features import FeatureRequest, probe_features
 from .io import write_json, write_text
 from .recipe import PRIMARY_TEACHER, Recipe, recipe_to_yaml, resolve_recipe
 from .strategies import STRATEGIES, Objective
@@ -302,32 +302,5 @@ def _default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{stamp}-{safe(recipe.teacher.name)}-{safe(recipe.student.name)}-{'+'.join(recipe.strategy)}"
 
 
-def evaluate_student(path: str | Path, data: str = "builtin:fashion-mnist", max_train: int = 10000,
-                     max_test: int = 10000, knn_k: int = 20, knn_temperature: float = 0.07, probe_steps: int = 300,
-                     seed: int = 0) -> dict[str, Any]:
-    """k-NN / linear-probe accuracy on `data`'s held-out split, params and latency of an exported student."""
-    import json
-
-    from .export import CONFIG_FILE, load_student
-    from .teachers import InputConfig
-
-    model = load_student(path)
-    folder = Path(path)
-    folder = folder.parent if folder.is_file() else folder
-    folder = folder / "student" if (folder / "student" / CONFIG_FILE).is_file() else folder
-    cfg = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))["pretrained_cfg"]
-    size = tuple(cfg["input_size"][1:])
-    input_config = InputConfig(size=size, mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
-    check_data_source(data)
-    images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(size))
-    if images.test is None or not images.num_classes:
-        raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
-    channels_last = not is_token_model(model)
-    embed = _student_embed(model, input_config, channels_last)
-    bank = eval_subset(images.train_all, max_train, seed)
-    test = eval_subset(images.test, max_test, seed)
-    metrics = score_embeddings(embed_dataset(embed, bank), embed_dataset(embed, test), knn_k, knn_temperature,
-                               probe_steps, seed=seed)
-    metrics["params"] = count_params(model)
-    metrics["latency_ms"] = round(cpu_latency_ms(model, size, channels_last), 3)
-    return metrics
+# `distillkit eval` lives in evaluate_model.py; importable from here as before.
+from .evaluate_model import evaluate_student  # noqa: E402, F401

@@ -142,17 +142,58 @@ def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
 @app.command("eval")
 @reports_errors
 def eval_(
-    student_dir: Path = typer.Argument(..., help="An exported student folder (or a run folder)."),
+    student: str = typer.Argument(..., help="An exported student folder (or a run folder), or timm:<model name>."),
     data: str = typer.Option("builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."),
+    weights: Optional[Path] = typer.Option(None, help="With timm:<name>: a local state dict file instead of timm's hub weights."),
+    per_block: bool = typer.Option(False, help="Also the k-NN accuracy at every block / stage (the early-exit curve)."),
     max_train: int = typer.Option(10000, help="Training images used as the k-NN bank / probe training set."),
     max_test: int = typer.Option(10000, help="Held-out images scored."),
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
 ) -> None:
-    """k-NN and linear-probe accuracy, parameters and CPU latency of an exported student."""
-    from .api import evaluate_student, results_table
+    """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
+    from .api import results_table
+    from .evaluate_model import evaluate_student
 
-    metrics = evaluate_student(student_dir, data=data, max_train=max_train, max_test=max_test, seed=seed)
-    Console().print(results_table({"student": metrics}))
+    metrics = evaluate_student(student, data=data, max_train=max_train, max_test=max_test, seed=seed,
+                               weights=weights, per_block=per_block)
+    console = Console()
+    console.print(results_table({"student": metrics}))
+    if "top1" in metrics:
+        console.print(f"classifier head top-1: {metrics['top1']:.2%}")
+    else:
+        console.print(f"classifier head top-1: skipped ({metrics['top1_skipped']})")
+    if per_block:
+        table = Table(title="k-NN top-1 at each block (early exits)")
+        table.add_column("block", justify="right")
+        table.add_column("k-NN top-1", justify="right")
+        for row in metrics["per_block"]:
+            table.add_row(str(row["block"]), f"{row['knn_top1']:.2%}")
+        console.print(table)
+
+
+class ExportFormat(str, Enum):
+    safetensors = "safetensors"
+    onnx = "onnx"
+    torchscript = "torchscript"
+
+
+@app.command("export")
+@reports_errors
+def export_(
+    run_dir: Path = typer.Argument(..., help="A compress run folder, or an exported student folder."),
+    format_: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", help="What to write."),
+    out: Optional[Path] = typer.Option(None, help="Output folder (default: <student folder>-<format>[-exit<BLOCK>] beside it)."),
+    exit_at: Optional[int] = typer.Option(None, help="Cut the student after this block / stage (0 = first; "
+                                                       "negative counts from the end): an early-exit model."),
+) -> None:
+    """Export a distilled student as safetensors (timm), ONNX or TorchScript, checked against PyTorch."""
+    from .export import export
+
+    result = export(run_dir, format=format_.value, out=out, exit_at=exit_at)
+    what = "the whole student" if result.exit_at is None else f"the student cut after block {result.exit_at}"
+    console = Console()
+    console.print(f"exported {what} as {result.format} to {result.out_dir}")
+    console.print(f"max abs diff vs the PyTorch model (random batches of 2 and 3 images): {result.max_abs_diff:.3g}")
 
 
 def main() -> None:

@@ -23,19 +23,26 @@ from .data.views import as_views
 Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
 
-@torch.no_grad()  # not inference_mode: the probe later needs autograd on these tensors
 def embed_dataset(embed: Embed, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
     """Embeddings (N, D) float32 and labels (N,) of every image, each seen whole and unflipped."""
+    outputs, labels = embed_outputs(lambda views: {"embedding": embed(views)}, dataset, batch_size, num_workers, device)
+    return outputs["embedding"], labels
+
+
+@torch.no_grad()  # not inference_mode: the probe later needs autograd on these tensors
+def embed_outputs(embed: Callable[[Tensor], dict[str, Tensor]], dataset: Dataset, batch_size: int = 256,
+                  num_workers: int = 0, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], Tensor]:
+    """Several named outputs per image from one pass: name -> (N, D) float32, and labels (N,)."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                         collate_fn=collate_skipping_bad)
-    features, labels = [], []
+    outputs, labels = [], []
     for batch in loader:
         if batch.images is None:
             continue
-        features.append(embed(as_views(batch.images.to(device))).float().cpu())
+        outputs.append({name: out.float().cpu() for name, out in embed(as_views(batch.images.to(device))).items()})
         labels.append(batch.labels)
-    return torch.cat(features), torch.cat(labels)
+    return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}, torch.cat(labels)
 
 
 def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,

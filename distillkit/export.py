@@ -1,4 +1,6 @@
-"""Exporting the student alone, as plain timm loads it.
+"""Exporting the student alone, as plain timm loads it, or as an ONNX or TorchScript file.
+
+`export_student` writes the folder a compress run ends with:
 
     <dir>/model.safetensors   the student's state dict (no heads, no teacher)
     <dir>/config.json         timm's local-dir format: architecture, model_args, pretrained_cfg
@@ -6,11 +8,17 @@
     <dir>/README.md           a short model card
 
 Load it with `timm.create_model("local-dir:<dir>", pretrained=True)` or `distillkit.load_student(<dir>)`.
+
+`export` (`distillkit export`) re-exports such a folder as safetensors, ONNX (model.onnx) or TorchScript
+(model.pt), whole or cut at an early-exit block (`distillkit.exits`), and checks the written file
+against the PyTorch model. A CNN cut inside its stages is not a model timm can rebuild from config.json,
+so CNN exits are exported as ONNX or TorchScript only.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +26,20 @@ import timm
 from torch import nn
 
 from .errors import UsageError
+from .exits import exit_meaning, resolve_exit, truncate
+from .features import is_token_model, num_layers
 from .io import save_safetensors, write_json, write_text
+from .runtimes import (ONNX_FILE, TORCHSCRIPT_FILE, max_abs_diff, require_onnx, run_onnx, run_torchscript, write_onnx,
+                       write_torchscript)
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
+FORMATS = ("safetensors", "onnx", "torchscript")
+RUNTIME_FORMATS = {  # format -> (file name, writer, runner)
+    "onnx": (ONNX_FILE, write_onnx, run_onnx),
+    "torchscript": (TORCHSCRIPT_FILE, write_torchscript, run_torchscript),
+}
 
 
 def export_student(model: nn.Module, out_dir: str | Path, *, architecture: str, model_args: dict[str, Any],
@@ -31,10 +48,18 @@ def export_student(model: nn.Module, out_dir: str | Path, *, architecture: str, 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(out_dir / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt"})
+    return {"weights": out_dir / WEIGHTS_FILE,
+            **write_config_and_card(out_dir, architecture=architecture, model_args=model_args,
+                                    num_features=getattr(model, "num_features", None), input_size=input_size,
+                                    mean=mean, std=std, provenance=provenance)}
+
+
+def write_config_and_card(out_dir: Path, *, architecture: str, model_args: dict[str, Any], num_features: int | None,
+                          input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> dict[str, Path]:
     config = {
         "architecture": architecture,
         "num_classes": 0,
-        "num_features": getattr(model, "num_features", None),
+        "num_features": num_features,
         "model_args": model_args,
         "pretrained_cfg": {
             "input_size": [3, input_size, input_size],
@@ -49,27 +74,37 @@ def export_student(model: nn.Module, out_dir: str | Path, *, architecture: str, 
     }
     write_json(out_dir / CONFIG_FILE, config)
     write_text(out_dir / CARD_FILE, model_card(architecture, input_size, mean, std, provenance))
-    return {"weights": out_dir / WEIGHTS_FILE, "config": out_dir / CONFIG_FILE, "card": out_dir / CARD_FILE}
+    return {"config": out_dir / CONFIG_FILE, "card": out_dir / CARD_FILE}
 
 
 def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> str:
+    export = provenance.get("export") or {"format": "safetensors", "exit_at": None}
+    exit_at = export.get("exit_at")
     metrics = provenance.get("metrics") or {}
     rows = [f"| {name} | " + " | ".join(_fmt(v) for v in values.values()) + " |"
             for name, values in metrics.items() if isinstance(values, dict)]
     header = ""
     if rows:
         columns = next(v for v in metrics.values() if isinstance(v, dict)).keys()
-        header = "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+        header = ("Of the whole student, before it was cut:\n\n" if exit_at is not None else "") + \
+            "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    if exit_at is None:
+        what = f"A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding)"
+        exit_line = "the whole student"
+    else:
+        what = (f"A `timm` {architecture} backbone cut after block {exit_at} of {export.get('blocks')} (an early "
+                f"exit: `model(x)` returns {export.get('meaning')})")
+        exit_line = f"early exit after block {exit_at} (of {export.get('blocks')}, counted from 0)"
     return f"""# {architecture}, distilled with distillkit
 
-A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding),
-distilled from a frozen teacher.
+{what}, distilled from a frozen teacher.
 
 - Teacher: {provenance.get('teacher', {}).get('name')} ({provenance.get('teacher', {}).get('source')})
 - Strategy: {', '.join(provenance.get('strategy', {}))}
 - Data: {provenance.get('data')}
 - Input: {input_size}x{input_size} RGB in [0, 1], normalised with mean {list(mean)} and std {list(std)}
 - Trained: {provenance.get('steps')} steps, distillkit {provenance.get('distillkit_version')}
+- Format: {export['format']}, {exit_line}
 
 ## Evaluation
 
@@ -77,12 +112,27 @@ distilled from a frozen teacher.
 
 ## Use
 
-```python
+{USAGE[export['format']]}
+"""
+
+
+USAGE = {
+    "safetensors": """```python
 import timm
 model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()
 # or: import distillkit; model = distillkit.load_student("PATH/TO/THIS/FOLDER")
-```
-"""
+```""",
+    "onnx": """```python
+import onnxruntime
+session = onnxruntime.InferenceSession("PATH/TO/THIS/FOLDER/model.onnx")
+embedding = session.run(None, {"images": images})[0]  # images: float32 (B, 3, H, W), normalised as above
+```""",
+    "torchscript": """```python
+import torch
+model = torch.jit.load("PATH/TO/THIS/FOLDER/model.pt").eval()
+embedding = model(images)  # images: float32 (B, 3, H, W), normalised as above
+```""",
+}
 
 
 def _fmt(value: Any) -> str:
@@ -91,8 +141,8 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def load_student(path: str | Path) -> nn.Module:
-    """A distilled student (eval mode) from an export folder, its model.safetensors, or a run folder."""
+def student_folder(path: str | Path) -> Path:
+    """The export folder behind `path`: the folder itself, its model.safetensors, or a run folder."""
     path = Path(path).expanduser()
     if path.is_file():
         path = path.parent
@@ -100,13 +150,85 @@ def load_student(path: str | Path) -> nn.Module:
         path = path / "student"
     if not (path / CONFIG_FILE).is_file() or not (path / WEIGHTS_FILE).is_file():
         raise UsageError(f"{path} is not an exported student: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it")
+    return path
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """An export folder's config.json, checked for what loading and evaluating need."""
     try:
-        config = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-        config["architecture"]
+        config = json.loads((folder / CONFIG_FILE).read_text(encoding="utf-8"))
+        config["architecture"], config["pretrained_cfg"]["input_size"]
+        config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]
     except (ValueError, KeyError, TypeError):
-        raise UsageError(f"{path / CONFIG_FILE} is damaged or not a timm config; export the student again") from None
+        raise UsageError(f"{folder / CONFIG_FILE} is damaged or not a timm config; export the student again") from None
+    return config
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """A distilled student (eval mode) from an export folder, its model.safetensors, or a run folder."""
+    folder = student_folder(path)
+    read_config(folder)
     try:
-        model = timm.create_model(f"local-dir:{path}", pretrained=True)
+        model = timm.create_model(f"local-dir:{folder}", pretrained=True)
     except (RuntimeError, OSError, ValueError) as e:
-        raise UsageError(f"cannot load the student in {path}: {e}") from None
+        raise UsageError(f"cannot load the student in {folder}: {e}") from None
     return model.eval()
+
+
+@dataclass
+class ExportResult:
+    out_dir: Path
+    format: str
+    files: dict[str, Path]  # the model file(s), config.json, README.md
+    exit_at: int | None  # the block the student was cut after; None: the whole student
+    max_abs_diff: float  # the written model vs the PyTorch model, on random batches of 2 and 3 images
+
+
+def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | None = None,  # noqa: A002
+           exit_at: int | None = None) -> ExportResult:
+    """Export the student of a compress run (or an export folder) as safetensors, onnx or torchscript.
+
+    `exit_at` cuts the student after that block (as `distillkit.features.resolve_layer` indexes blocks;
+    negative counts from the end). `out` defaults to `<student folder>-<format>[-exit<block>]` beside it.
+    The written file is run on random batches of 2 and 3 images and compared with the PyTorch model.
+    """
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    if format == "onnx":
+        require_onnx()
+    source = student_folder(run_dir)
+    config = read_config(source)
+    model = load_student(source)
+    block = None if exit_at is None else resolve_exit(model, exit_at)
+    if block is not None and format == "safetensors" and not is_token_model(model):
+        raise UsageError(f"--exit-at with a CNN student ({config['architecture']}) cannot be exported as safetensors: "
+                         "timm cannot rebuild a CNN cut inside its stages from config.json. Use --format onnx or "
+                         "--format torchscript")
+    out_dir = Path(out).expanduser() if out else source.parent / (
+        f"{source.name}-{format}" + ("" if block is None else f"-exit{block}"))
+    if out_dir.resolve() == source.resolve():
+        raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
+
+    exported = model if block is None else truncate(model, block)
+    model_args = dict(config.get("model_args") or {})
+    if block is not None and is_token_model(model):
+        model_args["depth"] = block + 1  # the cut ViT is a plain timm ViT this deep
+    info = {"format": format, "exit_at": block, "blocks": num_layers(model), "source": str(source)}
+    if block is not None:
+        info["meaning"] = exit_meaning(model)
+    cfg = config["pretrained_cfg"]
+    size = tuple(cfg["input_size"][1:])
+    meta = dict(architecture=config["architecture"], model_args=model_args, input_size=size[0], mean=tuple(cfg["mean"]),
+                std=tuple(cfg["std"]), provenance={**(config.get("distillkit") or {}), "export": info})
+    if format == "safetensors":
+        files = export_student(exported, out_dir, **meta)
+        run = load_student(out_dir)
+    else:
+        file_name, write, runner = RUNTIME_FORMATS[format]
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write(exported, out_dir / file_name, size)
+        files = {"model": out_dir / file_name,
+                 **write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta)}
+        run = runner(out_dir / file_name)
+    diff = max_abs_diff(exported, run, size, f"the exported {format} model in {out_dir}")
+    return ExportResult(out_dir=out_dir, format=format, files=files, exit_at=block, max_abs_diff=diff)

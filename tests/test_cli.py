@@ -59,7 +59,7 @@ def assert_usage_error(result, *fragments: str) -> str:
 def test_app_help(runner):
     result = invoke(runner, ["--help"])
     assert result.exit_code == 0
-    for command in ("compress", "list", "eval"):
+    for command in ("compress", "list", "eval", "export"):
         assert command in result.output
 
 
@@ -93,7 +93,7 @@ def test_list_help(runner):
 def test_eval_help(runner):
     result = invoke(runner, ["eval", "--help"])
     assert result.exit_code == 0
-    for option in ("--data", "--max-train", "--max-test", "--seed"):
+    for option in ("--data", "--max-train", "--max-test", "--seed", "--weights", "--per-block"):
         assert option in result.output, option
 
 
@@ -248,3 +248,26 @@ def test_bad_input_is_reported_on_stderr(runner, no_loading):
 
 def test_eval_missing_student_dir(runner, tmp_path):
     assert_usage_error(invoke(runner, ["eval", str(tmp_path / "nope")]), "not an exported student")
+
+
+def test_export_help(runner):
+    result = invoke(runner, ["export", "--help"])
+    assert result.exit_code == 0
+    for option in ("--format", "--out", "--exit-at", "safetensors", "onnx", "torchscript"):
+        assert option in result.output, option
+
+
+def test_export_an_early_exit_and_an_out_of_range_block(runner, tmp_path):
+    import timm
+
+    from distillkit.export import export_student
+
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=0).eval()
+    export_student(model, tmp_path / "run" / "student", architecture="vit_tiny_patch16_224",
+                   model_args={"img_size": 32, "depth": 3}, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
+                   provenance={})
+    result = invoke(runner, ["export", str(tmp_path / "run"), "--format", "torchscript", "--exit-at", "1"])
+    assert result.exit_code == 0, result.output
+    assert "max abs diff" in result.output
+    assert (tmp_path / "run" / "student-torchscript-exit1" / "model.pt").is_file()
+    assert_usage_error(invoke(runner, ["export", str(tmp_path / "run"), "--exit-at", "3"]), "out of range", "0..2")

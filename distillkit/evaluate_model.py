@@ -1,0 +1,114 @@
+"""`distillkit eval`: k-NN / linear-probe accuracy, classifier top-1, parameters and CPU latency of one
+model (an exported student, or any `timm:<name>`), optionally with the k-NN accuracy at every block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import timm
+from torch import Tensor, nn
+
+from .data import check_data_source, open_data
+from .errors import UsageError
+from .evaluate import count_params, cpu_latency_ms, embed_outputs, eval_subset, knn_accuracy, score_embeddings
+from .exits import block_embeddings
+from .export import load_student, read_config, student_folder
+from .features import is_token_model, num_layers
+from .registry import did_you_mean
+from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE
+from .teachers import InputConfig, prepare_input
+
+
+def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", max_train: int = 10000,
+                     max_test: int = 10000, knn_k: int = 20, knn_temperature: float = 0.07, probe_steps: int = 300,
+                     seed: int = 0, weights: str | Path | None = None, per_block: bool = False) -> dict[str, Any]:
+    """Evaluate `student` on `data`'s held-out split.
+
+    `student` is an export folder (or its run folder) or `timm:<name>`: with timm's hub weights, or with
+    `weights`, a local state dict file. Returns knn_top1, probe_top1, params, latency_ms; top1 of the
+    model's own classifier when it has one whose class count is the data's (classes taken in the data's
+    order: sorted folder names), else top1_skipped with the reason; with `per_block`, per_block: one
+    {"block", "knn_top1"} per block, each block's representation pooled as `distillkit export --exit-at` does.
+    """
+    check_data_source(data)
+    model, input_config = open_model(str(student), weights)
+    images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
+    if images.test is None or not images.num_classes:
+        raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
+    channels_last = not is_token_model(model)
+    head_skipped = _head_mismatch(model, images.num_classes)
+
+    def outputs(views: Tensor) -> dict[str, Tensor]:
+        x = prepare_input(views, input_config, channels_last)
+        features = model.forward_features(x)
+        out = {"embedding": model.forward_head(features, pre_logits=True)}
+        if head_skipped is None:
+            out["logits"] = model.forward_head(features)
+        if per_block:
+            out.update({f"block{i}": e for i, e in enumerate(block_embeddings(model, x))})
+        return out
+
+    train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed))
+    test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed))
+    metrics: dict[str, Any] = score_embeddings((train["embedding"], train_labels), (test["embedding"], test_labels),
+                                               knn_k, knn_temperature, probe_steps, seed=seed)
+    if head_skipped is None:
+        metrics["top1"] = (test["logits"].argmax(1) == test_labels).float().mean().item()
+    else:
+        metrics["top1_skipped"] = head_skipped
+    if per_block:
+        metrics["per_block"] = [
+            {"block": i, "knn_top1": knn_accuracy(train[f"block{i}"], train_labels, test[f"block{i}"], test_labels,
+                                                  k=knn_k, temperature=knn_temperature)}
+            for i in range(num_layers(model))]
+    metrics["params"] = count_params(model)
+    metrics["latency_ms"] = round(cpu_latency_ms(model, input_config.size, channels_last), 3)
+    return metrics
+
+
+def open_model(student: str, weights: str | Path | None) -> tuple[nn.Module, InputConfig]:
+    """The model (eval mode) and the input it expects: size, mean and std."""
+    if student.startswith("timm:"):
+        model = _timm_model(student[len("timm:"):], weights)
+        cfg = timm.data.resolve_data_config({}, model=model)
+        return model.eval(), InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]),
+                                         std=tuple(cfg["std"]))
+    if weights is not None:
+        raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
+    written = [f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (Path(student).expanduser() / f).is_file()]
+    if written:
+        raise UsageError(f"{student} holds {written[0]}: eval runs safetensors students; evaluate the folder it was "
+                         "exported from (config.json: distillkit.export.source)")
+    folder = student_folder(student)
+    cfg = read_config(folder)["pretrained_cfg"]
+    return load_student(folder), InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]),
+                                             std=tuple(cfg["std"]))
+
+
+def _timm_model(name: str, weights: str | Path | None) -> nn.Module:
+    from .teachers.checkpoint import load_exact, read_checkpoint, unwrap_state_dict
+    from .teachers.hub import create_pretrained
+
+    if not name or not timm.is_model(name):
+        raise UsageError(f"unknown timm model {name!r}: {did_you_mean(name, timm.list_models())}")
+    if weights is None:
+        return create_pretrained(name, f"timm:{name}", "Download the weights elsewhere and pass --weights FILE.")
+    state = unwrap_state_dict(read_checkpoint(weights), weights)
+    cfg = timm.models.get_pretrained_cfg(name)
+    classifier = cfg.classifier if cfg is not None else None  # the head's module name, e.g. "head" or "fc"
+    head = state.get(f"{classifier}.weight") if isinstance(classifier, str) else None
+    # the file's head decides the class count; a backbone-only file gives a model without a head
+    model = timm.create_model(name, pretrained=False, num_classes=0 if head is None else head.shape[0])
+    load_exact(model, state, str(weights), hint=f"pass a state dict of timm's {name}")
+    return model
+
+
+def _head_mismatch(model: nn.Module, data_classes: int) -> str | None:
+    """Why the model's classifier cannot be scored on the data, or None when it can."""
+    classes = getattr(model, "num_classes", 0)
+    if not classes:
+        return "the model has no classifier head"
+    if classes != data_classes:
+        return f"the classifier head has {classes} classes and the data {data_classes}"
+    return None
