@@ -12,6 +12,7 @@ from .errors import DistillkitError, RunError, UsageError  # noqa: E402
 from .export import export, load_student  # noqa: E402
 from .features import FeatureRequest, Features  # noqa: E402
 from .recipe import Recipe, list_recipes, resolve_recipe  # noqa: E402
+from .report import report  # noqa: E402
 from .strategies import STRATEGIES  # noqa: E402
 from .student import list_students  # noqa: E402
 from .teachers import Teacher, list_teachers, load_teacher  # noqa: E402
@@ -24,5 +25,5 @@ def list_strategies() -> list[str]:
 __all__ = [
     "CompressResult", "DistillkitError", "FeatureRequest", "Features", "Recipe", "RunError", "Teacher", "UsageError",
     "compress", "export", "list_recipes", "list_strategies", "list_students", "list_teachers", "load_student", "load_teacher",
-    "resolve_recipe", "__version__",
+    "report", "resolve_recipe", "__version__",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,12 +24,14 @@ from .export import export_student
 from .features import FeatureRequest, probe_features
 from .io import write_json, write_text
 from .recipe import PRIMARY_TEACHER, Recipe, recipe_to_yaml, resolve_recipe
+from .report import report
 from .strategies import STRATEGIES, Objective
 from .strategies.base import check_composable
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint
 from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, train
+from .train.online import OnlineKnn
 
 
 @dataclass
@@ -36,7 +39,7 @@ class CompressResult:
     run_dir: Path
     student_dir: Path  # model.safetensors + config.json + README.md
     metrics: dict[str, Any]  # teacher / student / student_random_init -> knn_top1, probe_top1, params, latency_ms
-    timings: dict[str, float]  # seconds: setup, train, evaluate, export, total
+    timings: dict[str, float]  # seconds: setup, train, online_eval, evaluate, export, total
     steps: int
     data_source: str
     recipe: Recipe = field(repr=False)
@@ -127,8 +130,9 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
 
     with _progress(console) as progress:
         result = train(resolved, accelerator, teachers, module, images.train, run_dir, resume, progress,
-                       force_resume=force_resume)
+                       force_resume=force_resume, online_knn=OnlineKnn.from_recipe(resolved, images))
     timings["train"] = result.seconds
+    timings["online_eval"] = result.online_eval_seconds
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
                   + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
                   + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
@@ -166,7 +170,17 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
         write_json(run_dir / "result.json", final.to_dict())
         console.print(f"student exported to {student_dir} (timm: create_model('local-dir:{student_dir}', "
                       "pretrained=True))")
+        _write_report(run_dir, console)
     return final
+
+
+def _write_report(run_dir: Path, console: Console) -> None:
+    """report.html and its plots; the run is already saved, so a failure here only warns."""
+    try:
+        console.print(f"report: {report(run_dir)}")
+    except Exception as e:  # noqa: BLE001 - any failure: the run must not be lost over its report
+        warnings.warn(f"the run is saved, but its report could not be written ({type(e).__name__}: {e}); "
+                      f"retry with: distillkit report {run_dir}")
 
 
 def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:

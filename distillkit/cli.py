@@ -196,6 +196,15 @@ def export_(
     console.print(f"max abs diff vs the PyTorch model (random batches of 2 and 3 images): {result.max_abs_diff:.3g}")
 
 
+@app.command("report")
+@reports_errors
+def report_(run_dir: Path = typer.Argument(..., help="A compress run folder.")) -> None:
+    """Write (again) a run's report.html and plots/*.png from its recipe.yaml, metrics.jsonl and result.json."""
+    from .report import report
+
+    Console().print(f"report written to {report(run_dir)}", highlight=False)
+
+
 def main() -> None:
     try:
         app()

@@ -83,6 +83,8 @@ class EvalConfig:
     max_train: int = 10000  # labelled training images used as k-NN bank / probe training set
     max_test: int = 10000  # held-out images scored
     latency_runs: int = 30
+    # online k-NN at every epoch's end: a bank of N training images scored on N // 2 held-out ones; 0 = off
+    online_images: int = 1000
 
 
 PRIMARY_TEACHER = "teacher"  # the role of the `teacher:` section; `teachers:` adds other roles
@@ -345,6 +347,8 @@ def check_ranges(recipe: Recipe) -> None:
     for key, value in positive.items():
         if value < 1:
             raise UsageError(f"{key} must be at least 1, got {value}")
+    if recipe.eval.online_images == 1 or recipe.eval.online_images < 0:
+        raise UsageError(f"eval.online_images must be 0 (off) or at least 2, got {recipe.eval.online_images}")
     optional_positive = {
         "train.max_steps": recipe.train.max_steps,
         "train.checkpoint_every": recipe.train.checkpoint_every,

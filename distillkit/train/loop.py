@@ -30,6 +30,7 @@ from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
+from .online import OnlineKnn
 
 class DistillModule(nn.Module):
     """The student and the objective (strategy heads, queues): everything that trains."""
@@ -109,6 +110,7 @@ class TrainResult:
     final_terms: dict[str, float] = field(default_factory=dict)
     skipped_steps: int = 0
     bad_images: int = 0
+    online_eval_seconds: float = 0.0  # online k-NN time, left out of `seconds` and `images_per_second`
 
 
 class StopSignals:
@@ -170,10 +172,12 @@ class Position:
 
 
 def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: DistillModule, train_set: Dataset,
-          run_dir: Path, resume: bool, progress, force_resume: bool = False) -> TrainResult:
+          run_dir: Path, resume: bool, progress, force_resume: bool = False,
+          online_knn: OnlineKnn | None = None) -> TrainResult:
     """Run the optimisation, checkpointing every `train.checkpoint_every` steps and every epoch.
 
-    `teachers`: role -> frozen teacher, the primary ("teacher") first."""
+    `teachers`: role -> frozen teacher, the primary ("teacher") first. `online_knn`: scored on the
+    main process at every epoch's end into that epoch's metrics.jsonl line, its time left out of the speed."""
     world = accelerator.num_processes
     if recipe.train.batch_size % world:
         raise UsageError(f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over "
@@ -221,6 +225,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
 
     start_time = time.perf_counter()
     images_seen, nonfinite_run, skipped, bad_seen = 0, 0, 0, []
+    online_seconds = 0.0
     terms_mean: dict[str, float] = {}
     module.train()
     with StopSignals() as signals:
@@ -278,7 +283,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                 if log_now and world > 1:  # the global batch's losses, not this process's share
                     values = _mean_over_processes(accelerator, terms | {"loss": loss.detach()})
                 if main:
-                    speed = images_seen / (time.perf_counter() - start_time)
+                    speed = images_seen / (time.perf_counter() - start_time - online_seconds)
                     _report(progress, task, position, total_steps, terms_mean, speed)
                     if log_now:
                         _append_jsonl(metrics_path, {"step": position.step, "epoch": position.epoch, **values,
@@ -296,21 +301,25 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                     break
             if position.batch >= micro_batches:  # the epoch ran to its end
                 if main:
-                    _append_jsonl(metrics_path, {"epoch_end": position.epoch + 1, "step": position.step,
-                                                 "seconds": round(time.perf_counter() - epoch_start, 2),
-                                                 **{k: round(v, 6) for k, v in terms_mean.items()}})
+                    record = {"epoch_end": position.epoch + 1, "step": position.step,
+                              "seconds": round(time.perf_counter() - epoch_start, 2),
+                              **{k: round(v, 6) for k, v in terms_mean.items()}}
+                    if online_knn is not None:
+                        record.update(online_knn(inner.student, inner.student_input, inner.channels_last))
+                        online_seconds += record["online_knn_seconds"]
+                    _append_jsonl(metrics_path, record)
                 position.epoch += 1
                 position.batch = 0
             checkpoint()  # after every epoch, and where max_steps stopped inside one
 
-    seconds = time.perf_counter() - start_time
+    seconds = time.perf_counter() - start_time - online_seconds
     if bad_seen:
         warnings.warn(f"{len(bad_seen)} unreadable images were skipped, e.g. "
                       + "; ".join(f"{b.path} ({b.reason})" for b in bad_seen[:3]))
     return TrainResult(steps=position.step, epochs=position.epoch, seconds=seconds,
                        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
                        resumed_from_step=resumed_from, final_terms=terms_mean, skipped_steps=skipped,
-                       bad_images=len(bad_seen))
+                       bad_images=len(bad_seen), online_eval_seconds=online_seconds)
 
 
 def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:

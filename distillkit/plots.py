@@ -1,0 +1,74 @@
+"""The report's PNG plots, drawn with matplotlib's Agg canvas (no pyplot: no global backend is touched).
+
+Each function takes what it plots and returns the PNG's bytes.
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Sequence
+
+MODEL_LABELS = {"teacher": "teacher", "student": "student", "student_random_init": "student\n(random init)"}
+_COLOURS = {"teacher": "#4c72b0", "student": "#dd8452", "student_random_init": "#8c8c8c"}
+
+
+def loss_curves(steps: Sequence[int], terms: dict[str, Sequence[float | None]]) -> bytes:
+    """One line per loss term over optimiser steps; None values are gaps."""
+    figure, ax = _figure()
+    for name, values in terms.items():
+        ax.plot(steps, [float("nan") if v is None else v for v in values], label=name, linewidth=1.5)
+    ax.set(xlabel="step", ylabel="loss", title="loss terms")
+    ax.legend(fontsize="small")
+    return _png(figure)
+
+
+def online_knn_curve(epochs: Sequence[int], top1: Sequence[float]) -> bytes:
+    figure, ax = _figure()
+    ax.plot(epochs, [100 * v for v in top1], marker="o", color=_COLOURS["student"])
+    ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="online k-NN accuracy of the student")
+    ax.set_xticks(list(epochs))
+    return _png(figure)
+
+
+def accuracy_bars(rows: dict[str, dict[str, float]]) -> bytes:
+    """Grouped bars: k-NN and linear-probe top-1 of each model (`rows`: model -> {knn_top1, probe_top1})."""
+    figure, ax = _figure()
+    width = 0.8 / len(rows)
+    for i, (model, row) in enumerate(rows.items()):
+        values = [100 * row.get("knn_top1", float("nan")), 100 * row.get("probe_top1", float("nan"))]
+        bars = ax.bar([x + i * width for x in (0, 1)], values, width, label=MODEL_LABELS.get(model, model),
+                      color=_COLOURS.get(model))
+        ax.bar_label(bars, fmt="%.1f", fontsize="small")
+    ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in (0, 1)], ["k-NN top-1", "linear probe top-1"])
+    ax.set(ylabel="accuracy on the held-out split (%)", title="teacher vs student vs random init")
+    figure.legend(loc="outside lower center", ncols=len(rows), fontsize="small")
+    return _png(figure)
+
+
+def size_latency_bars(rows: dict[str, dict[str, float]]) -> bytes:
+    """Side by side: parameters (millions) and single-image CPU latency (ms) of each model."""
+    figure, axes = _figure(columns=2)
+    labels = [MODEL_LABELS.get(m, m) for m in rows]
+    colours = [_COLOURS.get(m) for m in rows]
+    for ax, key, scale, title in ((axes[0], "params", 1e-6, "parameters (M)"),
+                                  (axes[1], "latency_ms", 1.0, "CPU latency, 1 image (ms)")):
+        bars = ax.bar(labels, [row[key] * scale for row in rows.values()], color=colours)
+        ax.bar_label(bars, fmt="%.2f", fontsize="small")
+        ax.set_title(title)
+    return _png(figure)
+
+
+def _figure(columns: int = 1):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.4 if columns == 1 else 9.6, 4.0), layout="constrained")
+    axes = figure.subplots(1, columns)
+    if columns == 1:
+        axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def _png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100)
+    return buffer.getvalue()

@@ -1,0 +1,263 @@
+"""A run's report: RUN_DIR/report.html, self-contained (plots embedded as PNG data URIs, inline CSS),
+and the plots as PNG files in RUN_DIR/plots/, from what `compress` wrote there: recipe.yaml,
+metrics.jsonl and result.json. What a run lacks (no evaluation, no labels, a run stopped before
+result.json) is said in the report instead of plotted.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import yaml
+
+from . import __version__, plots
+from .errors import UsageError
+from .io import atomic_path, write_text
+
+REPORT_FILE = "report.html"
+PLOTS_DIR = "plots"
+MODELS = {"teacher": "teacher", "student": "student", "student_random_init": "student (random init)"}
+_NOT_TERMS = {"step", "epoch", "lr", "images_per_s"}  # the other numbers of a step line are loss terms
+_NO_RESULT = "not available: the run has no result.json (it stopped, or is still running, before its evaluation)"
+
+
+@dataclass
+class Run:
+    """What a run folder holds; an unreadable file is left empty and named in `problems`."""
+
+    path: Path
+    recipe: dict[str, Any]
+    steps: list[dict[str, Any]]  # metrics.jsonl step lines
+    epochs: list[dict[str, Any]]  # metrics.jsonl epoch_end lines
+    result: dict[str, Any] | None  # result.json: written when the run finished
+    problems: list[str] = field(default_factory=list)
+
+
+def report(run_dir: str | Path) -> Path:
+    """Write (or rewrite) RUN_DIR/report.html and RUN_DIR/plots/*.png; returns the report's path."""
+    run = read_run(run_dir)
+    figures = []
+    for stem, title, draw in _PLOTS:
+        drawn = draw(run)
+        png_path = run.path / PLOTS_DIR / f"{stem}.png"
+        if isinstance(drawn, bytes):
+            with atomic_path(png_path) as tmp:
+                tmp.write_bytes(drawn)
+        else:
+            png_path.unlink(missing_ok=True)  # a plot from an earlier report that no longer applies
+        figures.append((title, drawn))
+    target = run.path / REPORT_FILE
+    write_text(target, _html(run, figures))
+    return target
+
+
+def read_run(run_dir: str | Path) -> Run:
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise UsageError(f"{path} is not a folder; pass a run folder written by distillkit compress")
+    if not (path / "recipe.yaml").is_file():
+        raise UsageError(f"{path} is not a distillkit run folder: it has no recipe.yaml, which compress writes "
+                         "when a run starts")
+    problems: list[str] = []
+    recipe = _read(path / "recipe.yaml", yaml.safe_load, problems)
+    result = _read(path / "result.json", json.loads, problems) if (path / "result.json").exists() else None
+    lines = []
+    if (path / "metrics.jsonl").exists():
+        text = _read(path / "metrics.jsonl", str, problems) or ""
+        for line in text.splitlines():
+            try:
+                lines.append(json.loads(line))
+            except ValueError:  # e.g. the last line of a run killed while writing it
+                problems.append(f"metrics.jsonl: an unreadable line was skipped ({line[:60]!r})")
+    else:
+        problems.append("metrics.jsonl is missing: no step was logged")
+    lines = [line for line in lines if isinstance(line, dict)]
+    return Run(path=path, recipe=recipe if isinstance(recipe, dict) else {},
+               steps=[line for line in lines if "epoch_end" not in line and "step" in line],
+               epochs=[line for line in lines if "epoch_end" in line],
+               result=result if isinstance(result, dict) else None, problems=problems)
+
+
+def _read(path: Path, parse: Callable[[str], Any], problems: list[str]) -> Any:
+    try:
+        return parse(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        problems.append(f"{path.name} could not be read ({type(e).__name__}: {e})")
+        return None
+
+
+# -- plots: PNG bytes, or the sentence that says why there is none ---------------------------------
+
+def _loss_plot(run: Run) -> bytes | str:
+    if not run.steps:
+        return "not available: metrics.jsonl has no step lines yet (one is written every train.log_every steps)"
+    terms = list(dict.fromkeys(k for line in run.steps for k, v in line.items()
+                               if k not in _NOT_TERMS and isinstance(v, (int, float))))
+    return plots.loss_curves([line["step"] for line in run.steps],
+                             {name: [line.get(name) for line in run.steps] for name in terms})
+
+
+def _online_knn_plot(run: Run) -> bytes | str:
+    scored = [line for line in run.epochs if "online_knn_top1" in line]
+    if scored:
+        return plots.online_knn_curve([line["epoch_end"] for line in scored],
+                                      [line["online_knn_top1"] for line in scored])
+    evaluation = run.recipe.get("eval") or {}
+    if evaluation.get("enabled") is False:
+        return "not measured: eval.enabled is false"
+    if "online_images" not in evaluation:
+        return "not measured: this run's recipe has no eval.online_images (written before online k-NN existed)"
+    if evaluation["online_images"] == 0:
+        return "not measured: eval.online_images is 0 (off)"
+    if not run.epochs:
+        return "not measured yet: no epoch ran to its end"
+    return "not measured: the data has no labelled held-out split"
+
+
+def _accuracy_plot(run: Run) -> bytes | str:
+    if run.result is None:
+        return _NO_RESULT
+    rows = {name: row for name, row in _model_rows(run).items() if "knn_top1" in row}
+    return plots.accuracy_bars(rows) if rows else _eval_missing(run)
+
+
+def _size_latency_plot(run: Run) -> bytes | str:
+    if run.result is None:
+        return _NO_RESULT
+    rows = {name: row for name, row in _model_rows(run).items() if "params" in row and "latency_ms" in row}
+    return plots.size_latency_bars(rows) if rows else "not available: result.json holds no parameter counts"
+
+
+_PLOTS = (
+    ("loss", "Loss terms over steps", _loss_plot),
+    ("online_knn", "Online k-NN accuracy over epochs", _online_knn_plot),
+    ("accuracy", "Teacher / student / random-init student: k-NN and linear probe", _accuracy_plot),
+    ("size_latency", "Size and CPU latency", _size_latency_plot),
+)
+
+
+def _model_rows(run: Run) -> dict[str, dict[str, Any]]:
+    metrics = (run.result or {}).get("metrics") or {}
+    return {name: metrics[name] for name in MODELS if isinstance(metrics.get(name), dict)}
+
+
+def _eval_missing(run: Run) -> str:
+    if (run.recipe.get("eval") or {}).get("enabled") is False:
+        return "not measured: eval.enabled is false"
+    return "not measured: the data has no labelled held-out split"
+
+
+# -- HTML ------------------------------------------------------------------------------------------
+
+_CSS = """
+body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; padding: 0 1rem; color: #222; }
+h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
+table { border-collapse: collapse; margin: .5rem 0; } th, td { padding: .3rem .8rem; border-bottom: 1px solid #eee; }
+th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.missing { color: #8a5a00; background: #fff7e0; padding: .5rem .8rem; border-radius: 4px; }
+figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { font-weight: 600; margin-bottom: .3rem; }
+footer { margin-top: 3rem; color: #888; font-size: .85rem; }
+"""
+
+
+def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
+    missing = run.problems + [f"{title}: {drawn}" for title, drawn in figures if isinstance(drawn, str)]
+    body = [f"<h1>distillkit run <code>{_e(run.path.name)}</code></h1>"]
+    if missing:
+        body.append('<div class="missing"><strong>Missing from this report</strong><ul>'
+                    + "".join(f"<li>{_e(m)}</li>" for m in missing) + "</ul></div>")
+    body += ["<h2>Recipe</h2>", _table(_summary(run))]
+    body += ["<h2>Results</h2>", _results(run)]
+    body.append("<h2>Plots</h2>")
+    for title, drawn in figures:
+        if isinstance(drawn, bytes):
+            uri = "data:image/png;base64," + base64.b64encode(drawn).decode("ascii")
+            body.append(f'<figure><figcaption>{_e(title)}</figcaption><img src="{uri}" alt="{_e(title)}"></figure>')
+        else:
+            body.append(f'<figure><figcaption>{_e(title)}</figcaption><p class="missing">{_e(drawn)}</p></figure>')
+    body.append(f"<footer>written by distillkit {__version__}; regenerate with: distillkit report "
+                f"{_e(str(run.path))}</footer>")
+    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+            f"<title>distillkit run {_e(run.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _summary(run: Run) -> list[list[str]]:
+    recipe, result = run.recipe, run.result
+    teacher = (recipe.get("teacher") or {}).get("name", "-")
+    others = "".join(f", {role}: {t.get('name')}" for role, t in (recipe.get("teachers") or {}).items())
+    train = recipe.get("train") or {}
+    data = (recipe.get("data") or {})
+    source = (result or {}).get("data_source") or data.get("source", "-")
+    limit = f" (limit {data['limit']} images)" if data.get("limit") else ""
+    if result is not None:
+        steps, status = str(result.get("steps", "-")), "finished"
+        timings = result.get("timings") or {}
+        wall = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in timings.items())
+    else:
+        steps = f"{run.steps[-1]['step']} logged so far" if run.steps else "none logged"
+        status, wall = "stopped or still running: no result.json", "unknown: no result.json"
+    planned = f"{train.get('epochs', '-')} epochs" + (f", at most {train['max_steps']} steps"
+                                                     if train.get("max_steps") else "")
+    return [
+        ["status", status],
+        ["teacher(s)", f"{teacher}{others}"],
+        ["student", str((recipe.get("student") or {}).get("name", "-"))],
+        ["strategy", " + ".join(recipe.get("strategy") or {}) or "-"],
+        ["data", f"{source}{limit}"],
+        ["planned", f"{planned}; batch {train.get('batch_size', '-')}, lr {train.get('lr', '-')}"],
+        ["steps", steps],
+        ["epochs finished", str(len(run.epochs))],
+        ["wall time", wall or "-"],
+    ]
+
+
+def _results(run: Run) -> str:
+    parts = []
+    rows = _model_rows(run)
+    if rows:
+        parts.append(_table([
+            [MODELS[name], _pct(row.get("knn_top1")), _pct(row.get("probe_top1")),
+             f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
+             f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-"]
+            for name, row in rows.items()], ["model", "k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)"]))
+        split = (run.result or {}).get("metrics", {}).get("eval_split")
+        if split:
+            parts.append(f"<p>held-out evaluation: k-NN bank / probe training set of {split['train_images']} images, "
+                         f"{split['test_images']} held-out images scored.</p>")
+    else:
+        parts.append(f'<p class="missing">teacher / student comparison: '
+                     f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>")
+    if run.steps:
+        last = run.steps[-1]
+        terms = [k for k, v in last.items() if k not in _NOT_TERMS and isinstance(v, (int, float))]
+        parts.append(f"<p>last logged step ({last['step']}):</p>"
+                     + _table([[f"{last[k]:.4f}" for k in terms]], terms))
+    scored = [line for line in run.epochs if "online_knn_top1" in line]
+    if scored:
+        parts.append(_table([[str(line["epoch_end"]), _pct(line["online_knn_top1"]),
+                              f"{line.get('online_knn_seconds', 0):.2f}"] for line in scored],
+                            ["epoch", "online k-NN top-1", "online eval seconds"]))
+    return "\n".join(parts)
+
+
+def _table(rows: list[list[str]], columns: list[str] | None = None) -> str:
+    """An HTML table; without `columns` a key-value table whose first cells are headers."""
+    head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>" if columns else ""
+    first, rest = ("td", '<td class="num">') if columns else ("th", "<td>")
+    body = "".join(f"<tr><{first}>{_e(row[0])}</{first}>" + "".join(f"{rest}{_e(c)}</td>" for c in row[1:])
+                   + "</tr>" for row in rows)
+    return f"<table>{head}{body}</table>"
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2%}"
+
+
+def _e(text: str) -> str:
+    return html.escape(str(text))
