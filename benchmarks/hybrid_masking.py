@@ -1,6 +1,6 @@
 """How much step time Hybrid Distill's token dropping saves: prints one JSON line.
 
-    python benchmarks/hybrid_masking.py [--student vit-tiny] [--size 224] [--batch 32] [--steps 5]
+    python benchmarks/hybrid_masking.py [--student vit-tiny] [--size 224] [--batch 32] [--steps 3] [--rounds 3]
 
 One training step of the `hybrid` strategy (two ViT teachers at full image, the student on the kept
 tokens, both loss terms, backward, AdamW) is timed at drop ratios 0, 0.25, 0.5 and 0.75 (the schedule
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -27,6 +28,8 @@ from distillkit.student import create_student, student_input_config, student_spe
 from distillkit.teachers import load_teacher
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
 from distillkit.train.loop import DistillModule
+
+RATIOS = (0.0, 0.25, 0.5, 0.75)
 
 
 def time_step(module: DistillModule, teachers: dict, requests: dict, images: torch.Tensor, optimizer,
@@ -54,23 +57,29 @@ def main() -> None:
     parser.add_argument("--teacher", default="timm:vit_small_patch16_224", help="both teachers' architecture")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     torch.manual_seed(0)
     warnings.simplefilter("ignore")  # random teacher weights are announced with a warning
     teachers = {role: load_teacher(args.teacher, RANDOM_WEIGHTS, args.size) for role in ("teacher", "mim")}
     images = torch.rand(args.batch, 3, args.size, args.size)
-    results = {}
-    for ratio in (0.0, 0.25, 0.5, 0.75):
+    setups = {}
+    for ratio in RATIOS:
         recipe = resolve_recipe({"teachers": {"mim": {"name": args.teacher}},
                                  "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}}})
         student = create_student(student_spec(args.student), args.size, seed=0)
         objective, request = build_objective(recipe, teachers, student, args.size)
         requests = objective.teacher_requests(teachers, student)
         module = DistillModule(student, objective, student_input_config(student, args.size), False, request).train()
-        optimizer = torch.optim.AdamW(module.parameters(), lr=1e-4)
-        whole, student_side = time_step(module, teachers, requests, images, optimizer, args.steps)
-        results[ratio] = {"step_ms": round(whole, 1), "student_ms": round(student_side, 1)}
+        setups[ratio] = (module, requests, torch.optim.AdamW(module.parameters(), lr=1e-4))
+    best = {ratio: (math.inf, math.inf) for ratio in RATIOS}
+    for _ in range(args.rounds):  # interleaved, the fastest round counts: least disturbed by other processes
+        for ratio, (module, requests, optimizer) in setups.items():
+            timed = time_step(module, teachers, requests, images, optimizer, args.steps)
+            best[ratio] = tuple(min(old, new) for old, new in zip(best[ratio], timed))
+    results = {ratio: {"step_ms": round(whole, 1), "student_ms": round(student_side, 1)}
+               for ratio, (whole, student_side) in best.items()}
     base = results[0.0]
     record = {
         "benchmark": "hybrid_masking",
