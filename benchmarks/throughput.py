@@ -33,9 +33,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import Progress
 
-from distillkit.api import build_objective
+from distillkit.api import _progress, build_objective
 from distillkit.data import ViewConfig, render_views, sample_view_params
 from distillkit.data.sources import TensorImages
 from distillkit.features import FeatureRequest, extract_features
@@ -94,7 +93,7 @@ def run_distillkit(setup: Setup, steps: int) -> float:
     recipe.train.max_steps = steps
     accelerator = make_accelerator(recipe)
     module = copy.deepcopy(setup.module)
-    with tempfile.TemporaryDirectory() as run_dir, Progress(console=Console(quiet=True)) as progress:
+    with tempfile.TemporaryDirectory() as run_dir, _progress(Console(quiet=True)) as progress:  # compress's
         start = time.perf_counter()
         result = train(recipe, accelerator, {"teacher": setup.teacher}, module, setup.data, Path(run_dir), False,
                        progress)
