@@ -105,6 +105,8 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
 
     teachers = {role: load_teacher(t.name, t.weights, t.input_size, t.channels_last, variant=t.variant, arch=t.arch)
                 for role, t in resolved.all_teachers().items()}
+    for role, t in resolved.all_teachers().items():
+        teachers[role].precision = t.precision
     teacher_model = teachers[PRIMARY_TEACHER]
     spec = student_spec(resolved.student.name)
     student_size = resolved.student.input_size or spec.input_size

@@ -30,6 +30,8 @@ class TeacherConfig:
     channels_last: bool = True
     variant: str | None = None  # network in a training checkpoint: momentum (MoCo), student (DINO), encoder (I-JEPA)
     arch: str | None = None  # timm architecture of a file:<path> teacher
+    # the teacher's own autocast: auto = bf16 on GPUs that support it, fp32 on CPUs; features reach strategies in fp32
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
 
 @dataclass

@@ -376,3 +376,24 @@ def test_unknown_timm_model_is_rejected_with_suggestions():
 def test_unknown_zoo_teacher_is_rejected_with_suggestions():
     with pytest.raises(UsageError, match="did you mean 'efficientnet-lite0'"):
         load_teacher("efficientnet-lite")
+
+
+def test_bf16_teacher_features_match_fp32_and_reach_strategies_as_fp32(lite0):
+    """The teacher's own bf16 autocast: the real Lite0's embeddings stay within 0.5 % (cosine) of fp32, and
+    what strategies receive is fp32 whatever the teacher computed in. Auto is fp32 on a CPU."""
+    views = torch.rand(8, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    request = FeatureRequest(embedding=True, layers=(-1,))
+    assert lite0.precision == "auto"
+    exact = lite0(views, request)
+    try:
+        lite0.precision = "bf16"
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the student's autocast must not matter either
+            half = lite0(views, request)
+    finally:
+        lite0.precision = "auto"
+    assert half.embedding.dtype == torch.float32 and half.layers[4].dtype == torch.float32
+    assert not torch.equal(half.embedding, exact.embedding)  # bf16 really ran
+    assert F.cosine_similarity(half.embedding, exact.embedding).min() > 0.995
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = lite0(views, request)  # auto on a CPU: fp32 even inside the student's bf16 autocast
+    torch.testing.assert_close(auto.embedding, exact.embedding)

@@ -59,8 +59,18 @@ class Teacher(nn.Module):
         self.channels_last = channels_last and not is_token_model(model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
+        self.precision = "auto"  # auto | fp32 | bf16: the teacher's own autocast, whatever the student's
         self.requires_grad_(False)
         super().train(False)
+
+    def autocast(self, device: torch.device):
+        """bf16 autocast for `precision` bf16, or auto on a GPU that supports bf16; fp32 otherwise.
+
+        On CPUs auto stays fp32: without bf16 hardware (AVX512-BF16 / AMX) bf16 is slower there. The
+        features handed to strategies are fp32 either way (see `forward`)."""
+        bf16 = self.precision == "bf16" or (
+            self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train(self, mode: bool = True) -> "Teacher":
         return super().train(False)  # a teacher never leaves eval mode
@@ -128,7 +138,7 @@ class Teacher(nn.Module):
             # absolute indices, so relative depths keep meaning the whole network's blocks
             request = FeatureRequest(layers=resolve_layers(request.layers, self.num_layers),
                                      relations=resolve_layers(request.relations, self.num_layers))
-        with torch.inference_mode():
+        with torch.inference_mode(), self.autocast(views.device):
             x = prepare_input(views, self.input_config, self.channels_last)
             wanted = FeatureRequest(
                 embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits,
@@ -141,9 +151,9 @@ class Teacher(nn.Module):
         return Features(
             embedding=_clone(features.embedding) if request.embedding else None,
             projection=_clone(features.projection),
-            layers={k: v.clone() for k, v in features.layers.items()},
+            layers={k: _clone(v) for k, v in features.layers.items()},
             logits=_clone(features.logits),
-            relations={k: v.clone() for k, v in features.relations.items()},
+            relations={k: _clone(v) for k, v in features.relations.items()},
             prefix_tokens=features.prefix_tokens,
         )
 
@@ -160,6 +170,7 @@ class Teacher(nn.Module):
             "name": self.name,
             "architecture": getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__),
             "source": self.source,
+            "precision": self.precision,
             "input_size": list(self.input_config.size),
             "mean": list(self.input_config.mean),
             "std": list(self.input_config.std),
@@ -175,4 +186,7 @@ def _params(module: nn.Module | None) -> int:
 
 
 def _clone(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.clone()
+    """A normal fp32 tensor (not an inference tensor) of a teacher output, bf16 or fp32."""
+    if t is None:
+        return None
+    return t.float() if t.dtype != torch.float32 else t.clone()
