@@ -11,6 +11,6 @@ def register_strategy(cls: type[Strategy]) -> type[Strategy]:
     return cls
 
 
-from . import feature, hidden, hybrid, kdss, logits, sdssl, seed  # noqa: E402,F401  (each registers itself)
+from . import feature, hidden, hybrid, kdss, logits, sdssl, seed, simclr  # noqa: E402,F401  (each registers itself)
 
 __all__ = ["STRATEGIES", "Objective", "StepInputs", "Strategy", "register_strategy"]
