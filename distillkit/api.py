@@ -72,6 +72,7 @@ def compress(
     overwrite: bool = False,
     seed: int | None = None,
     precision: str | None = None,
+    teacher_cache: str | Path | None = None,
     quiet: bool = False,
 ) -> CompressResult:
     """Distil `teacher` into `student` with `strategy` on `data`; export and evaluate the student.
@@ -84,7 +85,7 @@ def compress(
     with explain_out_of_memory():
         return _compress(recipe, dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data,
                                       epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr,
-                                      out=out, seed=seed, precision=precision),
+                                      out=out, seed=seed, precision=precision, teacher_cache=teacher_cache),
                          strategy, set, resume, force_resume, overwrite, quiet)
 
 

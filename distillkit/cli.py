@@ -74,6 +74,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
     precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
+    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots, default 4), reused across epochs and students."),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ) -> None:
     """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
@@ -85,7 +86,7 @@ def compress(
     run_compress(
         recipe, teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, strategy=strategy, data=data,
         epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
-        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, quiet=quiet,
+        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, teacher_cache=teacher_cache, quiet=quiet,
     )
 
 

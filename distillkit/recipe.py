@@ -53,6 +53,9 @@ class DataConfig:
     flip: float = 0.5  # horizontal flip probability
     view_size: int | None = None  # pixels of the raw views; None = the largest network input
     max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
+    view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
+    teacher_cache: str | None = None  # a folder for the teachers' outputs on those views (K = 4 unless set)
+    cache_dtype: Literal["float16", "float32"] = "float16"  # how cached teacher outputs are stored
 
 
 @dataclass
@@ -359,6 +362,7 @@ def check_ranges(recipe: Recipe) -> None:
         "teacher.input_size": recipe.teacher.input_size,
         "student.input_size": recipe.student.input_size,
         "data.view_size": recipe.data.view_size,
+        "data.view_slots": recipe.data.view_slots,
         "data.load_size": recipe.data.load_size,
     }
     for key, value in optional_positive.items():
@@ -401,6 +405,7 @@ OPTION_KEYS = {
     "out": "out",
     "seed": "train.seed",
     "precision": "train.precision",
+    "teacher_cache": "data.teacher_cache",
 }
 
 

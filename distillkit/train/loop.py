@@ -29,6 +29,7 @@ from ..features import FeatureRequest, Features, extract_features
 from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
+from .cache import TeacherCache, cache_key
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
 from .online import OnlineKnn
 
@@ -213,12 +214,17 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     teacher_requests = inner.objective.teacher_requests(teachers, inner.student)
     view_config = ViewConfig(size=_view_size(recipe, teachers, inner), crop_scale=recipe.data.crop_scale,
                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
+    slots = view_slots(recipe)
+    caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config, train_set,
+                         slots) if recipe.data.teacher_cache else {}
     metrics_path = run_dir / "metrics.jsonl"
     main = accelerator.is_main_process
     task = progress.add_task("distilling", total=total_steps, completed=position.step, terms="",
                              speed="") if main else None
 
     def checkpoint() -> None:
+        for cache in caches.values():
+            cache.flush()
         if main:
             save_checkpoint(run_dir, inner, optimizer, asdict(position), recipe_dict)
         accelerator.wait_for_everyone()
@@ -233,6 +239,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
             loader.set_epoch(position.epoch)  # through Accelerate's loader: it re-sets the sampler's epoch
             epoch_loader = accelerator.skip_first_batches(loader, position.batch) if position.batch else loader
             epoch_start = time.perf_counter()
+            view_epoch = position.epoch % slots if slots else position.epoch  # which views this epoch renders
             for batch in epoch_loader:
                 position.batch += 1
                 bad_seen += batch.bad
@@ -242,14 +249,18 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                 views = [
                     render_views(batch.images, sample_view_params(
                         batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
-                        seed=recipe.train.seed, epoch=position.epoch, view=v), view_config.size)
+                        seed=recipe.train.seed, epoch=view_epoch, view=v), view_config.size)
                     for v in range(inner.objective.num_views)
                 ]
                 views = inner.objective.expand_views(views)
                 with accelerator.accumulate(module):
                     with accelerator.autocast():
-                        teacher_views = {role: [teachers[role](v, request) for v in views]
-                                         for role, request in teacher_requests.items()}
+                        teacher_views = {}
+                        for role, request in teacher_requests.items():
+                            compute = lambda role=role, request=request: [teachers[role](v, request) for v in views]  # noqa: E731
+                            teacher_views[role] = (caches[role].features(batch.indices, batch.images, view_epoch,
+                                                                         compute, accelerator.device)
+                                                   if role in caches else compute())
                         loss, terms, step_inputs = module(views, teacher_views, batch.labels,
                                                           position.step / total_steps)
                     finite = _all_finite(accelerator, loss)
@@ -381,6 +392,46 @@ def _agreed(accelerator, flag: bool) -> bool:
     if accelerator.num_processes == 1:
         return flag
     return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
+
+
+DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view_slots is not set
+
+
+def view_slots(recipe: Recipe) -> int | None:
+    """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch."""
+    if recipe.data.view_slots is not None:
+        return recipe.data.view_slots
+    return DEFAULT_CACHE_SLOTS if recipe.data.teacher_cache else None
+
+
+def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], requests: dict[str, FeatureRequest],
+                objective: Objective, view_config: ViewConfig, train_set: Dataset, slots: int) -> dict[str, TeacherCache]:
+    """One cache entry per teacher role under `data.teacher_cache`, created by the main process."""
+    dummy = [torch.zeros(1, 3, view_config.size, view_config.size) for _ in range(objective.num_views)]
+    views = objective.expand_views(dummy)
+    expand = "+".join(f"{name}:{type(s).__name__}:{s.num_views}" for name, s in objective.strategies.items())
+    main = accelerator.is_main_process
+
+    def open_all(create: bool) -> dict[str, TeacherCache]:
+        caches = {}
+        for role, request in requests.items():
+            teacher = teachers[role]
+            probe = teacher(views[0].to(accelerator.device), request)
+            key = cache_key(teacher, request, view_config, recipe.train.seed, slots, len(views),
+                            recipe.data.cache_dtype, expand) | {"role": role}
+            caches[role] = TeacherCache(Path(recipe.data.teacher_cache), key, probe, index_space(train_set), slots,
+                                        len(views), recipe.data.cache_dtype, create=create)
+        return caches
+
+    caches = open_all(create=True) if main else {}
+    accelerator.wait_for_everyone()  # the main process creates the files; the others open them
+    return caches if main else open_all(create=False)
+
+
+def index_space(dataset: Dataset) -> int:
+    """How many image indices the dataset's items can carry (a Subset keeps its base's indices)."""
+    base = getattr(dataset, "base", None)
+    return index_space(base) if base is not None else len(dataset)
 
 
 def _view_size(recipe: Recipe, teachers: dict[str, Teacher], inner: DistillModule) -> int:

@@ -1,0 +1,190 @@
+"""The teacher-output cache: a frozen teacher's features for a fixed set of views per image, on disk.
+
+With `data.view_slots` K, epoch e renders the views of slot e mod K (their crop parameters are the hash
+of (seed, slot, image index, view), see data/views.py), so every image has exactly K views per view
+index, and a teacher's outputs for them can be computed once and replayed: the student sees exactly the
+view the teacher saw, rendered again from the same parameters.
+
+Layout (`--teacher-cache DIR`):
+
+    DIR/<key hash>/meta.json          the key in full: teacher name, a hash of its weights, its input
+                                      config and precision, the feature request, the view config, seed,
+                                      K, views per step, storage dtype; and each stored tensor's shape
+    DIR/<key hash>/<tensor>.bin       one memory-mapped array per feature tensor: (images, K, views, ...)
+    DIR/<key hash>/filled.bin         uint8 (images, K): the slot was written
+    DIR/<key hash>/image_hash.bin     int64 (images,): a hash of each image's pixels when it was written
+
+Anything that changes the teacher's outputs (other weights, input size, request, views) changes the key,
+so it opens another entry and a stale one is never read; students of the same teacher and views share
+an entry. An image whose pixels differ from the ones its cached outputs came from is refused. A
+meta.json that does not match its folder (a hash collision or a hand edit) is refused too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, fields
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..errors import UsageError
+from ..features import FeatureRequest, Features
+from ..io import write_json
+
+DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
+
+
+def weights_hash(module: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes) of the whole network."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def image_hashes(images: Tensor) -> np.ndarray:
+    """A 63-bit hash of each uint8 image's pixels and shape: (B,) int64, never 0 (0 = not written)."""
+    out = np.empty(images.shape[0], dtype=np.int64)
+    for i, image in enumerate(images.cpu()):
+        digest = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=8,
+                                 person=str(tuple(image.shape)).encode()[:16]).digest()
+        out[i] = (int.from_bytes(digest, "little") >> 1) or 1
+    return out
+
+
+def flatten(features: Features) -> dict[str, Tensor]:
+    """Features -> named tensors ("embedding", "layers.3", "relations.5", ...)."""
+    named = {}
+    for name in ("embedding", "projection", "logits"):
+        if getattr(features, name) is not None:
+            named[name] = getattr(features, name)
+    named.update({f"layers.{i}": t for i, t in features.layers.items()})
+    named.update({f"relations.{i}": t for i, t in features.relations.items()})
+    return named
+
+
+def unflatten(named: dict[str, Tensor], prefix_tokens: int) -> Features:
+    features = Features(prefix_tokens=prefix_tokens)
+    for name, tensor in named.items():
+        kind, _, index = name.partition(".")
+        if index:
+            getattr(features, kind)[int(index)] = tensor
+        else:
+            setattr(features, kind, tensor)
+    return features
+
+
+class TeacherCache:
+    """One teacher's outputs for `slots` x `views` views of `num_images` images, memory-mapped."""
+
+    def __init__(self, root: Path, key: dict[str, Any], probe: Features, num_images: int, slots: int, views: int,
+                 dtype: str, create: bool):
+        self.key = key
+        self.slots, self.views = slots, views
+        self.np_dtype, self.torch_dtype = DTYPES[dtype]
+        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+        self.folder = Path(root) / digest
+        # a probe is one image (batch 1): the per-image shape is the probe's without its batch dimension
+        self.shapes = {name: tuple(t.shape[1:]) if not name.startswith("relations") else
+                       (t.shape[0],) + tuple(t.shape[2:]) for name, t in flatten(probe).items()}
+        self.prefix_tokens = probe.prefix_tokens
+        meta = {"key": key, "num_images": num_images, "shapes": {k: list(v) for k, v in self.shapes.items()},
+                "prefix_tokens": self.prefix_tokens}
+        if create:
+            self._create(meta)
+        self._open(meta)
+
+    def _create(self, meta: dict) -> None:
+        path = self.folder / "meta.json"
+        if path.exists():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        n = meta["num_images"]
+        for name, shape in self.shapes.items():
+            np.memmap(self.folder / f"{name}.bin", dtype=self.np_dtype, mode="w+",
+                      shape=(n, self.slots, self.views, *shape)).flush()
+        np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="w+", shape=(n, self.slots)).flush()
+        np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="w+", shape=(n,)).flush()
+        write_json(path, meta)  # last: an entry without meta.json is incomplete and gets rebuilt
+
+    def _open(self, meta: dict) -> None:
+        try:
+            stored = json.loads((self.folder / "meta.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UsageError(f"teacher cache {self.folder} is unreadable ({e}); delete that folder") from None
+        if stored != json.loads(json.dumps(meta)):
+            different = sorted(k for k in set(stored.get("key", {})) | set(meta["key"])
+                               if stored.get("key", {}).get(k) != meta["key"].get(k))
+            raise UsageError(f"teacher cache {self.folder} does not match this run (different: "
+                             f"{', '.join(different) or 'stored shapes'}); delete that folder or use another "
+                             "--teacher-cache")
+        n = meta["num_images"]
+        self.arrays = {name: np.memmap(self.folder / f"{name}.bin", dtype=self.np_dtype, mode="r+",
+                                       shape=(n, self.slots, self.views, *shape))
+                       for name, shape in self.shapes.items()}
+        self.filled = np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="r+", shape=(n, self.slots))
+        self.image_hash = np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="r+", shape=(n,))
+
+    def filled_fraction(self) -> float:
+        return float(self.filled.mean())
+
+    def features(self, indices: Tensor, images: Tensor, slot: int, compute: Callable[[], list[Features]],
+                 device: torch.device) -> list[Features]:
+        """The teacher's Features of each view of this batch: read when every row is cached, else computed
+        by `compute()` and written. Images whose pixels changed since they were written are refused."""
+        rows = indices.cpu().numpy()
+        hashes = image_hashes(images)
+        stored = self.image_hash[rows]
+        changed = (stored != 0) & (stored != hashes)
+        if changed.any():
+            raise UsageError(f"teacher cache {self.folder}: image {int(rows[changed.argmax()])} is not the image its "
+                             "cached teacher outputs came from (the data changed); delete that folder or use "
+                             "another --teacher-cache")
+        if self.filled[rows, slot].all():
+            return [unflatten({name: self._read(name, array, rows, slot, v, device)
+                               for name, array in self.arrays.items()}, self.prefix_tokens)
+                    for v in range(self.views)]
+        computed = compute()
+        if len(computed) != self.views:
+            raise RuntimeError(f"teacher cache expects {self.views} views per step, got {len(computed)}")
+        for v, features in enumerate(computed):
+            for name, tensor in flatten(features).items():
+                if name.startswith("relations"):  # (2, B, ...) -> (B, 2, ...)
+                    tensor = tensor.transpose(0, 1)
+                self.arrays[name][rows, slot, v] = tensor.detach().float().cpu().numpy().astype(self.np_dtype)
+        self.image_hash[rows] = hashes
+        self.filled[rows, slot] = 1
+        return computed
+
+    @staticmethod
+    def _read(name: str, array: np.memmap, rows: np.ndarray, slot: int, view: int, device) -> Tensor:
+        tensor = torch.from_numpy(np.ascontiguousarray(array[rows, slot, view])).to(device=device, dtype=torch.float32)
+        return tensor.transpose(0, 1) if name.startswith("relations") else tensor  # (B, 2, ...) -> (2, B, ...)
+
+    def flush(self) -> None:
+        for array in (*self.arrays.values(), self.filled, self.image_hash):
+            array.flush()
+
+
+def cache_key(teacher, request: FeatureRequest, view_config, seed: int, slots: int, views: int, dtype: str,
+              expand: str) -> dict[str, Any]:
+    """Everything the cached outputs depend on."""
+    return {
+        "teacher": teacher.name,
+        "weights_sha256": weights_hash(teacher.full_model) + (
+            weights_hash(teacher.projection_head) if teacher.projection_head is not None else ""),
+        "input": {"size": list(teacher.input_config.size), "mean": list(teacher.input_config.mean),
+                  "std": list(teacher.input_config.std), "channels_last": teacher.channels_last,
+                  "precision": teacher.precision},
+        "request": {f.name: list(v) if isinstance(v := getattr(request, f.name), tuple) else v
+                    for f in fields(request)},
+        "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(view_config).items()},
+        "seed": seed, "slots": slots, "views_per_step": views, "expand_views": expand, "dtype": dtype,
+    }

@@ -1,0 +1,135 @@
+"""The teacher-output cache: a cached run trains exactly like an uncached run over the same views, the
+teacher is not run for cached views, and a changed teacher, image or augmentation never reads stale outputs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import distillkit
+from distillkit.errors import UsageError
+from distillkit.features import Features
+from distillkit.teachers.base import Teacher
+from distillkit.train import loop
+from distillkit.train.cache import TeacherCache, flatten, image_hashes, unflatten
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=false", "train.deterministic=true",
+        "data.cache_dtype=float32"]
+
+
+def run(out: Path, cache: Path | None, epochs: int = 2, extra: list[str] = (), **kwargs):
+    return distillkit.compress(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32,
+                               epochs=epochs, out=out, quiet=True, teacher_cache=cache,
+                               set=TINY + ["data.view_slots=1"] + list(extra), **kwargs)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if '"step"' in line and "epoch_end" not in line]
+
+
+@pytest.fixture
+def teacher_calls(monkeypatch):
+    calls = []
+    original = Teacher.forward
+
+    def counting(self, views, request):
+        calls.append(views.shape[0])
+        return original(self, views, request)
+
+    monkeypatch.setattr(Teacher, "forward", counting)
+    return calls
+
+
+def test_a_cached_run_gives_the_losses_of_an_uncached_run_and_skips_the_teacher(tmp_path, teacher_calls):
+    plain = run(tmp_path / "plain", None, extra=["train.log_every=1"])
+    assert teacher_calls.count(32) == 4  # 2 epochs x 2 batches of 32
+    teacher_calls.clear()
+    cached = run(tmp_path / "cached", tmp_path / "cache", extra=["train.log_every=1"])
+    assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-6)
+    assert teacher_calls.count(32) == 2  # epoch 1 fills the cache, epoch 2 reads it
+    # a second student of the same teacher, views and data reuses the entry: no teacher batch at all
+    teacher_calls.clear()
+    again = run(tmp_path / "again", tmp_path / "cache", epochs=1, extra=["train.log_every=1"])
+    assert teacher_calls.count(32) == 0
+    assert losses(again.run_dir) == pytest.approx(losses(plain.run_dir)[:2], rel=1e-6)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_other_views_or_another_teacher_open_another_entry(tmp_path):
+    run(tmp_path / "a", tmp_path / "cache", epochs=1)
+    run(tmp_path / "b", tmp_path / "cache", epochs=1, extra=["teacher.input_size=48", "data.crop_scale=[0.5, 1.0]"])
+    entries = list((tmp_path / "cache").iterdir())
+    assert len(entries) == 2
+    keys = [json.loads((e / "meta.json").read_text())["key"] for e in entries]
+    assert len({k["weights_sha256"] for k in keys}) == 1  # the same teacher at another input size and views
+    assert len({json.dumps(k["input"]) for k in keys}) == 2 and len({json.dumps(k["views"]) for k in keys}) == 2
+
+
+def test_changed_weights_change_the_key(tmp_path):
+    from distillkit.train.cache import weights_hash
+
+    model = torch.nn.Linear(3, 2)
+    before = weights_hash(model)
+    with torch.no_grad():
+        model.weight[0, 0] += 1e-6
+    assert weights_hash(model) != before
+
+
+def probe() -> Features:
+    return Features(embedding=torch.zeros(1, 4), layers={2: torch.zeros(1, 3, 2, 2)},
+                    relations={1: torch.zeros(2, 1, 2, 5, 4)}, prefix_tokens=1)
+
+
+def test_a_changed_image_is_refused(tmp_path):
+    cache = TeacherCache(tmp_path, {"k": 1}, probe(), num_images=10, slots=2, views=1, dtype="float32", create=True)
+    images = torch.randint(0, 255, (2, 1, 8, 8), dtype=torch.uint8)
+    indices = torch.tensor([3, 7])
+    outputs = [Features(embedding=torch.randn(2, 4), layers={2: torch.randn(2, 3, 2, 2)},
+                        relations={1: torch.randn(2, 2, 2, 5, 4)}, prefix_tokens=1)]
+    cache.features(indices, images, 0, lambda: outputs, torch.device("cpu"))
+    read = cache.features(indices, images, 0, lambda: pytest.fail("the teacher ran for cached views"),
+                          torch.device("cpu"))
+    for name, tensor in flatten(outputs[0]).items():
+        torch.testing.assert_close(flatten(read[0])[name], tensor)
+    changed = images.clone()
+    changed[1, 0, 0, 0] ^= 1
+    with pytest.raises(UsageError, match="image 7 is not the image"):
+        cache.features(indices, changed, 1, lambda: outputs, torch.device("cpu"))
+
+
+def test_a_meta_file_that_does_not_match_is_refused(tmp_path):
+    TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float16", create=True)
+    (entry,) = tmp_path.iterdir()
+    meta = json.loads((entry / "meta.json").read_text())
+    meta["key"]["k"] = 2
+    (entry / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(UsageError, match="does not match this run .*different: k"):
+        TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float16", create=True)
+
+
+def test_features_round_trip_through_names():
+    features = probe()
+    back = unflatten(flatten(features), features.prefix_tokens)
+    assert set(flatten(back)) == {"embedding", "layers.2", "relations.1"} and back.prefix_tokens == 1
+
+
+def test_image_hashes_see_every_pixel_and_are_never_zero():
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    images[1, 0, 3, 3] = 1
+    hashes = image_hashes(images)
+    assert hashes[0] == hashes[2] != hashes[1] and (hashes != 0).all() and hashes.dtype == np.int64
+
+
+def test_view_slots_cycle_the_views():
+    recipe = distillkit.recipe.resolve_recipe({"data": {"teacher_cache": "x"}})
+    assert loop.view_slots(recipe) == loop.DEFAULT_CACHE_SLOTS
+    assert loop.view_slots(distillkit.recipe.resolve_recipe({})) is None
+    with pytest.raises(UsageError, match="view_slots"):
+        distillkit.recipe.resolve_recipe({"data": {"view_slots": 0}})
