@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -26,8 +27,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_args(out: Path, strategy: str) -> list[str]:
-    args = ["--student", "timm:vit_tiny_patch16_224", "--strategy", strategy, "--limit", "128",
+def run_args(out: Path, strategy: str, cache: bool = False) -> list[str]:
+    args = ["--teacher-cache", str(out.parent / f"cache-{out.name}"), "--set", "data.view_slots=1",
+            "--set", "data.cache_dtype=float32"] if cache else []
+    args += ["--student", "timm:vit_tiny_patch16_224", "--strategy", strategy, "--limit", "128",
             "--batch-size", "32", "--epochs", "2", "--out", str(out), "--quiet", "--seed", "3"]
     for item in ("teacher.input_size=32", "student.input_size=32", "strategy.seed.queue_size=64",
                  "eval.enabled=false", "train.deterministic=true", "train.log_every=1", "train.lr=0.05"):
@@ -40,14 +43,15 @@ def losses(run: Path) -> list[float]:
     return [line["loss"] for line in lines if "loss" in line and "epoch_end" not in line]
 
 
-@pytest.mark.parametrize("strategy", ["seed", "seed+feature"])
-def test_two_processes_match_one_process(tmp_path, strategy):
-    one = subprocess.run([sys.executable, str(FAULT_RUN), "--", *run_args(tmp_path / "one", strategy)],
+@pytest.mark.parametrize("strategy, cache", [("seed", False), ("seed+feature", False), ("seed", True)])
+def test_two_processes_match_one_process(tmp_path, strategy, cache):
+    """With a teacher cache each process writes its share of the rows in epoch 1 and reads them in epoch 2."""
+    one = subprocess.run([sys.executable, str(FAULT_RUN), "--", *run_args(tmp_path / "one", strategy, cache)],
                          capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
                           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(FAULT_RUN), "--",
-                          *run_args(tmp_path / "two", strategy)], capture_output=True, text=True, timeout=300)
+                          *run_args(tmp_path / "two", strategy, cache)], capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -60,3 +64,7 @@ def test_two_processes_match_one_process(tmp_path, strategy):
         assert torch.allclose(wa[key], wb[key], rtol=1e-4, atol=1e-5), key
     # the queue (filled from both processes) is the same too
     assert any("queue" in key for key in wa)
+    if cache:  # both processes wrote their rows: every training image has its one view slot filled
+        for run in ("one", "two"):
+            (entry,) = (tmp_path / f"cache-{run}").iterdir()
+            assert np.fromfile(entry / "filled.bin", dtype=np.uint8).sum() == 128
