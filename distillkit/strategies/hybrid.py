@@ -350,7 +350,7 @@ class Hybrid(Strategy):
         else:
             qk = feature_teacher.relations[max(feature_teacher.relations)]
             scores = redundancy_scores(qk, feature_teacher.prefix_tokens)
-            scores = to_grid(scores.unsqueeze(-1), self.grid).squeeze(-1).cpu()
+            scores = to_grid(scores.unsqueeze(-1), self.grid).squeeze(-1)  # stays on the device: no sync
         return keep_indices(scores, keep_count, self.config.gumbel_scale, generator)
 
     def _pixel_mask(self, keep: Tensor, batch: int, x: Tensor) -> Tensor:
