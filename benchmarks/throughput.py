@@ -124,10 +124,11 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
         views = render_views(images, sample_view_params(indices, images.shape[-2], images.shape[-1], views_config,
                                                         seed=0, epoch=0, view=0), views_config.size)
         with autocast:
+            if with_teacher:  # teacher first, as the loop does
+                teacher_view = setup.teacher(views, setup.teacher_request)
             x = prepare_input(views, module.student_input, setup.channels_last)
             student_view = extract_features(student, x, request)
             if with_teacher:
-                teacher_view = setup.teacher(views, setup.teacher_request)
                 step_inputs = StepInputs([teacher_view], [student_view], None, step / steps)
                 loss, _ = objective(step_inputs)
             else:
