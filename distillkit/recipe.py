@@ -56,6 +56,9 @@ class DataConfig:
     view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
     teacher_cache: str | None = None  # a folder for the teachers' outputs on those views (K = 4 unless set)
     cache_dtype: Literal["float16", "float32"] = "float16"  # how cached teacher outputs are stored
+    # seed of the views' crops and flips; None = train.seed. Runs that differ only in train.seed but share a
+    # view_seed see the same views, so they share one teacher-cache entry (e.g. a benchmark's seeds)
+    view_seed: int | None = None
 
 
 @dataclass

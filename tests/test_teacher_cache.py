@@ -62,6 +62,21 @@ def test_a_cached_run_gives_the_losses_of_an_uncached_run_and_skips_the_teacher(
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+def test_students_of_other_strategies_and_seeds_share_an_entry(tmp_path, teacher_calls):
+    run(tmp_path / "a", tmp_path / "cache", epochs=1, extra=["data.view_seed=7"], seed=1)
+    assert teacher_calls.count(32) == 2
+    teacher_calls.clear()
+    # another strategy reading the same embedding: nothing to compute
+    run(tmp_path / "b", tmp_path / "cache", epochs=1, extra=["data.view_seed=7"], seed=1, strategy="feature")
+    assert teacher_calls.count(32) == 0
+    # another train.seed with the same view_seed: the same entry (its --limit draws other images, which are added)
+    run(tmp_path / "c", tmp_path / "cache", epochs=1, extra=["data.view_seed=7"], seed=2)
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # without view_seed the views follow train.seed: another entry
+    run(tmp_path / "d", tmp_path / "cache", epochs=1, seed=2)
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
 def test_other_views_or_another_teacher_open_another_entry(tmp_path):
     run(tmp_path / "a", tmp_path / "cache", epochs=1)
     run(tmp_path / "b", tmp_path / "cache", epochs=1, extra=["teacher.input_size=48", "data.crop_scale=[0.5, 1.0]"])

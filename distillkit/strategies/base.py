@@ -127,6 +127,11 @@ class Strategy(nn.Module):
         """Whether this strategy runs the student itself (overrides `student_features`)."""
         return cls.student_features is not Strategy.student_features
 
+    @classmethod
+    def derives_views(cls) -> bool:
+        """Whether this strategy derives views of its own (overrides `expand_views`)."""
+        return cls.expand_views is not Strategy.expand_views
+
     def term_weights(self) -> dict[str, float]:
         return {self.name: 1.0}
 

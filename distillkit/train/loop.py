@@ -249,7 +249,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                 views = [
                     render_views(batch.images, sample_view_params(
                         batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
-                        seed=recipe.train.seed, epoch=view_epoch, view=v), view_config.size)
+                        seed=view_seed(recipe), epoch=view_epoch, view=v), view_config.size)
                     for v in range(inner.objective.num_views)
                 ]
                 views = inner.objective.expand_views(views)
@@ -394,6 +394,11 @@ def _agreed(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
 
 
+def view_seed(recipe: Recipe) -> int:
+    """The seed the views' crop parameters are hashed from."""
+    return recipe.train.seed if recipe.data.view_seed is None else recipe.data.view_seed
+
+
 DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view_slots is not set
 
 
@@ -409,7 +414,9 @@ def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], reque
     """One cache entry per teacher role under `data.teacher_cache`, created by the main process."""
     dummy = [torch.zeros(1, 3, view_config.size, view_config.size) for _ in range(objective.num_views)]
     views = objective.expand_views(dummy)
-    expand = "+".join(f"{name}:{type(s).__name__}:{s.num_views}" for name, s in objective.strategies.items())
+    # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
+    # students trained with seed and with feature share the teacher's embeddings
+    expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
     main = accelerator.is_main_process
 
     def open_all(create: bool) -> dict[str, TeacherCache]:
@@ -417,7 +424,7 @@ def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], reque
         for role, request in requests.items():
             teacher = teachers[role]
             probe = teacher(views[0].to(accelerator.device), request)
-            key = cache_key(teacher, request, view_config, recipe.train.seed, slots, len(views),
+            key = cache_key(teacher, request, view_config, view_seed(recipe), slots, len(views),
                             recipe.data.cache_dtype, expand) | {"role": role}
             caches[role] = TeacherCache(Path(recipe.data.teacher_cache), key, probe, index_space(train_set), slots,
                                         len(views), recipe.data.cache_dtype, create=create)
