@@ -21,7 +21,7 @@ from .data import check_data_source, open_data
 from .errors import UsageError
 from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 from .export import export_student
-from .features import FeatureRequest, probe_features
+from .features import Extractor, FeatureRequest, probe_features
 from .io import write_json, write_text
 from .recipe import PRIMARY_TEACHER, Recipe, recipe_to_yaml, resolve_recipe
 from .report import report
@@ -108,6 +108,7 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
                 for role, t in resolved.all_teachers().items()}
     for role, t in resolved.all_teachers().items():
         teachers[role].precision = t.precision
+        teachers[role].extractor = Extractor(compile=t.compile)
     teacher_model = teachers[PRIMARY_TEACHER]
     spec = student_spec(resolved.student.name)
     student_size = resolved.student.input_size or spec.input_size
@@ -121,7 +122,8 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
         if teachers[role].prune(request):  # blocks no strategy reads
             console.print(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
                           f"{teachers[role].num_layers} layers, without the final norm and head")
-    module = DistillModule(student_model, objective, student_input, channels_last, student_request)
+    module = DistillModule(student_model, objective, student_input, channels_last, student_request,
+                           Extractor(compile=resolved.student.compile))
 
     view_size = resolved.data.view_size or max(*(s for t in teachers.values() for s in t.input_config.size),
                                                student_size)
@@ -135,6 +137,8 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
         result = train(resolved, accelerator, teachers, module, images.train, run_dir, resume, progress,
                        force_resume=force_resume, online_knn=OnlineKnn.from_recipe(resolved, images))
     timings["train"] = result.seconds
+    for teacher in teachers.values():
+        teacher.extractor = Extractor()  # evaluation's requests need no compiled graphs of their own
     timings["online_eval"] = result.online_eval_seconds
     console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
                   + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import Tensor, nn
@@ -41,6 +42,26 @@ class Features:
     relations: dict[int, Tensor] = field(default_factory=dict)
     prefix_tokens: int = 0
     block_embeddings: dict[int, Tensor] = field(default_factory=dict)
+
+    def named(self) -> dict[str, Tensor]:
+        """Every tensor under a flat name ("embedding", "layers.3", "relations.5", "block_embeddings.0", ...)."""
+        named = {name: getattr(self, name) for name in ("embedding", "projection", "logits")
+                 if getattr(self, name) is not None}
+        for kind in ("layers", "relations", "block_embeddings"):
+            named.update({f"{kind}.{i}": t for i, t in getattr(self, kind).items()})
+        return named
+
+    @classmethod
+    def from_named(cls, named: dict[str, Tensor], prefix_tokens: int = 0) -> "Features":
+        """The inverse of `named`."""
+        features = cls(prefix_tokens=prefix_tokens)
+        for name, tensor in named.items():
+            kind, _, index = name.partition(".")
+            if index:
+                getattr(features, kind)[int(index)] = tensor
+            else:
+                setattr(features, kind, tensor)
+        return features
 
 
 @dataclass(frozen=True)
@@ -153,6 +174,30 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
     if request.logits:
         features.logits = model.forward_head(final)
     return features
+
+
+class Extractor:
+    """`extract_features`, eager or through `torch.compile` (teacher.compile / student.compile).
+
+    Compiled, each request gets its own graph (a function of the input only, returning named tensors);
+    requests with attention relations stay eager, since their forward hooks are registered per call.
+    The first call of each compiled graph pays the compilation (tens of seconds on a CPU).
+    """
+
+    def __init__(self, compile: bool = False, backend: str = "inductor"):
+        self.compile = compile
+        self.backend = backend  # torch.compile's; tests use "aot_eager" (the same graphs, no code generation)
+        self._graphs: dict[tuple[int, FeatureRequest], Callable] = {}
+
+    def __call__(self, model: nn.Module, x: Tensor, request: FeatureRequest) -> Features:
+        if not self.compile or request.relations:
+            return extract_features(model, x, request)
+        key = (id(model), request)
+        graph = self._graphs.get(key)
+        if graph is None:
+            graph = self._graphs[key] = torch.compile(lambda x: extract_features(model, x, request).named(),
+                                                      backend=self.backend)
+        return Features.from_named(graph(x))
 
 
 def _without_prefix(tap: Tensor | tuple[Tensor, Tensor]) -> Tensor:

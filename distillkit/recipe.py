@@ -32,6 +32,7 @@ class TeacherConfig:
     arch: str | None = None  # timm architecture of a file:<path> teacher
     # the teacher's own autocast: auto = bf16 on GPUs that support it, fp32 on CPUs; features reach strategies in fp32
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    compile: bool = False  # run the teacher's feature extraction through torch.compile while training
 
 
 @dataclass
@@ -39,6 +40,7 @@ class StudentConfig:
     name: str = "mobilenetv3"
     input_size: int | None = None  # pixels; None = the student spec's input size
     channels_last: bool | None = None  # None = the student spec's choice (True for conv nets)
+    compile: bool = False  # run the student's forward through torch.compile while training
 
 
 @dataclass

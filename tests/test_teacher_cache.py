@@ -15,7 +15,7 @@ from distillkit.errors import UsageError
 from distillkit.features import Features
 from distillkit.teachers.base import Teacher
 from distillkit.train import loop
-from distillkit.train.cache import TeacherCache, flatten, image_hashes, unflatten
+from distillkit.train.cache import TeacherCache, image_hashes
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -111,8 +111,8 @@ def test_a_changed_image_is_refused(tmp_path):
     cache.features(indices, images, 0, lambda: outputs, torch.device("cpu"))
     read = cache.features(indices, images, 0, lambda: pytest.fail("the teacher ran for cached views"),
                           torch.device("cpu"))
-    for name, tensor in flatten(outputs[0]).items():
-        torch.testing.assert_close(flatten(read[0])[name], tensor)
+    for name, tensor in outputs[0].named().items():
+        torch.testing.assert_close(read[0].named()[name], tensor)
     changed = images.clone()
     changed[1, 0, 0, 0] ^= 1
     with pytest.raises(UsageError, match="image 7 is not the image"):
@@ -131,8 +131,10 @@ def test_a_meta_file_that_does_not_match_is_refused(tmp_path):
 
 def test_features_round_trip_through_names():
     features = probe()
-    back = unflatten(flatten(features), features.prefix_tokens)
-    assert set(flatten(back)) == {"embedding", "layers.2", "relations.1"} and back.prefix_tokens == 1
+    features.block_embeddings = {0: torch.zeros(1, 3)}
+    back = Features.from_named(features.named(), features.prefix_tokens)
+    assert set(back.named()) == {"embedding", "layers.2", "relations.1", "block_embeddings.0"}
+    assert back.prefix_tokens == 1
 
 
 def test_image_hashes_see_every_pixel_and_are_never_zero():

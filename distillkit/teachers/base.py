@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
+from ..features import Extractor, FeatureRequest, Features, is_token_model, num_layers, resolve_layers
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,7 @@ class Teacher(nn.Module):
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.precision = "auto"  # auto | fp32 | bf16: the teacher's own autocast, whatever the student's
+        self.extractor = Extractor()  # Extractor(compile=True) for teacher.compile
         self.requires_grad_(False)
         super().train(False)
 
@@ -144,7 +145,7 @@ class Teacher(nn.Module):
                 embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits,
                 relations=request.relations,
             )
-            features = extract_features(self.model, x, wanted)
+            features = self.extractor(self.model, x, wanted)
             if request.projection:
                 features.projection = self.projection_head(features.embedding)
         # Inference tensors cannot be saved for backward; strategies mix them with student tensors.

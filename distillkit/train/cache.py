@@ -59,28 +59,6 @@ def image_hashes(images: Tensor) -> np.ndarray:
     return out
 
 
-def flatten(features: Features) -> dict[str, Tensor]:
-    """Features -> named tensors ("embedding", "layers.3", "relations.5", ...)."""
-    named = {}
-    for name in ("embedding", "projection", "logits"):
-        if getattr(features, name) is not None:
-            named[name] = getattr(features, name)
-    named.update({f"layers.{i}": t for i, t in features.layers.items()})
-    named.update({f"relations.{i}": t for i, t in features.relations.items()})
-    return named
-
-
-def unflatten(named: dict[str, Tensor], prefix_tokens: int) -> Features:
-    features = Features(prefix_tokens=prefix_tokens)
-    for name, tensor in named.items():
-        kind, _, index = name.partition(".")
-        if index:
-            getattr(features, kind)[int(index)] = tensor
-        else:
-            setattr(features, kind, tensor)
-    return features
-
-
 class TeacherCache:
     """One teacher's outputs for `slots` x `views` views of `num_images` images, memory-mapped."""
 
@@ -93,7 +71,7 @@ class TeacherCache:
         self.folder = Path(root) / digest
         # a probe is one image (batch 1): the per-image shape is the probe's without its batch dimension
         self.shapes = {name: tuple(t.shape[1:]) if not name.startswith("relations") else
-                       (t.shape[0],) + tuple(t.shape[2:]) for name, t in flatten(probe).items()}
+                       (t.shape[0],) + tuple(t.shape[2:]) for name, t in probe.named().items()}
         self.prefix_tokens = probe.prefix_tokens
         meta = {"key": key, "num_images": num_images, "shapes": {k: list(v) for k, v in self.shapes.items()},
                 "prefix_tokens": self.prefix_tokens}
@@ -148,14 +126,14 @@ class TeacherCache:
                              "cached teacher outputs came from (the data changed); delete that folder or use "
                              "another --teacher-cache")
         if self.filled[rows, slot].all():
-            return [unflatten({name: self._read(name, array, rows, slot, v, device)
-                               for name, array in self.arrays.items()}, self.prefix_tokens)
+            return [Features.from_named({name: self._read(name, array, rows, slot, v, device)
+                                         for name, array in self.arrays.items()}, self.prefix_tokens)
                     for v in range(self.views)]
         computed = compute()
         if len(computed) != self.views:
             raise RuntimeError(f"teacher cache expects {self.views} views per step, got {len(computed)}")
         for v, features in enumerate(computed):
-            for name, tensor in flatten(features).items():
+            for name, tensor in features.named().items():
                 if name.startswith("relations"):  # (2, B, ...) -> (B, 2, ...)
                     tensor = tensor.transpose(0, 1)
                 self.arrays[name][rows, slot, v] = tensor.detach().float().cpu().numpy().astype(self.np_dtype)

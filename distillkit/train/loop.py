@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import ViewConfig, collate_skipping_bad, render_views, sample_view_params
 from ..errors import RunError, UsageError
-from ..features import FeatureRequest, Features, extract_features
+from ..features import Extractor, FeatureRequest, Features
 from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
@@ -37,8 +37,9 @@ class DistillModule(nn.Module):
     """The student and the objective (strategy heads, queues): everything that trains."""
 
     def __init__(self, student: nn.Module, objective: Objective, student_input: InputConfig, channels_last: bool,
-                 student_request: FeatureRequest):
+                 student_request: FeatureRequest, extractor: Extractor | None = None):
         super().__init__()
+        self.extractor = extractor or Extractor()  # Extractor(compile=True) for student.compile
         self.student = student
         self.objective = objective
         self.student_input = student_input
@@ -54,7 +55,7 @@ class DistillModule(nn.Module):
             of_view = {role: features[v] for role, features in teachers.items()}
             features = self.objective.student_features(self.student, x, of_view, self.student_request, progress)
             student_views.append(features if features is not None
-                                 else extract_features(self.student, x, self.student_request))
+                                 else self.extractor(self.student, x, self.student_request))
         step = StepInputs(teacher_views=teachers.get(PRIMARY_TEACHER, []), student_views=student_views, labels=labels, progress=progress,
                           other_teachers={role: f for role, f in teachers.items() if role != PRIMARY_TEACHER})
         loss, terms = self.objective(step)

