@@ -114,7 +114,7 @@ def _projected() -> np.ndarray:
 
 
 def test_feature_cosine_loss_by_hand():
-    loss = _feature()(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+    loss = _feature(target_norm="none")(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
     p = _projected()
     want = np.mean([1 - ref_cos(p[b], np64(T_EMB)[b]) for b in range(2)])
     assert set(loss) == {"feature"}
@@ -122,8 +122,49 @@ def test_feature_cosine_loss_by_hand():
 
 
 def test_feature_mse_loss_by_hand():
-    loss = _feature(loss="mse")(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+    loss = _feature(loss="mse", target_norm="none")(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
     assert loss["feature"].item() == pytest.approx(float(((_projected() - np64(T_EMB)) ** 2).mean()), abs=1e-6)
+
+
+def _standardised(t: np.ndarray, mean: np.ndarray, var: np.ndarray) -> np.ndarray:
+    return (t - mean) / np.sqrt(var + 1e-6)
+
+
+def test_feature_uses_the_raw_first_target_before_any_moments():
+    loss = _feature()(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+    want = np.mean([1 - ref_cos(_projected()[b], np64(T_EMB)[b]) for b in range(2)])
+    assert loss["feature"].item() == pytest.approx(want, abs=1e-6)
+
+
+def test_feature_running_moments_by_hand_then_center_and_standardize():
+    batches = [np.array([[1.0, 2.0, 0.0], [3.0, 0.0, 1.0]]), np.array([[0.0, 1.0, 5.0], [2.0, 2.0, 1.0]])]
+    a = 0.9
+    for mode in ("center", "standardize"):
+        strategy = _feature(target_norm=mode, target_momentum=a)
+        for batch in batches:
+            step = _step([Features(embedding=torch.tensor(batch, dtype=torch.float32))],
+                         [Features(embedding=torch.tensor(S_EMB))])
+            strategy.after_step(step, lambda x: x)
+        # m_2 = a (1 - a) mean(b1) + (1 - a) mean(b2), bias-corrected by 1 - a^2; likewise for the squares
+        first = (a * (1 - a) * batches[0].mean(0) + (1 - a) * batches[1].mean(0)) / (1 - a ** 2)
+        second = (a * (1 - a) * (batches[0] ** 2).mean(0) + (1 - a) * (batches[1] ** 2).mean(0)) / (1 - a ** 2)
+        mean, var = strategy.target_moments.moments()
+        np.testing.assert_allclose(mean.double().numpy(), first, rtol=1e-6)
+        np.testing.assert_allclose(var.double().numpy(), second - first ** 2, rtol=1e-5)
+        t = np64(T_EMB)
+        target = t - first if mode == "center" else _standardised(t, first, second - first ** 2)
+        loss = strategy(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+        want = np.mean([1 - ref_cos(_projected()[b], target[b]) for b in range(2)])
+        assert loss["feature"].item() == pytest.approx(want, abs=1e-5)
+
+
+def test_feature_moments_stay_put_without_target_norm_and_bad_momentum_is_refused():
+    strategy = _feature(target_norm="none")
+    strategy.after_step(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]),
+                        lambda x: x)
+    assert int(strategy.target_moments.updates) == 0
+    with pytest.raises(UsageError, match="target_momentum"):
+        FeatureConfig(target_momentum=1.0)
 
 
 def test_feature_targets_the_projection_when_the_teacher_has_one():

@@ -11,6 +11,20 @@ the teacher's pooled pre-logits embedding. For one view:
 
 Differences from timm: the projection always exists (timm skips it when the widths match) and the
 default loss is cosine, which ignores the teacher's embedding norm. Cosine runs in fp32.
+
+`target_norm` (distillkit's own; default `standardize`) first normalises the target per dimension with
+running moments of the teacher embeddings seen so far (an exponential moving average, momentum
+`target_momentum` 0.99, bias-corrected as Adam's; the very first step, with no moments yet, uses the
+raw target, so every process normalises with the same global statistics):
+
+    center:      t <- t - mu
+    standardize: t <- (t - mu) / sqrt(var + 1e-6)
+    none:        t as the teacher gives it (timm)
+
+Post-ReLU teacher embeddings are non-negative and share a large mean direction (EfficientNet-Lite0 on
+Fashion-MNIST: cosine 0.64 between an image's embedding and the mean one), so the raw cosine target
+rewards predicting the mean; centred, the student must reproduce how images differ. The moments are
+updated after each step from the teacher embeddings of the whole global batch (gathered across processes).
 """
 
 from __future__ import annotations
@@ -25,7 +39,7 @@ from torch import Tensor, nn
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
 from . import register_strategy
-from .base import StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
+from .base import Gather, StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
 
 
 @dataclass
@@ -33,6 +47,50 @@ class FeatureConfig:
     weight: float = 1.0
     loss: Literal["cosine", "mse"] = "cosine"
     teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+    target_norm: Literal["standardize", "center", "none"] = "standardize"
+    target_momentum: float = 0.99  # of the running moments target_norm uses
+
+    def __post_init__(self):
+        if not 0.0 <= self.target_momentum < 1.0:
+            raise UsageError(f"strategy.feature.target_momentum must be in [0, 1), got {self.target_momentum}")
+
+
+class RunningMoments(nn.Module):
+    """Per-dimension mean and variance of a stream of (B, D) batches: a bias-corrected moving average.
+
+        m_t = a m_{t-1} + (1 - a) mean_b(x),  s_t = a s_{t-1} + (1 - a) mean_b(x^2)
+        mu = m_t / (1 - a^t),  var = s_t / (1 - a^t) - mu^2
+    """
+
+    def __init__(self, dim: int, momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        self.register_buffer("first", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("second", torch.zeros(dim, dtype=torch.float64))
+        self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+
+    @torch.no_grad()
+    def update(self, batch: Tensor) -> None:
+        batch = batch.detach().double()
+        self.first.mul_(self.momentum).add_(batch.mean(0), alpha=1 - self.momentum)
+        self.second.mul_(self.momentum).add_(batch.pow(2).mean(0), alpha=1 - self.momentum)
+        self.updates.add_(1)
+
+    def moments(self) -> tuple[Tensor, Tensor] | None:
+        """(mu, var) as float32; None before the first update."""
+        if int(self.updates) == 0:
+            return None
+        correction = 1 - self.momentum ** int(self.updates)
+        mean = self.first / correction
+        return mean.float(), (self.second / correction - mean.pow(2)).clamp_min(0).float()
+
+
+def normalise_target(target: Tensor, moments: tuple[Tensor, Tensor] | None, mode: str) -> Tensor:
+    if mode == "none" or moments is None:
+        return target
+    mean, var = moments
+    centred = target - mean
+    return centred / torch.sqrt(var + 1e-6) if mode == "standardize" else centred
 
 
 def feature_loss(projected: Tensor, target: Tensor, loss: str) -> Tensor:
@@ -57,6 +115,7 @@ class Feature(Strategy):
         self.use_projection = teacher_probe.projection is not None
         teacher_dim = teacher_vector(teacher_probe, self.use_projection).shape[1]
         self.projection = nn.Linear(student_probe.embedding.shape[1], teacher_dim)
+        self.target_moments = RunningMoments(teacher_dim, config.target_momentum)
 
     @classmethod
     def teacher_request(cls, config: FeatureConfig, teacher) -> FeatureRequest:
@@ -72,5 +131,10 @@ class Feature(Strategy):
         check_teacher_embed(cls.name, config.teacher_embed, teacher)
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
-        target = teacher_vector(step.teacher, self.use_projection)
+        target = fp32(teacher_vector(step.teacher, self.use_projection))
+        target = normalise_target(target, self.target_moments.moments(), self.config.target_norm)
         return {self.name: feature_loss(self.projection(step.student.embedding), target, self.config.loss)}
+
+    def after_step(self, step: StepInputs, gather: Gather) -> None:
+        if self.config.target_norm != "none":
+            self.target_moments.update(gather(fp32(teacher_vector(step.teacher, self.use_projection))))
