@@ -10,7 +10,7 @@ SEED objective, batch, precision and views are timed three ways:
       view rendering, non-finite checks, loss logging, progress, JSONL, the end-of-run checkpoint);
   (b) bare: a hand-written loop doing the same computation: index a shuffled batch, render the views,
       teacher forward under inference mode, student forward, the objective, backward, SGD step, queue update;
-  (c) student alone: (b) without the teacher (the student's forward + its MLP head, a dummy loss).
+  (c) student alone: (b) without the teacher (the student's forward + the strategy's head, a dummy loss).
 
 Printed: images/s for each and `overhead_ratio` = time(a) / time(b) (target <= 1.05), plus the teacher's
 share of a bare step (1 - time(c) / time(b)). Each variant is warmed up, then timed over `--rounds`
@@ -54,15 +54,16 @@ PAIRS = {
 class Setup:
     """One pair's recipe, teacher, student + objective, and in-memory images."""
 
-    def __init__(self, pair: str, args):
+    def __init__(self, pair: str, args, strategy: str = "seed"):
         spec = PAIRS[pair]
+        self.strategy = strategy
         teacher = dict(spec["teacher"])
         if pair == "vit-s":
             teacher["input_size"] = args.vit_size
         self.recipe = resolve_recipe({
             "teacher": teacher,
             "student": {"name": "mobilenetv3-small", "input_size": spec["student_size"]},
-            "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}},
+            "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}} if strategy == "seed" else {strategy: {}},
             "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "lr": 0.05,
                       "precision": args.precision, "checkpoint_every": None, "warmup_fraction": 0.0},
             "eval": {"enabled": False},
@@ -110,8 +111,8 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=recipe.train.lr, momentum=recipe.train.momentum,
                                 weight_decay=recipe.train.weight_decay)
-    views_config = ViewConfig(size=setup.view_size, crop_scale=recipe.data.crop_scale,
-                              crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
+    views_config = ViewConfig(crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio,
+                              flip=recipe.data.flip)
     request = module.student_request if with_teacher else FeatureRequest(embedding=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
     order = torch.randperm(len(setup.data), generator=torch.Generator().manual_seed(0))
@@ -121,18 +122,19 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
     for step in range(steps):
         indices = order[step * batch:(step + 1) * batch]
         images = setup.data.images[indices]
-        views = render_views(images, sample_view_params(indices, images.shape[-2], images.shape[-1], views_config,
-                                                        seed=0, epoch=0, view=0), views_config.size)
+        params = sample_view_params(indices, images.shape[-2], images.shape[-1], views_config, seed=0, epoch=0, view=0)
         with autocast:
-            if with_teacher:  # teacher first, as the loop does
-                teacher_view = setup.teacher(views, setup.teacher_request)
-            x = prepare_input(views, module.student_input, setup.channels_last)
+            if with_teacher:  # teacher first, as the loop does; each network gets the crops at its own size
+                teacher_view = setup.teacher(render_views(images, params, setup.teacher.input_config.size),
+                                             setup.teacher_request)
+            x = prepare_input(render_views(images, params, module.student_input.size), module.student_input,
+                              setup.channels_last)
             student_view = extract_features(student, x, request)
             if with_teacher:
                 step_inputs = StepInputs([teacher_view], [student_view], None, step / steps)
                 loss, _ = objective(step_inputs)
             else:
-                loss = objective.strategies["seed"].head(student_view.embedding).float().pow(2).mean()
+                loss = student_head(objective.strategies[setup.strategy])(student_view.embedding).float().pow(2).mean()
         loss.backward()
         for group in optimizer.param_groups:
             group["lr"] = recipe.train.lr * lr_factor(step, steps, 0)
@@ -141,6 +143,11 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
         if with_teacher:
             objective.after_step(step_inputs, lambda t: t)
     return time.perf_counter() - start
+
+
+def student_head(strategy) -> torch.nn.Module:
+    """The head a strategy puts on the student's embedding: SEED's MLP, feature's Linear projection."""
+    return strategy.head if hasattr(strategy, "head") else strategy.projection
 
 
 def measure(pair: str, args) -> dict:

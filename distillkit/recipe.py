@@ -53,7 +53,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     flip: float = 0.5  # horizontal flip probability
-    view_size: int | None = None  # pixels of the raw views; None = the largest network input
+    view_size: int | None = None  # render every network's views at this size, each resizes them; None = each its own
     max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
     view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
     teacher_cache: str | None = None  # a folder for the teachers' outputs on those views (K = 4 unless set)

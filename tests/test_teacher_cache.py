@@ -34,17 +34,42 @@ def losses(run_dir: Path) -> list[float]:
             if '"step"' in line and "epoch_end" not in line]
 
 
+class Calls(list):
+    """The batch sizes the teacher was called with; `.sizes` the (height, width) of its views."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+
 @pytest.fixture
 def teacher_calls(monkeypatch):
-    calls = []
+    calls = Calls()
     original = Teacher.forward
 
     def counting(self, views, request):
         calls.append(views.shape[0])
+        calls.sizes.append(tuple(views.shape[-2:]))
         return original(self, views, request)
 
     monkeypatch.setattr(Teacher, "forward", counting)
     return calls
+
+
+def test_each_network_gets_its_views_at_its_own_size_unless_view_size_is_set(tmp_path, teacher_calls, monkeypatch):
+    student_sizes = []
+    original = loop.DistillModule.forward
+
+    def recording(self, views, *args):
+        student_sizes.extend(tuple(v.shape[-2:]) for v in views)
+        return original(self, views, *args)
+
+    monkeypatch.setattr(loop.DistillModule, "forward", recording)
+    run(tmp_path / "own", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32"])
+    assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(32, 32)}
+    teacher_calls.sizes.clear(), student_sizes.clear()
+    run(tmp_path / "fixed", None, epochs=1, extra=["teacher.input_size=48", "data.view_size=40"])
+    assert set(teacher_calls.sizes[-2:]) == {(40, 40)} and set(student_sizes) == {(40, 40)}
 
 
 def test_a_cached_run_gives_the_losses_of_an_uncached_run_and_skips_the_teacher(tmp_path, teacher_calls):

@@ -80,7 +80,7 @@ def test_hash_uniform_is_pure():
 
 
 def params(indices, h=48, w=64, config=None, seed=0, epoch=0, view=0):
-    config = config or ViewConfig(size=32)
+    config = config or ViewConfig()
     return sample_view_params(torch.as_tensor(indices), h, w, config, seed=seed, epoch=epoch, view=view)
 
 
@@ -121,7 +121,7 @@ def test_params_are_shard_invariant():
 @pytest.mark.parametrize("h, w, scale", [(48, 64, (0.2, 1.0)), (64, 48, (0.08, 0.5)), (28, 28, (0.3, 1.0)),
                                          (20, 60, (0.2, 1.0))])
 def test_boxes_inside_image_and_within_scale(h, w, scale):
-    config = ViewConfig(size=32, crop_scale=scale)
+    config = ViewConfig(crop_scale=scale)
     p = params(range(2000), h=h, w=w, config=config, seed=1)
     x0, y0, x1, y1 = p[:, 0], p[:, 1], p[:, 2], p[:, 3]
     assert bool((x0 >= 0).all() and (x0 < x1).all() and (x1 <= w).all())
@@ -139,7 +139,7 @@ def test_boxes_inside_image_and_within_scale(h, w, scale):
 
 def test_aspect_ratio_within_bounds():
     h = w = 200
-    config = ViewConfig(size=32, crop_ratio=(0.5, 2.0))
+    config = ViewConfig(crop_ratio=(0.5, 2.0))
     p = params(range(2000), h=h, w=w, config=config)
     bw, bh = p[:, 2] - p[:, 0], p[:, 3] - p[:, 1]
     whole = (bw == w) & (bh == h)
@@ -152,7 +152,7 @@ def test_aspect_ratio_within_bounds():
 
 def test_fixed_scale_and_ratio_gives_exact_box_size():
     # scale 1/4 of a 20x20 image with ratio 1 -> a 10x10 box at any of 11 x 11 positions
-    config = ViewConfig(size=10, crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
+    config = ViewConfig(crop_scale=(0.25, 0.25), crop_ratio=(1.0, 1.0))
     p = params(range(3000), h=20, w=20, config=config)
     assert bool(((p[:, 2] - p[:, 0]) == 10).all() and ((p[:, 3] - p[:, 1]) == 10).all())
     assert set(p[:, 0].long().tolist()) == set(range(11))
@@ -161,14 +161,14 @@ def test_fixed_scale_and_ratio_gives_exact_box_size():
 
 
 def test_full_scale_square_is_whole_image():
-    config = ViewConfig(size=16, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0)
+    config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0)
     p = params(range(50), h=16, w=16, config=config)
     assert torch.equal(p, torch.tensor([[0.0, 0.0, 16.0, 16.0, 0.0]], dtype=torch.float64).expand(50, 5))
 
 
 def test_no_fitting_proposal_falls_back_to_a_centre_crop_at_the_clamped_ratio():
     # full area with ratio 2..3 can never fit in a square image
-    config = ViewConfig(size=16, crop_scale=(1.0, 1.0), crop_ratio=(2.0, 3.0), flip=0.0)
+    config = ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(2.0, 3.0), flip=0.0)
     p = params(range(20), h=32, w=32, config=config)
     # torchvision's fallback: aspect 1 < 2 = min ratio -> full width 32, height 32 / 2 = 16, centred (y0 = 8)
     assert torch.equal(p[:, :4], torch.tensor([[0.0, 8.0, 32.0, 24.0]], dtype=torch.float64).expand(20, 4))
@@ -176,14 +176,14 @@ def test_no_fitting_proposal_falls_back_to_a_centre_crop_at_the_clamped_ratio():
 
 @pytest.mark.parametrize("flip", [0.5, 0.25, 0.8])
 def test_flip_frequency(flip):
-    p = params(range(2000), config=ViewConfig(size=32, flip=flip), seed=2)
+    p = params(range(2000), config=ViewConfig(flip=flip), seed=2)
     assert set(p[:, 4].tolist()) <= {0.0, 1.0}
     assert abs(float(p[:, 4].mean()) - flip) < 0.05
 
 
 def test_flip_never_and_always():
-    assert float(params(range(500), config=ViewConfig(size=32, flip=0.0))[:, 4].sum()) == 0
-    assert float(params(range(500), config=ViewConfig(size=32, flip=1.0))[:, 4].sum()) == 500
+    assert float(params(range(500), config=ViewConfig(flip=0.0))[:, 4].sum()) == 0
+    assert float(params(range(500), config=ViewConfig(flip=1.0))[:, 4].sum()) == 500
 
 
 # ----------------------------------------------------------------------------- render_views
@@ -281,7 +281,7 @@ def test_random_views_stay_in_range():
     images = random_images(b=64, h=28, w=28, seed=3)
     images[:8] = 255
     images[8:16] = 0
-    p = params(range(64), h=28, w=28, config=ViewConfig(size=20))
+    p = params(range(64), h=28, w=28, config=ViewConfig())
     out = render_views(images, p, 20)
     assert out.shape == (64, 3, 20, 20)
     assert float(out.min()) >= 0.0 and float(out.max()) <= 1.0 + 1e-6
@@ -292,7 +292,33 @@ def test_random_views_stay_in_range():
 def test_rendering_is_per_image():
     # a batch renders each image as it would alone
     images = random_images(b=4, h=28, w=28, seed=5)
-    p = params(range(4), h=28, w=28, config=ViewConfig(size=20), seed=9)
+    p = params(range(4), h=28, w=28, config=ViewConfig(), seed=9)
     together = render_views(images, p, 20)
     for i in range(4):
         torch.testing.assert_close(together[i:i + 1], render_views(images[i:i + 1], p[i:i + 1], 20))
+
+
+# ----------------------------------------------------------------------------- BatchViews
+
+
+def test_batch_views_render_each_size_once_from_the_same_crops():
+    from distillkit.data.views import BatchViews
+
+    images = torch.randint(0, 256, (3, 1, 28, 28), dtype=torch.uint8)
+    p = params(range(3), h=28, w=28, config=ViewConfig(), seed=4)
+    expanded = []
+    views = BatchViews(images, [p], lambda vs: expanded.append(len(vs)) or vs + [v.flip(-2) for v in vs])
+    small, large = views.at((16, 16)), views.at((32, 32))
+    assert views.at((16, 16)) is small and expanded == [1, 1]  # rendered and expanded once per size
+    assert [v.shape for v in small] == [(3, 3, 16, 16)] * 2 and large[0].shape == (3, 3, 32, 32)
+    torch.testing.assert_close(small[0], render_views(images, p, 16))
+    torch.testing.assert_close(small[1], render_views(images, p, 16).flip(-2))
+    # the same region at both sizes: the large view averaged 2x2 is close to the small one
+    pooled = torch.nn.functional.avg_pool2d(large[0], 2)
+    assert (pooled - small[0]).abs().mean() < 0.03
+
+
+def test_render_views_takes_a_height_and_width():
+    images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8)
+    out = render_views(images, params(range(2), h=20, w=20, config=ViewConfig()), (12, 8))
+    assert out.shape == (2, 3, 12, 8)

@@ -1,7 +1,7 @@
 """Data: image sources (builtin datasets, folders) and batched, replayable augmented views."""
 
 from .sources import BadImage, Batch, ImageData, check_data_source, collate_skipping_bad, open_data
-from .views import ViewConfig, as_views, render_views, sample_view_params
+from .views import BatchViews, ViewConfig, as_views, render_views, sample_view_params
 
-__all__ = ["BadImage", "Batch", "ImageData", "ViewConfig", "check_data_source", "as_views", "collate_skipping_bad", "open_data",
+__all__ = ["BadImage", "Batch", "BatchViews", "ImageData", "ViewConfig", "check_data_source", "as_views", "collate_skipping_bad", "open_data",
            "render_views", "sample_view_params"]

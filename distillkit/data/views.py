@@ -7,12 +7,17 @@ or when a teacher-output cache replays it. `render_views` turns parameters into 
 batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling averages) on uint8 images scaled to [0, 1].
 
 Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image.
+
+`BatchViews` renders one batch's views at each size asked for: every network gets the same crops
+resampled once, straight to its own input size (a 64 px teacher and a 32 px student see the same
+region), and a student reading cached teacher outputs renders only its own size.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -24,7 +29,9 @@ ATTEMPTS = 10  # crop proposals per view, as torchvision's RandomResizedCrop
 
 @dataclass(frozen=True)
 class ViewConfig:
-    size: int
+    """How views are drawn: RandomResizedCrop's area and aspect ranges, and the flip probability. The
+    size a view is rendered at is each network's own (see `BatchViews`)."""
+
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
@@ -94,14 +101,32 @@ def as_views(images: Tensor) -> Tensor:
     return x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
 
 
-def render_views(images: Tensor, params: Tensor, size: int) -> Tensor:
-    """uint8 (B, C, H, W) images + (B, 5) parameters -> float (B, 3, size, size) views in [0, 1]."""
+def render_views(images: Tensor, params: Tensor, size: int | tuple[int, int]) -> Tensor:
+    """uint8 (B, C, H, W) images + (B, 5) parameters -> float (B, 3, height, width) views in [0, 1]."""
+    size = (size, size) if isinstance(size, int) else tuple(size)
     x = as_views(images)
     params = params.to(x.device)
     boxes = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype).unsqueeze(1),
                        params[:, :4].to(x.dtype)], dim=1)
-    out = roi_align(x, boxes, output_size=(size, size), spatial_scale=1.0, sampling_ratio=0, aligned=True)
+    out = roi_align(x, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
     flip = params[:, 4].to(torch.bool)
     if flip.any():
         out[flip] = out[flip].flip(-1)
     return out
+
+
+class BatchViews:
+    """One batch's views: crop parameters per view index, rendered on demand at each size asked for,
+    then passed through `expand` (a strategy's derived views, e.g. rotations); each size is rendered once."""
+
+    def __init__(self, images: Tensor, params: list[Tensor], expand: Callable[[list[Tensor]], list[Tensor]]):
+        self.images = images
+        self.params = params
+        self.expand = expand
+        self._rendered: dict[tuple[int, int], list[Tensor]] = {}
+
+    def at(self, size: tuple[int, int]) -> list[Tensor]:
+        size = tuple(size)
+        if size not in self._rendered:
+            self._rendered[size] = self.expand([render_views(self.images, p, size) for p in self.params])
+        return self._rendered[size]

@@ -151,8 +151,8 @@ class TeacherCache:
             array.flush()
 
 
-def cache_key(teacher, request: FeatureRequest, view_config, seed: int, slots: int, views: int, dtype: str,
-              expand: str) -> dict[str, Any]:
+def cache_key(teacher, request: FeatureRequest, view_config, render_size: tuple[int, int], seed: int, slots: int,
+              views: int, dtype: str, expand: str) -> dict[str, Any]:
     """Everything the cached outputs depend on."""
     return {
         "teacher": teacher.name,
@@ -163,6 +163,7 @@ def cache_key(teacher, request: FeatureRequest, view_config, seed: int, slots: i
                   "precision": teacher.precision},
         "request": {f.name: list(v) if isinstance(v := getattr(request, f.name), tuple) else v
                     for f in fields(request)},
-        "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(view_config).items()},
+        "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(view_config).items()}
+                 | {"size": list(render_size)},
         "seed": seed, "slots": slots, "views_per_step": views, "expand_views": expand, "dtype": dtype,
     }

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from ..data import ViewConfig, collate_skipping_bad, render_views, sample_view_params
+from ..data import BatchViews, ViewConfig, collate_skipping_bad, sample_view_params
 from ..errors import RunError, UsageError
 from ..features import Extractor, FeatureRequest, Features
 from ..recipe import PRIMARY_TEACHER, Recipe
@@ -213,11 +213,13 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     resumed_from = position.step
 
     teacher_requests = inner.objective.teacher_requests(teachers, inner.student)
-    view_config = ViewConfig(size=_view_size(recipe, teachers, inner), crop_scale=recipe.data.crop_scale,
-                             crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip)
+    view_config = ViewConfig(crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio,
+                             flip=recipe.data.flip)
+    student_size = render_size(recipe, inner.student_input.size)
+    teacher_sizes = {role: render_size(recipe, t.input_config.size) for role, t in teachers.items()}
     slots = view_slots(recipe)
-    caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config, train_set,
-                         slots) if recipe.data.teacher_cache else {}
+    caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config,
+                         teacher_sizes, train_set, slots) if recipe.data.teacher_cache else {}
     metrics_path = run_dir / "metrics.jsonl"
     main = accelerator.is_main_process
     task = progress.add_task("distilling", total=total_steps, completed=position.step, terms="",
@@ -247,22 +249,20 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                 _check_bad_images(bad_seen, len(train_set), recipe.data.max_bad_fraction)
                 if batch.images is None:
                     continue
-                views = [
-                    render_views(batch.images, sample_view_params(
-                        batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
-                        seed=view_seed(recipe), epoch=view_epoch, view=v), view_config.size)
-                    for v in range(inner.objective.num_views)
-                ]
-                views = inner.objective.expand_views(views)
+                views = BatchViews(batch.images, [
+                    sample_view_params(batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
+                                       seed=view_seed(recipe), epoch=view_epoch, view=v)
+                    for v in range(inner.objective.num_views)], inner.objective.expand_views)
                 with accelerator.accumulate(module):
                     with accelerator.autocast():
                         teacher_views = {}
                         for role, request in teacher_requests.items():
-                            compute = lambda role=role, request=request: [teachers[role](v, request) for v in views]  # noqa: E731
+                            compute = lambda role=role, request=request: [  # noqa: E731
+                                teachers[role](v, request) for v in views.at(teacher_sizes[role])]
                             teacher_views[role] = (caches[role].features(batch.indices, batch.images, view_epoch,
                                                                          compute, accelerator.device)
                                                    if role in caches else compute())
-                        loss, terms, step_inputs = module(views, teacher_views, batch.labels,
+                        loss, terms, step_inputs = module(views.at(student_size), teacher_views, batch.labels,
                                                           position.step / total_steps)
                     finite = _all_finite(accelerator, loss)
                     if finite:
@@ -411,10 +411,10 @@ def view_slots(recipe: Recipe) -> int | None:
 
 
 def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], requests: dict[str, FeatureRequest],
-                objective: Objective, view_config: ViewConfig, train_set: Dataset, slots: int) -> dict[str, TeacherCache]:
-    """One cache entry per teacher role under `data.teacher_cache`, created by the main process."""
-    dummy = [torch.zeros(1, 3, view_config.size, view_config.size) for _ in range(objective.num_views)]
-    views = objective.expand_views(dummy)
+                objective: Objective, view_config: ViewConfig, sizes: dict[str, tuple[int, int]], train_set: Dataset,
+                slots: int) -> dict[str, TeacherCache]:
+    """One cache entry per teacher role under `data.teacher_cache`, created by the main process.
+    `sizes`: role -> the size that teacher's views are rendered at."""
     # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
     # students trained with seed and with feature share the teacher's embeddings
     expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
@@ -424,8 +424,9 @@ def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], reque
         caches = {}
         for role, request in requests.items():
             teacher = teachers[role]
+            views = objective.expand_views([torch.zeros(1, 3, *sizes[role]) for _ in range(objective.num_views)])
             probe = teacher(views[0].to(accelerator.device), request)
-            key = cache_key(teacher, request, view_config, view_seed(recipe), slots, len(views),
+            key = cache_key(teacher, request, view_config, sizes[role], view_seed(recipe), slots, len(views),
                             recipe.data.cache_dtype, expand) | {"role": role}
             caches[role] = TeacherCache(Path(recipe.data.teacher_cache), key, probe, index_space(train_set), slots,
                                         len(views), recipe.data.cache_dtype, create=create)
@@ -442,10 +443,11 @@ def index_space(dataset: Dataset) -> int:
     return index_space(base) if base is not None else len(dataset)
 
 
-def _view_size(recipe: Recipe, teachers: dict[str, Teacher], inner: DistillModule) -> int:
-    if recipe.data.view_size:
-        return recipe.data.view_size
-    return max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
+def render_size(recipe: Recipe, network_size: tuple[int, int]) -> tuple[int, int]:
+    """The size a network's views are rendered at: its own input size, or `data.view_size` when set (the
+    network then resizes them itself)."""
+    size = recipe.data.view_size
+    return (size, size) if size else tuple(network_size)
 
 
 def _all_finite(accelerator, loss: Tensor) -> bool:
