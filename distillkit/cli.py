@@ -143,7 +143,7 @@ def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
 @app.command("eval")
 @reports_errors
 def eval_(
-    student: str = typer.Argument(..., help="An exported student folder (or a run folder), or timm:<model name>."),
+    student: str = typer.Argument(..., help="An exported student (safetensors, ONNX or TorchScript folder or file, or a run folder), or timm:<model name>."),
     data: str = typer.Option("builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."),
     weights: Optional[Path] = typer.Option(None, help="With timm:<name>: a local state dict file instead of timm's hub weights."),
     per_block: bool = typer.Option(False, help="Also the k-NN accuracy at every block / stage (the early-exit curve)."),

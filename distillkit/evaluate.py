@@ -102,19 +102,26 @@ def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last:
     was_training = model.training
     model.eval().cpu()
     try:
-        x = torch.rand(1, 3, *input_size)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        times = []
-        with torch.no_grad():
-            for i in range(runs + 5):
-                start = time.perf_counter()
-                model(x)
-                if i >= 5:
-                    times.append((time.perf_counter() - start) * 1000)
-        return statistics.median(times)
+        return runner_latency_ms(model, input_size, runs, channels_last)
     finally:
         model.to(device).train(was_training)
+
+
+def runner_latency_ms(run: Callable[[Tensor], Tensor], input_size: tuple[int, int], runs: int = 30,
+                      channels_last: bool = False) -> float:
+    """Median single-image time of any callable on the CPU (a model, an ONNX session, a TorchScript
+    module), after 5 warm-up runs, in milliseconds."""
+    x = torch.rand(1, 3, *input_size)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.no_grad():
+        for i in range(runs + 5):
+            start = time.perf_counter()
+            run(x)
+            if i >= 5:
+                times.append((time.perf_counter() - start) * 1000)
+    return statistics.median(times)
 
 
 def eval_subset(dataset: Dataset, max_items: int, seed: int) -> Dataset:

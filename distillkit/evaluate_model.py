@@ -1,5 +1,7 @@
 """`distillkit eval`: k-NN / linear-probe accuracy, classifier top-1, parameters and CPU latency of one
-model (an exported student, or any `timm:<name>`), optionally with the k-NN accuracy at every block."""
+model (an exported student in any format, or any `timm:<name>`), optionally with the k-NN accuracy at
+every block. ONNX and TorchScript exports are run by their own runtimes (onnxruntime, torch.jit), so
+what is scored is the file that gets deployed."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from torch import Tensor, nn
 
 from .data import check_data_source, open_data
 from .errors import UsageError
-from .evaluate import count_params, cpu_latency_ms, embed_outputs, eval_subset, knn_accuracy, score_embeddings
+from .evaluate import (count_params, cpu_latency_ms, embed_outputs, eval_subset, knn_accuracy, runner_latency_ms,
+                       score_embeddings)
 from .exits import block_embeddings
 from .export import load_student, read_config, student_folder
 from .features import is_token_model, num_layers
 from .registry import did_you_mean
-from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE
+from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
 from .teachers import InputConfig, prepare_input
 
 
@@ -32,6 +35,12 @@ def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", m
     {"block", "knn_top1"} per block, each block's representation pooled as `distillkit export --exit-at` does.
     """
     check_data_source(data)
+    deployed = _deployed_file(student)
+    if deployed is not None:
+        if weights is not None:
+            raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
+        return _evaluate_file(deployed, data, max_train, max_test, knn_k, knn_temperature, probe_steps, seed,
+                              per_block)
     model, input_config = open_model(str(student), weights)
     images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
     if images.test is None or not images.num_classes:
@@ -76,14 +85,49 @@ def open_model(student: str, weights: str | Path | None) -> tuple[nn.Module, Inp
                                          std=tuple(cfg["std"]))
     if weights is not None:
         raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
-    written = [f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (Path(student).expanduser() / f).is_file()]
-    if written:
-        raise UsageError(f"{student} holds {written[0]}: eval runs safetensors students; evaluate the folder it was "
-                         "exported from (config.json: distillkit.export.source)")
     folder = student_folder(student)
     cfg = read_config(folder)["pretrained_cfg"]
     return load_student(folder), InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]),
                                              std=tuple(cfg["std"]))
+
+
+def _deployed_file(student: str | Path) -> Path | None:
+    """The ONNX or TorchScript file an export folder (or the path itself) holds, if any."""
+    if str(student).startswith("timm:"):
+        return None
+    path = Path(student).expanduser()
+    if path.is_file() and path.name in (ONNX_FILE, TORCHSCRIPT_FILE):
+        return path
+    found = [path / f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (path / f).is_file()]
+    return found[0] if found else None
+
+
+def _evaluate_file(path: Path, data: str, max_train: int, max_test: int, knn_k: int, knn_temperature: float,
+                   probe_steps: int, seed: int, per_block: bool) -> dict[str, Any]:
+    """k-NN, probe, parameters and latency of an ONNX / TorchScript export, run by its own runtime."""
+    if per_block:
+        raise UsageError(f"{path.name} returns the embedding only, so --per-block cannot tap its blocks; evaluate "
+                         "the safetensors export (or the run folder) with --per-block")
+    cfg = read_config(path.parent)["pretrained_cfg"]
+    input_config = InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+    if path.name == ONNX_FILE:
+        require_onnx()
+        run, params = run_onnx(path), onnx_params(path)
+    else:
+        module = run_torchscript(path)
+        run, params = module, count_params(module)
+    images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
+    if images.test is None or not images.num_classes:
+        raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
+    embed = lambda views: {"embedding": run(prepare_input(views, input_config, False).contiguous())}  # noqa: E731
+    train, train_labels = embed_outputs(embed, eval_subset(images.train_all, max_train, seed))
+    test, test_labels = embed_outputs(embed, eval_subset(images.test, max_test, seed))
+    metrics: dict[str, Any] = score_embeddings((train["embedding"], train_labels), (test["embedding"], test_labels),
+                                               knn_k, knn_temperature, probe_steps, seed=seed)
+    metrics["top1_skipped"] = f"{path.name} returns the embedding only (exports carry no classifier head)"
+    metrics["params"] = params
+    metrics["latency_ms"] = round(runner_latency_ms(run, input_config.size), 3)
+    return metrics
 
 
 def _timm_model(name: str, weights: str | Path | None) -> nn.Module:

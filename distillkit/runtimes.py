@@ -58,6 +58,16 @@ def run_onnx(path: Path) -> Runner:
     return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
 
 
+def onnx_params(path: Path) -> int:
+    """How many weights an ONNX file holds: the elements of its initializers (the exporter folds BatchNorms
+    and constants, so this can differ from the PyTorch model's count by a little)."""
+    import math
+
+    import onnx
+
+    return sum(math.prod(t.dims) for t in onnx.load(str(path), load_external_data=False).graph.initializer)
+
+
 def write_torchscript(model: nn.Module, path: Path, input_size: tuple[int, int]) -> None:
     example = torch.rand(2, 3, *input_size)
     with atomic_path(path) as tmp, _quiet_tracing(), torch.no_grad():

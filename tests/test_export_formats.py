@@ -229,5 +229,24 @@ def test_eval_timm_bad_input(run, colours, tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="--weights is for timm:<name>"):
         evaluate_student(run[2], data=str(colours[0]), weights=tmp_path / "w.pth")
     exported = distillkit.export(run[2], format="torchscript", out=tmp_path / "ts")
-    with pytest.raises(UsageError, match="holds model.pt: eval runs safetensors students"):
-        evaluate_student(exported.out_dir, data=str(colours[0]))
+    with pytest.raises(UsageError, match="returns the embedding only, so --per-block"):
+        evaluate_student(exported.out_dir, data=str(colours[0]), per_block=True)
+    with pytest.raises(UsageError, match="--weights is for timm:<name>"):
+        evaluate_student(exported.out_dir, data=str(colours[0]), weights=tmp_path / "w.pth")
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
+def test_eval_runs_onnx_and_torchscript_exports_with_their_runtimes(run, colours, tmp_path, fmt):
+    _, model, run_dir = run
+    reference = evaluate_student(run_dir, data=str(colours[0]), probe_steps=20)
+    exported = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
+    for target in (exported.out_dir, exported.out_dir / ("model.onnx" if fmt == "onnx" else "model.pt")):
+        metrics = evaluate_student(target, data=str(colours[0]), probe_steps=20)
+        assert metrics["knn_top1"] == reference["knn_top1"]
+        assert metrics["probe_top1"] == pytest.approx(reference["probe_top1"], abs=0.01)
+        params = sum(p.numel() for p in model.parameters())
+        if fmt == "onnx":  # the weights the file holds: the exporter folds BatchNorms and constants into them
+            assert metrics["params"] == pytest.approx(params, rel=0.02)
+        else:
+            assert metrics["params"] == params
+        assert "embedding only" in metrics["top1_skipped"] and metrics["latency_ms"] > 0
