@@ -64,6 +64,7 @@ class Setup:
             "teacher": teacher,
             "student": {"name": "mobilenetv3-small", "input_size": spec["student_size"]},
             "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}} if strategy == "seed" else {strategy: {}},
+            "data": {"render": getattr(args, "render", "shared")},
             "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "lr": 0.05,
                       "precision": args.precision, "checkpoint_every": None, "warmup_fraction": 0.0},
             "eval": {"enabled": False},
@@ -123,12 +124,14 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
         indices = order[step * batch:(step + 1) * batch]
         images = setup.data.images[indices]
         params = sample_view_params(indices, images.shape[-2], images.shape[-1], views_config, seed=0, epoch=0, view=0)
+        shared = render_views(images, params, setup.view_size) if recipe.data.render == "shared" else None
         with autocast:
-            if with_teacher:  # teacher first, as the loop does; each network gets the crops at its own size
-                teacher_view = setup.teacher(render_views(images, params, setup.teacher.input_config.size),
+            if with_teacher:  # teacher first, as the loop does
+                teacher_view = setup.teacher(shared if shared is not None else
+                                             render_views(images, params, setup.teacher.input_config.size),
                                              setup.teacher_request)
-            x = prepare_input(render_views(images, params, module.student_input.size), module.student_input,
-                              setup.channels_last)
+            x = prepare_input(shared if shared is not None else render_views(images, params, module.student_input.size),
+                              module.student_input, setup.channels_last)
             student_view = extract_features(student, x, request)
             if with_teacher:
                 step_inputs = StepInputs([teacher_view], [student_view], None, step / steps)
@@ -165,7 +168,7 @@ def measure(pair: str, args) -> dict:
         "benchmark": "throughput", "pair": pair, "teacher": setup.teacher.name,
         "teacher_px": setup.teacher.input_config.size[0], "student": setup.recipe.student.name,
         "student_px": setup.recipe.student.input_size, "batch": args.batch, "steps": args.steps,
-        "precision": args.precision,
+        "precision": args.precision, "render": args.render,
         **{f"{name}_img_per_s": round(images / seconds, 1) for name, seconds in best.items()},
         "overhead_ratio": round(best["distillkit"] / best["bare"], 3),
         "teacher_share_of_bare_step": round(1 - best["student_alone"] / best["bare"], 3),
@@ -182,6 +185,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--vit-size", type=int, default=112, help="ViT-S teacher input (px); 224 is its native size")
+    parser.add_argument("--render", default="shared", choices=["shared", "per_network"], help="data.render")
     args = parser.parse_args()
     warnings.simplefilter("ignore")  # the ViT-S teacher's random weights are announced with a warning
     for pair in args.pairs:

@@ -56,7 +56,7 @@ def teacher_calls(monkeypatch):
     return calls
 
 
-def test_each_network_gets_its_views_at_its_own_size_unless_view_size_is_set(tmp_path, teacher_calls, monkeypatch):
+def test_views_are_rendered_shared_per_network_or_at_view_size(tmp_path, teacher_calls, monkeypatch):
     student_sizes = []
     original = loop.DistillModule.forward
 
@@ -65,8 +65,12 @@ def test_each_network_gets_its_views_at_its_own_size_unless_view_size_is_set(tmp
         return original(self, views, *args)
 
     monkeypatch.setattr(loop.DistillModule, "forward", recording)
-    run(tmp_path / "own", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32"])
+    run(tmp_path / "own", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32",
+                                                 "data.render=per_network"])
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(32, 32)}
+    teacher_calls.sizes.clear(), student_sizes.clear()
+    run(tmp_path / "shared", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32"])
+    assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(48, 48)}
     teacher_calls.sizes.clear(), student_sizes.clear()
     run(tmp_path / "fixed", None, epochs=1, extra=["teacher.input_size=48", "data.view_size=40"])
     assert set(teacher_calls.sizes[-2:]) == {(40, 40)} and set(student_sizes) == {(40, 40)}

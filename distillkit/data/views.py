@@ -8,9 +8,10 @@ batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling av
 
 Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image.
 
-`BatchViews` renders one batch's views at each size asked for: every network gets the same crops
-resampled once, straight to its own input size (a 64 px teacher and a 32 px student see the same
-region), and a student reading cached teacher outputs renders only its own size.
+`BatchViews` renders one batch's views at each size asked for, once per size: with `data.render`
+per_network every network gets the same crops resampled once, straight to its own input size (a 64 px
+teacher and a 32 px student see the same region), and a student reading cached teacher outputs renders
+only its own size; with shared (the default) all get one rendering at the largest input size.
 """
 
 from __future__ import annotations

@@ -215,8 +215,9 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     teacher_requests = inner.objective.teacher_requests(teachers, inner.student)
     view_config = ViewConfig(crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio,
                              flip=recipe.data.flip)
-    student_size = render_size(recipe, inner.student_input.size)
-    teacher_sizes = {role: render_size(recipe, t.input_config.size) for role, t in teachers.items()}
+    shared = max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
+    student_size = render_size(recipe, inner.student_input.size, shared)
+    teacher_sizes = {role: render_size(recipe, t.input_config.size, shared) for role, t in teachers.items()}
     slots = view_slots(recipe)
     caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config,
                          teacher_sizes, train_set, slots) if recipe.data.teacher_cache else {}
@@ -443,11 +444,13 @@ def index_space(dataset: Dataset) -> int:
     return index_space(base) if base is not None else len(dataset)
 
 
-def render_size(recipe: Recipe, network_size: tuple[int, int]) -> tuple[int, int]:
-    """The size a network's views are rendered at: its own input size, or `data.view_size` when set (the
-    network then resizes them itself)."""
-    size = recipe.data.view_size
-    return (size, size) if size else tuple(network_size)
+def render_size(recipe: Recipe, network_size: tuple[int, int], shared: int) -> tuple[int, int]:
+    """The size a network's views are rendered at: `data.view_size` when set; else `shared` (the largest
+    network input) for `data.render` shared, or the network's own input size for per_network. A network
+    resizes views of another size itself."""
+    if recipe.data.view_size:
+        return recipe.data.view_size, recipe.data.view_size
+    return (shared, shared) if recipe.data.render == "shared" else tuple(network_size)
 
 
 def _all_finite(accelerator, loss: Tensor) -> bool:
