@@ -60,7 +60,10 @@ class DataConfig:
     render: Literal["shared", "per_network"] = "shared"
     max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
     view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
-    teacher_cache: str | None = None  # a folder for the teachers' outputs on those views (K = 4 unless set)
+    # where the teachers' outputs on those views are cached: "auto" (the default) = in the user cache
+    # ($DISTILLKIT_CACHE/teacher-outputs) whenever the run has more epochs than view slots, so the teacher
+    # runs once per slot; a folder = always there (K = 4 unless set); null / --no-teacher-cache = never
+    teacher_cache: str | None = "auto"
     cache_dtype: Literal["float16", "float32"] = "float16"  # how cached teacher outputs are stored
     # seed of the views' crops and flips; None = train.seed. Runs that differ only in train.seed but share a
     # view_seed see the same views, so they share one teacher-cache entry (e.g. a benchmark's seeds)
@@ -70,6 +73,9 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
+    # the budget in images seen (optimiser steps x global batch); when set it decides the epochs, so a
+    # smaller data source trains as long as a large one (more epochs of fewer images) and `epochs` is unused
+    images: int | None = None
     max_steps: int | None = None  # stop after this many optimiser steps
     batch_size: int = 128  # global: summed over all processes
     lr: float = 0.05
@@ -365,6 +371,7 @@ def check_ranges(recipe: Recipe) -> None:
         raise UsageError(f"eval.online_images must be 0 (off) or at least 2, got {recipe.eval.online_images}")
     optional_positive = {
         "train.max_steps": recipe.train.max_steps,
+        "train.images": recipe.train.images,
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "data.limit": recipe.data.limit,
         **{f"teachers.{role}.input_size": t.input_size for role, t in recipe.teachers.items()},
@@ -438,6 +445,8 @@ def resolve_recipe(
     for option, value in (options or {}).items():
         if value is not None:
             data = apply_overrides(data, {OPTION_KEYS[option]: str(value) if isinstance(value, Path) else value})
+    if (options or {}).get("epochs") is not None:  # --epochs is the budget the user asked for
+        data = apply_overrides(data, {"train.images": None})
     if strategy is not None:
         names = [n.strip() for n in strategy.split("+") if n.strip()]
         if not names:
