@@ -22,16 +22,33 @@ def loss_curves(steps: Sequence[int], terms: dict[str, Sequence[float | None]]) 
     return _png(figure)
 
 
-def online_knn_curve(epochs: Sequence[int], top1: Sequence[float]) -> bytes:
+def online_knn_curve(epochs: Sequence[int], top1: Sequence[float], *, teacher: float | None = None,
+                     random_init: float | None = None) -> bytes:
+    """The student's online k-NN top-1 at each epoch's end. `teacher` / `random_init`: the teacher's and
+    the random-init student's online k-NN on the same split, drawn as dashed reference lines; with
+    `random_init` the curve starts from it at epoch 0."""
+    from matplotlib.ticker import MaxNLocator
+
     figure, ax = _figure()
-    ax.plot(epochs, [100 * v for v in top1], marker="o", color=_COLOURS["student"])
+    epochs, top1 = list(epochs), list(top1)
+    if random_init is not None and (not epochs or epochs[0] > 0):
+        epochs, top1 = [0] + epochs, [random_init] + top1
+    ax.plot(epochs, [100 * v for v in top1], marker="o", color=_COLOURS["student"], label="student")
+    for name, value, text in (("teacher", teacher, "teacher"), ("student_random_init", random_init,
+                                                                 "student at random init")):
+        if value is not None:
+            ax.axhline(100 * value, linestyle="--", linewidth=1.2, color=_COLOURS[name],
+                       label=f"{text} ({100 * value:.1f}%)")
     ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="online k-NN accuracy of the student")
-    ax.set_xticks(list(epochs))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if teacher is not None or random_init is not None:
+        ax.legend(fontsize="small", loc="lower right")
     return _png(figure)
 
 
-def accuracy_bars(rows: dict[str, dict[str, float]]) -> bytes:
-    """Grouped bars: k-NN and linear-probe top-1 of each model (`rows`: model -> {knn_top1, probe_top1})."""
+def accuracy_bars(rows: dict[str, dict[str, float]], gap: dict[str, float] | None = None) -> bytes:
+    """Grouped bars: k-NN and linear-probe top-1 of each model (`rows`: model -> {knn_top1, probe_top1});
+    `gap` (verdict.gap_recovered's dict) goes into the title."""
     figure, ax = _figure()
     width = 0.8 / len(rows)
     for i, (model, row) in enumerate(rows.items()):
@@ -40,7 +57,11 @@ def accuracy_bars(rows: dict[str, dict[str, float]]) -> bytes:
                       color=_COLOURS.get(model))
         ax.bar_label(bars, fmt="%.1f", fontsize="small")
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in (0, 1)], ["k-NN top-1", "linear probe top-1"])
-    ax.set(ylabel="accuracy on the held-out split (%)", title="teacher vs student vs random init")
+    title = "teacher vs student vs random init"
+    if gap:
+        shares = " / ".join(f"{gap[key]:.0%}" if key in gap else "-" for key in ("knn_top1", "probe_top1"))
+        title += f"\nthe student recovers {shares} of the gap (k-NN / probe)"
+    ax.set(ylabel="accuracy on the held-out split (%)", title=title)
     figure.legend(loc="outside lower center", ncols=len(rows), fontsize="small")
     return _png(figure)
 

@@ -148,27 +148,42 @@ def test_read_idx_truncated_header(tmp_path):
 
 def test_bundled_fallback(offline_fashion):
     train, test, where = load_fashion_mnist()
-    assert len(train) == 5000
-    assert len(test) == 1000
-    assert "bundled" in where
+    assert len(train) == 20000
+    assert len(test) == 2000
+    assert "bundled" in where and "20,000 train" in where
     image, label, index = train[0]
     assert image.dtype == torch.uint8
     assert tuple(image.shape) == (1, 28, 28)
     assert isinstance(label, int) and 0 <= label <= 9
     assert index == 0
-    assert train[4999][2] == 4999
+    assert train[19999][2] == 19999
     train_counts = torch.bincount(train.labels, minlength=10)
     test_counts = torch.bincount(test.labels, minlength=10)
-    assert train_counts.tolist() == [500] * 10
-    assert test_counts.tolist() == [100] * 10
+    assert train_counts.tolist() == [2000] * 10
+    assert test_counts.tolist() == [200] * 10
     assert int(train.images.max()) > 0  # real pictures, not a blank array
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")
+def test_bundled_subset_is_the_first_images_of_each_class():
+    """The bundle holds the first 2,000 training / 200 test images of each class, pixel for pixel."""
+    from distillkit.data.sources import read_bundled_fashion_mnist, read_idx
+
+    bundle = read_bundled_fashion_mnist()
+    root = Path("/usr/share/datasets/fashion-mnist")
+    for prefix, split, per_class in (("train", "train", 2000), ("t10k", "test", 200)):
+        images = read_idx(root / f"{prefix}-images-idx3-ubyte.gz").reshape(-1, 28, 28)
+        labels = read_idx(root / f"{prefix}-labels-idx1-ubyte.gz")
+        chosen = sorted(i for c in range(10) for i in np.flatnonzero(labels == c)[:per_class])
+        assert (bundle[f"{split}_images"] == images[chosen]).all()
+        assert (bundle[f"{split}_labels"] == labels[chosen]).all()
 
 
 def test_open_data_builtin_uses_bundled(offline_fashion):
     data = open_data("builtin:fashion-mnist", limit=None, seed=0, val_fraction=0.1, load_size=32)
     assert data.num_classes == 10
-    assert len(data.train) == 5000 and data.train is data.train_all
-    assert len(data.test) == 1000
+    assert len(data.train) == 20000 and data.train is data.train_all
+    assert len(data.test) == 2000
     assert "bundled" in data.source
 
 
