@@ -23,8 +23,9 @@ from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, 
 from .export import export_student
 from .features import Extractor, FeatureRequest, probe_features
 from .io import write_json, write_text
-from .recipe import PRIMARY_TEACHER, Recipe, recipe_to_yaml, resolve_recipe
+from .recipe import PRIMARY_TEACHER, Recipe, parse_set, recipe_to_yaml, resolve_recipe
 from .report import report
+from .verdict import GAP_METRICS, gap_recovered, verdict
 from .strategies import STRATEGIES, Objective
 from .strategies.base import check_composable
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
@@ -43,6 +44,9 @@ class CompressResult:
     steps: int
     data_source: str
     recipe: Recipe = field(repr=False)
+    train_images: int = 0  # distinct images trained on (after --limit)
+    images_seen: int = 0  # optimiser steps x global batch
+    teacher_cache: str | None = None  # where the teachers' outputs were cached, if they were
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -72,7 +76,7 @@ def compress(
     overwrite: bool = False,
     seed: int | None = None,
     precision: str | None = None,
-    teacher_cache: str | Path | None = None,
+    teacher_cache: str | Path | bool | None = None,
     quiet: bool = False,
 ) -> CompressResult:
     """Distil `teacher` into `student` with `strategy` on `data`; export and evaluate the student.
@@ -80,8 +84,12 @@ def compress(
     `recipe` is a shipped recipe name, a YAML path, a dict or a `Recipe` (default: the embedded
     default recipe). Keyword options override it, then `set` ("train.lr=0.1" items) overrides those.
     `resume` continues the run in `out` exactly where its last checkpoint left it; a changed recipe
-    is refused unless `force_resume`.
+    is refused unless `force_resume`. `teacher_cache`: a folder, False (never cache), or None = the recipe's
+    `data.teacher_cache` ("auto": the user cache whenever the run has more epochs than view slots).
     """
+    if teacher_cache is False:
+        set = {**parse_set(set), "data.teacher_cache": None}  # noqa: A001 - wins over the recipe, like --set
+        teacher_cache = None
     with explain_out_of_memory():
         return _compress(recipe, dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data,
                                       epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr,
@@ -98,9 +106,6 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     accelerator = make_accelerator(resolved)
     main = accelerator.is_main_process
     console = Console(quiet=quiet or not main)  # one process speaks
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
     console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
                   f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
 
@@ -117,7 +122,18 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     if channels_last:
         student_model.to(memory_format=torch.channels_last)
     student_input = student_input_config(student_model, student_size)
+    view_size = resolved.data.view_size or max(*(s for t in teachers.values() for s in t.input_config.size),
+                                               student_size)
+    images = open_data(resolved.data.source, limit=resolved.data.limit, seed=resolved.train.seed,
+                       val_fraction=resolved.data.val_fraction,
+                       load_size=resolved.data.load_size or int(round(view_size * 1.15)))
+    console.print(f"data: {images.source}; training on {len(images.train):,} images")
+    for note in fit_to_data(resolved, len(images.train)):
+        console.print(f"[yellow]{note}[/]")
     objective, student_request = build_objective(resolved, teachers, student_model, student_size)
+    if main:  # only now: a start that fails while loading leaves no half-made run folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
     for role, request in objective.teacher_requests(teachers, student_model).items():
         if teachers[role].prune(request):  # blocks no strategy reads
             console.print(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
@@ -125,12 +141,6 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     module = DistillModule(student_model, objective, student_input, channels_last, student_request,
                            Extractor(compile=resolved.student.compile))
 
-    view_size = resolved.data.view_size or max(*(s for t in teachers.values() for s in t.input_config.size),
-                                               student_size)
-    images = open_data(resolved.data.source, limit=resolved.data.limit, seed=resolved.train.seed,
-                       val_fraction=resolved.data.val_fraction,
-                       load_size=resolved.data.load_size or int(round(view_size * 1.15)))
-    console.print(f"data: {images.source}; training on {len(images.train)} images")
     timings = {"setup": time.perf_counter() - started}
 
     with _progress(console) as progress:
@@ -140,7 +150,8 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     for teacher in teachers.values():
         teacher.extractor = Extractor()  # evaluation's requests need no compiled graphs of their own
     timings["online_eval"] = result.online_eval_seconds
-    console.print(f"trained {result.steps} steps in {result.seconds:.0f} s ({result.images_per_second:.0f} img/s)"
+    console.print(f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
+                  f"({result.images_per_second:.0f} img/s)"
                   + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
                   + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
                   + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else ""))
@@ -172,7 +183,9 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     accelerator.wait_for_everyone()
     timings["total"] = time.perf_counter() - started
     final = CompressResult(run_dir=run_dir, student_dir=student_dir, metrics=metrics, timings=timings,
-                           steps=result.steps, data_source=images.source, recipe=resolved)
+                           steps=result.steps, data_source=images.source, recipe=resolved,
+                           train_images=len(images.train), images_seen=result.images_seen,
+                           teacher_cache=result.teacher_cache)
     if main:
         write_json(run_dir / "result.json", final.to_dict())
         console.print(f"student exported to {student_dir} (timm: create_model('local-dir:{student_dir}', "
@@ -210,6 +223,17 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
             raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                              "replace it, or choose another --out")
         shutil.rmtree(run_dir)
+
+
+def fit_to_data(recipe: Recipe, num_images: int) -> list[str]:
+    """Shrink the strategies' data-dependent sizes (a queue longer than the data) to `num_images` training
+    images, in the recipe itself (so recipe.yaml and a resume see what ran); returns what changed."""
+    notes = []
+    for name, settings in recipe.strategy.items():
+        note = STRATEGIES.get(name).fit_to_data(settings, num_images, recipe.train.batch_size)
+        if note:
+            notes.append(note)
+    return notes
 
 
 def build_objective(recipe: Recipe, teachers: Teacher | Mapping[str, Teacher], student: torch.nn.Module,
@@ -284,7 +308,16 @@ def evaluate_run(recipe: Recipe, teacher: Teacher, student: torch.nn.Module, spe
         metrics[name] = row
     if not labelled:
         console.print("[yellow]no labelled held-out split: k-NN and linear-probe accuracy were skipped[/]")
+    gap = gap_recovered(metrics)
+    if gap:
+        metrics["gap_recovered"] = gap
     console.print(results_table(metrics))
+    said = verdict(metrics)
+    if said is not None:
+        colour = {"good": "green", "fair": "yellow", "bad": "bold red"}[said["level"]]
+        console.print(f"[{colour}]{said['text']}[/]", highlight=False)
+        if said["advice"]:
+            console.print(f"[bold red]warning: {said['advice']}[/]", highlight=False)
     return metrics
 
 
@@ -295,7 +328,9 @@ def _student_embed(model, input_config, channels_last):
 def results_table(metrics: dict[str, Any]) -> Table:
     table = Table(title="distillkit results (held-out split)")
     table.add_column("model")
-    for column in ("k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)"):
+    gap = gap_recovered(metrics)
+    for column in ("k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)") + (
+            ("gap recovered (k-NN / probe)",) if gap else ()):
         table.add_column(column, justify="right")
     for name in ("teacher", "student", "student_random_init"):
         row = metrics.get(name)
@@ -307,6 +342,8 @@ def results_table(metrics: dict[str, Any]) -> Table:
             f"{row['probe_top1']:.2%}" if "probe_top1" in row else "-",
             f"{row['params'] / 1e6:.2f} M",
             f"{row['latency_ms']:.1f} ms",
+            *((" / ".join(f"{gap[k]:.0%}" if k in gap else "-" for k in GAP_METRICS) if name == "student" else "",)
+              if gap else ()),
         )
     return table
 

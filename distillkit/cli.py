@@ -15,7 +15,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import DistillkitError
+from .errors import DistillkitError, UsageError
 
 app = typer.Typer(
     add_completion=False,
@@ -74,19 +74,24 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
     precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
-    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots, default 4), reused across epochs and students."),
+    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots, default 4), reused across epochs and students. Default (auto): the user cache, whenever the run has more epochs than view slots."),
+    no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="Never cache the teacher's outputs: run the teacher on every step."),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ) -> None:
     """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
 
-    With no options: EfficientNet-Lite0 -> MobileNetV3-Large with SEED on Fashion-MNIST (offline).
+    With no options: EfficientNet-Lite0 -> MobileNetV3-Small with SEED on Fashion-MNIST (offline).
     """
     from .api import compress as run_compress
+
+    if no_teacher_cache and teacher_cache is not None:
+        raise UsageError("--teacher-cache and --no-teacher-cache contradict each other; pass one of them")
 
     run_compress(
         recipe, teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, strategy=strategy, data=data,
         epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
-        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None, teacher_cache=teacher_cache, quiet=quiet,
+        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None,
+        teacher_cache=False if no_teacher_cache else teacher_cache, quiet=quiet,
     )
 
 

@@ -43,6 +43,39 @@ class StudentConfig:
     compile: bool = False  # run the student's forward through torch.compile while training
 
 
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Photometric augmentation of every view, after its crop and flip (see `data/augment.py`); the defaults
+    turn everything off. SimCLR (Chen et al. 2020, appendix A) uses colour jitter of strength s
+    (brightness / contrast / saturation 0.8 s, hue 0.2 s) with p 0.8, grayscale p 0.2 and, on ImageNet,
+    Gaussian blur p 0.5 with sigma 0.1-2.0; BYOL (Grill et al. 2020) adds solarisation p 0.2 on one view."""
+
+    jitter: float = 0.0  # probability that colour jitter applies to a view
+    brightness: float = 0.0  # strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 = off
+    contrast: float = 0.0  # strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 = off
+    saturation: float = 0.0  # strength s: factor uniform in [max(0, 1 - s), 1 + s]; 0 = off
+    hue: float = 0.0  # strength h <= 0.5: hue shift uniform in [-h, h] (of a full turn); 0 = off
+    grayscale: float = 0.0  # probability of converting a view to grayscale
+    blur: float = 0.0  # probability of a Gaussian blur
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # blur sigma range in pixels of a 224 px view (scaled to the view)
+    solarize: float = 0.0  # probability of solarisation (pixels >= 0.5 become 1 - x)
+
+    def __post_init__(self) -> None:
+        for name in ("jitter", "grayscale", "blur", "solarize"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise UsageError(f"data.augment.{name} must be a probability in [0, 1], got {value}")
+        for name in ("brightness", "contrast", "saturation"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0.0):
+                raise UsageError(f"data.augment.{name} must be a strength >= 0, got {value}")
+        if not 0.0 <= self.hue <= 0.5:
+            raise UsageError(f"data.augment.hue must be in [0, 0.5], got {self.hue}")
+        low, high = self.blur_sigma
+        if not (0.0 < low <= high and math.isfinite(high)):
+            raise UsageError(f"data.augment.blur_sigma must satisfy 0 < low <= high, got {[low, high]}")
+
+
 @dataclass
 class DataConfig:
     source: str = "builtin:fashion-mnist"  # builtin:<name> or an image folder
@@ -59,6 +92,9 @@ class DataConfig:
     # from the crop (one resampling; a student reading cached teacher outputs renders only its own size)
     render: Literal["shared", "per_network"] = "shared"
     max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
+    # photometric augmentation of every view (colour jitter, grayscale, blur, solarize), off by default;
+    # replayable like the crops, so cached teacher outputs, resumes and several processes agree
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
     # where the teachers' outputs on those views are cached: "auto" (the default) = in the user cache
     # ($DISTILLKIT_CACHE/teacher-outputs) whenever the run has more epochs than view slots, so the teacher

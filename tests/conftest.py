@@ -2,6 +2,15 @@ import pytest
 import torch
 
 
+@pytest.fixture(autouse=True, scope="session")
+def private_user_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache/distillkit (the automatic teacher cache, weights)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("DISTILLKIT_CACHE", str(tmp_path_factory.mktemp("distillkit-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """Small models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription

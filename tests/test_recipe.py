@@ -38,18 +38,19 @@ def test_default_recipe_matches_default_yaml():
     # values written in recipes/default.yaml
     assert recipe.teacher.name == "efficientnet-lite0"
     assert recipe.teacher.input_size == 64
-    assert recipe.student.name == "mobilenetv3"
+    assert recipe.student.name == "mobilenetv3-small"
     assert recipe.student.input_size == 32
     assert recipe.data.source == "builtin:fashion-mnist"
-    assert recipe.data.limit == 30000
+    assert recipe.data.limit is None
     assert recipe.data.crop_scale == (0.3, 1.0)
-    assert recipe.train.epochs == 2
+    assert recipe.data.view_slots == 1 and recipe.data.teacher_cache == "auto"
+    assert recipe.train.images == 480000
     assert recipe.train.batch_size == 128
     assert recipe.train.optimizer == "sgd"
     assert recipe.train.lr == 0.15
     assert recipe.train.weight_decay == 0.0001
     assert recipe.eval.max_train == 10000
-    assert recipe.eval.max_test == 5000
+    assert recipe.eval.max_test == 10000
     assert list(recipe.strategy) == ["seed"]
     seed = recipe.strategy["seed"]
     assert seed["queue_size"] == 4096
@@ -491,7 +492,7 @@ def test_empty_recipe_file_gives_schema_defaults(tmp_path):
     path.write_text("# nothing\n", encoding="utf-8")
     assert read_yaml(path) == {}
     recipe = resolve_recipe(path)
-    assert recipe.train.epochs == 1  # schema default, not default.yaml's 2
+    assert recipe.train.epochs == 1 and recipe.train.images is None  # schema defaults, not default.yaml's
     assert recipe.teacher.input_size is None
 
 

@@ -24,8 +24,9 @@ TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=fa
 
 
 def run(out: Path, cache: Path | None, epochs: int = 2, extra: list[str] = (), **kwargs):
+    """`cache` None: no teacher cache at all (not the automatic one)."""
     return distillkit.compress(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32,
-                               epochs=epochs, out=out, quiet=True, teacher_cache=cache,
+                               epochs=epochs, out=out, quiet=True, teacher_cache=False if cache is None else cache,
                                set=TINY + ["data.view_slots=1"] + list(extra), **kwargs)
 
 

@@ -6,7 +6,9 @@ so the same image gets the same view however the data is sharded across processe
 or when a teacher-output cache replays it. `render_views` turns parameters into pixels with one
 batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling averages) on uint8 images scaled to [0, 1].
 
-Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image.
+Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image. Photometric
+augmentation (colour jitter, grayscale, blur, solarize) has its own parameters from an independent hash
+stream, see `augment.py`; `BatchViews` applies it after rendering.
 
 `BatchViews` renders one batch's views at each size asked for, once per size: with `data.render`
 per_network every network gets the same crops resampled once, straight to its own input size (a 64 px
@@ -24,18 +26,22 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
+from ..recipe import AugmentConfig
+
 MASK32 = 0xFFFFFFFF
 ATTEMPTS = 10  # crop proposals per view, as torchvision's RandomResizedCrop
 
 
 @dataclass(frozen=True)
 class ViewConfig:
-    """How views are drawn: RandomResizedCrop's area and aspect ranges, and the flip probability. The
-    size a view is rendered at is each network's own (see `BatchViews`)."""
+    """How views are drawn: RandomResizedCrop's area and aspect ranges, the flip probability and the
+    photometric augmentation (None = none; see `augment.py`). The size a view is rendered at is each
+    network's own (see `BatchViews`)."""
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
+    augment: AugmentConfig | None = None
 
 
 def _mix32(x: Tensor) -> Tensor:
@@ -118,16 +124,30 @@ def render_views(images: Tensor, params: Tensor, size: int | tuple[int, int]) ->
 
 class BatchViews:
     """One batch's views: crop parameters per view index, rendered on demand at each size asked for,
-    then passed through `expand` (a strategy's derived views, e.g. rotations); each size is rendered once."""
+    photometrically augmented when `augment` is given (`augment[v]`: view v's (B, P) parameters from
+    `augment.sample_augment_params`, applied with the same parameters at every size), then passed through
+    `expand` (a strategy's derived views, e.g. rotations); each size is rendered once."""
 
-    def __init__(self, images: Tensor, params: list[Tensor], expand: Callable[[list[Tensor]], list[Tensor]]):
+    def __init__(self, images: Tensor, params: list[Tensor], expand: Callable[[list[Tensor]], list[Tensor]],
+                 augment: list[Tensor] | None = None, augment_config: AugmentConfig | None = None):
+        if augment is not None and len(augment) != len(params):
+            raise ValueError(f"{len(augment)} augmentation parameter sets for {len(params)} views")
+        if augment is not None and augment_config is None:
+            raise ValueError("BatchViews: augmentation parameters need their augment_config")
         self.images = images
         self.params = params
         self.expand = expand
+        self.augment = augment
+        self.augment_config = augment_config
         self._rendered: dict[tuple[int, int], list[Tensor]] = {}
 
     def at(self, size: tuple[int, int]) -> list[Tensor]:
         size = tuple(size)
         if size not in self._rendered:
-            self._rendered[size] = self.expand([render_views(self.images, p, size) for p in self.params])
+            views = [render_views(self.images, p, size) for p in self.params]
+            if self.augment is not None:
+                from .augment import apply_augment  # here: augment.py imports this module's hash_uniform
+
+                views = [apply_augment(v, a, self.augment_config) for v, a in zip(views, self.augment)]
+            self._rendered[size] = self.expand(views)
         return self._rendered[size]

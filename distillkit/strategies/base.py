@@ -10,6 +10,9 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
     forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
     term_weights()                   -> {term: weight}   how the objective weighs them
     after_step(step, gather)                             state updates after the loss (queues)
+    fit_to_data(settings, num_images, batch_size) -> note | None
+                                                         shrink data-dependent sizes (a queue larger
+                                                         than the data) in the recipe's settings
 
 Several teachers: a recipe's `teacher:` is the role "teacher"; `teachers:` adds more roles (e.g.
 "mim"). A strategy that reads more than one overrides the role-aware forms of the hooks above:
@@ -121,6 +124,12 @@ class Strategy(nn.Module):
         """Raise `UsageError` when the student model cannot give what this strategy needs.
 
         Called before any forward pass, so a recipe is rejected before training starts."""
+
+    @classmethod
+    def fit_to_data(cls, settings: dict[str, Any], num_images: int, batch_size: int) -> str | None:
+        """Adapt sizes that depend on the training data in `settings` (the recipe's dict for this strategy,
+        changed in place) and return a sentence saying what changed, or None. Default: nothing depends on it."""
+        return None
 
     @classmethod
     def runs_student(cls) -> bool:

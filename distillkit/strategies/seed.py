@@ -110,6 +110,21 @@ class Seed(Strategy):
         return FeatureRequest(embedding=True)
 
     @classmethod
+    def fit_to_data(cls, settings: dict, num_images: int, batch_size: int) -> str | None:
+        """A queue must hold other images than the batch's: at most num_images - batch_size embeddings.
+        A longer one would hold every image, some twice (earlier views of the batch's own images)."""
+        largest = num_images - batch_size
+        if settings["queue_size"] <= largest:
+            return None
+        if largest < 1:
+            raise UsageError(f"strategy.seed needs more training images than one batch ({num_images} images, "
+                             f"batch {batch_size}); use more images or a smaller --batch-size")
+        note = (f"strategy.seed.queue_size {settings['queue_size']} is more than the {num_images} training images "
+                f"minus one batch; using {largest}")
+        settings["queue_size"] = largest
+        return note
+
+    @classmethod
     def check_compatible(cls, config: SeedConfig, teacher) -> None:
         check_teacher_embed(cls.name, config.teacher_embed, teacher)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -17,18 +18,21 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from ..data import BatchViews, ViewConfig, collate_skipping_bad, sample_view_params
+from ..data.augment import is_active, sample_augment_params
 from ..errors import RunError, UsageError
 from ..features import Extractor, FeatureRequest, Features
 from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
+from ..data.sources import cache_dir
+from .budget import plan_budget
 from .cache import TeacherCache, cache_key
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
 from .online import OnlineKnn
@@ -113,6 +117,8 @@ class TrainResult:
     skipped_steps: int = 0
     bad_images: int = 0
     online_eval_seconds: float = 0.0  # online k-NN time, left out of `seconds` and `images_per_second`
+    images_seen: int = 0  # optimiser steps x global batch x grad_accum, over the whole run (resumes included)
+    teacher_cache: str | None = None  # the folder the teachers' outputs were cached in, or None
 
 
 class StopSignals:
@@ -200,29 +206,34 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     inner: DistillModule = accelerator.unwrap_model(module)
 
     micro_batches = len(loader)
-    steps_per_epoch = micro_batches // recipe.train.grad_accum
-    if steps_per_epoch < 1:
-        raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum "
-                         f"{recipe.train.grad_accum}")
-    total_steps = recipe.train.epochs * steps_per_epoch
-    if recipe.train.max_steps is not None:
-        total_steps = min(total_steps, recipe.train.max_steps)
+    budget = plan_budget(recipe.train, micro_batches)
+    total_steps = budget.total_steps
     warmup_steps = int(recipe.train.warmup_fraction * total_steps)
     recipe_dict = recipe.to_dict()
     position = _resume(run_dir, recipe_dict, inner, optimizer, force_resume) if resume else Position()
     resumed_from = position.step
 
     teacher_requests = inner.objective.teacher_requests(teachers, inner.student)
+    augment = recipe.data.augment if is_active(recipe.data.augment) else None
     view_config = ViewConfig(crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio,
-                             flip=recipe.data.flip)
+                             flip=recipe.data.flip, augment=augment)
     shared = max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
     student_size = render_size(recipe, inner.student_input.size, shared)
     teacher_sizes = {role: render_size(recipe, t.input_config.size, shared) for role, t in teachers.items()}
     slots = view_slots(recipe)
-    caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config,
-                         teacher_sizes, train_set, slots) if recipe.data.teacher_cache else {}
-    metrics_path = run_dir / "metrics.jsonl"
     main = accelerator.is_main_process
+    say = progress.console.print if main else (lambda *a, **k: None)
+    cache_root = teacher_cache_root(recipe, budget.epochs, slots)
+    caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config,
+                         teacher_sizes, train_set, slots, cache_root, min(slots, budget.epochs), say) \
+        if cache_root is not None else {}
+    metrics_path = run_dir / "metrics.jsonl"
+    reference_seconds = 0.0
+    if online_knn is not None and position.step == 0 and main:
+        tick = time.perf_counter()
+        _append_jsonl(metrics_path, online_knn.references(teachers[PRIMARY_TEACHER], inner.student,
+                                                          inner.student_input, inner.channels_last))
+        reference_seconds = time.perf_counter() - tick
     task = progress.add_task("distilling", total=total_steps, completed=position.step, terms="",
                              speed="") if main else None
 
@@ -239,7 +250,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     terms_mean: dict[str, float] = {}
     module.train()
     with StopSignals() as signals:
-        while position.step < total_steps and position.epoch < recipe.train.epochs:
+        while position.step < total_steps and position.epoch < budget.epochs:
             loader.set_epoch(position.epoch)  # through Accelerate's loader: it re-sets the sampler's epoch
             epoch_loader = accelerator.skip_first_batches(loader, position.batch) if position.batch else loader
             epoch_start = time.perf_counter()
@@ -250,10 +261,14 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                 _check_bad_images(bad_seen, len(train_set), recipe.data.max_bad_fraction)
                 if batch.images is None:
                     continue
+                draws = dict(seed=view_seed(recipe), epoch=view_epoch)
                 views = BatchViews(batch.images, [
                     sample_view_params(batch.indices, batch.images.shape[-2], batch.images.shape[-1], view_config,
-                                       seed=view_seed(recipe), epoch=view_epoch, view=v)
-                    for v in range(inner.objective.num_views)], inner.objective.expand_views)
+                                       view=v, **draws) for v in range(inner.objective.num_views)],
+                    inner.objective.expand_views,
+                    augment=[sample_augment_params(batch.indices, augment, view=v, **draws)
+                             for v in range(inner.objective.num_views)] if augment else None,
+                    augment_config=augment)
                 with accelerator.accumulate(module):
                     with accelerator.autocast():
                         teacher_views = {}
@@ -332,7 +347,9 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     return TrainResult(steps=position.step, epochs=position.epoch, seconds=seconds,
                        images_per_second=images_seen / seconds if seconds > 0 else 0.0,
                        resumed_from_step=resumed_from, final_terms=terms_mean, skipped_steps=skipped,
-                       bad_images=len(bad_seen), online_eval_seconds=online_seconds)
+                       bad_images=len(bad_seen), online_eval_seconds=online_seconds + reference_seconds,
+                       images_seen=position.step * recipe.train.batch_size * recipe.train.grad_accum,
+                       teacher_cache=str(cache_root) if caches else None)
 
 
 def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:
@@ -405,17 +422,32 @@ DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view
 
 
 def view_slots(recipe: Recipe) -> int | None:
-    """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch."""
+    """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch.
+    A cache folder given explicitly without `data.view_slots` gets DEFAULT_CACHE_SLOTS."""
     if recipe.data.view_slots is not None:
         return recipe.data.view_slots
-    return DEFAULT_CACHE_SLOTS if recipe.data.teacher_cache else None
+    return DEFAULT_CACHE_SLOTS if recipe.data.teacher_cache not in (None, "auto") else None
+
+
+def teacher_cache_root(recipe: Recipe, epochs: int, slots: int | None) -> Path | None:
+    """Where the teachers' outputs are cached, or None. `data.teacher_cache` "auto" caches in the user cache
+    exactly when it pays: the run has a fixed set of views (`data.view_slots`) and more epochs than slots,
+    so every epoch after the first `slots` reads the teacher's outputs instead of recomputing them."""
+    setting = recipe.data.teacher_cache
+    if setting is None:
+        return None
+    if setting == "auto":
+        return cache_dir() / "teacher-outputs" if slots is not None and epochs > slots else None
+    return Path(setting).expanduser()
 
 
 def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], requests: dict[str, FeatureRequest],
                 objective: Objective, view_config: ViewConfig, sizes: dict[str, tuple[int, int]], train_set: Dataset,
-                slots: int) -> dict[str, TeacherCache]:
-    """One cache entry per teacher role under `data.teacher_cache`, created by the main process.
-    `sizes`: role -> the size that teacher's views are rendered at."""
+                slots: int, root: Path, slots_used: int, say: Callable[[str], None]) -> dict[str, TeacherCache]:
+    """One cache entry per teacher role under `root`, created by the main process, each announced by `say`.
+    `sizes`: role -> the size that teacher's views are rendered at; `slots_used`: the slots this run fills.
+    When the disk lacks the room for what the run would write, an automatic cache ("auto") is skipped
+    with a message (the teacher is recomputed every epoch) and an explicit folder is refused."""
     # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
     # students trained with seed and with feature share the teacher's embeddings
     expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
@@ -429,13 +461,46 @@ def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], reque
             probe = teacher(views[0].to(accelerator.device), request)
             key = cache_key(teacher, request, view_config, sizes[role], view_seed(recipe), slots, len(views),
                             recipe.data.cache_dtype, expand) | {"role": role}
-            caches[role] = TeacherCache(Path(recipe.data.teacher_cache), key, probe, index_space(train_set), slots,
+            caches[role] = TeacherCache(root, key, probe, index_space(train_set), slots,
                                         len(views), recipe.data.cache_dtype, create=create)
         return caches
 
+    def fits() -> bool:
+        needed = sum(_cache_bytes(teachers[role], request, views_per_step, sizes[role], recipe.data.cache_dtype,
+                                  accelerator.device) for role, request in requests.items()) * len(train_set) * slots_used
+        root.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(root).free
+        where = f"{root} ({_gb(needed)} for {len(train_set):,} images x {slots_used} view slots)"
+        if needed * 1.05 + (256 << 20) <= free:
+            say(f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
+                "instead of running them (--no-teacher-cache to turn it off)")
+            return True
+        if recipe.data.teacher_cache == "auto":
+            say(f"[yellow]teacher cache skipped: {where} needs more than the {_gb(free)} free there; the teacher "
+                "runs every epoch (free space, or set data.teacher_cache to a folder with room)[/]")
+            return False
+        raise UsageError(f"--teacher-cache {where} needs more than the {_gb(free)} free there; free space, choose "
+                         "another folder or pass --no-teacher-cache")
+
+    views_per_step = len(objective.expand_views([torch.zeros(1, 3, 1, 1) for _ in range(objective.num_views)]))
+    skip = not fits() if main else False
+    if _agreed(accelerator, skip):  # every process learns the main process's decision
+        return {}
     caches = open_all(create=True) if main else {}
     accelerator.wait_for_everyone()  # the main process creates the files; the others open them
     return caches if main else open_all(create=False)
+
+
+def _cache_bytes(teacher: Teacher, request: FeatureRequest, views: int, size: tuple[int, int], dtype: str,
+                 device) -> int:
+    """Bytes one image's cached outputs take for one view slot: every stored tensor, every view."""
+    probe = teacher(torch.zeros(1, 3, *size, device=device), request)
+    itemsize = 2 if dtype == "float16" else 4
+    return views * itemsize * sum(t.numel() for t in probe.named().values())  # the probe is one image
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
 
 
 def index_space(dataset: Dataset) -> int:

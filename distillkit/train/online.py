@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from ..evaluate import embed_dataset, eval_subset, knn_accuracy
+from ..features import FeatureRequest
 from ..recipe import Recipe
 from ..teachers import InputConfig, prepare_input
 
@@ -39,16 +40,30 @@ class OnlineKnn:
     def __call__(self, student: nn.Module, student_input: InputConfig, channels_last: bool) -> dict[str, float]:
         """{"online_knn_top1": accuracy, "online_knn_seconds": time it took}."""
         start = time.perf_counter()
-        device = next(student.parameters()).device
         was_training = student.training
         embed = lambda views: student(prepare_input(views, student_input, channels_last))  # noqa: E731
+        student.eval()
+        try:
+            top1 = self.score(embed, next(student.parameters()).device)
+        finally:
+            student.train(was_training)
+        return {"online_knn_top1": round(top1, 6), "online_knn_seconds": round(time.perf_counter() - start, 3)}
+
+    def references(self, teacher, student: nn.Module, student_input: InputConfig, channels_last: bool) -> dict:
+        """The levels the student's curve is read against, on the same split: the frozen teacher's embedding
+        and the student before its first step (its random init). One metrics.jsonl line."""
+        record = {"online_reference": True}
+        if teacher.pruned_to is None:  # a teacher pruned for training has no final embedding to score
+            device = next(teacher.model.parameters()).device
+            teacher_top1 = self.score(lambda v: teacher(v, FeatureRequest(embedding=True)).embedding, device)
+            record["teacher_knn_top1"] = round(teacher_top1, 6)
+        record["student_random_init_knn_top1"] = self(student, student_input, channels_last)["online_knn_top1"]
+        return record
+
+    def score(self, embed, device: torch.device) -> float:
+        """k-NN top-1 of `embed` (views -> embeddings), without moving training's random numbers."""
         # DataLoader iterators draw a seed from the global generator: fork it so training's draws do not move
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            student.eval()
-            try:
-                bank = embed_dataset(embed, self.bank, num_workers=self.num_workers, device=device)
-                test = embed_dataset(embed, self.test, num_workers=self.num_workers, device=device)
-            finally:
-                student.train(was_training)
-        top1 = knn_accuracy(*bank, *test, k=self.k, temperature=self.temperature)
-        return {"online_knn_top1": round(top1, 6), "online_knn_seconds": round(time.perf_counter() - start, 3)}
+            bank = embed_dataset(embed, self.bank, num_workers=self.num_workers, device=device)
+            test = embed_dataset(embed, self.test, num_workers=self.num_workers, device=device)
+        return knn_accuracy(*bank, *test, k=self.k, temperature=self.temperature)

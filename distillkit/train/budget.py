@@ -1,0 +1,38 @@
+"""How long a run trains: optimiser steps and epochs, from the recipe and the size of the data.
+
+`train.images` is the budget in images seen (optimiser steps x global batch x grad_accum), so a small data
+source trains as long as a large one, for more epochs; without it `train.epochs` decides. `train.max_steps`
+caps either.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..errors import UsageError
+from ..recipe import TrainConfig
+
+
+@dataclass(frozen=True)
+class Budget:
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int  # epochs started; the last one may stop early at total_steps
+
+
+def plan_budget(train: TrainConfig, micro_batches: int) -> Budget:
+    """`micro_batches`: the loader's batches per epoch (per process)."""
+    steps_per_epoch = micro_batches // train.grad_accum
+    if steps_per_epoch < 1:
+        raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum {train.grad_accum}")
+    if train.images is not None:
+        total_steps = math.ceil(train.images / (train.batch_size * train.grad_accum))
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    else:
+        epochs = train.epochs
+        total_steps = epochs * steps_per_epoch
+    if train.max_steps is not None and train.max_steps < total_steps:
+        total_steps = train.max_steps
+        epochs = math.ceil(total_steps / steps_per_epoch)
+    return Budget(steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs)

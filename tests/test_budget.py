@@ -1,0 +1,102 @@
+"""The training budget (train.images, epochs, max_steps), sizes that adapt to the data, and the automatic
+teacher cache: on when the run has more epochs than view slots, off with --no-teacher-cache, skipped with
+a message when the disk has no room for it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file
+
+import distillkit
+from distillkit.errors import UsageError
+from distillkit.recipe import TrainConfig
+from distillkit.train.budget import plan_budget
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+TINY = ["teacher.input_size=32", "student.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=false"]
+
+
+def test_budget_in_images_decides_the_steps_and_epochs():
+    # 1000 images seen at batch 32 = ceil(31.25) = 32 steps; 10 steps an epoch -> 4 epochs, the last partial
+    budget = plan_budget(TrainConfig(images=1000, batch_size=32, epochs=99), micro_batches=10)
+    assert (budget.total_steps, budget.epochs, budget.steps_per_epoch) == (32, 4, 10)
+    # grad_accum: an optimiser step sees batch x accum images
+    budget = plan_budget(TrainConfig(images=1000, batch_size=32, grad_accum=2), micro_batches=10)
+    assert (budget.total_steps, budget.epochs, budget.steps_per_epoch) == (16, 4, 5)
+    # without images, epochs decide; max_steps caps either
+    assert plan_budget(TrainConfig(epochs=3), micro_batches=10).total_steps == 30
+    budget = plan_budget(TrainConfig(images=1000, batch_size=32, max_steps=12), micro_batches=10)
+    assert (budget.total_steps, budget.epochs) == (12, 2)
+    with pytest.raises(UsageError, match="grad_accum"):
+        plan_budget(TrainConfig(grad_accum=4), micro_batches=3)
+
+
+def run(out: Path, extra=(), **kwargs):
+    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32, out=out,
+                   quiet=True)
+    options.update(kwargs)
+    return distillkit.compress(set=TINY + list(extra), **options)
+
+
+def test_a_small_data_source_trains_the_whole_image_budget(tmp_path):
+    result = run(tmp_path / "run", ["train.images=256", "train.log_every=1"], teacher_cache=False)
+    assert result.steps == 8 and result.images_seen == 256  # 4 epochs of 2 batches of the 64 images
+    epochs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+              if "epoch_end" in line]
+    assert [e["epoch_end"] for e in epochs] == [1, 2, 3, 4]
+    saved = json.loads((result.run_dir / "result.json").read_text())
+    assert saved["train_images"] == 64 and saved["images_seen"] == 256
+
+
+def test_epochs_flag_wins_over_the_recipe_image_budget(tmp_path):
+    result = run(tmp_path / "run", ["train.images=100000"], epochs=1, teacher_cache=False)
+    assert result.steps == 2 and result.recipe.train.images is None
+
+
+def test_a_queue_longer_than_the_data_shrinks_to_it(tmp_path, capsys):
+    result = run(tmp_path / "run", ["strategy.seed.queue_size=4096"], epochs=1, teacher_cache=False, quiet=False)
+    assert "queue_size 4096 is more than the 64 training images" in capsys.readouterr().out
+    assert result.recipe.strategy["seed"]["queue_size"] == 32  # 64 images minus one batch of 32
+    state = load_file(result.run_dir / "checkpoints" / "last" / "model.safetensors")
+    queue = next(v for k, v in state.items() if k.endswith("queue.embeddings"))
+    assert queue.shape[0] == 32
+
+
+def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "user-cache"))
+    entries = tmp_path / "user-cache" / "teacher-outputs"
+    one_epoch = run(tmp_path / "one", ["data.view_slots=1"], epochs=1)
+    assert one_epoch.teacher_cache is None and not entries.exists()  # 1 epoch, 1 slot: nothing to reuse
+    two = run(tmp_path / "two", ["data.view_slots=1"], epochs=2)
+    assert two.teacher_cache == str(entries) and len(list(entries.iterdir())) == 1
+    off = run(tmp_path / "off", ["data.view_slots=1"], epochs=2, teacher_cache=False)
+    assert off.teacher_cache is None
+    fresh = run(tmp_path / "fresh", [], epochs=3)  # no view_slots: new views every epoch, nothing to cache
+    assert fresh.teacher_cache is None
+
+
+@pytest.fixture
+def tiny_disk(tmp_path):
+    """A real 2 MB tmpfs (root only): a disk too small for a teacher cache and its safety margin."""
+    mount = tmp_path / "tiny-disk"
+    mount.mkdir()
+    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
+                                                       capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a tmpfs")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_no_room_for_the_automatic_cache_falls_back_to_the_teacher(tmp_path, tiny_disk, monkeypatch, capsys):
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tiny_disk))
+    result = run(tmp_path / "run", ["data.view_slots=1"], epochs=2, quiet=False)
+    assert result.teacher_cache is None and result.steps == 4
+    assert "teacher cache skipped" in capsys.readouterr().out
+    with pytest.raises(UsageError, match="needs more than"):  # an explicit folder is refused instead
+        run(tmp_path / "explicit", ["data.view_slots=1"], epochs=2, teacher_cache=tiny_disk / "cache")
