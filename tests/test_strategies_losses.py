@@ -484,7 +484,8 @@ def test_hidden_targets_pool_cnn_maps_to_the_grid_before_normalising():
 
 def _hidden_cnn(**config) -> Hidden:
     teacher_probe = Features(layers={1: torch.zeros(2, 3, 4, 4), 3: torch.zeros(2, 5, 2, 2)})
-    return Hidden(HiddenConfig(**config), teacher_probe, Features(layers={4: torch.zeros(2, 6, 4, 4)}))
+    return Hidden(HiddenConfig(**config), teacher_probe, Features(layers={4: torch.zeros(2, 6, 4, 4)},
+                                                                  embedding=torch.zeros(2, 7)))
 
 
 @pytest.mark.parametrize("loss", ["smooth_l1", "mse"])
@@ -494,7 +495,7 @@ def test_hidden_cnn_regression_by_hand(loss):
     gen = torch.Generator().manual_seed(3)
     teacher = Features(layers={1: torch.randn(2, 3, 4, 4, generator=gen), 3: torch.randn(2, 5, 2, 2, generator=gen),
                                7: torch.randn(2, 9, 1, 1, generator=gen)})  # another strategy's layer: ignored
-    student = Features(layers={4: torch.randn(2, 6, 4, 4, generator=gen)})
+    student = Features(layers={4: torch.randn(2, 6, 4, 4, generator=gen)}, embedding=torch.randn(2, 7, generator=gen))
     out = strategy(_step([teacher], [student]))
     y = np64(normalised_targets([teacher.layers[1], teacher.layers[3]], (2, 2)))
     weight, bias = np64(strategy.proj.weight)[:, :, 0, 0], np64(strategy.proj.bias)
@@ -507,6 +508,35 @@ def test_hidden_cnn_regression_by_hand(loss):
                 pred[b, h * 2 + w] = weight @ pooled + bias
     want = ref_smooth_l1(pred, y, 0.5) if loss == "smooth_l1" else float(((pred - y) ** 2).mean())
     assert out["hidden"].item() == pytest.approx(want, abs=1e-5)
+    # the pooled term: a Linear head on the student's embedding regresses the token mean of the same target
+    pooled = np64(student.embedding) @ np64(strategy.pooled_head.weight).T + np64(strategy.pooled_head.bias)
+    y_mean = y.mean(axis=1)
+    want = ref_smooth_l1(pooled, y_mean, 0.5) if loss == "smooth_l1" else float(((pooled - y_mean) ** 2).mean())
+    assert out["pooled"].item() == pytest.approx(want, abs=1e-5)
+    assert strategy.term_weights() == {"hidden": 1.0, "pooled": 1.0}
+
+
+def test_hidden_cnn_pooled_term_trains_the_layers_after_the_last_map():
+    """MobileNetV3's conv_head acts after pooling the last map: only the pooled term reaches it."""
+    import timm
+
+    from distillkit.features import FeatureRequest, extract_features
+
+    student = timm.create_model("mobilenetv3_small_100", num_classes=0)
+    request = Hidden.student_request(HiddenConfig())
+    probe = extract_features(student, torch.zeros(2, 3, 32, 32), request)
+    teacher_probe = Features(layers={1: torch.zeros(2, 3, 4, 4), 3: torch.zeros(2, 5, 2, 2)})
+    gen = torch.Generator().manual_seed(0)
+    teacher = Features(layers={1: torch.randn(2, 3, 4, 4, generator=gen), 3: torch.randn(2, 5, 2, 2, generator=gen)})
+    for pooled_weight, reaches in ((1.0, True), (0.0, False)):
+        strategy = Hidden(HiddenConfig(pooled_weight=pooled_weight), teacher_probe, probe)
+        student.zero_grad()
+        features = extract_features(student, torch.randn(2, 3, 32, 32, generator=gen), request)
+        out = strategy(_step([teacher], [features]))
+        total = sum(w * out[t] for t, w in strategy.term_weights().items())
+        total.backward()
+        grad = student.conv_head.weight.grad
+        assert (grad is not None and grad.abs().sum() > 0) == reaches
 
 
 def _hidden_vit(**config) -> Hidden:
@@ -565,7 +595,9 @@ def test_hidden_config_checks():
     with pytest.raises(UsageError, match="layers"):
         HiddenConfig(layers=[])
     assert Hidden.teacher_request(HiddenConfig(), None) == FeatureRequest(layers=(0.25, 0.5, 0.75, 1.0))
-    assert Hidden.student_request(HiddenConfig()) == FeatureRequest(layers=(-1,))
+    assert Hidden.student_request(HiddenConfig()) == FeatureRequest(layers=(-1,), embedding=True)
+    with pytest.raises(UsageError, match="pooled_weight"):
+        HiddenConfig(pooled_weight=-1.0)
 
 
 def test_logits_builds_no_head_it_does_not_use():

@@ -24,8 +24,14 @@ per target token:
 Other students (CNNs) are not masked: their last feature map goes through a 1x1 conv to sum_l D_l
 channels, is adaptive-avg-pooled to the teacher's grid, and every token is regressed with the same loss.
 Layers that act after that map (EfficientNet's conv_head + bn2, MobileNetV3's conv_head after pooling)
-get no gradient from this loss: alone it leaves them at their initialisation, so compose it with an
-embedding strategy (recipes/seed-hidden.yaml) to train the whole exported network.
+make the embedding that is exported and scored, and get no gradient from the token loss, so CNN students
+get a second term [D] on their pooled embedding z_S (the network's output, after those layers):
+
+    L_pooled = SmoothL1_beta(W z_S + b, mean_tokens(y))      weight `pooled_weight` (1.0)
+
+the token-mean of the same normalised target, predicted by a Linear head. Without it (pooled_weight 0)
+the exported embedding stays at its random init (measured level with random init in
+benchmarks/quality.py, 2026-12-01).
 
 distillkit decisions [D]: when the teacher's grid differs from the target grid (the student's patch grid
 for ViT students; for CNN teachers, whose stages have different resolutions, the grid of the deepest
@@ -71,8 +77,11 @@ class HiddenConfig:
     target_aspect: tuple[float, float] = (0.75, 1.5)
     context_scale: tuple[float, float] = (0.85, 1.0)
     mask_min_keep: int = 10
+    pooled_weight: float = 1.0  # CNN students: the pooled-embedding term that trains the layers after the last map
 
     def __post_init__(self):
+        if self.pooled_weight < 0:
+            raise UsageError(f"strategy.hidden.pooled_weight must be >= 0, got {self.pooled_weight}")
         for key in ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"):
             if getattr(self, key) <= 0:
                 raise UsageError(f"strategy.hidden.{key} must be positive, got {getattr(self, key)}")
@@ -219,6 +228,7 @@ class Hidden(Strategy):
         else:
             self.grid = tuple(teacher_maps[-1].shape[-2:])  # the deepest requested teacher layer's grid
             self.proj = nn.Conv2d(student_layer.shape[1], self.target_dim, kernel_size=1)
+            self.pooled_head = nn.Linear(student_probe.embedding.shape[1], self.target_dim)
 
     @classmethod
     def teacher_request(cls, config: HiddenConfig, teacher) -> FeatureRequest:
@@ -226,7 +236,10 @@ class Hidden(Strategy):
 
     @classmethod
     def student_request(cls, config: HiddenConfig) -> FeatureRequest:
-        return FeatureRequest(layers=(-1,))
+        return FeatureRequest(layers=(-1,), embedding=True)  # the embedding: CNN students' pooled term
+
+    def term_weights(self) -> dict[str, float]:
+        return {self.name: 1.0} if self.masked else {self.name: 1.0, "pooled": self.config.pooled_weight}
 
     @classmethod
     def check_compatible(cls, config: HiddenConfig, teacher) -> None:
@@ -279,7 +292,9 @@ class Hidden(Strategy):
             if tuple(prediction.shape[-2:]) != tuple(self.grid):
                 prediction = F.adaptive_avg_pool2d(prediction, self.grid)
             prediction = prediction.flatten(2).transpose(1, 2)
-            return {self.name: regression_loss(prediction, targets, self.config.loss, self.config.beta)}
+            pooled = self.pooled_head(student.embedding)
+            return {self.name: regression_loss(prediction, targets, self.config.loss, self.config.beta),
+                    "pooled": regression_loss(pooled, targets.mean(1), self.config.loss, self.config.beta)}
         if not isinstance(student, MaskedFeatures) or student.context_tokens is None:
             raise UsageError("strategy hidden with a ViT student needs the masked student forward "
                              "(its student_features hook); got plain features")
