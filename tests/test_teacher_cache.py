@@ -117,6 +117,23 @@ def test_other_views_or_another_teacher_open_another_entry(tmp_path):
     assert len({json.dumps(k["input"]) for k in keys}) == 2 and len({json.dumps(k["views"]) for k in keys}) == 2
 
 
+AUGMENT = ["data.augment.jitter=0.8", "data.augment.brightness=0.4", "data.augment.contrast=0.4",
+           "data.augment.grayscale=0.2", "data.augment.blur=0.5", "data.augment.solarize=0.2"]
+
+
+def test_augmented_views_replay_from_the_cache_and_key_their_entry(tmp_path, teacher_calls):
+    """With photometric augmentation the teacher's cached outputs are for the augmented views: a cached run
+    trains exactly like an uncached one, and other augmentation settings open another entry."""
+    plain = run(tmp_path / "plain", None, extra=AUGMENT + ["train.log_every=1"])
+    cached = run(tmp_path / "cached", tmp_path / "cache", extra=AUGMENT + ["train.log_every=1"])
+    assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-6)
+    unaugmented = run(tmp_path / "none", None, extra=["train.log_every=1"])
+    assert losses(unaugmented.run_dir) != pytest.approx(losses(plain.run_dir), rel=1e-6)  # it changes the views
+    run(tmp_path / "other", tmp_path / "cache", epochs=1, extra=AUGMENT[:-1])
+    keys = [json.loads((e / "meta.json").read_text())["key"] for e in (tmp_path / "cache").iterdir()]
+    assert len(keys) == 2 and {k["views"]["augment"]["solarize"] for k in keys} == {0.2, 0.0}
+
+
 def test_changed_weights_change_the_key(tmp_path):
     from distillkit.train.cache import weights_hash
 
@@ -177,6 +194,7 @@ def test_image_hashes_see_every_pixel_and_are_never_zero():
 def test_view_slots_cycle_the_views():
     recipe = distillkit.recipe.resolve_recipe({"data": {"teacher_cache": "x"}})
     assert loop.view_slots(recipe) == loop.DEFAULT_CACHE_SLOTS
-    assert loop.view_slots(distillkit.recipe.resolve_recipe({})) is None
+    assert loop.view_slots(distillkit.recipe.resolve_recipe({})) is None  # auto: no fixed views unless asked
+    assert loop.view_slots(distillkit.recipe.resolve_recipe({"data": {"teacher_cache": None}})) is None
     with pytest.raises(UsageError, match="view_slots"):
         distillkit.recipe.resolve_recipe({"data": {"view_slots": 0}})
