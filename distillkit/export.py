@@ -31,6 +31,7 @@ from .features import is_token_model, num_layers
 from .io import save_safetensors, write_json, write_text
 from .runtimes import (ONNX_FILE, TORCHSCRIPT_FILE, max_abs_diff, require_onnx, run_onnx, run_torchscript, write_onnx,
                        write_torchscript)
+from .verdict import verdict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -80,14 +81,7 @@ def write_config_and_card(out_dir: Path, *, architecture: str, model_args: dict[
 def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> str:
     export = provenance.get("export") or {"format": "safetensors", "exit_at": None}
     exit_at = export.get("exit_at")
-    metrics = provenance.get("metrics") or {}
-    rows = [f"| {name} | " + " | ".join(_fmt(v) for v in values.values()) + " |"
-            for name, values in metrics.items() if isinstance(values, dict)]
-    header = ""
-    if rows:
-        columns = next(v for v in metrics.values() if isinstance(v, dict)).keys()
-        header = ("Of the whole student, before it was cut:\n\n" if exit_at is not None else "") + \
-            "| model | " + " | ".join(columns) + " |\n|---|" + "---|" * len(columns) + "\n"
+    evaluation = _card_evaluation(provenance.get("metrics") or {}, cut=exit_at is not None)
     if exit_at is None:
         what = f"A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding)"
         exit_line = "the whole student"
@@ -108,7 +102,7 @@ def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, prov
 
 ## Evaluation
 
-{header}{chr(10).join(rows) if rows else 'No labelled held-out data was available.'}
+{evaluation}
 
 ## Use
 
@@ -135,10 +129,43 @@ embedding = model(images)  # images: float32 (B, 3, H, W), normalised as above
 }
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}"
-    return str(value)
+CARD_MODELS = {"teacher": "teacher", "student": "student", "student_random_init": "student at random init"}
+CARD_COLUMNS = ("model", "k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)")
+
+
+def _card_evaluation(metrics: dict[str, Any], cut: bool) -> str:
+    """The card's evaluation section: the verdict, then one table row per model (teacher, student, the
+    student at its random init) with k-NN, probe, params and latency, then the held-out split."""
+    rows = {name: metrics[name] for name in CARD_MODELS if isinstance(metrics.get(name), dict)}
+    if not rows:
+        return "The student was not evaluated."
+    lines = ["Of the whole student, before it was cut:"] if cut else []
+    judged = verdict(rows)
+    if judged is not None:
+        lines.append(f"**Verdict ({judged['level']}):** {judged['text']}.")
+        if judged["level"] == "bad" and judged.get("advice"):
+            lines.append(f"> **Warning:** {judged['advice']}.")
+    if not any("knn_top1" in row or "probe_top1" in row for row in rows.values()):
+        lines.append("No labelled held-out data was available: k-NN and linear-probe accuracy were not measured.")
+    table = ["| " + " | ".join(CARD_COLUMNS) + " |", "|---|" + "---:|" * (len(CARD_COLUMNS) - 1)]
+    table += [f"| {CARD_MODELS[name]} | {_fmt(row.get('knn_top1'))} | {_fmt(row.get('probe_top1'))} | "
+              f"{_count(row.get('params'))} | {_fmt(row.get('latency_ms'), ' ms', 2)} |" for name, row in rows.items()]
+    lines.append("\n".join(table))
+    split = metrics.get("eval_split")
+    if isinstance(split, dict) and {"train_images", "test_images"} <= split.keys():
+        lines.append(f"Accuracy on a held-out split: a k-NN bank / probe training set of {split['train_images']} "
+                     f"images, {split['test_images']} held-out images scored.")
+    return "\n\n".join(lines)
+
+
+def _fmt(value: Any, unit: str = "", digits: int = 4) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return "-" if value is None else str(value)
+    return f"{value:.{digits}f}{unit}"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,} ({value / 1e6:.2f} M)" if isinstance(value, int) and not isinstance(value, bool) else _fmt(value)
 
 
 def student_folder(path: str | Path) -> Path:

@@ -42,7 +42,7 @@ def online_knn_curve(epochs: Sequence[int], top1: Sequence[float], *, teacher: f
     ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="online k-NN accuracy of the student")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if teacher is not None or random_init is not None:
-        ax.legend(fontsize="small", loc="lower right")
+        figure.legend(loc="outside lower center", ncols=3, fontsize="small")
     return _png(figure)
 
 

@@ -1,7 +1,9 @@
 """A run's report: RUN_DIR/report.html, self-contained (plots embedded as PNG data URIs, inline CSS),
 and the plots as PNG files in RUN_DIR/plots/, from what `compress` wrote there: recipe.yaml,
-metrics.jsonl and result.json. What a run lacks (no evaluation, no labels, a run stopped before
-result.json) is said in the report instead of plotted.
+metrics.jsonl and result.json. It leads with the verdict (`distillkit.verdict`: the share of the
+teacher-minus-random-init gap the student recovers), then the plots, the results and the recipe. What a
+run lacks (no evaluation, no labels, a run stopped before result.json) is said in the report instead of
+plotted.
 """
 
 from __future__ import annotations
@@ -18,12 +20,14 @@ import yaml
 from . import __version__, plots
 from .errors import UsageError
 from .io import atomic_path, write_text
+from .verdict import GAP_METRICS, verdict
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
 MODELS = {"teacher": "teacher", "student": "student", "student_random_init": "student (random init)"}
 _NOT_TERMS = {"step", "epoch", "lr", "images_per_s"}  # the other numbers of a step line are loss terms
 _NO_RESULT = "not available: the run has no result.json (it stopped, or is still running, before its evaluation)"
+FOLD_ROWS = 8  # a table longer than this folds away in <details>
 
 
 @dataclass
@@ -36,6 +40,9 @@ class Run:
     epochs: list[dict[str, Any]]  # metrics.jsonl epoch_end lines
     result: dict[str, Any] | None  # result.json: written when the run finished
     problems: list[str] = field(default_factory=list)
+    # metrics.jsonl's online_reference line: the teacher's and the random-init student's online k-NN on the
+    # split the per-epoch online k-NN uses (written before the first epoch; runs before it lack it)
+    reference: dict[str, Any] = field(default_factory=dict)
 
 
 def report(run_dir: str | Path) -> Path:
@@ -77,10 +84,12 @@ def read_run(run_dir: str | Path) -> Run:
     else:
         problems.append("metrics.jsonl is missing: no step was logged")
     lines = [line for line in lines if isinstance(line, dict)]
+    references = [line for line in lines if line.get("online_reference")]
     return Run(path=path, recipe=recipe if isinstance(recipe, dict) else {},
                steps=[line for line in lines if "epoch_end" not in line and "step" in line],
                epochs=[line for line in lines if "epoch_end" in line],
-               result=result if isinstance(result, dict) else None, problems=problems)
+               result=result if isinstance(result, dict) else None, problems=problems,
+               reference=references[-1] if references else {})
 
 
 def _read(path: Path, parse: Callable[[str], Any], problems: list[str]) -> Any:
@@ -106,7 +115,9 @@ def _online_knn_plot(run: Run) -> bytes | str:
     scored = [line for line in run.epochs if "online_knn_top1" in line]
     if scored:
         return plots.online_knn_curve([line["epoch_end"] for line in scored],
-                                      [line["online_knn_top1"] for line in scored])
+                                      [line["online_knn_top1"] for line in scored],
+                                      teacher=_number(run.reference.get("teacher_knn_top1")),
+                                      random_init=_number(run.reference.get("student_random_init_knn_top1")))
     evaluation = run.recipe.get("eval") or {}
     if evaluation.get("enabled") is False:
         return "not measured: eval.enabled is false"
@@ -123,7 +134,8 @@ def _accuracy_plot(run: Run) -> bytes | str:
     if run.result is None:
         return _NO_RESULT
     rows = {name: row for name, row in _model_rows(run).items() if "knn_top1" in row}
-    return plots.accuracy_bars(rows) if rows else _eval_missing(run)
+    judged = _verdict(run)
+    return plots.accuracy_bars(rows, gap=judged["gap"] if judged else None) if rows else _eval_missing(run)
 
 
 def _size_latency_plot(run: Run) -> bytes | str:
@@ -146,6 +158,15 @@ def _model_rows(run: Run) -> dict[str, dict[str, Any]]:
     return {name: metrics[name] for name in MODELS if isinstance(metrics.get(name), dict)}
 
 
+def _verdict(run: Run) -> dict[str, Any] | None:
+    """Always from the model rows, never from a gap stored in result.json."""
+    return verdict(_model_rows(run))
+
+
+def _number(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
 def _eval_missing(run: Run) -> str:
     if (run.recipe.get("eval") or {}).get("enabled") is False:
         return "not measured: eval.enabled is false"
@@ -159,7 +180,17 @@ body { font-family: system-ui, sans-serif; max-width: 62rem; margin: 2rem auto; 
 h1 { font-size: 1.5rem; } h2 { font-size: 1.15rem; margin-top: 2rem; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; margin: .5rem 0; } th, td { padding: .3rem .8rem; border-bottom: 1px solid #eee; }
 th { text-align: left; background: #f6f6f6; } td.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num, td:first-child { white-space: nowrap; }
 .missing { color: #8a5a00; background: #fff7e0; padding: .5rem .8rem; border-radius: 4px; }
+.verdict { font-size: 1.15rem; padding: .8rem 1rem; border-radius: 6px; border-left: .45rem solid; margin: 1rem 0; }
+.verdict .level { display: block; font-size: .8rem; font-weight: 700; text-transform: uppercase;
+  letter-spacing: .05em; }
+.verdict.good { background: #e8f5e9; border-color: #2e7d32; color: #1b4d1f; }
+.verdict.fair { background: #fff4e0; border-color: #e69500; color: #6b4500; }
+.verdict.bad { background: #fdecea; border-color: #c62828; color: #7f1212; }
+.verdict.unknown { background: #f3f3f3; border-color: #999; color: #444; }
+.warning { background: #c62828; color: #fff; padding: .6rem 1rem; border-radius: 6px; margin: 1rem 0; }
+details { margin: .5rem 0; } summary { cursor: pointer; color: #555; }
 figure { margin: 1rem 0; } img { max-width: 100%; } figcaption { font-weight: 600; margin-bottom: .3rem; }
 footer { margin-top: 3rem; color: #888; font-size: .85rem; }
 """
@@ -167,12 +198,10 @@ footer { margin-top: 3rem; color: #888; font-size: .85rem; }
 
 def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     missing = run.problems + [f"{title}: {drawn}" for title, drawn in figures if isinstance(drawn, str)]
-    body = [f"<h1>distillkit run <code>{_e(run.path.name)}</code></h1>"]
+    body = [f"<h1>distillkit run <code>{_e(run.path.name)}</code></h1>", _verdict_box(run)]
     if missing:
         body.append('<div class="missing"><strong>Missing from this report</strong><ul>'
                     + "".join(f"<li>{_e(m)}</li>" for m in missing) + "</ul></div>")
-    body += ["<h2>Recipe</h2>", _table(_summary(run))]
-    body += ["<h2>Results</h2>", _results(run)]
     body.append("<h2>Plots</h2>")
     for title, drawn in figures:
         if isinstance(drawn, bytes):
@@ -180,11 +209,37 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
             body.append(f'<figure><figcaption>{_e(title)}</figcaption><img src="{uri}" alt="{_e(title)}"></figure>')
         else:
             body.append(f'<figure><figcaption>{_e(title)}</figcaption><p class="missing">{_e(drawn)}</p></figure>')
+    body += ["<h2>Results</h2>", _results(run)]
+    body += ["<h2>Recipe</h2>", _table(_summary(run))]
     body.append(f"<footer>written by distillkit {__version__}; regenerate with: distillkit report "
                 f"{_e(str(run.path))}</footer>")
     return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>distillkit run {_e(run.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
             + "\n".join(body) + "\n</body></html>\n")
+
+
+_LEVELS = {"good": "good student", "fair": "fair student", "bad": "bad student: no better than its random init"}
+
+
+def _verdict_box(run: Run) -> str:
+    """How good the student is, first thing on the page; a red warning with advice when it is bad."""
+    judged = _verdict(run)
+    if judged is None:
+        if run.result is None:
+            why = "the run has no result.json yet (it stopped, or is still running, before its evaluation)"
+        elif not any("knn_top1" in row for row in _model_rows(run).values()):
+            why = "the run has no k-NN / linear-probe accuracies (" + _eval_missing(run).removeprefix(
+                "not measured: ") + ")"
+        else:
+            why = "the teacher is no better than the random-init student, so there is no gap to recover"
+        return ('<div class="verdict unknown"><span class="level">no verdict</span>'
+                f"How good the student is is not known: {_e(why)}.</div>")
+    text = judged["text"][:1].upper() + judged["text"][1:]
+    box = (f'<div class="verdict {_e(judged["level"])}"><span class="level">{_e(_LEVELS[judged["level"]])}</span>'
+           f"{_e(text)}.</div>")
+    if judged["level"] == "bad" and judged.get("advice"):
+        box += f'<div class="warning"><strong>Warning:</strong> {_e(judged["advice"])}.</div>'
+    return box
 
 
 def _summary(run: Run) -> list[list[str]]:
@@ -194,7 +249,15 @@ def _summary(run: Run) -> list[list[str]]:
     train = recipe.get("train") or {}
     data = (recipe.get("data") or {})
     source = (result or {}).get("data_source") or data.get("source", "-")
-    limit = f" (limit {data['limit']} images)" if data.get("limit") else ""
+    train_images, seen = (_number((result or {}).get(key)) for key in ("train_images", "images_seen"))
+    if train_images is not None:  # what the run really trained on, not what the recipe asked for
+        used = f"; trained on {train_images:,.0f} images" + (f", {seen:,.0f} images seen" if seen is not None else "")
+    elif seen is not None:
+        used = f"; {seen:,.0f} images seen"
+    else:
+        used = ""
+    if train_images is None and _number(data.get("limit")):
+        used += f" (requested limit {data['limit']:,} images; the source may have had fewer)"
     if result is not None:
         steps, status = str(result.get("steps", "-")), "finished"
         timings = result.get("timings") or {}
@@ -202,14 +265,16 @@ def _summary(run: Run) -> list[list[str]]:
     else:
         steps = f"{run.steps[-1]['step']} logged so far" if run.steps else "none logged"
         status, wall = "stopped or still running: no result.json", "unknown: no result.json"
-    planned = f"{train.get('epochs', '-')} epochs" + (f", at most {train['max_steps']} steps"
-                                                     if train.get("max_steps") else "")
+    epochs = train.get("epochs", "-")
+    budget = f"{train['images']:,} images" if _number(train.get("images")) else \
+        f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    planned = budget + (f", at most {train['max_steps']} steps" if train.get("max_steps") else "")
     return [
         ["status", status],
         ["teacher(s)", f"{teacher}{others}"],
         ["student", str((recipe.get("student") or {}).get("name", "-"))],
         ["strategy", " + ".join(recipe.get("strategy") or {}) or "-"],
-        ["data", f"{source}{limit}"],
+        ["data", f"{source}{used}"],
         ["planned", f"{planned}; batch {train.get('batch_size', '-')}, lr {train.get('lr', '-')}"],
         ["steps", steps],
         ["epochs finished", str(len(run.epochs))],
@@ -220,16 +285,20 @@ def _summary(run: Run) -> list[list[str]]:
 def _results(run: Run) -> str:
     parts = []
     rows = _model_rows(run)
+    judged = _verdict(run)
     if rows:
         parts.append(_table([
             [MODELS[name], _pct(row.get("knn_top1")), _pct(row.get("probe_top1")),
+             _gap(judged["gap"]) if name == "student" and judged else "-",
              f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
              f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-"]
-            for name, row in rows.items()], ["model", "k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)"]))
+            for name, row in rows.items()],
+            ["model", "k-NN top-1", "linear probe top-1", "gap recovered (k\u2011NN / probe)", "params",
+             "CPU latency (1 image)"]))
         split = (run.result or {}).get("metrics", {}).get("eval_split")
         if split:
-            parts.append(f"<p>held-out evaluation: k-NN bank / probe training set of {split['train_images']} images, "
-                         f"{split['test_images']} held-out images scored.</p>")
+            parts.append(f"<p>held-out evaluation: k-NN bank / probe training set of {_count(split['train_images'])} "
+                         f"images, {_count(split['test_images'])} held-out images scored.</p>")
     else:
         parts.append(f'<p class="missing">teacher / student comparison: '
                      f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>")
@@ -240,10 +309,26 @@ def _results(run: Run) -> str:
                      + _table([[f"{last[k]:.4f}" for k in terms]], terms))
     scored = [line for line in run.epochs if "online_knn_top1" in line]
     if scored:
-        parts.append(_table([[str(line["epoch_end"]), _pct(line["online_knn_top1"]),
-                              f"{line.get('online_knn_seconds', 0):.2f}"] for line in scored],
-                            ["epoch", "online k-NN top-1", "online eval seconds"]))
+        references = [f"{label} {_pct(value)}" for label, value in (
+            ("teacher", _number(run.reference.get("teacher_knn_top1"))),
+            ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))))
+            if value is not None]
+        parts.append("<p>online k-NN at each epoch's end (a small held-out split)"
+                     + (f"; on the same split: {_e(', '.join(references))}" if references else "") + ":</p>")
+        table = _table([[str(line["epoch_end"]), _pct(line["online_knn_top1"]),
+                         f"{line.get('online_knn_seconds', 0):.2f}"] for line in scored],
+                       ["epoch", "online k-NN top-1", "online eval seconds"])
+        parts.append(_fold(table, len(scored), f"{len(scored)} epochs: show the table"))
     return "\n".join(parts)
+
+
+def _fold(table: str, rows: int, summary: str) -> str:
+    """A long table folds away in <details>; a short one is shown as it is."""
+    return table if rows <= FOLD_ROWS else f"<details><summary>{_e(summary)}</summary>{table}</details>"
+
+
+def _gap(gap: dict[str, float]) -> str:
+    return " / ".join(f"{gap[key]:.0%}" if key in gap else "-" for key in GAP_METRICS)
 
 
 def _table(rows: list[list[str]], columns: list[str] | None = None) -> str:
@@ -253,6 +338,10 @@ def _table(rows: list[list[str]], columns: list[str] | None = None) -> str:
     body = "".join(f"<tr><{first}>{_e(row[0])}</{first}>" + "".join(f"{rest}{_e(c)}</td>" for c in row[1:])
                    + "</tr>" for row in rows)
     return f"<table>{head}{body}</table>"
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _e(value)
 
 
 def _pct(value: float | None) -> str:

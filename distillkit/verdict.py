@@ -32,8 +32,8 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
         return None
     worst = min(gap.values())
     level = "good" if worst >= 0.8 else "fair" if worst > 0 else "bad"
-    parts = ", ".join(f"{value:.0%} of the {'k-NN' if key == 'knn_top1' else 'linear-probe'} gap"
-                      for key, value in gap.items())
+    parts = " and ".join(f"{value:.0%} of the {'k-NN' if key == 'knn_top1' else 'linear-probe'} gap"
+                         for key, value in gap.items())
     text = f"the student recovers {parts} between its random init and the teacher"
     advice = None
     if level == "bad":

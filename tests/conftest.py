@@ -2,13 +2,11 @@ import pytest
 import torch
 
 
-@pytest.fixture(autouse=True, scope="session")
-def private_user_cache(tmp_path_factory):
-    """Tests never read or write the user's ~/.cache/distillkit (the automatic teacher cache, weights)."""
-    patch = pytest.MonkeyPatch()
-    patch.setenv("DISTILLKIT_CACHE", str(tmp_path_factory.mktemp("distillkit-cache")))
-    yield
-    patch.undo()
+@pytest.fixture(autouse=True)
+def private_user_cache(tmp_path_factory, monkeypatch):
+    """Each test has its own empty user cache: it never reads or writes ~/.cache/distillkit, and the automatic
+    teacher cache of one test never serves another's runs."""
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path_factory.mktemp("distillkit-cache")))
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import base64
+import html
+import importlib
 import json
 import re
 import shutil
@@ -11,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+import yaml
 from PIL import Image
 from torch import nn
 from typer.testing import CliRunner
@@ -23,7 +26,9 @@ from distillkit.errors import UsageError
 from distillkit.recipe import Recipe, resolve_recipe
 from distillkit.teachers import InputConfig
 from distillkit.train.online import OnlineKnn
+from distillkit.verdict import gap_recovered, verdict
 
+report_module = importlib.import_module("distillkit.report")  # distillkit.report is the function
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.max_train=64", "eval.max_test=32",
         "eval.probe_steps=5", "eval.latency_runs=1", "train.log_every=1"]
@@ -39,8 +44,9 @@ def drop_path_student(tmp_path_factory):
 
 
 def tiny_run(out, student, extra=(), **kwargs):
+    # no teacher cache: a run that reads float16 teacher outputs cached by an earlier one has other losses
     options = dict(student=student, data="builtin:fashion-mnist", limit=64, batch_size=32, epochs=2, out=out,
-                   set=TINY + list(extra), quiet=True)
+                   set=TINY + list(extra), quiet=True, teacher_cache=False)
     return distillkit.compress(**(options | kwargs))
 
 
@@ -54,7 +60,7 @@ def read_metrics(run_dir):
 
 
 def step_losses(run_dir):
-    return [line["loss"] for line in read_metrics(run_dir) if "epoch_end" not in line]
+    return [line["loss"] for line in read_metrics(run_dir) if "step" in line and "epoch_end" not in line]
 
 
 def assert_valid_png(path):
@@ -66,13 +72,19 @@ def assert_valid_png(path):
 
 
 def test_online_knn_is_recorded_at_every_epoch_end(finished):
-    epochs = [line for line in read_metrics(finished.run_dir) if "epoch_end" in line]
+    lines = read_metrics(finished.run_dir)
+    [reference] = [line for line in lines if line.get("online_reference")]
+    assert lines.index(reference) == 0  # written before the first step
+    for key in ("teacher_knn_top1", "student_random_init_knn_top1"):
+        assert 0.0 <= reference[key] <= 1.0
+    epochs = [line for line in lines if "epoch_end" in line]
     assert [line["epoch_end"] for line in epochs] == [1, 2]
     for line in epochs:
         assert 0.0 <= line["online_knn_top1"] <= 1.0
         assert line["online_knn_top1"] * 32 == pytest.approx(round(line["online_knn_top1"] * 32))  # of 32 images
         assert line["online_knn_seconds"] > 0
-    assert finished.timings["online_eval"] == pytest.approx(sum(line["online_knn_seconds"] for line in epochs))
+    # the epochs' online k-NN and the reference levels scored before the first epoch
+    assert finished.timings["online_eval"] >= sum(line["online_knn_seconds"] for line in epochs)
 
 
 def test_online_knn_does_not_change_the_training(finished, drop_path_student, tmp_path):
@@ -92,6 +104,9 @@ def test_compress_writes_a_self_contained_report_with_the_runs_numbers(finished)
         assert f"{row['params']:,}" in page
     assert f"{step_losses(run_dir)[-1]:.4f}" in page
     assert "efficientnet-lite0" in page and "seed" in page and "Missing" not in page
+    assert 'class="verdict ' in page and "on the same split: teacher " in page
+    assert f"trained on {saved['train_images']:,} images, {saved['images_seen']:,} images seen" in page
+    assert "requested limit" not in page
     for stem in ("loss", "online_knn", "accuracy", "size_latency"):
         png = assert_valid_png(run_dir / "plots" / f"{stem}.png")
         assert base64.b64encode(png).decode() in page  # embedded, not linked
@@ -197,3 +212,138 @@ def test_online_knn_scores_detached_in_eval_mode_and_leaves_the_rng_alone():
 def test_online_images_must_be_off_or_at_least_two(value):
     with pytest.raises(UsageError, match="eval.online_images must be 0"):
         resolve_recipe(None, {}, overrides=[f"eval.online_images={value}"])
+
+
+# -- the verdict and what the run trained on, from fake run folders (no training) ----------------------
+
+GOOD = {"teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
+        "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
+        "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45}}
+BAD = GOOD | {"student": GOOD["student"] | {"knn_top1": 0.702, "probe_top1": 0.741}}  # below its random init
+
+
+def fake_run(path, metrics=GOOD, *, new_fields=True, epochs=20, steps_per_epoch=10, stored_gap=None):
+    """A run folder as compress writes it, with realistic numbers; `new_fields=False`: as runs written
+    before train_images / images_seen / gap_recovered / the online_reference line existed."""
+    path.mkdir(parents=True)
+    batch = 256
+    recipe = {"teacher": {"name": "efficientnet-lite0"}, "student": {"name": "mobilenetv3-small"},
+              "strategy": {"seed": {"weight": 1.0}, "feature": {"weight": 0.5}},
+              "data": {"source": "builtin:fashion-mnist", "limit": 30000},
+              "train": {"epochs": 1, "images": 480_000 if new_fields else None, "batch_size": batch, "lr": 0.001},
+              "eval": {"online_images": 1000}}
+    (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    lines = [{"online_reference": True, "teacher_knn_top1": 0.85, "student_random_init_knn_top1": 0.70}] \
+        if new_fields else []
+    step = 0
+    for epoch in range(epochs):
+        for _ in range(steps_per_epoch):
+            step += 1
+            seed, feature = 4.2 * 0.5 ** (step / 60) + 0.9, 0.8 * 0.5 ** (step / 120) + 0.15
+            lines.append({"step": step, "epoch": epoch, "seed": seed, "feature": feature, "loss": seed + feature,
+                          "lr": 0.001 * (1 - step / 400), "images_per_s": 812.4})
+        lines.append({"epoch_end": epoch + 1, "step": step, "seconds": 31.2, "seed": seed, "feature": feature,
+                      "online_knn_top1": 0.70 + 0.14 * (epoch + 1) / epochs, "online_knn_seconds": 0.41})
+    (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    result = {"metrics": {"eval_split": {"train_images": 5000, "test_images": 2000}, **metrics}, "steps": step,
+              "data_source": "builtin:fashion-mnist (5000 train / 2000 test)",
+              "timings": {"setup": 4.1, "train": 624.0, "evaluate": 38.2, "total": 671.5}}
+    if new_fields:
+        result |= {"train_images": 5000, "images_seen": step * batch}
+        result["metrics"]["gap_recovered"] = stored_gap or gap_recovered(metrics)
+    (path / "result.json").write_text(json.dumps(result))
+    return path
+
+
+def sections(page):
+    """Where each part of the page starts."""
+    return {name: page.index(marker) for name, marker in (
+        ("title", "<h1>"), ("verdict", 'class="verdict'), ("plots", "<h2>Plots</h2>"),
+        ("results", "<h2>Results</h2>"), ("recipe", "<h2>Recipe</h2>"))}
+
+
+def test_the_report_leads_with_a_good_verdict(tmp_path):
+    page = distillkit.report(fake_run(tmp_path / "good")).read_text(encoding="utf-8")
+    at = sections(page)
+    assert at["title"] < at["verdict"] < at["plots"] < at["results"] < at["recipe"]
+    assert '<div class="verdict good">' in page and 'class="warning"' not in page
+    text = verdict(GOOD)["text"]
+    assert text.startswith("the student recovers 94% of the k-NN gap")
+    assert (text[0].upper() + text[1:]) in page
+    assert "<td>student</td>" in page and "94% / 97%" in page  # the gap recovered column, student row
+    assert page.count("94% / 97%") == 1
+
+
+def test_a_bad_student_gets_a_red_warning_whatever_result_json_claims(tmp_path):
+    run_dir = fake_run(tmp_path / "bad", BAD, stored_gap={"knn_top1": 0.99, "probe_top1": 0.99})
+    page = distillkit.report(run_dir).read_text(encoding="utf-8")
+    assert '<div class="verdict bad">' in page and "verdict good" not in page
+    judged = verdict(BAD)
+    assert judged["level"] == "bad" and judged["advice"]
+    warning = page.index('<div class="warning">')
+    assert sections(page)["verdict"] < warning < sections(page)["plots"]
+    assert html.escape(judged["advice"]) in page
+    assert "99%" not in page  # the stored gap is not trusted
+    assert "-57% / -42%" in page
+
+
+def test_fair_and_missing_verdicts(tmp_path):
+    fair = GOOD | {"student": GOOD["student"] | {"knn_top1": 0.80}}
+    assert '<div class="verdict fair">' in distillkit.report(fake_run(tmp_path / "fair", fair)).read_text()
+    no_accuracy = {name: {"params": row["params"], "latency_ms": row["latency_ms"]} for name, row in GOOD.items()}
+    page = distillkit.report(fake_run(tmp_path / "unlabelled", no_accuracy)).read_text()
+    assert '<div class="verdict unknown">' in page and "no k-NN / linear-probe accuracies" in page
+
+
+def test_the_recipe_summary_states_the_data_the_run_trained_on(tmp_path):
+    page = distillkit.report(fake_run(tmp_path / "new")).read_text(encoding="utf-8")
+    assert "trained on 5,000 images, 51,200 images seen" in page
+    assert "limit" not in page and "30000" not in page and "30,000" not in page
+    assert "480,000 images; batch 256" in page and "1 epoch" not in page  # the planned budget
+
+
+def test_an_old_run_folder_without_the_new_fields_still_renders(tmp_path, monkeypatch):
+    calls = []
+    draw = report_module.plots.online_knn_curve
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return draw(*args, **kwargs)
+
+    monkeypatch.setattr(report_module.plots, "online_knn_curve", spy)
+    run_dir = fake_run(tmp_path / "old", new_fields=False)
+    page = distillkit.report(run_dir).read_text(encoding="utf-8")
+    assert calls == [{"teacher": None, "random_init": None}]
+    assert '<div class="verdict good">' in page  # from the model rows, as before
+    assert "requested limit 30,000 images" in page and "trained on" not in page
+    assert "planned</th><td>1 epoch; batch 256" in page
+    assert "Missing" not in page and "on the same split" not in page
+    for stem in ("loss", "online_knn", "accuracy", "size_latency"):
+        assert_valid_png(run_dir / "plots" / f"{stem}.png")
+
+
+def test_the_online_knn_plot_gets_the_reference_lines(tmp_path, monkeypatch):
+    calls = []
+    draw = report_module.plots.online_knn_curve
+
+    def spy(epochs, top1, **kwargs):
+        calls.append((list(epochs), list(top1), kwargs))
+        return draw(epochs, top1, **kwargs)
+
+    monkeypatch.setattr(report_module.plots, "online_knn_curve", spy)
+    run_dir = fake_run(tmp_path / "new", epochs=3)
+    page = distillkit.report(run_dir).read_text(encoding="utf-8")
+    [(epochs, top1, references)] = calls
+    assert epochs == [1, 2, 3] and top1[-1] == pytest.approx(0.84)
+    assert references == {"teacher": 0.85, "random_init": 0.70}
+    assert "on the same split: teacher 85.00%, student at random init 70.00%" in page
+    with_lines = assert_valid_png(run_dir / "plots" / "online_knn.png")
+    assert with_lines != draw(epochs, top1)
+    assert with_lines == draw(epochs, top1, teacher=0.85, random_init=0.70)
+
+
+def test_a_long_per_epoch_table_folds_away_and_a_short_one_does_not(tmp_path):
+    long = distillkit.report(fake_run(tmp_path / "long", epochs=20)).read_text(encoding="utf-8")
+    assert "<details><summary>20 epochs: show the table</summary><table>" in long
+    short = distillkit.report(fake_run(tmp_path / "short", epochs=report_module.FOLD_ROWS)).read_text()
+    assert "<details>" not in short and "<td>8</td>" in short
