@@ -32,7 +32,7 @@ def test_budget_in_images_decides_the_steps_and_epochs():
     # without images, epochs decide; max_steps caps either
     assert plan_budget(TrainConfig(epochs=3), micro_batches=10).total_steps == 30
     budget = plan_budget(TrainConfig(images=1000, batch_size=32, max_steps=12), micro_batches=10)
-    assert (budget.total_steps, budget.epochs) == (12, 2)
+    assert (budget.total_steps, budget.epochs) == (12, 4)  # epochs stay: skipped steps may need more batches
     with pytest.raises(UsageError, match="grad_accum"):
         plan_budget(TrainConfig(grad_accum=4), micro_batches=3)
 
@@ -55,8 +55,10 @@ def test_a_small_data_source_trains_the_whole_image_budget(tmp_path):
 
 
 def test_epochs_flag_wins_over_the_recipe_image_budget(tmp_path):
-    result = run(tmp_path / "run", ["train.images=100000"], epochs=1, teacher_cache=False)
-    assert result.steps == 2 and result.recipe.train.images is None
+    recipe = tmp_path / "budget.yaml"
+    recipe.write_text("train:\n  images: 100000\n")
+    result = run(tmp_path / "run", epochs=1, teacher_cache=False, recipe=str(recipe))
+    assert result.steps == 2 and result.recipe.train.images is None  # --epochs replaced the recipe's budget
 
 
 def test_a_queue_longer_than_the_data_shrinks_to_it(tmp_path, capsys):
@@ -77,7 +79,7 @@ def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_pat
     assert two.teacher_cache == str(entries) and len(list(entries.iterdir())) == 1
     off = run(tmp_path / "off", ["data.view_slots=1"], epochs=2, teacher_cache=False)
     assert off.teacher_cache is None
-    fresh = run(tmp_path / "fresh", [], epochs=3)  # no view_slots: new views every epoch, nothing to cache
+    fresh = run(tmp_path / "fresh", ["data.view_slots=null"], epochs=3)  # new views every epoch: nothing to reuse
     assert fresh.teacher_cache is None
 
 

@@ -69,7 +69,9 @@ def test_api_run_writes_everything_and_exports_the_trained_student(tmp_path):
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):
-    whole = tiny_run(tmp_path / "whole", epochs=2, set=TINY + ["eval.enabled=false"])
+    # each run has a teacher cache of its own (the default recipe caches): a shared one would serve the
+    # second run the first run's float16 outputs
+    whole = tiny_run(tmp_path / "whole", epochs=2, set=TINY + ["eval.enabled=false"], teacher_cache=tmp_path / "c1")
 
     real_save = loop.save_checkpoint
 
@@ -79,10 +81,11 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
 
     monkeypatch.setattr(loop, "save_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
-        tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"])
+        tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], teacher_cache=tmp_path / "c2")
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
-    resumed = tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], resume=True)
+    resumed = tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], resume=True,
+                       teacher_cache=tmp_path / "c2")
     assert resumed.steps == whole.steps == 8
     a = load_file(str(whole.run_dir / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "checkpoints" / "last" / "model.safetensors"))

@@ -29,7 +29,7 @@ def free_port() -> int:
 
 def run_args(out: Path, strategy: str, cache: bool = False) -> list[str]:
     args = ["--teacher-cache", str(out.parent / f"cache-{out.name}"), "--set", "data.view_slots=1",
-            "--set", "data.cache_dtype=float32"] if cache else []
+            "--set", "data.cache_dtype=float32"] if cache else ["--no-teacher-cache"]
     args += ["--student", "timm:vit_tiny_patch16_224", "--strategy", strategy, "--limit", "128",
             "--batch-size", "32", "--epochs", "2", "--out", str(out), "--quiet", "--seed", "3"]
     for item in ("teacher.input_size=32", "student.input_size=32", "strategy.seed.queue_size=64",

@@ -46,15 +46,18 @@ def saved_position(run: Path) -> dict:
 
 
 def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_path):
-    whole = fault_run([], cli_args(tmp_path / "whole"))
+    """With the default recipe's teacher cache (one view slot, float16), each run with a cache of its own:
+    the killed run's cache holds the rows written before the kill, the resumed run computes the rest."""
+    cache = lambda name: ["--teacher-cache", str(tmp_path / f"cache-{name}")]  # noqa: E731
+    whole = fault_run([], cli_args(tmp_path / "whole", *cache("whole")))
     assert whole.returncode == 0, whole.stderr
     assert saved_position(tmp_path / "whole")["step"] == 16  # 2 epochs x 128 / 16
 
-    killed = fault_run(["--kill-after-checkpoint", "6"], cli_args(tmp_path / "killed"))
+    killed = fault_run(["--kill-after-checkpoint", "6"], cli_args(tmp_path / "killed", *cache("killed")))
     assert killed.returncode == -9  # SIGKILL
     assert saved_position(tmp_path / "killed") == {"step": 6, "epoch": 0, "batch": 6}  # mid-epoch
 
-    resumed = fault_run([], cli_args(tmp_path / "killed", "--resume"))
+    resumed = fault_run([], cli_args(tmp_path / "killed", "--resume", *cache("killed")))
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()

@@ -190,7 +190,7 @@ def test_student_features_masks_a_vit_and_serves_the_other_strategies(vit_teache
 def test_cnn_students_take_the_generic_extraction(lite0):
     objective, request = build({"hidden": {}}, lite0, cnn_student())
     assert objective.student_features(cnn_student(), torch.randn(2, 3, 32, 32), {}, request, 0.0) is None
-    assert request == FeatureRequest(layers=(-1,))
+    assert request == FeatureRequest(layers=(-1,), embedding=True)  # the embedding feeds the pooled term
 
 
 # ----------------------------------------------------------------------------- checks before any forward
@@ -249,7 +249,8 @@ def test_two_strategies_that_run_the_student_cannot_be_composed(lite0):
     with pytest.raises(UsageError, match="'hidden' and 'runner' both run the student"):
         check_composable({"hidden": Hidden, "runner": _AnotherRunner})
     check_composable({"hidden": Hidden, "seed": api.STRATEGIES.get("seed")})
-    probes = (Features(layers={1: torch.zeros(2, 3, 2, 2)}), Features(layers={2: torch.zeros(2, 4, 2, 2)}))
+    probes = (Features(layers={1: torch.zeros(2, 3, 2, 2)}),
+              Features(layers={2: torch.zeros(2, 4, 2, 2)}, embedding=torch.zeros(2, 4)))
     with pytest.raises(UsageError, match="both run the student"):
         Objective({"hidden": Hidden(HiddenConfig(), *probes), "runner": _AnotherRunner(HiddenConfig(), *probes)},
                   {"hidden": 1.0, "runner": 1.0})

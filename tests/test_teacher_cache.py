@@ -70,7 +70,7 @@ def test_views_are_rendered_shared_per_network_or_at_view_size(tmp_path, teacher
                                                  "data.render=per_network"])
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(32, 32)}
     teacher_calls.sizes.clear(), student_sizes.clear()
-    run(tmp_path / "shared", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32"])
+    run(tmp_path / "shared", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32", "data.render=shared"])
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(48, 48)}
     teacher_calls.sizes.clear(), student_sizes.clear()
     run(tmp_path / "fixed", None, epochs=1, extra=["teacher.input_size=48", "data.view_size=40"])

@@ -18,7 +18,7 @@ from ..recipe import TrainConfig
 class Budget:
     steps_per_epoch: int
     total_steps: int
-    epochs: int  # epochs started; the last one may stop early at total_steps
+    epochs: int  # at most this many epochs; the run stops earlier once it has made total_steps steps
 
 
 def plan_budget(train: TrainConfig, micro_batches: int) -> Budget:
@@ -32,7 +32,6 @@ def plan_budget(train: TrainConfig, micro_batches: int) -> Budget:
     else:
         epochs = train.epochs
         total_steps = epochs * steps_per_epoch
-    if train.max_steps is not None and train.max_steps < total_steps:
-        total_steps = train.max_steps
-        epochs = math.ceil(total_steps / steps_per_epoch)
+    if train.max_steps is not None:  # a cap on steps, not on epochs: steps skipped for non-finite losses
+        total_steps = min(total_steps, train.max_steps)  # leave batches to reach it
     return Budget(steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs)
