@@ -127,8 +127,6 @@ def test_augmented_views_replay_from_the_cache_and_key_their_entry(tmp_path, tea
     plain = run(tmp_path / "plain", None, extra=AUGMENT + ["train.log_every=1"])
     cached = run(tmp_path / "cached", tmp_path / "cache", extra=AUGMENT + ["train.log_every=1"])
     assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-6)
-    unaugmented = run(tmp_path / "none", None, extra=["train.log_every=1"])
-    assert losses(unaugmented.run_dir) != pytest.approx(losses(plain.run_dir), rel=1e-6)  # it changes the views
     run(tmp_path / "other", tmp_path / "cache", epochs=1, extra=AUGMENT[:-1])
     keys = [json.loads((e / "meta.json").read_text())["key"] for e in (tmp_path / "cache").iterdir()]
     assert len(keys) == 2 and {k["views"]["augment"]["solarize"] for k in keys} == {0.2, 0.0}
