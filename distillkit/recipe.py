@@ -95,7 +95,9 @@ class DataConfig:
     # photometric augmentation of every view (colour jitter, grayscale, blur, solarize), off by default;
     # replayable like the crops, so cached teacher outputs, resumes and several processes agree
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-    view_slots: int | None = None  # K: epoch e renders the views of slot e mod K; None = new views every epoch
+    # K: epoch e renders the views of slot e mod K; None = new views every epoch; auto = enough slots for the
+    # teacher to render an eighth of the images seen: max(1, min(epochs, round(images seen / (8 x images))))
+    view_slots: int | Literal["auto"] | None = None
     # where the teachers' outputs on those views are cached: "auto" (the default) = in the user cache
     # ($DISTILLKIT_CACHE/teacher-outputs) whenever the run has more epochs than view slots, so the teacher
     # runs once per slot; a folder = always there (K = 4 unless set); null / --no-teacher-cache = never
@@ -414,7 +416,7 @@ def check_ranges(recipe: Recipe) -> None:
         "teacher.input_size": recipe.teacher.input_size,
         "student.input_size": recipe.student.input_size,
         "data.view_size": recipe.data.view_size,
-        "data.view_slots": recipe.data.view_slots,
+        "data.view_slots": None if recipe.data.view_slots == "auto" else recipe.data.view_slots,
         "data.load_size": recipe.data.load_size,
     }
     for key, value in optional_positive.items():

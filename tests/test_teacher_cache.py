@@ -132,6 +132,23 @@ def test_augmented_views_replay_from_the_cache_and_key_their_entry(tmp_path, tea
     assert len(keys) == 2 and {k["views"]["augment"]["solarize"] for k in keys} == {0.2, 0.0}
 
 
+def test_the_loop_trains_on_augmented_views(tmp_path, teacher_calls, monkeypatch):
+    """Solarisation with probability 1 turns every pixel >= 0.5 into 1 - x: no view pixel is above 0.5."""
+    seen = []
+    original = loop.DistillModule.forward
+
+    def recording(self, views, *args):
+        seen.extend(views)
+        return original(self, views, *args)
+
+    monkeypatch.setattr(loop.DistillModule, "forward", recording)
+    run(tmp_path / "plain", None, epochs=1, extra=["train.max_steps=1"])
+    assert max(float(v.max()) for v in seen) > 0.9  # Fashion-MNIST has bright pixels
+    seen.clear()
+    run(tmp_path / "solarized", None, epochs=1, extra=["train.max_steps=1", "data.augment.solarize=1.0"])
+    assert max(float(v.max()) for v in seen) <= 0.5 + 1e-6
+
+
 def test_changed_weights_change_the_key(tmp_path):
     from distillkit.train.cache import weights_hash
 

@@ -32,7 +32,7 @@ from ..recipe import PRIMARY_TEACHER, Recipe
 from ..strategies import Objective, StepInputs
 from ..teachers import InputConfig, Teacher, prepare_input
 from ..data.sources import cache_dir
-from .budget import plan_budget
+from .budget import Budget, plan_budget
 from .cache import TeacherCache, cache_key
 from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
 from .online import OnlineKnn
@@ -220,7 +220,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     shared = max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
     student_size = render_size(recipe, inner.student_input.size, shared)
     teacher_sizes = {role: render_size(recipe, t.input_config.size, shared) for role, t in teachers.items()}
-    slots = view_slots(recipe)
+    slots = view_slots(recipe, budget, len(train_set))
     main = accelerator.is_main_process
     say = progress.console.print if main else (lambda *a, **k: None)
     cache_root = teacher_cache_root(recipe, budget.epochs, slots)
@@ -421,11 +421,23 @@ def view_seed(recipe: Recipe) -> int:
 DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view_slots is not set
 
 
-def view_slots(recipe: Recipe) -> int | None:
+AUTO_SLOTS_SHARE = 8  # view_slots auto: the teacher renders 1 / AUTO_SLOTS_SHARE of the images seen
+
+
+def view_slots(recipe: Recipe, budget: Budget | None = None, num_images: int | None = None) -> int | None:
     """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch.
-    A cache folder given explicitly without `data.view_slots` gets DEFAULT_CACHE_SLOTS."""
-    if recipe.data.view_slots is not None:
-        return recipe.data.view_slots
+    A cache folder given explicitly without `data.view_slots` gets DEFAULT_CACHE_SLOTS. `auto` sizes K to the
+    data: enough fixed views for the teacher to render an eighth of the images the run sees (one slot for a
+    large dataset, more for a small one, never more than the epochs), so a small dataset is not one fixed
+    crop per image repeated every epoch."""
+    slots = recipe.data.view_slots
+    if slots == "auto":
+        if budget is None or not num_images:
+            raise ValueError("view_slots auto needs the run's budget and data size")
+        seen = budget.total_steps * recipe.train.batch_size * recipe.train.grad_accum
+        return max(1, min(budget.epochs, round(seen / (AUTO_SLOTS_SHARE * num_images))))
+    if slots is not None:
+        return slots
     return DEFAULT_CACHE_SLOTS if recipe.data.teacher_cache not in (None, "auto") else None
 
 
