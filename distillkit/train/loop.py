@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
+from rich.markup import escape
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
@@ -482,7 +483,7 @@ def open_caches(recipe: Recipe, accelerator, teachers: dict[str, Teacher], reque
                                   accelerator.device) for role, request in requests.items()) * len(train_set) * slots_used
         root.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(root).free
-        where = f"{root} ({_gb(needed)} for {len(train_set):,} images x {slots_used} view slots)"
+        where = f"{escape(str(root))} ({_gb(needed)} for {len(train_set):,} images x {slots_used} view slots)"
         if needed * 1.05 + (256 << 20) <= free:
             say(f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
                 "instead of running them (--no-teacher-cache to turn it off)")
