@@ -45,7 +45,7 @@ class CompressResult:
     data_source: str
     recipe: Recipe = field(repr=False)
     train_images: int = 0  # distinct images trained on (after --limit)
-    images_seen: int = 0  # optimiser steps x global batch
+    images_seen: int = 0  # optimiser steps x global batch x grad_accum
     teacher_cache: str | None = None  # where the teachers' outputs were cached, if they were
 
     def to_dict(self) -> dict[str, Any]:

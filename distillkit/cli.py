@@ -74,7 +74,7 @@ def compress(
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
     precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
-    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots, default 4), reused across epochs and students. Default (auto): the user cache, whenever the run has more epochs than view slots."),
+    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 when the recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the user cache, whenever the run has more epochs than view slots."),
     no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="Never cache the teacher's outputs: run the teacher on every step."),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ) -> None:

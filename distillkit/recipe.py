@@ -111,7 +111,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 1
-    # the budget in images seen (optimiser steps x global batch); when set it decides the epochs, so a
+    # the budget in images seen (optimiser steps x global batch x grad_accum); when set it decides the epochs, so a
     # smaller data source trains as long as a large one (more epochs of fewer images) and `epochs` is unused
     images: int | None = None
     max_steps: int | None = None  # stop after this many optimiser steps

@@ -1,6 +1,6 @@
 """SEED: the loss against an independent float64 computation, the strategy, its queue, the objective.
 
-The reference below is written from docs/methods-spec.md section 1.1, not from the implementation:
+The reference below is written from docs/methods.md#seed, not from the implementation:
 
     a_S = [z_S.z_T, z_S.q_1 .. z_S.q_K] / tau_S
     p_T = softmax([z_T.z_T, z_T.q_1 .. z_T.q_K] / tau_T)

@@ -2,7 +2,7 @@
 
 Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture",
 CVPR 2023 (arXiv 2301.08243); official code facebookresearch/ijepa src/masks/multiblock.py
-(`MaskCollator`) with the defaults of configs/in1k_vith14_ep300.yaml (docs/methods-spec.md 4.2):
+(`MaskCollator`) with the defaults of configs/in1k_vith14_ep300.yaml (docs/methods.md#hidden-block-masks):
 
     targets: 4 blocks, scale (0.15, 0.2) of the grid, aspect ratio h/w in (0.75, 1.5)
     context: 1 block, scale (0.85, 1.0), aspect 1, minus every target patch (allow_overlap false),

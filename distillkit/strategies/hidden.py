@@ -4,7 +4,7 @@ Lowe, Fuller, Oore, Shelhamer, Taylor, "Self-Distillation of Hidden Layers" (Boo
 no official code), which extends I-JEPA (Assran et al., CVPR 2023, arXiv 2301.08243; official code
 facebookresearch/ijepa src/train.py:298-313, src/models/vision_transformer.py:220-257
 `VisionTransformerPredictor`) by regressing the concatenation of several layers. distillkit's exact
-construction is docs/methods-spec.md 4.3. Targets, for the blocks l in `layers` (relative depths
+construction is docs/methods.md#hidden. Targets, for the blocks l in `layers` (relative depths
 (0.25, 0.5, 0.75, 1.0) by default, i.e. 4 evenly spaced blocks ending at the last):
 
     h_l = raw output of teacher block l (no final norm), prefix tokens removed       (B, N, D_l)

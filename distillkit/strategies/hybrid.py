@@ -2,9 +2,10 @@
 final features, with progressive redundant-token masking of the student input.
 
 Shi et al., "Hybrid Distillation: Connecting Masked Autoencoders with Contrastive Learners", ICLR 2024
-(OpenReview jUWktnsplU; no official code). docs/methods-spec.md 3.2 (objective) and 3.3 (distillkit's
-decisions). With T_c the feature teacher (role `feature_teacher`, default the recipe's `teacher`),
-T_m the relation teacher (role `relation_teacher`, default `teachers.mim`) and M the kept tokens:
+(OpenReview jUWktnsplU; no official code). docs/methods.md#hybrid (objective) and
+docs/methods.md#hybrid-decisions (distillkit's decisions). With T_c the feature teacher (role
+`feature_teacher`, default the recipe's `teacher`), T_m the relation teacher (role `relation_teacher`,
+default `teachers.mim`) and M the kept tokens:
 
     L = alpha * D( LN(T_c(x))[M],  h_c(S(x_M)) )                                     feature term
       + beta  * mean_{(l_s, l_t)} D( R(T_m^{l_t}(x))[M, M],  R(S^{l_s}(x_M)) )         relation term
@@ -13,7 +14,7 @@ T_m the relation teacher (role `relation_teacher`, default `teachers.mim`) and M
     D_relation = row-wise KL(R_t || R_s), mean over rows, heads, images (MiniLMv2) by default, or Smooth-L1
     alpha = beta = 1.0 (quoted from the paper by its reviewers)
 
-  [D: methods-spec 3.3 proposes Smooth-L1 for the relations too. Relation maps are probabilities of
+  [D, docs/methods.md#hybrid-decisions: not Smooth-L1 for the relations too. Relation maps are probabilities of
   size ~1/K per entry, so an element-mean Smooth-L1 is ~0.5 (1/K)^2: measured 1e-5 against a feature
   term of 0.5 with only K = 16 tokens (random ViTs), i.e. no gradient next to the feature term, and it
   shrinks as 1/K^2. KL sums each row (its gradient on the student's attention logits is R_s - R_t, per

@@ -1,4 +1,4 @@
-"""KDSS: knowledge distillation with self-supervision, the triple loss of docs/methods-spec.md 2.1.
+"""KDSS: knowledge distillation with self-supervision, the triple loss of docs/methods.md#kdss.
 
 Xu, Liu, Li, Loy, "Knowledge Distillation Meets Self-Supervision" (SSKD), ECCV 2020 (arXiv 2006.07114);
 official code xuguodong03/SSKD student.py (lines 239-295) and wrapper.py. Every image x_0 is turned

@@ -2,7 +2,7 @@
 
 Hinton, Vinyals, Dean, "Distilling the Knowledge in a Neural Network", NIPS 2014 DL workshop
 (arXiv 1503.02531); the same loss as timm's `LogitDistillationTask` (timm/task/distillation.py) and
-SSKD's L_kd (xuguodong03/SSKD student.py:289, docs/methods-spec.md 2.1). For one view:
+SSKD's L_kd (xuguodong03/SSKD student.py:289, docs/methods.md#kdss). For one view:
 
     s = C f_S(x)              (B, K), C a strategy-owned Linear(D_s, K), K = the teacher's classes
     t = teacher logits        (B, K)

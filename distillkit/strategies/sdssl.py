@@ -3,8 +3,8 @@
 Jang, Kim, Yoo, Kong, Kim, Kwak, "Self-Distilled Self-Supervised Representation Learning", WACV 2023
 (arXiv 2111.12958); official code hagiss/SDSSL: loss pl_train_moco.py:138-226 (`info_nce_loss`,
 `info_nce_loss_layer`, `training_step`), projector / predictor byol_pytorch/byol_pytorch.py:7-91 (`MLP`,
-`NetWrapper`), ramp utils.py:154-165 (`cosine_scheduler(0, ratio, ...)`); docs/methods-spec.md 5.
-distillkit replaces SD-MoCo v3's momentum encoder by the frozen teacher (spec 5.2):
+`NetWrapper`), ramp utils.py:154-165 (`cosine_scheduler(0, ratio, ...)`); docs/methods.md#sdssl.
+distillkit replaces SD-MoCo v3's momentum encoder by the frozen teacher (docs/methods.md#sdssl-decisions):
 
     t(v)   = l2norm(the teacher's projection-head embedding of view v, or its pooled embedding), no gradient,
              gathered from every process in rank order (world * B rows)

@@ -1,6 +1,6 @@
 """Recognising self-supervised training checkpoints and taking one network out of them.
 
-Each official layout (methods-spec section 6) becomes the same thing: a backbone state dict in timm's
+Each official layout (docs/methods.md#checkpoint-layouts) becomes the same thing: a backbone state dict in timm's
 key names, plus the tensors of the projection head when the method keeps one.
 
     kind        file layout                                                  networks (variant)

@@ -221,10 +221,11 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     shared = max(*(s for t in teachers.values() for s in t.input_config.size), *inner.student_input.size)
     student_size = render_size(recipe, inner.student_input.size, shared)
     teacher_sizes = {role: render_size(recipe, t.input_config.size, shared) for role, t in teachers.items()}
-    slots = view_slots(recipe, budget, len(train_set))
+    # auto sizes the views a teacher cache replays: a run that reads no teacher (simclr) keeps fresh views
+    slots = view_slots(recipe, budget, len(train_set)) if teacher_requests or recipe.data.view_slots != "auto" else None
     main = accelerator.is_main_process
     say = progress.console.print if main else (lambda *a, **k: None)
-    cache_root = teacher_cache_root(recipe, budget.epochs, slots)
+    cache_root = teacher_cache_root(recipe, budget.epochs, slots) if teacher_requests else None
     caches = open_caches(recipe, accelerator, teachers, teacher_requests, inner.objective, view_config,
                          teacher_sizes, train_set, slots, cache_root, min(slots, budget.epochs), say) \
         if cache_root is not None else {}
