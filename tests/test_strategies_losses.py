@@ -1,5 +1,5 @@
 """Every loss term of feature, logits, kdss and hidden against an independent float64 computation
-written from its formula (docs/methods.md sections 2.1, 2.2, 4.2, 4.3), on small hand-made tensors.
+written from its formula (docs/methods.md#feature, #logits, #kdss, #hidden), on small hand-made tensors.
 
 The references below use numpy and plain loops; they share no code with distillkit.strategies.
 """

@@ -1,4 +1,4 @@
-"""I-JEPA block masks (distillkit.data.masks) against docs/methods.md 4.2: 4 target rectangles of
+"""I-JEPA block masks (distillkit.data.masks) against docs/methods.md#hidden-block-masks: 4 target rectangles of
 scale (0.15, 0.2) and aspect (0.75, 1.5), one context block of scale (0.85, 1.0) and aspect 1 minus the
 targets, at least min_keep patches."""
 
