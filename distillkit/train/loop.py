@@ -25,6 +25,7 @@ from rich.markup import escape
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from ..conv_taps import cropped_taps
 from ..data import BatchViews, ViewConfig, collate_skipping_bad, sample_view_params
 from ..data.augment import is_active, sample_augment_params
 from ..errors import RunError, UsageError
@@ -251,7 +252,8 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
     online_seconds = 0.0
     terms_mean: dict[str, float] = {}
     module.train()
-    with StopSignals() as signals:
+    # on the CPU, convolutions skip their padding-only taps while training (exact; 2x faster 32 px students)
+    with StopSignals() as signals, cropped_taps(inner):
         while position.step < total_steps and position.epoch < budget.epochs:
             loader.set_epoch(position.epoch)  # through Accelerate's loader: it re-sets the sampler's epoch
             epoch_loader = accelerator.skip_first_batches(loader, position.batch) if position.batch else loader
