@@ -3,7 +3,6 @@ over it, with the same option names and defaults (None = take the recipe's value
 
 from __future__ import annotations
 
-import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -28,9 +27,10 @@ from .report import report
 from .verdict import GAP_METRICS, gap_recovered, verdict
 from .strategies import STRATEGIES, Objective
 from .strategies.base import check_composable
+from .run_folder import check_run_folder, claim
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
-from .train.checkpoint import find_checkpoint
+from .train.checkpoint import find_checkpoint, resume_point
 from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, train
 from .train.online import OnlineKnn
 
@@ -100,7 +100,8 @@ def compress(
 def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, resume: bool, force_resume: bool,
               overwrite: bool, quiet: bool) -> CompressResult:
     started = time.perf_counter()
-    resolved = resolve_recipe(recipe, options, strategy=strategy, overrides=overrides)
+    resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy,
+                              overrides=overrides)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     validate_before_loading(resolved, run_dir, resume, overwrite)
     accelerator = make_accelerator(resolved)
@@ -131,8 +132,12 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     for note in fit_to_data(resolved, len(images.train)):
         console.print(f"[yellow]{note}[/]")
     objective, student_request = build_objective(resolved, teachers, student_model, student_size)
+    if resume:  # refused before anything is written: a refused resume leaves the run as it was
+        _, changes = resume_point(run_dir, resolved.to_dict(), force_resume)
+        if changes:
+            warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
     if main:  # only now: a start that fails while loading leaves no half-made run folder behind
-        run_dir.mkdir(parents=True, exist_ok=True)
+        claim(run_dir, __version__)
         write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
     for role, request in objective.teacher_requests(teachers, student_model).items():
         if teachers[role].prune(request):  # blocks no strategy reads
@@ -203,6 +208,16 @@ def _write_report(run_dir: Path, console: Console) -> None:
                       f"retry with: distillkit report {run_dir}")
 
 
+def _resumed_recipe(recipe, options: dict[str, Any], resume: bool):
+    """What `--resume` builds on: the run's own saved recipe.yaml, unless a recipe is given explicitly;
+    the flags given with --resume then apply on top of it, as they would to any recipe."""
+    if resume and recipe is None and options.get("out") is not None:
+        saved = Path(options["out"]).expanduser() / "recipe.yaml"
+        if saved.is_file():
+            return saved
+    return recipe
+
+
 def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
     """Name checks and run-folder checks, before any model or data loads."""
     for role, t in recipe.all_teachers().items():
@@ -212,17 +227,10 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
             raise UsageError(f"teachers.{role}: {e}" if role != PRIMARY_TEACHER else str(e)) from None
     student_spec(recipe.student.name)
     check_data_source(recipe.data.source)
-    if resume and overwrite:
-        raise UsageError("--resume and --overwrite contradict each other; pass one of them")
-    holds_run = (run_dir / "recipe.yaml").exists()
-    if resume:
-        if find_checkpoint(run_dir) is None:
-            raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
-    elif holds_run:
-        if not overwrite:
-            raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                             "replace it, or choose another --out")
-        shutil.rmtree(run_dir)
+    data_folder = None if recipe.data.source.startswith("builtin:") else Path(recipe.data.source).expanduser()
+    check_run_folder(run_dir, resume, overwrite, data_folder)
+    if resume and find_checkpoint(run_dir) is None:
+        raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
 
 
 def fit_to_data(recipe: Recipe, num_images: int) -> list[str]:

@@ -226,6 +226,7 @@ def test_resume_and_overwrite_contradict(runner, no_loading, tmp_path):
 def test_out_dir_holding_a_run_is_protected(runner, no_loading, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
+    (out / ".distillkit-run").write_text("{}", encoding="utf-8")
     (out / "recipe.yaml").write_text("train: {}\n", encoding="utf-8")
     (out / "result.json").write_text("{}", encoding="utf-8")
     result = invoke(runner, ["compress", "--out", str(out)])
@@ -233,6 +234,29 @@ def test_out_dir_holding_a_run_is_protected(runner, no_loading, tmp_path):
     # nothing was deleted
     assert (out / "recipe.yaml").is_file()
     assert (out / "result.json").is_file()
+
+
+@pytest.mark.parametrize("files", [["notes.txt", "src/main.py"], ["recipe.yaml", "thesis.tex"]],
+                         ids=["a project folder", "an unmarked folder with a recipe.yaml"])
+@pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["plain", "--overwrite"])
+def test_overwrite_never_deletes_a_folder_distillkit_did_not_make(runner, no_loading, tmp_path, files, flags):
+    out = tmp_path / "project"
+    for name in files:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("mine", encoding="utf-8")
+    result = invoke(runner, ["compress", "--out", str(out), *flags])
+    assert_usage_error(result, "distillkit writes only into a new or empty folder", "another --out")
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(files)
+    assert all((out / name).read_text(encoding="utf-8") == "mine" for name in files)
+
+
+@pytest.mark.parametrize("where", ["inside", "around"])
+def test_a_run_folder_and_its_data_stay_apart(runner, no_loading, tmp_path, where):
+    data = tmp_path / "images"
+    (data / "cat").mkdir(parents=True)
+    out = data / "runs" / "small" if where == "inside" else tmp_path
+    fragment = "is inside the training data" if where == "inside" else "contains the training data"
+    assert_usage_error(invoke(runner, ["compress", "--data", str(data), "--out", str(out)]), fragment)
 
 
 def test_bad_input_is_reported_on_stderr(runner, no_loading):

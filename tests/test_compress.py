@@ -94,18 +94,38 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
         assert torch.allclose(a[key], b[key], atol=1e-6, rtol=1e-5), key
 
 
-def test_resume_with_a_changed_recipe_is_refused(tmp_path):
+def test_resume_with_a_changed_recipe_is_refused_and_leaves_the_run_as_it_was(tmp_path):
     tiny_run(tmp_path / "run", max_steps=2, set=TINY + ["eval.enabled=false"])
+    saved = (tmp_path / "run" / "recipe.yaml").read_bytes()
     with pytest.raises(UsageError, match=r"train.lr: 0.15 -> 0.1"):
         tiny_run(tmp_path / "run", max_steps=4, lr=0.1, set=TINY + ["eval.enabled=false"], resume=True)
+    assert (tmp_path / "run" / "recipe.yaml").read_bytes() == saved
+
+
+def test_the_readme_resume_command_continues_a_run_started_with_flags(tmp_path):
+    """`distillkit compress --out DIR --resume`: the run's own recipe, not the default plus nothing."""
+    first = tiny_run(tmp_path / "run", max_steps=2, lr=0.05, seed=3, set=TINY + ["eval.enabled=false"])
+    assert first.steps == 2
+    resumed = distillkit.compress(out=tmp_path / "run", resume=True, max_steps=3, quiet=True)
+    assert resumed.steps == 3
+    assert resumed.recipe.train.lr == 0.05 and resumed.recipe.train.seed == 3
+    assert resumed.recipe.student.name == "mobilenetv3-small" and resumed.recipe.data.limit == 128
 
 
 def test_an_existing_run_is_not_overwritten_by_accident(tmp_path):
     tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
     with pytest.raises(UsageError, match="already holds a run"):
         tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
+    (tmp_path / "run" / "my-notes.txt").write_text("keep me", encoding="utf-8")
+    stale = tmp_path / "run" / "plots" / "stale.png"
+    stale.parent.mkdir(exist_ok=True)
+    stale.write_bytes(b"old")
     again = tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"], overwrite=True)
     assert again.steps == 1
+    # the run's own entries were replaced, the user's file stays
+    assert (tmp_path / "run" / "my-notes.txt").read_text(encoding="utf-8") == "keep me"
+    assert not stale.exists()
+    assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_unlabelled_folder_trains_and_reports_size_and_latency(tmp_path):

@@ -10,6 +10,7 @@ between the renames, `last.old` still holds the previous good checkpoint and is 
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -43,16 +44,26 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
             torch.save(payload, path)
         write_text(tmp / RECIPE_FILE, yaml.safe_dump(recipe, sort_keys=False))
         old = final.with_name("last.old")
-        if old.exists():
-            shutil.rmtree(old)
-        if final.exists():
+        if final.exists():  # else a crash between the renames left `old` as the only good one: keep it
+            if old.exists():
+                shutil.rmtree(old)
             final.rename(old)
         tmp.rename(final)
+        _fsync_dir(final.parent)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make the renames in `path` durable (a power loss must not undo the swap)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -99,6 +110,19 @@ def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -
         elif a != b and not any(path == k or path.startswith(k) for k in RESUMABLE_CHANGES):
             changes.append(f"{path}: {a!r} -> {b!r}")
     return changes
+
+
+def resume_point(run_dir: Path, recipe: dict[str, Any], force: bool) -> tuple[Path, list[str]]:
+    """The checkpoint to resume `run_dir` from and the recipe changes since it was made (those a resume may
+    not change refused unless `force`). Checked before anything is written, so a refusal changes nothing."""
+    checkpoint = find_checkpoint(run_dir)
+    if checkpoint is None:
+        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
+    changes = recipe_changes(saved_recipe(checkpoint), recipe)
+    if changes and not force:
+        raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes)
+                         + "\nundo the changes, or pass --force-resume to continue with the new recipe")
+    return checkpoint, changes
 
 
 def _rng_state() -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ..teachers import InputConfig, Teacher, prepare_input
 from ..data.sources import cache_dir
 from .budget import Budget, plan_budget
 from .cache import TeacherCache, cache_key
-from .checkpoint import find_checkpoint, load_checkpoint, recipe_changes, saved_recipe, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .online import OnlineKnn
 
 class DistillModule(nn.Module):
@@ -357,15 +357,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
 
 
 def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:
-    checkpoint = find_checkpoint(run_dir)
-    if checkpoint is None:
-        raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
-    changes = recipe_changes(saved_recipe(checkpoint), recipe_dict)
-    if changes and not force:
-        raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes)
-                         + "\nundo the changes, or pass --force-resume to continue with the new recipe")
-    if changes:
-        warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
+    checkpoint, _ = resume_point(run_dir, recipe_dict, force)
     state = load_checkpoint(checkpoint, inner, optimizer)
     return Position(step=state["step"], epoch=state["epoch"], batch=state.get("batch", 0))
 
