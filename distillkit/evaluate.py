@@ -71,21 +71,24 @@ def linear_probe_accuracy(train_features: Tensor, train_labels: Tensor, test_fea
     x_test = ((test_features - mean) / std).float()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     generator = torch.Generator().manual_seed(seed)
-    weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).requires_grad_(True)
+    # (classes, dims), nn.Linear's layout: the weight gradient is then grad^T @ x, which BLAS computes ~30x
+    # faster on the CPU than x^T @ grad for (60000, 1280) embeddings and 10 classes
+    weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).T.contiguous()
+    weight.requires_grad_(True)
     bias = torch.zeros(num_classes, requires_grad=True)
     optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
                                   line_search_fn="strong_wolfe")
 
     def closure():
         optimizer.zero_grad()
-        loss = F.cross_entropy(x_train @ weight + bias, train_labels) + l2 * weight.pow(2).sum()
+        loss = F.cross_entropy(F.linear(x_train, weight, bias), train_labels) + l2 * weight.pow(2).sum()
         loss.backward()
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)
     with torch.no_grad():
-        return ((x_test @ weight + bias).argmax(1) == test_labels).float().mean().item()
+        return (F.linear(x_test, weight, bias).argmax(1) == test_labels).float().mean().item()
 
 
 def count_params(model: nn.Module) -> int:
