@@ -57,14 +57,21 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert killed.returncode == -9  # SIGKILL
     assert saved_position(tmp_path / "killed") == {"step": 6, "epoch": 0, "batch": 6}  # mid-epoch
 
+    # what a later kill leaves in the log: a step logged after the checkpoint, then a line torn mid-write
+    log = tmp_path / "killed" / "metrics.jsonl"
+    with open(log, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": 7, "epoch": 0, "loss": 1.0}) + "\n" + '{"step": 8, "epo')
     resumed = fault_run([], cli_args(tmp_path / "killed", "--resume", *cache("killed")))
     assert resumed.returncode == 0, resumed.stderr
     a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    lines = (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()
-    assert json.loads(lines[-1])["step"] == 16
+
+    def logged(run):  # every line is whole JSON; which steps and epoch ends were logged, in order
+        return [(r.get("step"), r.get("epoch_end")) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+    assert logged(tmp_path / "killed") == logged(tmp_path / "whole")  # each step once, as if never killed
+    assert logged(tmp_path / "killed")[-1][0] == 16
 
 
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):

@@ -37,6 +37,7 @@ from ..data.sources import cache_dir
 from .budget import Budget, plan_budget
 from .cache import TeacherCache, cache_key
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .metrics_log import append_record, trim_to_step
 from .online import OnlineKnn
 
 class DistillModule(nn.Module):
@@ -231,10 +232,12 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                          teacher_sizes, train_set, slots, cache_root, min(slots, budget.epochs), say) \
         if cache_root is not None else {}
     metrics_path = run_dir / "metrics.jsonl"
+    if resume and main:  # the steps logged after the checkpoint are trained (and logged) again
+        trim_to_step(metrics_path, position.step)
     reference_seconds = 0.0
     if online_knn is not None and position.step == 0 and main:
         tick = time.perf_counter()
-        _append_jsonl(metrics_path, online_knn.references(teachers[PRIMARY_TEACHER], inner.student,
+        append_record(metrics_path, online_knn.references(teachers[PRIMARY_TEACHER], inner.student,
                                                           inner.student_input, inner.channels_last))
         reference_seconds = time.perf_counter() - tick
     task = progress.add_task("distilling", total=total_steps, completed=position.step, terms="",
@@ -318,7 +321,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                     speed = images_seen / (time.perf_counter() - start_time - online_seconds)
                     _report(progress, task, position, total_steps, terms_mean, speed)
                     if log_now:
-                        _append_jsonl(metrics_path, {"step": position.step, "epoch": position.epoch, **values,
+                        append_record(metrics_path, {"step": position.step, "epoch": position.epoch, **values,
                                                      "lr": optimizer.param_groups[0]["lr"],
                                                      "images_per_s": round(speed, 1)})
                 every = recipe.train.checkpoint_every
@@ -339,7 +342,7 @@ def train(recipe: Recipe, accelerator, teachers: dict[str, Teacher], module: Dis
                     if online_knn is not None:
                         record.update(online_knn(inner.student, inner.student_input, inner.channels_last))
                         online_seconds += record["online_knn_seconds"]
-                    _append_jsonl(metrics_path, record)
+                    append_record(metrics_path, record)
                 position.epoch += 1
                 position.batch = 0
             checkpoint()  # after every epoch, and where max_steps stopped inside one
@@ -531,8 +534,3 @@ def _all_finite(accelerator, loss: Tensor) -> bool:
     if accelerator.num_processes > 1:
         finite = accelerator.gather(finite).min()
     return bool(finite.item())
-
-
-def _append_jsonl(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
