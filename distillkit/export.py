@@ -202,6 +202,36 @@ def load_student(path: str | Path) -> nn.Module:
     return model.eval()
 
 
+EXPORT_FILES = (WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, CONFIG_FILE, CARD_FILE)
+
+
+def is_export_folder(path: Path) -> bool:
+    """A folder an earlier distillkit export (or compress run) wrote: its config.json names distillkit."""
+    try:
+        return "distillkit" in json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def prepare_export_folder(out_dir: Path) -> None:
+    """An export writes only into a new or empty folder or an earlier export, whose model files of every
+    format are removed first (a stale model.onnx must not outlive a new model.safetensors: `eval` would
+    score it); a user's other files stay. Any other folder is refused, unchanged."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UsageError(f"export --out {out_dir} is a file; choose a folder")
+    entries = sorted(p.name for p in out_dir.iterdir())
+    if not entries:
+        return
+    if not is_export_folder(out_dir):
+        raise UsageError(f"export --out {out_dir} is not empty ({', '.join(entries[:3])}"
+                         f"{', ...' if len(entries) > 3 else ''}) and holds no distillkit export; its files would "
+                         "be replaced. Choose a new or empty folder")
+    for name in EXPORT_FILES:
+        (out_dir / name).unlink(missing_ok=True)
+
+
 @dataclass
 class ExportResult:
     out_dir: Path
@@ -236,6 +266,7 @@ def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | N
     if out_dir.resolve() == source.resolve():
         raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
 
+    prepare_export_folder(out_dir)
     exported = model if block is None else truncate(model, block)
     model_args = dict(config.get("model_args") or {})
     if block is not None and is_token_model(model):

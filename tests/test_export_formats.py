@@ -111,6 +111,25 @@ def test_export_matches_the_model_with_any_batch_size(run, fmt, tmp_path):
         assert fact in card, fact
 
 
+def test_export_never_replaces_a_users_files_and_leaves_no_stale_format(run, tmp_path):
+    _, model, run_dir = run
+    mine = tmp_path / "deploy"
+    mine.mkdir()
+    (mine / "README.md").write_text("my project", encoding="utf-8")
+    (mine / "config.json").write_text('{"service": "mine"}', encoding="utf-8")
+    with pytest.raises(UsageError, match="holds no distillkit export"):
+        distillkit.export(run_dir, format="onnx", out=mine)
+    assert (mine / "README.md").read_text(encoding="utf-8") == "my project"
+    assert sorted(p.name for p in mine.iterdir()) == ["README.md", "config.json"]
+
+    out = tmp_path / "export"
+    distillkit.export(run_dir, format="torchscript", out=out)
+    (out / "notes.txt").write_text("keep", encoding="utf-8")
+    result = distillkit.export(run_dir, format="safetensors", out=out)  # over an earlier export
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "model.safetensors", "notes.txt"]
+    assert_matches(run_exported(result), model)
+
+
 @pytest.mark.parametrize("fmt", ["safetensors", "onnx", "torchscript"])
 def test_exit_at_equals_the_intermediate_representation(run, fmt, tmp_path):
     architecture, model, run_dir = run
