@@ -17,6 +17,7 @@ from rich.table import Table
 
 from . import __version__
 from .data import check_data_source, open_data
+from .data.sources import cache_dir
 from .errors import UsageError
 from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 from .export import export_student
@@ -27,7 +28,7 @@ from .report import report
 from .verdict import GAP_METRICS, gap_recovered, verdict
 from .strategies import STRATEGIES, Objective
 from .strategies.base import check_composable
-from .run_folder import check_run_folder, claim
+from .run_folder import check_run_folder, claim, clear_run
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
 from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
 from .train.checkpoint import find_checkpoint, resume_point
@@ -103,9 +104,13 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy,
                               overrides=overrides)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
-    validate_before_loading(resolved, run_dir, resume, overwrite)
+    clear_previous_run = validate_before_loading(resolved, run_dir, resume, overwrite)
     accelerator = make_accelerator(resolved)
     main = accelerator.is_main_process
+    if clear_previous_run:  # one process deletes; the others wait until it has
+        if main:
+            clear_run(run_dir)
+        accelerator.wait_for_everyone()
     console = Console(quiet=quiet or not main)  # one process speaks
     console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
                   f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
@@ -218,8 +223,9 @@ def _resumed_recipe(recipe, options: dict[str, Any], resume: bool):
     return recipe
 
 
-def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Name checks and run-folder checks, before any model or data loads."""
+def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """Name checks and run-folder checks, before any model or data loads; True when --overwrite is to clear
+    a previous run."""
     for role, t in recipe.all_teachers().items():
         try:
             check_teacher_name(t.name, variant=t.variant, arch=t.arch, weights=t.weights)
@@ -228,9 +234,10 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
     student_spec(recipe.student.name)
     check_data_source(recipe.data.source)
     data_folder = None if recipe.data.source.startswith("builtin:") else Path(recipe.data.source).expanduser()
-    check_run_folder(run_dir, resume, overwrite, data_folder)
+    clear = check_run_folder(run_dir, resume, overwrite, data_folder, cache_dir())
     if resume and find_checkpoint(run_dir) is None:
         raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
+    return clear
 
 
 def fit_to_data(recipe: Recipe, num_images: int) -> list[str]:

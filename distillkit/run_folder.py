@@ -1,9 +1,9 @@
 """Which folders are distillkit's to write into and to clear: a run folder carries a marker file.
 
 `compress` starts a run only in a new or empty folder, or in one its marker says is a run; `--overwrite`
-then removes only the entries a run writes (below), never a user's other files, and never a folder without
-the marker (a project folder, `.`, a folder that holds the data). A run folder may not hold its own
-training data, nor sit inside it (its plots would become images of the next run).
+then removes the entries a run writes (below), and refuses, listing them, when the folder holds anything
+else; it never touches a folder without the marker (a project folder, `.`). A run folder may not hold its
+training data or the user cache, nor sit inside either (its plots would become images of the next run).
 """
 
 from __future__ import annotations
@@ -32,21 +32,22 @@ def claim(run_dir: Path, version: str) -> None:
         write_text(run_dir / MARKER, json.dumps({"made_by": "distillkit", "version": version}) + "\n")
 
 
-def check_run_folder(run_dir: Path, resume: bool, overwrite: bool, data_folder: Path | None) -> None:
-    """Refuse a folder a run may not use, with what to do instead; `--overwrite` clears a previous run.
-
-    Called before anything loads, so a refusal costs nothing and leaves the folder as it was."""
+def check_run_folder(run_dir: Path, resume: bool, overwrite: bool, data_folder: Path | None,
+                     cache_folder: Path) -> bool:
+    """Refuse a folder a run may not use, with what to do instead; True when `--overwrite` has a previous
+    run to clear (`clear_run`, on the main process only). Changes nothing: it runs before anything loads."""
     if resume and overwrite:
         raise UsageError("--resume and --overwrite contradict each other; pass one of them")
     if data_folder is not None:
-        _check_apart_from_data(run_dir, data_folder)
+        _check_apart(run_dir, data_folder, "the training data")
+    _check_apart(run_dir, cache_folder, "distillkit's user cache (DISTILLKIT_CACHE)")
     if resume or not run_dir.exists():
-        return
+        return False
     if not run_dir.is_dir():
         raise UsageError(f"--out {run_dir} is a file, not a folder; choose another --out")
     entries = sorted(p.name for p in run_dir.iterdir())
     if not entries:
-        return
+        return False
     if not is_run_folder(run_dir):
         what = ("a run of an older distillkit (it has no " + MARKER + " marker)" if "recipe.yaml" in entries
                 else f"not a distillkit run folder ({len(entries)} entries, e.g. {', '.join(entries[:3])})")
@@ -56,28 +57,29 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool, data_folder: 
     if not overwrite:
         raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
                          "replace it, or choose another --out")
-    clear_run(run_dir)
+    foreign = [name for name in entries if name not in RUN_ENTRIES]
+    if foreign:
+        raise UsageError(f"--overwrite: {run_dir} holds files a run did not write: {', '.join(foreign[:10])}"
+                         f"{' ...' if len(foreign) > 10 else ''}; move them out first (nothing was deleted), or "
+                         "choose another --out")
+    return True
 
 
-def clear_run(run_dir: Path) -> list[str]:
-    """Remove what a run wrote into `run_dir` (not its marker's siblings it did not write); returns the
-    names of the other entries, which stay."""
+def clear_run(run_dir: Path) -> None:
+    """Remove what a run wrote into `run_dir` (after `check_run_folder` found nothing else there)."""
     for name in RUN_ENTRIES:
         path = run_dir / name
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    return sorted(p.name for p in run_dir.iterdir())
 
 
-def _check_apart_from_data(run_dir: Path, data_folder: Path) -> None:
-    run, data = run_dir.resolve(), data_folder.resolve()
-    if run == data or data in run.parents:
-        raise UsageError(f"--out {run_dir} is inside the training data {data_folder}: the run's files (plots, "
-                         "the exported student) would be read as training images next time; choose an --out "
-                         "outside the data folder")
-    if run in data.parents:
-        raise UsageError(f"--out {run_dir} contains the training data {data_folder}; a run folder must not "
-                         "hold its data (--overwrite would have to leave it, a later clean-up could delete "
-                         "it); choose another --out")
+def _check_apart(run_dir: Path, folder: Path, what: str) -> None:
+    run, other = run_dir.expanduser().resolve(), folder.expanduser().resolve()
+    if run == other or other in run.parents:
+        raise UsageError(f"--out {run_dir} is inside {what} ({folder}): the run's files (plots, the exported "
+                         "student) would be read as its contents next time; choose an --out outside it")
+    if run in other.parents:
+        raise UsageError(f"--out {run_dir} contains {what} ({folder}); a run folder must not hold it (a later "
+                         "clean-up of the run would delete it); choose another --out")

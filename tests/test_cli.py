@@ -259,6 +259,12 @@ def test_a_run_folder_and_its_data_stay_apart(runner, no_loading, tmp_path, wher
     assert_usage_error(invoke(runner, ["compress", "--data", str(data), "--out", str(out)]), fragment)
 
 
+def test_a_run_folder_stays_out_of_the_user_cache(runner, no_loading, tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "cache"))
+    assert_usage_error(invoke(runner, ["compress", "--out", str(tmp_path / "cache" / "run")]),
+                       "is inside distillkit's user cache")
+
+
 def test_bad_input_is_reported_on_stderr(runner, no_loading):
     result = invoke(runner, ["compress", "--student", "mobilenet"])
     assert result.exit_code == 2

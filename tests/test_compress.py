@@ -116,15 +116,20 @@ def test_an_existing_run_is_not_overwritten_by_accident(tmp_path):
     tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
     with pytest.raises(UsageError, match="already holds a run"):
         tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
-    (tmp_path / "run" / "my-notes.txt").write_text("keep me", encoding="utf-8")
+    notes = tmp_path / "run" / "my-notes.txt"
+    notes.write_text("keep me", encoding="utf-8")
     stale = tmp_path / "run" / "plots" / "stale.png"
     stale.parent.mkdir(exist_ok=True)
     stale.write_bytes(b"old")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    with pytest.raises(UsageError, match="holds files a run did not write: my-notes.txt"):
+        tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"], overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before  # nothing deleted
+    assert notes.read_text(encoding="utf-8") == "keep me"
+    notes.unlink()
     again = tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"], overwrite=True)
     assert again.steps == 1
-    # the run's own entries were replaced, the user's file stays
-    assert (tmp_path / "run" / "my-notes.txt").read_text(encoding="utf-8") == "keep me"
-    assert not stale.exists()
+    assert not stale.exists()  # the previous run's files were replaced
     assert len((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) == 1
 
 
