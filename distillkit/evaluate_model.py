@@ -16,7 +16,7 @@ from .errors import UsageError
 from .evaluate import (count_params, cpu_latency_ms, embed_outputs, eval_subset, knn_accuracy, runner_latency_ms,
                        score_embeddings)
 from .exits import block_embeddings
-from .export import load_student, read_config, student_folder
+from .export import WEIGHTS_FILE, load_student, read_config, student_folder
 from .features import is_token_model, num_layers
 from .registry import did_you_mean
 from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
@@ -92,14 +92,20 @@ def open_model(student: str, weights: str | Path | None) -> tuple[nn.Module, Inp
 
 
 def _deployed_file(student: str | Path) -> Path | None:
-    """The ONNX or TorchScript file an export folder (or the path itself) holds, if any."""
+    """The ONNX or TorchScript file to run: only one named explicitly. A folder is scored from its
+    model.safetensors (loading it runs no code); a folder holding only a runtime file is refused with the
+    command that runs it, so a file someone dropped into a folder is never executed unasked."""
     if str(student).startswith("timm:"):
         return None
     path = Path(student).expanduser()
     if path.is_file() and path.name in (ONNX_FILE, TORCHSCRIPT_FILE):
         return path
-    found = [path / f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (path / f).is_file()]
-    return found[0] if found else None
+    if path.is_dir() and not (path / WEIGHTS_FILE).is_file() and not (path / "student" / WEIGHTS_FILE).is_file():
+        found = [path / f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (path / f).is_file()]
+        if found:
+            raise UsageError(f"{path} holds no {WEIGHTS_FILE}, only {found[0].name}; distillkit runs an ONNX or "
+                             f"TorchScript file only when it is named: distillkit eval {found[0]}")
+    return None
 
 
 def _evaluate_file(path: Path, data: str, max_train: int, max_test: int, knn_k: int, knn_temperature: float,

@@ -111,6 +111,16 @@ def test_export_matches_the_model_with_any_batch_size(run, fmt, tmp_path):
         assert fact in card, fact
 
 
+def test_eval_scores_the_safetensors_and_never_runs_a_file_dropped_beside_it(run, colours, tmp_path):
+    _, _, run_dir = run
+    exported = distillkit.export(run_dir, format="safetensors", out=tmp_path / "export")
+    reference = evaluate_student(exported.out_dir, data=str(colours[0]), probe_steps=20)
+    (exported.out_dir / "model.pt").write_bytes(b"PK\x03\x04 not a TorchScript archive")  # junk: running it fails
+    (exported.out_dir / "model.onnx").write_text("<html>a download error page</html>", encoding="utf-8")
+    metrics = evaluate_student(exported.out_dir, data=str(colours[0]), probe_steps=20)
+    assert metrics["knn_top1"] == reference["knn_top1"]
+
+
 def test_export_never_replaces_a_users_files_and_leaves_no_stale_format(run, tmp_path):
     _, model, run_dir = run
     mine = tmp_path / "deploy"
@@ -259,7 +269,11 @@ def test_eval_runs_onnx_and_torchscript_exports_with_their_runtimes(run, colours
     _, model, run_dir = run
     reference = evaluate_student(run_dir, data=str(colours[0]), probe_steps=20)
     exported = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
-    for target in (exported.out_dir, exported.out_dir / ("model.onnx" if fmt == "onnx" else "model.pt")):
+    model_file = exported.out_dir / ("model.onnx" if fmt == "onnx" else "model.pt")
+    # a folder's runtime file runs only when named: a file dropped into a folder is never executed unasked
+    with pytest.raises(UsageError, match=f"only when it is named: distillkit eval {model_file}"):
+        evaluate_student(exported.out_dir, data=str(colours[0]), probe_steps=20)
+    for target in (model_file,):
         metrics = evaluate_student(target, data=str(colours[0]), probe_steps=20)
         assert metrics["knn_top1"] == reference["knn_top1"]
         assert metrics["probe_top1"] == pytest.approx(reference["probe_top1"], abs=0.01)
