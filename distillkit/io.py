@@ -14,6 +14,13 @@ from typing import Any, Iterator
 from .errors import RunError
 
 
+def permissions(directory: bool) -> int:
+    """The mode a plain open() / mkdir() would give under the current umask (0644 / 0755 by default)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temp path beside `target`; on success it replaces `target` atomically."""
@@ -24,6 +31,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(permissions(directory=False))  # mkstemp's 0600 would hide the file from everyone else
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)

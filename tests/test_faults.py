@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import errno
+import os
+import stat
 import json
 import subprocess
 import sys
@@ -180,3 +182,19 @@ def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
 def test_sync_bn_on_cpu_processes_is_refused_or_harmless(tmp_path):
     # one process: nothing to synchronise, the run works
     assert tiny(tmp_path / "run", max_steps=1, set=TINY + ["train.sync_bn=true"]).steps == 1
+
+
+@pytest.mark.parametrize("umask,file_mode,dir_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_files_are_written_with_the_users_umask(tmp_path, umask, file_mode, dir_mode):
+    """Colleagues, containers and web servers read an exported model as the umask allows, as with cp."""
+    previous = os.umask(umask)
+    try:
+        result = tiny(tmp_path / "run", max_steps=1)
+    finally:
+        os.umask(previous)
+    run = result.run_dir
+    for path in (run / "recipe.yaml", run / "checkpoints" / "last" / "model.safetensors",
+                 run / "checkpoints" / "last" / "train_state.pt", result.student_dir / "model.safetensors",
+                 result.student_dir / "config.json"):
+        assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
+    assert stat.S_IMODE((run / "checkpoints" / "last").stat().st_mode) == dir_mode

@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from ..errors import UsageError
-from ..io import atomic_path, save_safetensors, write_text
+from ..io import atomic_path, permissions, save_safetensors, write_text
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -37,6 +37,7 @@ def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Opt
     final = checkpoint_dir(run_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="last.", suffix=".tmp", dir=final.parent))
+    tmp.chmod(permissions(directory=True))  # mkdtemp's 0700 would hide the checkpoint from everyone else
     try:
         save_safetensors(tmp / MODEL_FILE, module.state_dict())
         payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
