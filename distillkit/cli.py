@@ -152,8 +152,8 @@ def eval_(
     data: str = typer.Option("builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."),
     weights: Optional[Path] = typer.Option(None, help="With timm:<name>: a local state dict file instead of timm's hub weights."),
     per_block: bool = typer.Option(False, help="Also the k-NN accuracy at every block / stage (the early-exit curve)."),
-    max_train: int = typer.Option(10000, help="Training images used as the k-NN bank / probe training set."),
-    max_test: int = typer.Option(10000, help="Held-out images scored."),
+    max_train: int = typer.Option(10000, min=1, help="Training images used as the k-NN bank / probe training set."),
+    max_test: int = typer.Option(10000, min=1, help="Held-out images scored."),
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""

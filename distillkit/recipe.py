@@ -144,6 +144,17 @@ class EvalConfig:
     # online k-NN at every epoch's end: a bank of N training images scored on N // 2 held-out ones; 0 = off
     online_images: int = 1000
 
+    def __post_init__(self):  # checked with the recipe, before anything trains: not after an hour of training
+        for key in ("knn_k", "probe_steps", "max_train", "max_test", "latency_runs"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise UsageError(f"eval.{key} must be a whole number >= 1, got {value!r}"
+                                 + (" (eval.enabled=false turns evaluation off)" if value in (0, False) else ""))
+        if not (isinstance(self.knn_temperature, (int, float)) and self.knn_temperature > 0):
+            raise UsageError(f"eval.knn_temperature must be > 0, got {self.knn_temperature!r}")
+        if isinstance(self.online_images, bool) or not isinstance(self.online_images, int) or self.online_images < 0:
+            raise UsageError(f"eval.online_images must be a whole number >= 0 (0 = off), got {self.online_images!r}")
+
 
 PRIMARY_TEACHER = "teacher"  # the role of the `teacher:` section; `teachers:` adds other roles
 

@@ -7,6 +7,7 @@ recomputed with the code under test.
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -501,3 +502,17 @@ def test_recipe_file_not_utf8(tmp_path):
     path.write_bytes(b"train:\n  lr: \xff\xfe\n")
     message = usage_error(read_yaml, path)
     assert str(path) in message
+
+
+@pytest.mark.parametrize("override,fragment", [
+    ("eval.latency_runs=0", "eval.latency_runs must be a whole number >= 1"),
+    ("eval.max_test=0", "eval.max_test must be a whole number >= 1"),
+    ("eval.max_train=0", "eval.enabled=false turns evaluation off"),
+    ("eval.knn_k=-3", "eval.knn_k must be a whole number >= 1"),
+    ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
+    ("eval.online_images=-1", "eval.online_images must be a whole number >= 0"),
+])
+def test_eval_settings_out_of_range_are_refused_with_the_recipe(override, fragment):
+    """Before anything trains: these used to crash in the evaluation after the whole run."""
+    with pytest.raises(UsageError, match=re.escape(fragment)):
+        resolve_recipe(None, {}, overrides=[override])
