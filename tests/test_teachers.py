@@ -290,6 +290,16 @@ def test_timm_teacher_headless_weights(tmp_path):
     assert not teacher.has_logits
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_teacher_weights_with_non_finite_values_are_refused_at_load(tmp_path, bad):
+    state = timm.create_model("resnet18", pretrained=False, num_classes=0).state_dict()
+    state["layer2.0.conv1.weight"][0, 0, 0, 0] = bad  # a damaged file / a checkpoint of a diverged run
+    path = tmp_path / "diverged.safetensors"
+    save_file(state, str(path))
+    with pytest.raises(UsageError, match=r"1 non-finite values \(NaN or inf\) in layer2.0.conv1.weight"):
+        load_teacher("timm:resnet18", weights=path, input_size=32)
+
+
 def test_timm_teacher_weights_of_another_architecture(tmp_path, resnet18_files):
     _, folder = resnet18_files
     r34 = timm.create_model("resnet34", pretrained=False, num_classes=10).state_dict()

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import timm
+import torch
 from torch import nn
 
 from ..errors import UsageError
@@ -57,8 +58,23 @@ def load_teacher(name: str, weights: str | Path | None = None, input_size: int |
         spec = TEACHERS.get(name)
         built = spec.build(spec, options)
     model = built.model.eval()
+    _check_finite(model, built.head, built.source)
     input_config = built.input_config or _input_config(model, input_size)
     return Teacher(name, model, input_config, built.source, built.head, channels_last)
+
+
+def _check_finite(model, head, source: str) -> None:
+    """NaN or inf in a teacher's weights would train every step on non-finite targets: refuse them here."""
+
+    for module_name, module in (("", model), ("head.", head)):
+        if module is None:
+            continue
+        for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                bad = int((~torch.isfinite(tensor)).sum())
+                raise UsageError(f"the teacher's weights ({source}) hold {bad} non-finite values (NaN or inf) in "
+                                 f"{module_name}{name}: the file is damaged or was saved from a diverged run; "
+                                 "use another checkpoint")
 
 
 def check_teacher_name(name: str, variant: str | None = None, arch: str | None = None,
