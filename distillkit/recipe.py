@@ -152,8 +152,6 @@ class EvalConfig:
                                  + (" (eval.enabled=false turns evaluation off)" if value in (0, False) else ""))
         if not (isinstance(self.knn_temperature, (int, float)) and self.knn_temperature > 0):
             raise UsageError(f"eval.knn_temperature must be > 0, got {self.knn_temperature!r}")
-        if isinstance(self.online_images, bool) or not isinstance(self.online_images, int) or self.online_images < 0:
-            raise UsageError(f"eval.online_images must be a whole number >= 0 (0 = off), got {self.online_images!r}")
 
 
 PRIMARY_TEACHER = "teacher"  # the role of the `teacher:` section; `teachers:` adds other roles

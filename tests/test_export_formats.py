@@ -259,9 +259,9 @@ def test_eval_timm_bad_input(run, colours, tmp_path, monkeypatch):
         evaluate_student(run[2], data=str(colours[0]), weights=tmp_path / "w.pth")
     exported = distillkit.export(run[2], format="torchscript", out=tmp_path / "ts")
     with pytest.raises(UsageError, match="returns the embedding only, so --per-block"):
-        evaluate_student(exported.out_dir, data=str(colours[0]), per_block=True)
+        evaluate_student(exported.out_dir / "model.pt", data=str(colours[0]), per_block=True)
     with pytest.raises(UsageError, match="--weights is for timm:<name>"):
-        evaluate_student(exported.out_dir, data=str(colours[0]), weights=tmp_path / "w.pth")
+        evaluate_student(exported.out_dir / "model.pt", data=str(colours[0]), weights=tmp_path / "w.pth")
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])

@@ -510,7 +510,7 @@ def test_recipe_file_not_utf8(tmp_path):
     ("eval.max_train=0", "eval.enabled=false turns evaluation off"),
     ("eval.knn_k=-3", "eval.knn_k must be a whole number >= 1"),
     ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
-    ("eval.online_images=-1", "eval.online_images must be a whole number >= 0"),
+    ("eval.online_images=-1", "eval.online_images must be 0"),
 ])
 def test_eval_settings_out_of_range_are_refused_with_the_recipe(override, fragment):
     """Before anything trains: these used to crash in the evaluation after the whole run."""
