@@ -22,7 +22,7 @@ import warnings
 
 import torch
 
-from distillkit.api import build_objective
+from distillkit.strategies import Objective
 from distillkit.recipe import resolve_recipe
 from distillkit.student import create_student, student_input_config, student_spec
 from distillkit.teachers import load_teacher
@@ -69,7 +69,8 @@ def main() -> None:
         recipe = resolve_recipe({"teachers": {"mim": {"name": args.teacher}},
                                  "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}}})
         student = create_student(student_spec(args.student), args.size, seed=0)
-        objective, request = build_objective(recipe, teachers, student, args.size)
+        objective = Objective.build(recipe.strategy, teachers, student, args.size)
+        request = objective.student_request()
         requests = objective.teacher_requests(teachers, student)
         module = DistillModule(student, objective, student_input_config(student, args.size), False, request).train()
         setups[ratio] = (module, requests, torch.optim.AdamW(module.parameters(), lr=1e-4))

@@ -47,7 +47,8 @@ from pathlib import Path
 import torch
 
 import distillkit
-from distillkit.data.sources import cache_dir, load_fashion_mnist
+from distillkit.data.sources import load_fashion_mnist
+from distillkit.io import cache_dir
 from distillkit.evaluate import embed_dataset, score_embeddings
 from distillkit.evaluate_model import evaluate_student
 from distillkit.features import FeatureRequest

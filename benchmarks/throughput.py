@@ -34,7 +34,8 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from distillkit.api import _progress, build_objective
+from distillkit.api import _progress
+from distillkit.strategies import Objective
 from distillkit.data import ViewConfig, render_views, sample_view_params
 from distillkit.data.sources import TensorImages
 from distillkit.features import FeatureRequest, extract_features
@@ -76,7 +77,8 @@ class Setup:
         self.channels_last = uses_channels_last(student_spec(self.recipe.student.name), student, None)
         if self.channels_last:
             student.to(memory_format=torch.channels_last)
-        objective, request = build_objective(self.recipe, self.teacher, student, size)
+        objective = Objective.build(self.recipe.strategy, self.teacher, student, size)
+        request = objective.student_request()
         self.teacher_request = objective.teacher_requests({"teacher": self.teacher}, student)["teacher"]
         self.teacher.prune(self.teacher_request)
         self.module = DistillModule(student, objective, student_input_config(student, size), self.channels_last,

@@ -17,20 +17,21 @@ from rich.table import Table
 
 from . import __version__
 from .data import check_data_source, open_data
-from .data.sources import cache_dir
+from .io import cache_dir
 from .errors import UsageError
 from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 from .export import export_student
 from .features import Extractor, FeatureRequest, probe_features
 from .io import write_json, write_text
-from .recipe import PRIMARY_TEACHER, Recipe, parse_set, recipe_to_yaml, resolve_recipe
+from .roles import PRIMARY_TEACHER
+from .recipe import Recipe, parse_set, recipe_to_yaml, resolve_recipe
 from .report import report
 from .verdict import GAP_METRICS, gap_recovered, verdict
-from .strategies import STRATEGIES, Objective
-from .strategies.base import check_composable
+from .strategies import Objective, fit_to_data
 from .run_folder import check_run_folder, claim, clear_run
 from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
-from .teachers import Teacher, check_teacher_name, load_teacher, prepare_input
+from .inputs import prepare_input
+from .teachers import Teacher, check_teacher_name, load_teacher
 from .train.checkpoint import find_checkpoint, resume_point
 from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, train
 from .train.online import OnlineKnn
@@ -134,9 +135,10 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
                        val_fraction=resolved.data.val_fraction,
                        load_size=resolved.data.load_size or int(round(view_size * 1.15)))
     console.print(f"data: {images.source}; training on {len(images.train):,} images")
-    for note in fit_to_data(resolved, len(images.train)):
+    for note in fit_to_data(resolved.strategy, len(images.train), resolved.train.batch_size):
         console.print(f"[yellow]{note}[/]")
-    objective, student_request = build_objective(resolved, teachers, student_model, student_size)
+    objective = Objective.build(resolved.strategy, teachers, student_model, student_size)
+    student_request = objective.student_request()
     if resume:  # refused before anything is written: a refused resume leaves the run as it was
         _, changes = resume_point(run_dir, resolved.to_dict(), force_resume)
         if changes:
@@ -184,7 +186,7 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
                            "teacher": teacher_model.describe(),
                            **({"other_teachers": {role: t.describe() for role, t in teachers.items()
                                                   if role != PRIMARY_TEACHER}} if len(teachers) > 1 else {}),
-                           "strategy": resolved.strategy,
+                           "strategy": resolved.to_dict()["strategy"],
                            "data": images.source,
                            "steps": result.steps,
                            "metrics": metrics,
@@ -238,57 +240,6 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
     if resume and find_checkpoint(run_dir) is None:
         raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
     return clear
-
-
-def fit_to_data(recipe: Recipe, num_images: int) -> list[str]:
-    """Shrink the strategies' data-dependent sizes (a queue longer than the data) to `num_images` training
-    images, in the recipe itself (so recipe.yaml and a resume see what ran); returns what changed."""
-    notes = []
-    for name, settings in recipe.strategy.items():
-        note = STRATEGIES.get(name).fit_to_data(settings, num_images, recipe.train.batch_size)
-        if note:
-            notes.append(note)
-    return notes
-
-
-def build_objective(recipe: Recipe, teachers: Teacher | Mapping[str, Teacher], student: torch.nn.Module,
-                    student_size: int) -> tuple[Objective, FeatureRequest]:
-    """Instantiate the recipe's strategies, sized by dry forwards of the teachers and the student.
-
-    `teachers`: role -> frozen teacher (a lone Teacher is the primary role). Every strategy first
-    checks that its teachers and the student can give what it needs, every extra teacher must be read
-    by some strategy, and the composition is checked, all before any forward pass."""
-    if isinstance(teachers, Teacher):
-        teachers = {PRIMARY_TEACHER: teachers}
-    strategies, weights = {}, {}
-    student_request = FeatureRequest()
-    configs = {name: STRATEGIES.get(name).Config(**settings) for name, settings in recipe.strategy.items()}
-    read_roles = set()
-    for name, config in configs.items():
-        cls = STRATEGIES.get(name)
-        roles = cls.teacher_roles(config)
-        for role in roles:
-            if role not in teachers:
-                raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
-                                 f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) or "
-                                 "point the strategy at another role")
-        read_roles.update(roles)
-        cls.check_teachers(config, teachers)
-        cls.check_student(config, student)
-        student_request = student_request.merge(cls.student_request(config))
-    unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
-    if unread:
-        raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
-                         f"({', '.join(configs)}); remove it or configure a strategy to use it")
-    check_composable({name: STRATEGIES.get(name) for name in configs})
-    for name, config in configs.items():
-        cls = STRATEGIES.get(name)
-        probes = {role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
-                  for role, request in cls.teacher_requests(config, teachers, student).items()}
-        student_probe = probe_features(student, cls.student_request(config), (student_size, student_size))
-        strategies[name] = cls.build(config, teachers, probes, student, student_probe)
-        weights[name] = config.weight
-    return Objective(strategies, weights), student_request
 
 
 def evaluate_run(recipe: Recipe, teacher: Teacher, student: torch.nn.Module, spec, student_size: int,

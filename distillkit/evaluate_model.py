@@ -20,7 +20,7 @@ from .export import WEIGHTS_FILE, load_student, read_config, student_folder
 from .features import is_token_model, num_layers
 from .registry import did_you_mean
 from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
-from .teachers import InputConfig, prepare_input
+from .inputs import InputConfig, prepare_input
 
 
 def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", max_train: int = 10000,

@@ -14,6 +14,11 @@ from typing import Any, Iterator
 from .errors import RunError
 
 
+def cache_dir() -> Path:
+    """distillkit's user cache (downloads, data, teacher outputs): $DISTILLKIT_CACHE or ~/.cache/distillkit."""
+    return Path(os.environ.get("DISTILLKIT_CACHE", Path.home() / ".cache" / "distillkit")).expanduser()
+
+
 def permissions(directory: bool) -> int:
     """The mode a plain open() / mkdir() would give under the current umask (0644 / 0755 by default)."""
     umask = os.umask(0)

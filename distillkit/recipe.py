@@ -20,6 +20,7 @@ import yaml
 
 from .errors import UsageError
 from .registry import did_you_mean
+from .roles import PRIMARY_TEACHER
 
 
 @dataclass
@@ -154,7 +155,6 @@ class EvalConfig:
             raise UsageError(f"eval.knn_temperature must be > 0, got {self.knn_temperature!r}")
 
 
-PRIMARY_TEACHER = "teacher"  # the role of the `teacher:` section; `teachers:` adds other roles
 
 
 @dataclass
@@ -163,8 +163,8 @@ class Recipe:
     # more frozen teachers, by role (e.g. `mim: {name: mae-vitb}`), for strategies that read two at once
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
-    # strategy name -> its settings (each strategy's own dataclass, plus `weight`)
-    strategy: dict[str, dict[str, Any]] = field(default_factory=lambda: {"seed": {}})
+    # strategy name -> its typed settings (the strategy's own Config dataclass, with `weight`)
+    strategy: dict[str, Any] = field(default_factory=lambda: {"seed": {}})
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -385,7 +385,8 @@ def _describe(value: Any) -> str:
     return f"{value!r} ({type(value).__name__})"
 
 
-def _validate_strategies(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _validate_strategies(section: dict[str, Any]) -> dict[str, Any]:
+    """name -> settings dict (or Config) -> name -> the strategy's typed Config."""
     from .strategies import STRATEGIES
 
     if not section:
@@ -394,8 +395,9 @@ def _validate_strategies(section: dict[str, Any]) -> dict[str, dict[str, Any]]:
     for name, settings in section.items():
         strategy_cls = STRATEGIES.get(name)
         settings = {} if settings is None else settings
-        config = _build_dataclass(strategy_cls.Config, settings, f"strategy.{name}")
-        validated[name] = dataclasses.asdict(config)
+        if dataclasses.is_dataclass(settings):
+            settings = dataclasses.asdict(settings)
+        validated[name] = _build_dataclass(strategy_cls.Config, settings, f"strategy.{name}")
     return validated
 
 

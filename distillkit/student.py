@@ -107,7 +107,7 @@ def uses_channels_last(spec: StudentSpec, model: nn.Module, override: bool | Non
 
 def student_input_config(model: nn.Module, input_size: int):
     """The student's normalisation: its architecture's default pretrained config (ImageNet mean/std)."""
-    from .teachers import InputConfig
+    from .inputs import InputConfig
 
     cfg = timm.data.resolve_data_config({}, model=model)
     return InputConfig(size=(input_size, input_size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))

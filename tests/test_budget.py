@@ -64,7 +64,7 @@ def test_epochs_flag_wins_over_the_recipe_image_budget(tmp_path):
 def test_a_queue_longer_than_the_data_shrinks_to_it(tmp_path, capsys):
     result = run(tmp_path / "run", ["strategy.seed.queue_size=4096"], epochs=1, teacher_cache=False, quiet=False)
     assert "queue_size 4096 is more than the 64 training images" in capsys.readouterr().out
-    assert result.recipe.strategy["seed"]["queue_size"] == 32  # 64 images minus one batch of 32
+    assert result.recipe.strategy["seed"].queue_size == 32  # 64 images minus one batch of 32
     state = load_file(result.run_dir / "checkpoints" / "last" / "model.safetensors")
     queue = next(v for k, v in state.items() if k.endswith("queue.embeddings"))
     assert queue.shape[0] == 32

@@ -54,12 +54,12 @@ def test_default_recipe_matches_default_yaml():
     assert recipe.eval.max_test == 10000
     assert list(recipe.strategy) == ["seed"]
     seed = recipe.strategy["seed"]
-    assert seed["queue_size"] == 4096
-    assert seed["tau_student"] == 0.2
-    assert seed["tau_teacher"] == 0.05
+    assert seed.queue_size == 4096
+    assert seed.tau_student == 0.2
+    assert seed.tau_teacher == 0.05
     # a strategy section is completed with the strategy's own defaults
-    assert seed["weight"] == 1.0
-    assert seed["teacher_embed"] == "auto"
+    assert seed.weight == 1.0
+    assert seed.teacher_embed == "auto"
     # keys the YAML does not set keep the schema defaults
     assert recipe.train.precision == "fp32"
     assert recipe.data.flip == 0.5
@@ -99,7 +99,7 @@ def test_seed_vit_recipe_values():
     assert recipe.teacher.name == "timm:vit_small_patch16_224.dino"
     assert recipe.teacher.input_size == 224
     assert recipe.train.lr == 0.06
-    assert recipe.strategy["seed"]["queue_size"] == 65536
+    assert recipe.strategy["seed"].queue_size == 65536
 
 
 # ----------------------------------------------------------------------------- unknown keys
@@ -296,20 +296,20 @@ def test_strategy_names_no_strategy():
 def test_strategy_seed_keeps_recipe_settings():
     recipe = resolve_recipe("default", strategy="seed")
     assert list(recipe.strategy) == ["seed"]
-    assert recipe.strategy["seed"]["queue_size"] == 4096  # from default.yaml, not the 65536 schema default
-    assert recipe.strategy["seed"]["tau_teacher"] == 0.05
+    assert recipe.strategy["seed"].queue_size == 4096  # from default.yaml, not the 65536 schema default
+    assert recipe.strategy["seed"].tau_teacher == 0.05
 
 
 def test_strategy_then_set_override():
     recipe = resolve_recipe("default", strategy="seed", overrides=["strategy.seed.queue_size=128"])
-    assert recipe.strategy["seed"]["queue_size"] == 128
-    assert recipe.strategy["seed"]["tau_student"] == 0.2
+    assert recipe.strategy["seed"].queue_size == 128
+    assert recipe.strategy["seed"].tau_student == 0.2
 
 
 def test_strategy_none_in_section_means_defaults():
     recipe = resolve_recipe({"strategy": {"seed": None}})
-    assert recipe.strategy["seed"]["queue_size"] == 65536
-    assert recipe.strategy["seed"]["tau_student"] == 0.2
+    assert recipe.strategy["seed"].queue_size == 65536
+    assert recipe.strategy["seed"].tau_student == 0.2
 
 
 def test_strategy_dict_recipe_gets_schema_defaults():
@@ -424,7 +424,7 @@ def test_float_given_as_string_is_accepted():
     recipe = resolve_recipe(overrides=["train.lr=1e-4", "strategy.seed.tau_teacher=1e-3"])
     assert recipe.train.lr == pytest.approx(0.0001)
     assert isinstance(recipe.train.lr, float)
-    assert recipe.strategy["seed"]["tau_teacher"] == pytest.approx(0.001)
+    assert recipe.strategy["seed"].tau_teacher == pytest.approx(0.001)
     assert resolve_recipe({"train": {"clip_grad": "2.5"}}).train.clip_grad == 2.5
     assert resolve_recipe({"data": {"crop_scale": ["0.5", "1"]}}).data.crop_scale == (0.5, 1.0)
 

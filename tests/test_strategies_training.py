@@ -21,7 +21,7 @@ from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest, Features, extract_features
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
-from distillkit.strategies.base import check_composable
+from distillkit.strategies import STRATEGIES, check_composable
 from distillkit.strategies.hidden import Hidden, HiddenConfig, MaskedFeatures, encode_context
 from distillkit.teachers import InputConfig, Teacher, load_teacher, prepare_input
 
@@ -61,7 +61,8 @@ def build(strategies: dict, teacher, student) -> tuple[Objective, FeatureRequest
     recipe = resolve_recipe({"strategy": strategies})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return api.build_objective(recipe, teacher, student, 32)
+        objective = Objective.build(recipe.strategy, teacher, student, 32)
+        return objective, objective.student_request()
 
 
 def images(n: int = 8, seed: int = 3) -> torch.Tensor:
@@ -248,7 +249,7 @@ class _AnotherRunner(Hidden):
 def test_two_strategies_that_run_the_student_cannot_be_composed(lite0):
     with pytest.raises(UsageError, match="'hidden' and 'runner' both run the student"):
         check_composable({"hidden": Hidden, "runner": _AnotherRunner})
-    check_composable({"hidden": Hidden, "seed": api.STRATEGIES.get("seed")})
+    check_composable({"hidden": Hidden, "seed": STRATEGIES.get("seed")})
     probes = (Features(layers={1: torch.zeros(2, 3, 2, 2)}),
               Features(layers={2: torch.zeros(2, 4, 2, 2)}, embedding=torch.zeros(2, 4)))
     with pytest.raises(UsageError, match="both run the student"):

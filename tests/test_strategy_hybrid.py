@@ -17,7 +17,7 @@ import distillkit.api as api
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe
-from distillkit.strategies import StepInputs
+from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.hybrid import (
     HybridConfig, default_layer_pairs, keep_indices, mask_ratio_at, redundancy_scores, to_grid,
 )
@@ -50,7 +50,8 @@ def build(settings: dict, teachers, student):
     recipe = resolve_recipe({"strategy": {"hybrid": settings}, "teachers": {"mim": {"name": "unused-here"}}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return api.build_objective(recipe, teachers, student, 32)
+        objective = Objective.build(recipe.strategy, teachers, student, 32)
+        return objective, objective.student_request()
 
 
 def teacher_features(objective, teachers, student, x):
@@ -286,10 +287,10 @@ def test_a_conv_feature_teacher_needs_random_masking(teachers, lite0):
 def test_a_missing_or_unread_teacher_role_is_named():
     recipe = resolve_recipe({"strategy": {"hybrid": {}}})
     with pytest.raises(UsageError, match=r"role 'mim'.*teachers\.mim"):
-        api.build_objective(recipe, {"teacher": object()}, tiny_vit(2, 64, 2, 0), 32)
+        Objective.build(recipe.strategy, {"teacher": object()}, tiny_vit(2, 64, 2, 0), 32)
     recipe = resolve_recipe({"teachers": {"extra": {"name": "efficientnet-lite0"}}})
     with pytest.raises(UsageError, match=r"teachers\.extra is read by no strategy"):
-        api.build_objective(recipe, {"teacher": object(), "extra": object()}, tiny_vit(2, 64, 2, 0), 32)
+        Objective.build(recipe.strategy, {"teacher": object(), "extra": object()}, tiny_vit(2, 64, 2, 0), 32)
 
 
 def test_bad_settings_are_rejected_with_the_key(teachers):

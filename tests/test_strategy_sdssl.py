@@ -18,7 +18,7 @@ import distillkit.api as api
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest, Features, extract_features
 from distillkit.recipe import resolve_recipe
-from distillkit.strategies import StepInputs
+from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.sdssl import Sdssl, SdsslConfig, gather_keys, ramp
 from distillkit.teachers import InputConfig, Teacher, prepare_input
 
@@ -52,7 +52,8 @@ def build(settings: dict, teacher, student):
     recipe = resolve_recipe({"strategy": {"sdssl": settings}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return api.build_objective(recipe, teacher, student, 32)
+        objective = Objective.build(recipe.strategy, teacher, student, 32)
+        return objective, objective.student_request()
 
 
 def step_inputs(objective, request, teacher, student, progress: float, n: int = 8) -> StepInputs:
@@ -299,7 +300,8 @@ def test_composes_with_a_strategy_that_runs_the_student(teacher):
     recipe = resolve_recipe({"strategy": {"sdssl": TINY, "hidden": hidden}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        objective, request = api.build_objective(recipe, teacher, student, 32)
+        objective = Objective.build(recipe.strategy, teacher, student, 32)
+        request = objective.student_request()
     x = torch.randn(4, 3, 32, 32)
     features = objective.student_features(student, x, {}, request, 0.0)
     assert sorted(features.block_embeddings) == [0, 1, 2] and features.embedding.shape == (4, 32)

@@ -19,7 +19,7 @@ import distillkit.api as api
 from distillkit.errors import UsageError
 from distillkit.features import Features
 from distillkit.recipe import resolve_recipe
-from distillkit.strategies import StepInputs
+from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.simclr import Simclr, SimclrConfig, gather_with_grad, nt_xent
 from distillkit.student import create_student, student_spec
 from distillkit.teachers import InputConfig, Teacher
@@ -111,7 +111,8 @@ def objective_and_module(strategies: dict, teacher):
     student = timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        objective, request = api.build_objective(resolve_recipe({"strategy": strategies}), teacher, student, 32)
+        objective = Objective.build(resolve_recipe({"strategy": strategies}).strategy, teacher, student, 32)
+        request = objective.student_request()
     return objective, DistillModule(student, objective, InputConfig((32, 32), *IMAGENET), False, request)
 
 

@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..errors import UsageError
+from ..io import cache_dir
 from ..registry import did_you_mean
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -166,10 +167,6 @@ def check_data_source(source: str) -> None:
 
 
 # ----------------------------------------------------------------------------- Fashion-MNIST
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTILLKIT_CACHE", Path.home() / ".cache" / "distillkit")).expanduser()
 
 
 def fashion_mnist_search_dirs() -> list[Path]:

@@ -1,16 +1,8 @@
-"""The strategy registry. `distillkit.list_strategies()` lists what is registered here."""
+"""The strategies and their registry. `distillkit.list_strategies()` lists what is registered here."""
 
-from ..registry import Registry
-from .base import Objective, StepInputs, Strategy
+from . import feature, hidden, hybrid, kdss, logits, sdssl, seed, simclr  # noqa: F401  (each registers itself)
+from .base import StepInputs, Strategy
+from .objective import Objective, check_composable, fit_to_data
+from .registry import STRATEGIES, register_strategy
 
-STRATEGIES: Registry[type[Strategy]] = Registry("strategy")
-
-
-def register_strategy(cls: type[Strategy]) -> type[Strategy]:
-    STRATEGIES.register(cls.name, cls)
-    return cls
-
-
-from . import feature, hidden, hybrid, kdss, logits, sdssl, seed, simclr  # noqa: E402,F401  (each registers itself)
-
-__all__ = ["STRATEGIES", "Objective", "StepInputs", "Strategy", "register_strategy"]
+__all__ = ["STRATEGIES", "Objective", "StepInputs", "Strategy", "check_composable", "fit_to_data", "register_strategy"]

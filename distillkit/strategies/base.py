@@ -10,9 +10,9 @@ optimised and checkpointed with it. It sees only `Features`, never the models:
     forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
     term_weights()                   -> {term: weight}   how the objective weighs them
     after_step(step, gather)                             state updates after the loss (queues)
-    fit_to_data(settings, num_images, batch_size) -> note | None
+    fit_to_data(config, num_images, batch_size) -> (config, note | None)
                                                          shrink data-dependent sizes (a queue larger
-                                                         than the data) in the recipe's settings
+                                                         than the data)
 
 Several teachers: a recipe's `teacher:` is the role "teacher"; `teachers:` adds more roles (e.g.
 "mim"). A strategy that reads more than one overrides the role-aware forms of the hooks above:
@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
-from ..recipe import PRIMARY_TEACHER
+from ..roles import PRIMARY_TEACHER
 
 
 @dataclass
@@ -126,10 +126,10 @@ class Strategy(nn.Module):
         Called before any forward pass, so a recipe is rejected before training starts."""
 
     @classmethod
-    def fit_to_data(cls, settings: dict[str, Any], num_images: int, batch_size: int) -> str | None:
-        """Adapt sizes that depend on the training data in `settings` (the recipe's dict for this strategy,
-        changed in place) and return a sentence saying what changed, or None. Default: nothing depends on it."""
-        return None
+    def fit_to_data(cls, config: Any, num_images: int, batch_size: int) -> tuple[Any, str | None]:
+        """Adapt sizes that depend on the training data: the config to train with (a copy) and a sentence
+        saying what changed, or None. Default: nothing depends on it."""
+        return config, None
 
     @classmethod
     def runs_student(cls) -> bool:
@@ -153,75 +153,6 @@ class Strategy(nn.Module):
     def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
                          request: FeatureRequest, progress: float) -> Features | None:
         return None
-
-
-class Objective(nn.Module):
-    """Several strategies, each with a recipe weight; sums their weighted terms."""
-
-    def __init__(self, strategies: dict[str, Strategy], weights: dict[str, float]):
-        super().__init__()
-        check_composable({name: type(s) for name, s in strategies.items()})
-        self.strategies = nn.ModuleDict(strategies)
-        self.weights = dict(weights)
-        self.num_views = max(s.num_views for s in strategies.values())
-        for name, strategy in strategies.items():
-            if type(strategy).runs_student():
-                peers = FeatureRequest()
-                for other_name, other in strategies.items():
-                    if other_name != name:
-                        peers = peers.merge(type(other).student_request(other.config))
-                strategy.peer_request = peers
-
-    def forward(self, step: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
-        total: Tensor | None = None
-        terms: dict[str, Tensor] = {}
-        for name, strategy in self.strategies.items():
-            values = strategy(step)
-            for term, weight in strategy.term_weights().items():
-                if term not in values or self.weights[name] * weight == 0:
-                    continue
-                terms[term if term.startswith(name) else f"{name}.{term}"] = values[term].detach()
-                contribution = self.weights[name] * weight * values[term]
-                total = contribution if total is None else total + contribution
-        if total is None:
-            raise UsageError("every loss term has weight 0: nothing to train")
-        return total, terms
-
-    def after_step(self, step: StepInputs, gather: Gather) -> None:
-        for strategy in self.strategies.values():
-            strategy.after_step(step, gather)
-
-    def expand_views(self, views: list[Tensor]) -> list[Tensor]:
-        for strategy in self.strategies.values():
-            views = strategy.expand_views(views)
-        return views
-
-    def teacher_requests(self, teachers: Mapping[str, Any], student: nn.Module) -> dict[str, FeatureRequest]:
-        """What the strategies need from each teacher role, merged per role."""
-        merged: dict[str, FeatureRequest] = {}
-        for strategy in self.strategies.values():
-            for role, request in type(strategy).teacher_requests(strategy.config, teachers, student).items():
-                merged[role] = merged.get(role, FeatureRequest()).merge(request)
-        return merged
-
-    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
-                         request: FeatureRequest, progress: float) -> Features | None:
-        """The one strategy that runs the student itself, if any (checked when composing)."""
-        for strategy in self.strategies.values():
-            features = strategy.student_features(student, x, teachers, request, progress)
-            if features is not None:
-                return features
-        return None
-
-
-def check_composable(strategies: dict[str, type[Strategy]]) -> None:
-    """Reject compositions the training step cannot serve: two strategies that both run the student."""
-    owners = [name for name, cls in strategies.items() if cls.runs_student()]
-    if len(owners) > 1:
-        raise UsageError(
-            f"strategies {' and '.join(repr(n) for n in owners)} both run the student themselves (their own "
-            "masked forward), so they cannot be combined in one recipe; keep one of them"
-        )
 
 
 def uses_projection(teacher_embed: str, teacher: Any) -> bool:

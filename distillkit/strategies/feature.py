@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
-from . import register_strategy
+from .registry import register_strategy
 from .base import Gather, StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
 
 

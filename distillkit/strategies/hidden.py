@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from ..data.masks import check_mask_grid, sample_block_masks
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
-from . import register_strategy
+from .registry import register_strategy
 from .base import StepInputs, Strategy, as_map, fp32
 
 TARGET_NORM_EPS = 1e-5  # I-JEPA's F.layer_norm default

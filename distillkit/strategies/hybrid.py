@@ -53,9 +53,9 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
-from ..recipe import PRIMARY_TEACHER
+from ..roles import PRIMARY_TEACHER
 from ..relations import capture_qk, relation_maps
-from . import register_strategy
+from .registry import register_strategy
 from .base import StepInputs, Strategy, as_map, fp32
 from .hidden import gather_tokens
 

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, num_layers, resolve_layer
-from . import register_strategy
+from .registry import register_strategy
 from .base import (StepInputs, Strategy, as_map, check_teacher_embed, fp32, mlp_head, teacher_vector,
                    uses_projection)
 from .logits import check_non_negative, check_positive, kd_loss, labelled_ce

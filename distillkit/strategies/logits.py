@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
-from . import register_strategy
+from .registry import register_strategy
 from .base import StepInputs, Strategy, fp32
 
 

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, is_token_model, num_layers, resolve_layers
-from . import register_strategy
+from .registry import register_strategy
 from .base import StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
 from .logits import check_non_negative, check_positive
 

@@ -15,7 +15,7 @@ softmax run in fp32: with tau_teacher = 1e-4 a bf16/fp16 error is multiplied by 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
-from . import register_strategy
+from .registry import register_strategy
 from .base import (Gather, StepInputs, Strategy, check_teacher_embed, fp32, mlp_head, teacher_vector,
                    uses_projection)
 
@@ -110,19 +110,18 @@ class Seed(Strategy):
         return FeatureRequest(embedding=True)
 
     @classmethod
-    def fit_to_data(cls, settings: dict, num_images: int, batch_size: int) -> str | None:
+    def fit_to_data(cls, config: SeedConfig, num_images: int, batch_size: int) -> tuple[SeedConfig, str | None]:
         """A queue must hold other images than the batch's: at most num_images - batch_size embeddings.
         A longer one would hold every image, some twice (earlier views of the batch's own images)."""
         largest = num_images - batch_size
-        if settings["queue_size"] <= largest:
-            return None
+        if config.queue_size <= largest:
+            return config, None
         if largest < 1:
             raise UsageError(f"strategy.seed needs more training images than one batch ({num_images} images, "
                              f"batch {batch_size}); use more images or a smaller --batch-size")
-        note = (f"strategy.seed.queue_size {settings['queue_size']} is more than the {num_images} training images "
+        note = (f"strategy.seed.queue_size {config.queue_size} is more than the {num_images} training images "
                 f"minus one batch; using {largest}")
-        settings["queue_size"] = largest
-        return note
+        return replace(config, queue_size=largest), note
 
     @classmethod
     def check_compatible(cls, config: SeedConfig, teacher) -> None:

@@ -14,7 +14,7 @@ from . import hub
 
 
 def weights_cache_dir() -> Path:
-    from ..data.sources import cache_dir
+    from ..io import cache_dir
 
     return cache_dir() / "weights"
 

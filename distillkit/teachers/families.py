@@ -13,7 +13,7 @@ from pathlib import Path
 from torch import nn
 
 from ..errors import UsageError
-from .base import InputConfig
+from ..inputs import InputConfig
 from .build import create_backbone, load_backbone, random_model
 from .checkpoint import read_checkpoint
 from .download import fetch_weights

@@ -8,7 +8,7 @@ from typing import Any, Callable, Mapping
 from torch import nn
 
 from ..registry import Registry
-from .base import InputConfig
+from ..inputs import InputConfig
 
 RANDOM_WEIGHTS = "random"  # weights value for smoke tests: random init, never for real runs
 

@@ -21,7 +21,8 @@ from torch import nn
 from ..errors import UsageError
 from ..registry import did_you_mean
 from . import families  # noqa: F401 - registers the self-supervised zoo
-from .base import InputConfig, Teacher
+from ..inputs import InputConfig
+from .base import Teacher
 from .build import create_backbone, fit_input_size, load_backbone, random_model
 from .checkpoint import read_checkpoint
 from .families import GAP_VIT, describe_source, projection_head

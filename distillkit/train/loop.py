@@ -30,10 +30,12 @@ from ..data import BatchViews, ViewConfig, collate_skipping_bad, sample_view_par
 from ..data.augment import is_active, sample_augment_params
 from ..errors import RunError, UsageError
 from ..features import Extractor, FeatureRequest, Features
-from ..recipe import PRIMARY_TEACHER, Recipe
+from ..recipe import Recipe
+from ..roles import PRIMARY_TEACHER
 from ..strategies import Objective, StepInputs
-from ..teachers import InputConfig, Teacher, prepare_input
-from ..data.sources import cache_dir
+from ..inputs import InputConfig, prepare_input
+from ..teachers import Teacher
+from ..io import cache_dir
 from .budget import Budget, plan_budget
 from .cache import TeacherCache, cache_key
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint

@@ -16,7 +16,7 @@ from torch.utils.data import Dataset
 from ..evaluate import embed_dataset, eval_subset, knn_accuracy
 from ..features import FeatureRequest
 from ..recipe import Recipe
-from ..teachers import InputConfig, prepare_input
+from ..inputs import InputConfig, prepare_input
 
 
 @dataclass

@@ -1,0 +1,143 @@
+"""The objective: the recipe's strategies, each with its weight, built and checked together.
+
+`Objective.build` instantiates them from the recipe's strategy section, sized by dry forwards of the
+teachers and the student; the training step calls the objective for the weighted sum of every term.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UsageError
+from ..features import FeatureRequest, Features, probe_features
+from ..roles import PRIMARY_TEACHER
+from .base import Gather, StepInputs, Strategy
+from .registry import STRATEGIES
+
+
+class Objective(nn.Module):
+    """Several strategies, each with a recipe weight; sums their weighted terms."""
+
+    def __init__(self, strategies: dict[str, Strategy], weights: dict[str, float]):
+        super().__init__()
+        check_composable({name: type(s) for name, s in strategies.items()})
+        self.strategies = nn.ModuleDict(strategies)
+        self.weights = dict(weights)
+        self.num_views = max(s.num_views for s in strategies.values())
+        for name, strategy in strategies.items():
+            if type(strategy).runs_student():
+                peers = FeatureRequest()
+                for other_name, other in strategies.items():
+                    if other_name != name:
+                        peers = peers.merge(type(other).student_request(other.config))
+                strategy.peer_request = peers
+
+    @classmethod
+    def build(cls, strategy_configs: Mapping[str, Any], teachers: Mapping[str, Any], student: nn.Module,
+              student_size: int) -> "Objective":
+        """Instantiate the strategies (`strategy_configs`: name -> its Config), sized by dry forwards of the
+        teachers and the student.
+
+        `teachers`: role -> frozen teacher (a lone teacher is the primary role). Every strategy first checks that its teachers and the student can
+        give what it needs, every extra teacher must be read by some strategy, and the composition is
+        checked, all before any forward pass."""
+        if not isinstance(teachers, Mapping):
+            teachers = {PRIMARY_TEACHER: teachers}
+        classes = {name: STRATEGIES.get(name) for name in strategy_configs}
+        read_roles = set()
+        for name, config in strategy_configs.items():
+            roles = classes[name].teacher_roles(config)
+            for role in roles:
+                if role not in teachers:
+                    raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
+                                     f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) "
+                                     "or point the strategy at another role")
+            read_roles.update(roles)
+            classes[name].check_teachers(config, teachers)
+            classes[name].check_student(config, student)
+        unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
+        if unread:
+            raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
+                             f"({', '.join(strategy_configs)}); remove it or configure a strategy to use it")
+        check_composable(classes)
+        strategies = {}
+        for name, config in strategy_configs.items():
+            strategy_cls = classes[name]
+            probes = {role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
+                      for role, request in strategy_cls.teacher_requests(config, teachers, student).items()}
+            student_probe = probe_features(student, strategy_cls.student_request(config), (student_size, student_size))
+            strategies[name] = strategy_cls.build(config, teachers, probes, student, student_probe)
+        return cls(strategies, {name: config.weight for name, config in strategy_configs.items()})
+
+    def student_request(self) -> FeatureRequest:
+        """What the strategies need from the student, merged."""
+        request = FeatureRequest()
+        for strategy in self.strategies.values():
+            request = request.merge(type(strategy).student_request(strategy.config))
+        return request
+
+    def forward(self, step: StepInputs) -> tuple[Tensor, dict[str, Tensor]]:
+        total: Tensor | None = None
+        terms: dict[str, Tensor] = {}
+        for name, strategy in self.strategies.items():
+            values = strategy(step)
+            for term, weight in strategy.term_weights().items():
+                if term not in values or self.weights[name] * weight == 0:
+                    continue
+                terms[term if term.startswith(name) else f"{name}.{term}"] = values[term].detach()
+                contribution = self.weights[name] * weight * values[term]
+                total = contribution if total is None else total + contribution
+        if total is None:
+            raise UsageError("every loss term has weight 0: nothing to train")
+        return total, terms
+
+    def after_step(self, step: StepInputs, gather: Gather) -> None:
+        for strategy in self.strategies.values():
+            strategy.after_step(step, gather)
+
+    def expand_views(self, views: list[Tensor]) -> list[Tensor]:
+        for strategy in self.strategies.values():
+            views = strategy.expand_views(views)
+        return views
+
+    def teacher_requests(self, teachers: Mapping[str, Any], student: nn.Module) -> dict[str, FeatureRequest]:
+        """What the strategies need from each teacher role, merged per role."""
+        merged: dict[str, FeatureRequest] = {}
+        for strategy in self.strategies.values():
+            for role, request in type(strategy).teacher_requests(strategy.config, teachers, student).items():
+                merged[role] = merged.get(role, FeatureRequest()).merge(request)
+        return merged
+
+    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
+                         request: FeatureRequest, progress: float) -> Features | None:
+        """The one strategy that runs the student itself, if any (checked when composing)."""
+        for strategy in self.strategies.values():
+            features = strategy.student_features(student, x, teachers, request, progress)
+            if features is not None:
+                return features
+        return None
+
+
+def check_composable(strategies: dict[str, type[Strategy]]) -> None:
+    """Reject compositions the training step cannot serve: two strategies that both run the student."""
+    owners = [name for name, cls in strategies.items() if cls.runs_student()]
+    if len(owners) > 1:
+        raise UsageError(
+            f"strategies {' and '.join(repr(n) for n in owners)} both run the student themselves (their own "
+            "masked forward), so they cannot be combined in one recipe; keep one of them"
+        )
+
+
+def fit_to_data(configs: dict[str, Any], num_images: int, batch_size: int) -> list[str]:
+    """Shrink the strategies' data-dependent sizes (a queue longer than the data) to `num_images` training
+    images, in `configs` (the recipe's strategy section, so recipe.yaml and a resume see what ran); returns
+    what changed."""
+    notes = []
+    for name, config in configs.items():
+        configs[name], note = STRATEGIES.get(name).fit_to_data(config, num_images, batch_size)
+        if note:
+            notes.append(note)
+    return notes
