@@ -24,10 +24,10 @@ import torch
 
 from distillkit.strategies import Objective
 from distillkit.recipe import resolve_recipe
-from distillkit.student import create_student, student_input_config, student_spec
+from distillkit.student import Student
 from distillkit.teachers import load_teacher
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
-from distillkit.train.loop import DistillModule
+from distillkit.train.step import DistillModule
 
 RATIOS = (0.0, 0.25, 0.5, 0.75)
 
@@ -67,12 +67,13 @@ def main() -> None:
     setups = {}
     for ratio in RATIOS:
         recipe = resolve_recipe({"teachers": {"mim": {"name": args.teacher}},
-                                 "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}}})
-        student = create_student(student_spec(args.student), args.size, seed=0)
-        objective = Objective.build(recipe.strategy, teachers, student, args.size)
-        request = objective.student_request()
-        requests = objective.teacher_requests(teachers, student)
-        module = DistillModule(student, objective, student_input_config(student, args.size), False, request).train()
+                                 "student": {"name": args.student, "input_size": args.size, "channels_last": False},
+                                 "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}},
+                                 "train": {"seed": 0}})
+        student = Student.create(recipe.student, seed=0)
+        objective = Objective.build(recipe.strategy, teachers, student.model, args.size)
+        requests = objective.teacher_requests(teachers, student.model)
+        module = DistillModule(student, objective).train()
         setups[ratio] = (module, requests, torch.optim.AdamW(module.parameters(), lr=1e-4))
     best = {ratio: (math.inf, math.inf) for ratio in RATIOS}
     for _ in range(args.rounds):  # interleaved, the fastest round counts: least disturbed by other processes

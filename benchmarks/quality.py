@@ -51,9 +51,9 @@ from distillkit.data.sources import load_fashion_mnist
 from distillkit.io import cache_dir
 from distillkit.evaluate import embed_dataset, score_embeddings
 from distillkit.evaluate_model import evaluate_student
-from distillkit.features import FeatureRequest
-from distillkit.student import create_student, student_input_config, student_spec
-from distillkit.teachers import load_teacher, prepare_input
+from distillkit.recipe import StudentConfig
+from distillkit.student import Student
+from distillkit.teachers import load_teacher
 
 TEACHER, TEACHER_PX = "efficientnet-lite0", 64
 STUDENT, STUDENT_PX = "mobilenetv3-small", 32
@@ -107,16 +107,14 @@ def score(embed, train, test) -> dict[str, float]:
 
 def teacher_row(train, test) -> dict[str, float]:
     teacher = load_teacher(TEACHER, None, TEACHER_PX, True)
-    request = FeatureRequest(embedding=True)
-    return score(lambda views: teacher(views, request).embedding, train, test)
+    return score(teacher.embed, train, test)
 
 
 def random_init_row(seed: int, train, test) -> dict[str, float]:
-    spec = student_spec(STUDENT)
-    model = create_student(spec, STUDENT_PX, seed=seed).eval().to(memory_format=torch.channels_last)
-    config = student_input_config(model, STUDENT_PX)
+    student = Student.create(StudentConfig(name=STUDENT, input_size=STUDENT_PX), seed=seed)
+    student.model.eval()
     with torch.no_grad():
-        return score(lambda views: model(prepare_input(views, config, True)), train, test)
+        return score(student.embed, train, test)
 
 
 def trained_row(strategy: str, seed: int, images: int, limit: int | None, cache: Path, runs: Path) -> dict:

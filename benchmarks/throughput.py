@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import platform
@@ -35,16 +36,15 @@ import torch
 from rich.console import Console
 
 from distillkit.api import _progress
-from distillkit.strategies import Objective
-from distillkit.data import ViewConfig, render_views, sample_view_params
+from distillkit.data import ImageData, ViewConfig, render_views, sample_view_params
 from distillkit.data.sources import TensorImages
 from distillkit.features import FeatureRequest, extract_features
 from distillkit.recipe import resolve_recipe
+from distillkit.run import Run
 from distillkit.strategies import StepInputs
-from distillkit.student import create_student, student_input_config, student_spec, uses_channels_last
-from distillkit.teachers import load_teacher, prepare_input
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
-from distillkit.train.loop import DistillModule, lr_factor, make_accelerator, train
+from distillkit.train.loop import lr_factor, make_accelerator, train
+from distillkit.train.step import DistillModule
 
 PAIRS = {
     "lite0": {"teacher": {"name": "efficientnet-lite0", "input_size": 64}, "student_size": 32},
@@ -70,37 +70,33 @@ class Setup:
                       "precision": args.precision, "checkpoint_every": None, "warmup_fraction": 0.0},
             "eval": {"enabled": False},
         })
-        t = self.recipe.teacher
-        self.teacher = load_teacher(t.name, t.weights, t.input_size, t.channels_last)
-        size = self.recipe.student.input_size
-        student = create_student(student_spec(self.recipe.student.name), size, seed=0)
-        self.channels_last = uses_channels_last(student_spec(self.recipe.student.name), student, None)
-        if self.channels_last:
-            student.to(memory_format=torch.channels_last)
-        objective = Objective.build(self.recipe.strategy, self.teacher, student, size)
-        request = objective.student_request()
-        self.teacher_request = objective.teacher_requests({"teacher": self.teacher}, student)["teacher"]
-        self.teacher.prune(self.teacher_request)
-        self.module = DistillModule(student, objective, student_input_config(student, size), self.channels_last,
-                                    request)
-        self.view_size = max(*self.teacher.input_config.size, size)
-        load = int(round(self.view_size * 1.15))
+        load = int(round(max(teacher.get("input_size") or 224, spec["student_size"]) * 1.15))
         generator = torch.Generator().manual_seed(0)
         images = torch.randint(0, 256, (args.batch * (args.steps + 1), 3, load, load), dtype=torch.uint8,
                                generator=generator)
         self.data = TensorImages(images, torch.zeros(images.shape[0], dtype=torch.int64))
+        # the run compress builds, on these images
+        self.run = Run.from_recipe(self.recipe, "unused", images=ImageData(
+            train=self.data, train_all=self.data, test=None, num_classes=None, source="random images"))
+        self.teacher = self.run.teachers["teacher"]
+        self.teacher_request = self.run.objective.teacher_requests(self.run.teachers, self.run.student.model)["teacher"]
+
+    def fresh_run(self, run_dir: Path, recipe) -> Run:
+        """The built run with its own copy of what trains (student and objective together, so the objective's
+        references into the student stay), a new accelerator and `recipe`."""
+        student, objective = copy.deepcopy((self.run.student, self.run.objective))
+        return dataclasses.replace(self.run, recipe=recipe, run_dir=run_dir, student=student, objective=objective,
+                                   accelerator=make_accelerator(recipe))
 
 
 def run_distillkit(setup: Setup, steps: int) -> float:
     """(a): the loop `compress` runs; seconds for `steps` optimiser steps."""
     recipe = copy.deepcopy(setup.recipe)
     recipe.train.max_steps = steps
-    accelerator = make_accelerator(recipe)
-    module = copy.deepcopy(setup.module)
     with tempfile.TemporaryDirectory() as run_dir, _progress(Console(quiet=True)) as progress:  # compress's
+        run = setup.fresh_run(Path(run_dir), recipe)
         start = time.perf_counter()
-        result = train(recipe, accelerator, {"teacher": setup.teacher}, module, setup.data, Path(run_dir), False,
-                       progress)
+        result = train(run, progress)
         seconds = time.perf_counter() - start
     assert result.steps == steps, result
     return seconds
@@ -109,7 +105,8 @@ def run_distillkit(setup: Setup, steps: int) -> float:
 def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
     """(b), or (c) with_teacher=False: the same step written by hand."""
     recipe = setup.recipe
-    module = copy.deepcopy(setup.module)
+    fresh = setup.fresh_run(Path("unused"), recipe)
+    module = DistillModule(fresh.student, fresh.objective)
     student, objective = module.student, module.objective
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=recipe.train.lr, momentum=recipe.train.momentum,
@@ -126,14 +123,14 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
         indices = order[step * batch:(step + 1) * batch]
         images = setup.data.images[indices]
         params = sample_view_params(indices, images.shape[-2], images.shape[-1], views_config, seed=0, epoch=0, view=0)
-        shared = render_views(images, params, setup.view_size) if recipe.data.render == "shared" else None
+        sizes = setup.run.sizes
+        shared = render_views(images, params, sizes.student) if recipe.data.render == "shared" else None
         with autocast:
             if with_teacher:  # teacher first, as the loop does
                 teacher_view = setup.teacher(shared if shared is not None else
-                                             render_views(images, params, setup.teacher.input_config.size),
+                                             render_views(images, params, sizes.teachers["teacher"]),
                                              setup.teacher_request)
-            x = prepare_input(shared if shared is not None else render_views(images, params, module.student_input.size),
-                              module.student_input, setup.channels_last)
+            x = fresh.student.prepare(shared if shared is not None else render_views(images, params, sizes.student))
             student_view = extract_features(student, x, request)
             if with_teacher:
                 step_inputs = StepInputs([teacher_view], [student_view], None, step / steps)

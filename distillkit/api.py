@@ -8,32 +8,27 @@ import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
-import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from . import __version__
-from .data import check_data_source, open_data
-from .io import cache_dir
+from .data import check_data_source
 from .errors import UsageError
-from .evaluate import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
+from .evaluate import evaluate_run
 from .export import export_student
-from .features import Extractor, FeatureRequest, probe_features
-from .io import write_json, write_text
-from .roles import PRIMARY_TEACHER
+from .io import cache_dir, write_json, write_text
 from .recipe import Recipe, parse_set, recipe_to_yaml, resolve_recipe
 from .report import report
-from .verdict import GAP_METRICS, gap_recovered, verdict
-from .strategies import Objective, fit_to_data
+from .roles import PRIMARY_TEACHER
+from .run import Run
 from .run_folder import check_run_folder, claim, clear_run
-from .student import create_student, model_args_for, student_input_config, student_spec, uses_channels_last
-from .inputs import prepare_input
-from .teachers import Teacher, check_teacher_name, load_teacher
+from .student import student_spec
+from .summary import print_results, results_table  # noqa: F401 - results_table: importable from here as before
+from .teachers import check_teacher_name
 from .train.checkpoint import find_checkpoint, resume_point
-from .train.loop import DistillModule, explain_out_of_memory, make_accelerator, train
+from .train.loop import explain_out_of_memory, make_accelerator, train
 from .train.online import OnlineKnn
 
 
@@ -115,95 +110,69 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     console = Console(quiet=quiet or not main)  # one process speaks
     console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
                   f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
-
-    teachers = {role: load_teacher(t.name, t.weights, t.input_size, t.channels_last, variant=t.variant, arch=t.arch)
-                for role, t in resolved.all_teachers().items()}
-    for role, t in resolved.all_teachers().items():
-        teachers[role].precision = t.precision
-        teachers[role].extractor = Extractor(compile=t.compile)
-    teacher_model = teachers[PRIMARY_TEACHER]
-    spec = student_spec(resolved.student.name)
-    student_size = resolved.student.input_size or spec.input_size
-    student_model = create_student(spec, student_size, seed=resolved.train.seed)
-    channels_last = uses_channels_last(spec, student_model, resolved.student.channels_last)
-    if channels_last:
-        student_model.to(memory_format=torch.channels_last)
-    student_input = student_input_config(student_model, student_size)
-    view_size = resolved.data.view_size or max(*(s for t in teachers.values() for s in t.input_config.size),
-                                               student_size)
-    images = open_data(resolved.data.source, limit=resolved.data.limit, seed=resolved.train.seed,
-                       val_fraction=resolved.data.val_fraction,
-                       load_size=resolved.data.load_size or int(round(view_size * 1.15)))
-    console.print(f"data: {images.source}; training on {len(images.train):,} images")
-    for note in fit_to_data(resolved.strategy, len(images.train), resolved.train.batch_size):
-        console.print(f"[yellow]{note}[/]")
-    objective = Objective.build(resolved.strategy, teachers, student_model, student_size)
-    student_request = objective.student_request()
-    if resume:  # refused before anything is written: a refused resume leaves the run as it was
-        _, changes = resume_point(run_dir, resolved.to_dict(), force_resume)
-        if changes:
-            warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
-    if main:  # only now: a start that fails while loading leaves no half-made run folder behind
-        claim(run_dir, __version__)
-        write_text(run_dir / "recipe.yaml", recipe_to_yaml(resolved))
-    for role, request in objective.teacher_requests(teachers, student_model).items():
-        if teachers[role].prune(request):  # blocks no strategy reads
-            console.print(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
-                          f"{teachers[role].num_layers} layers, without the final norm and head")
-    module = DistillModule(student_model, objective, student_input, channels_last, student_request,
-                           Extractor(compile=resolved.student.compile))
-
+    run = Run.from_recipe(resolved, run_dir, accelerator, say=console.print)
+    _claim(run, resume, force_resume)
     timings = {"setup": time.perf_counter() - started}
-
     with _progress(console) as progress:
-        result = train(resolved, accelerator, teachers, module, images.train, run_dir, resume, progress,
-                       force_resume=force_resume, online_knn=OnlineKnn.from_recipe(resolved, images))
-    timings["train"] = result.seconds
-    for teacher in teachers.values():
-        teacher.extractor = Extractor()  # evaluation's requests need no compiled graphs of their own
-    timings["online_eval"] = result.online_eval_seconds
-    console.print(f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
-                  f"({result.images_per_second:.0f} img/s)"
-                  + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
-                  + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
-                  + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else ""))
-
-    metrics: dict[str, Any] = {}
-    student_dir = run_dir / "student"
-    if main:
-        trained = accelerator.unwrap_model(module).student.float().cpu().eval()
-        tick = time.perf_counter()
-        teacher_model.unprune()  # evaluation embeds with the whole teacher
-        metrics = evaluate_run(resolved, teacher_model.cpu(), trained, spec, student_size, student_input,
-                               channels_last, images, console)
-        timings["evaluate"] = time.perf_counter() - tick
-        tick = time.perf_counter()
-        export_student(trained, student_dir, architecture=spec.timm,
-                       model_args=model_args_for(spec, student_size), input_size=student_size,
-                       mean=student_input.mean, std=student_input.std,
-                       provenance={
-                           "distillkit_version": __version__,
-                           "teacher": teacher_model.describe(),
-                           **({"other_teachers": {role: t.describe() for role, t in teachers.items()
-                                                  if role != PRIMARY_TEACHER}} if len(teachers) > 1 else {}),
-                           "strategy": resolved.to_dict()["strategy"],
-                           "data": images.source,
-                           "steps": result.steps,
-                           "metrics": metrics,
-                       })
-        timings["export"] = time.perf_counter() - tick
+        result = train(run, progress, resume, force_resume, online_knn=OnlineKnn.from_recipe(resolved, run.images))
+    timings |= {"train": result.seconds, "online_eval": result.online_eval_seconds}
+    console.print(_trained_line(result))
+    metrics = _evaluate_and_export(run, result, console, timings) if main else {}
     accelerator.wait_for_everyone()
     timings["total"] = time.perf_counter() - started
-    final = CompressResult(run_dir=run_dir, student_dir=student_dir, metrics=metrics, timings=timings,
-                           steps=result.steps, data_source=images.source, recipe=resolved,
-                           train_images=len(images.train), images_seen=result.images_seen,
+    final = CompressResult(run_dir=run_dir, student_dir=run_dir / "student", metrics=metrics, timings=timings,
+                           steps=result.steps, data_source=run.images.source, recipe=resolved,
+                           train_images=len(run.images.train), images_seen=result.images_seen,
                            teacher_cache=result.teacher_cache)
     if main:
         write_json(run_dir / "result.json", final.to_dict())
-        console.print(f"student exported to {student_dir} (timm: create_model('local-dir:{student_dir}', "
+        console.print(f"student exported to {final.student_dir} (timm: create_model('local-dir:{final.student_dir}', "
                       "pretrained=True))")
         _write_report(run_dir, console)
     return final
+
+
+def _claim(run: Run, resume: bool, force_resume: bool) -> None:
+    """Check a resume against the run's checkpoint, then mark the folder as a run and save its recipe: only
+    now, so a start that fails while loading (or a refused resume) leaves the folder as it was."""
+    if resume:
+        _, changes = resume_point(run.run_dir, run.recipe.to_dict(), force_resume)
+        if changes:
+            warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
+    if run.accelerator.is_main_process:
+        claim(run.run_dir, __version__)
+        write_text(run.run_dir / "recipe.yaml", recipe_to_yaml(run.recipe))
+
+
+def _trained_line(result) -> str:
+    return (f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
+            f"({result.images_per_second:.0f} img/s)"
+            + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
+            + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
+            + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else ""))
+
+
+def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, float]) -> dict[str, Any]:
+    """The main process scores teacher, student and random init on the CPU, then exports the student."""
+    student = run.student
+    student.model.float().cpu().eval()
+    teacher = run.teachers[PRIMARY_TEACHER]
+    teacher.unprune()  # evaluation embeds with the whole teacher
+    tick = time.perf_counter()
+    metrics = evaluate_run(run.recipe, teacher.cpu(), student, run.images)
+    print_results(console, metrics)
+    timings["evaluate"] = time.perf_counter() - tick
+    tick = time.perf_counter()
+    others = {role: t.describe() for role, t in run.teachers.items() if role != PRIMARY_TEACHER}
+    export_student(student.model, run.run_dir / "student", architecture=student.spec.timm,
+                   model_args=student.model_args, input_size=student.size, mean=student.input_config.mean,
+                   std=student.input_config.std,
+                   provenance={"distillkit_version": __version__, "teacher": teacher.describe(),
+                               **({"other_teachers": others} if others else {}),
+                               "strategy": run.recipe.to_dict()["strategy"], "data": run.images.source,
+                               "steps": result.steps, "metrics": metrics})
+    timings["export"] = time.perf_counter() - tick
+    return metrics
 
 
 def _write_report(run_dir: Path, console: Console) -> None:
@@ -240,78 +209,6 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
     if resume and find_checkpoint(run_dir) is None:
         raise UsageError(f"--resume: {run_dir} holds no checkpoint to resume from")
     return clear
-
-
-def evaluate_run(recipe: Recipe, teacher: Teacher, student: torch.nn.Module, spec, student_size: int,
-                 student_input, channels_last: bool, images, console: Console) -> dict[str, Any]:
-    """k-NN / probe accuracy for teacher, trained student and the same student at its random init."""
-    random_init = create_student(spec, student_size, seed=recipe.train.seed).eval()
-    if channels_last:
-        random_init.to(memory_format=torch.channels_last)
-    networks = {
-        "teacher": (lambda v: teacher(v, FeatureRequest(embedding=True)).embedding, teacher.model,
-                    teacher.input_config.size, teacher.channels_last),
-        "student": (_student_embed(student, student_input, channels_last), student,
-                    (student_size, student_size), channels_last),
-        "student_random_init": (_student_embed(random_init, student_input, channels_last), random_init,
-                                (student_size, student_size), channels_last),
-    }
-    metrics: dict[str, Any] = {}
-    labelled = recipe.eval.enabled and images.test is not None and images.num_classes
-    if labelled:
-        bank = eval_subset(images.train_all, recipe.eval.max_train, recipe.train.seed)
-        test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
-        metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
-    for name, (embed, model, size, cl) in networks.items():
-        row: dict[str, Any] = {}
-        if labelled:
-            train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
-            test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
-            row.update(score_embeddings(train_set, test_set, recipe.eval.knn_k, recipe.eval.knn_temperature,
-                                        recipe.eval.probe_steps, seed=recipe.train.seed))
-        row["params"] = count_params(model)
-        row["latency_ms"] = round(cpu_latency_ms(model, size, cl, recipe.eval.latency_runs), 3)
-        metrics[name] = row
-    if not labelled:
-        console.print("[yellow]no labelled held-out split: k-NN and linear-probe accuracy were skipped[/]")
-    gap = gap_recovered(metrics)
-    if gap:
-        metrics["gap_recovered"] = gap
-    console.print(results_table(metrics))
-    said = verdict(metrics)
-    if said is not None:
-        colour = {"good": "green", "fair": "yellow", "bad": "bold red"}[said["level"]]
-        console.print(f"[{colour}]{said['text']}[/]", highlight=False)
-        if said["advice"]:
-            console.print(f"[bold red]warning: {said['advice']}[/]", highlight=False)
-    return metrics
-
-
-def _student_embed(model, input_config, channels_last):
-    return lambda v: model(prepare_input(v, input_config, channels_last))
-
-
-def results_table(metrics: dict[str, Any]) -> Table:
-    table = Table(title="distillkit results (held-out split)")
-    table.add_column("model")
-    gap = gap_recovered(metrics)
-    for column in ("k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)") + (
-            ("gap recovered (k-NN / probe)",) if gap else ()):
-        table.add_column(column, justify="right")
-    for name in ("teacher", "student", "student_random_init"):
-        row = metrics.get(name)
-        if row is None:
-            continue
-        table.add_row(
-            name.replace("_", " "),
-            f"{row['knn_top1']:.2%}" if "knn_top1" in row else "-",
-            f"{row['probe_top1']:.2%}" if "probe_top1" in row else "-",
-            f"{row['params'] / 1e6:.2f} M",
-            f"{row['latency_ms']:.1f} ms",
-            *((" / ".join(f"{gap[k]:.0%}" if k in gap else "-" for k in GAP_METRICS) if name == "student" else "",)
-              if gap else ()),
-        )
-    return table
 
 
 def _progress(console: Console) -> Progress:

@@ -157,7 +157,7 @@ def eval_(
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
-    from .api import results_table
+    from .summary import results_table
     from .evaluate_model import evaluate_student
 
     metrics = evaluate_student(student, data=data, max_train=max_train, max_test=max_test, seed=seed,

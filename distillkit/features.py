@@ -1,17 +1,22 @@
 """`Features`: what a model exposes for one batch, and `FeatureRequest`: what a strategy asks for.
 
-Teachers and students produce `Features`; strategies consume them and never touch models.
+Teachers and students produce `Features`; strategies consume them and never touch models' insides.
 Extraction uses timm's `forward_intermediates`, which every timm model answers, so one path
 serves ViTs and CNNs. Attention relations of ViT blocks come from hooks (relations.py).
+`forward_kept_tokens` runs a ViT on some of its patch tokens only (masked and token-dropping
+strategies), and a few accessors (`patch_grid`, `attention_width`, `layer_channels`) give the shapes
+strategies size their heads by.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
+from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from .errors import UsageError
@@ -244,3 +249,58 @@ def probe_features(model: nn.Module, request: FeatureRequest, input_size: tuple[
     finally:
         model.train(was_training)
 
+
+
+def pools_blocks(model: nn.Module) -> bool:
+    """Whether `extract_features` can give the model's `block_embeddings`: conv nets always; token models
+    when their `forward_intermediates` returns the prefix (class) tokens."""
+    return not is_token_model(model) or "return_prefix_tokens" in inspect.signature(
+        model.forward_intermediates).parameters
+
+
+def layer_channels(model: nn.Module) -> list[int]:
+    """The channels of every tappable layer (a ViT's: its width), from timm's `feature_info`."""
+    return [info["num_chs"] for info in model.feature_info]
+
+
+def patch_grid(model: nn.Module) -> tuple[int, int]:
+    """A token model's patch grid, (rows, columns)."""
+    return tuple(model.patch_embed.grid_size)
+
+
+def attention_width(model: nn.Module) -> tuple[int, int]:
+    """A ViT's attention heads and query / key width (heads x head dim), from its first block."""
+    attn = model.blocks[0].attn
+    return attn.num_heads, attn.num_heads * attn.head_dim
+
+
+def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
+    """tokens (B, N, C), index (B, K) -> (B, K, C)."""
+    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def runs_on_kept_tokens(model: nn.Module) -> bool:
+    """Whether `forward_kept_tokens` can run `model`: a timm VisionTransformer."""
+    return isinstance(model, VisionTransformer)
+
+
+def forward_kept_tokens(model: VisionTransformer, x: Tensor, keep: Tensor, layers: tuple[int, ...] = (),
+                        relations: tuple[int, ...] = ()) -> tuple[Tensor, Features]:
+    """A timm ViT on its prefix tokens and the kept patch tokens only: patch and position embedding,
+    `norm_pre`, then only the kept tokens through the blocks and the final norm (dropped tokens cost
+    nothing; `patch_drop` is skipped, the choice of tokens replaces it).
+
+    keep: (B, K) flat patch indices. Returns the kept patch tokens after the final norm, (B, K, D), and
+    Features holding the raw kept patch tokens of blocks `layers` and the queries and keys of blocks
+    `relations` (prefix tokens first, `prefix_tokens` of them)."""
+    tokens = model.norm_pre(model._pos_embed(model.patch_embed(x)))
+    prefix = model.num_prefix_tokens
+    tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], keep)], dim=1)
+    features = Features(prefix_tokens=prefix)
+    with capture_qk(model.blocks, tuple(relations)) as captured:
+        for index, block in enumerate(model.blocks):
+            tokens = block(tokens)
+            if index in layers:
+                features.layers[index] = tokens[:, prefix:]
+    features.relations = dict(captured)
+    return model.norm(tokens)[:, prefix:], features

@@ -88,9 +88,10 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     flip: float = 0.5  # horizontal flip probability
     view_size: int | None = None  # render every network's views at this size, each resizes them; None: see render
-    # shared: one rendering at the largest network input, each network resizes it (the default: measured
-    # better on the default recipe, k-NN 76.0 vs 73.6 %); per_network: each network's own size straight
-    # from the crop (one resampling; a student reading cached teacher outputs renders only its own size)
+    # shared: one rendering at the largest network input, each network resizes it (the schema default; it
+    # measured better on the uncached 2-epoch default of before, k-NN 76.0 vs 73.6 %); per_network: each
+    # network's own size straight from the crop (one resampling; a student reading cached teacher outputs
+    # renders only its own size: what recipes/default.yaml uses)
     render: Literal["shared", "per_network"] = "shared"
     max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
     # photometric augmentation of every view (colour jitter, grayscale, blur, solarize), off by default;
@@ -353,6 +354,13 @@ def check_value(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise UsageError(f"{path} must be a list, got {_describe(value)}")
         return [check_value(args[0], v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if hint in (bool, int, float, str, Any):
+        return _check_scalar(hint, value, path)
+    raise TypeError(f"recipe schema uses an unsupported type {hint!r} at {path}")
+
+
+def _check_scalar(hint: Any, value: Any, path: str) -> Any:
+    """bool / int / float / str / Any: the value, a float converted from a number or its string."""
     if hint is bool:
         if not isinstance(value, bool):
             raise UsageError(f"{path} must be true or false, got {_describe(value)}")
@@ -376,9 +384,8 @@ def check_value(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, str):
             raise UsageError(f"{path} must be a string, got {_describe(value)}")
         return value
-    if hint is Any:
-        return value
-    raise TypeError(f"recipe schema uses an unsupported type {hint!r} at {path}")
+    return value
+
 
 
 def _describe(value: Any) -> str:

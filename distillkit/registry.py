@@ -40,6 +40,10 @@ class Registry(Generic[T]):
 
         return add if item is None else add(item)
 
+    def unregister(self, name: str) -> T:
+        """Remove `name` (e.g. a strategy registered for one experiment) and return what it held."""
+        return self._items.pop(name)
+
     def get(self, name: str) -> T:
         try:
             return self._items[name]

@@ -1,5 +1,6 @@
 """Students: plain timm models described by `students/*.yaml` specs, a spec file of your own, or
-any `timm:<name>`.
+any `timm:<name>`, and `Student`, the trainable network with its input configuration (the
+counterpart of the frozen `Teacher`).
 
 A spec names the timm architecture, its default input size, whether it runs channels_last and
 extra `create_model` arguments. Students are created with `num_classes=0`, so `model(x)` is the
@@ -19,7 +20,9 @@ import yaml
 from torch import nn
 
 from .errors import UsageError
-from .recipe import _build_dataclass, _data_dir
+from .features import Extractor, FeatureRequest, Features, is_token_model
+from .inputs import InputConfig, prepare_input
+from .recipe import StudentConfig, _build_dataclass, _data_dir
 from .registry import did_you_mean
 
 
@@ -97,17 +100,65 @@ def create_student(spec: StudentSpec, input_size: int, seed: int | None = None) 
 
 def uses_channels_last(spec: StudentSpec, model: nn.Module, override: bool | None = None) -> bool:
     """The recipe's choice, else the spec's, else conv nets yes and token models no."""
-    from .features import is_token_model
-
     for choice in (override, spec.channels_last):
         if choice is not None:
             return choice
     return not is_token_model(model)
 
 
-def student_input_config(model: nn.Module, input_size: int):
+def student_input_config(model: nn.Module, input_size: int) -> InputConfig:
     """The student's normalisation: its architecture's default pretrained config (ImageNet mean/std)."""
-    from .inputs import InputConfig
-
     cfg = timm.data.resolve_data_config({}, model=model)
     return InputConfig(size=(input_size, input_size), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
+
+
+@dataclass
+class Student:
+    """The network being trained and how it reads views: raw [0, 1] views are resized and normalised to
+    `input_config` (`prepare`), laid out channels_last for conv nets, and run through `extractor` (eager, or
+    torch.compile for `student.compile`)."""
+
+    model: nn.Module
+    spec: StudentSpec
+    input_config: InputConfig
+    channels_last: bool
+    extractor: Extractor = field(default_factory=Extractor)
+
+    @classmethod
+    def create(cls, config: StudentConfig, seed: int | None = None) -> "Student":
+        """A fresh student from the recipe's `student:` section (deterministic when `seed` is given)."""
+        spec = student_spec(config.name)
+        size = config.input_size or spec.input_size
+        model = create_student(spec, size, seed=seed)
+        channels_last = uses_channels_last(spec, model, config.channels_last)
+        if channels_last:
+            model.to(memory_format=torch.channels_last)
+        return cls(model, spec, student_input_config(model, size), channels_last, Extractor(compile=config.compile))
+
+    def at_random_init(self, seed: int | None) -> "Student":
+        """The same architecture, freshly initialised as `create` did: the reference a trained student is
+        compared with."""
+        model = create_student(self.spec, self.size, seed=seed).eval()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return Student(model, self.spec, self.input_config, self.channels_last)
+
+    @property
+    def size(self) -> int:
+        return self.input_config.size[0]
+
+    @property
+    def model_args(self) -> dict[str, Any]:
+        """The timm.create_model arguments that rebuild this architecture (what an export records)."""
+        return model_args_for(self.spec, self.size)
+
+    def prepare(self, views: torch.Tensor) -> torch.Tensor:
+        return prepare_input(views, self.input_config, self.channels_last)
+
+    def features(self, x: torch.Tensor, request: FeatureRequest) -> Features:
+        """The requested features of prepared inputs `x`, through the student's extractor."""
+        return self.extractor(self.model, x, request)
+
+    def embed(self, views: torch.Tensor) -> torch.Tensor:
+        """Raw [0, 1] views -> pooled embeddings (B, D), the exported backbone's output."""
+        return self.model(self.prepare(views))

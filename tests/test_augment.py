@@ -14,7 +14,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from distillkit.data.augment import (AUGMENT_STREAM, NUM_PARAMS, apply_augment, blur_sigma_pixels,
                                      sample_augment_params)
-from distillkit.data.views import BatchViews, ViewConfig, hash_uniform, render_views, sample_view_params
+from distillkit.data.hashing import hash_uniform
+from distillkit.data.views import BatchViews, ViewConfig, render_views, sample_view_params
 from distillkit.errors import UsageError
 from distillkit.recipe import AugmentConfig, check_value
 

@@ -106,13 +106,15 @@ def test_no_room_for_the_automatic_cache_falls_back_to_the_teacher(tmp_path, tin
 
 def test_view_slots_auto_gives_the_teacher_an_eighth_of_the_images_seen():
     from distillkit.recipe import resolve_recipe
-    from distillkit.train.loop import view_slots
+    from distillkit.data.views import view_slots
 
     recipe = resolve_recipe({"data": {"view_slots": "auto"}, "train": {"images": 480000, "batch_size": 128}})
     for images, slots in ((60000, 1), (20000, 3), (5000, 12), (400000, 1)):
         budget = plan_budget(recipe.train, micro_batches=images // 128)
-        assert view_slots(recipe, budget, images) == slots, images
+        seen = budget.total_steps * recipe.train.batch_size
+        assert view_slots(recipe.data, seen, budget.epochs, images) == slots, images
     short = resolve_recipe({"data": {"view_slots": "auto"}, "train": {"epochs": 2}})
-    assert view_slots(short, plan_budget(short.train, micro_batches=10), 1280) == 1  # never more than the epochs
+    budget = plan_budget(short.train, micro_batches=10)
+    assert view_slots(short.data, budget.total_steps * 128, budget.epochs, 1280) == 1  # never more than the epochs
     with pytest.raises(UsageError, match="view_slots"):
         resolve_recipe({"data": {"view_slots": "many"}})

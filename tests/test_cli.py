@@ -26,8 +26,12 @@ def no_loading(monkeypatch):
     def forbidden(*args, **kwargs):
         raise AssertionError("bad input must be rejected before models or data load")
 
-    for name in ("make_accelerator", "load_teacher", "create_student", "open_data", "train"):
+    for name in ("make_accelerator", "train"):
         monkeypatch.setattr(distillkit.api, name, forbidden)
+    monkeypatch.setattr(distillkit.api.Run, "from_recipe", forbidden)
+    for name in ("load_teacher", "open_data"):
+        monkeypatch.setattr(distillkit.run, name, forbidden)
+    monkeypatch.setattr(distillkit.student, "create_student", forbidden)
 
 
 def flat(text: str) -> str:

@@ -24,6 +24,7 @@ from distillkit.cli import app
 from distillkit.data.sources import ImageData, TensorImages
 from distillkit.errors import UsageError
 from distillkit.recipe import Recipe, resolve_recipe
+from distillkit.student import Student
 from distillkit.teachers import InputConfig
 from distillkit.train.online import OnlineKnn
 from distillkit.verdict import gap_recovered, verdict
@@ -197,7 +198,7 @@ def test_online_knn_scores_detached_in_eval_mode_and_leaves_the_rng_alone():
     assert len(online.bank) == 30 and len(online.test) == 12  # at most 30 // 2 held-out images
     student = ColourMean().train()
     rng = torch.get_rng_state()
-    record = online(student, InputConfig(size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), False)
+    record = online(Student(student, None, InputConfig(size=(8, 8), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)), False))
     assert record["online_knn_top1"] == 1.0  # mean colours separate the classes perfectly
     assert student.modes and set(student.modes) == {(False, False)} and student.training
     assert torch.equal(torch.get_rng_state(), rng)

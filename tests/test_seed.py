@@ -258,17 +258,20 @@ def test_invalid_config_is_a_usage_error(bad):
 def test_projection_requested_from_teacher_without_projection_is_rejected():
     teacher = SimpleNamespace(has_projection=False, name="tiny-teacher")
     with pytest.raises(UsageError, match="tiny-teacher"):
-        Seed.check_compatible(SeedConfig(teacher_embed="projection"), teacher)
-    Seed.check_compatible(SeedConfig(teacher_embed="auto"), teacher)
-    Seed.check_compatible(SeedConfig(teacher_embed="embedding"), teacher)
+        Seed.check_teachers(SeedConfig(teacher_embed="projection"), {"teacher": teacher})
+    Seed.check_teachers(SeedConfig(teacher_embed="auto"), {"teacher": teacher})
+    Seed.check_teachers(SeedConfig(teacher_embed="embedding"), {"teacher": teacher})
 
 
 def test_teacher_request_follows_teacher_embed():
     plain = SimpleNamespace(has_projection=False, name="plain")
     with_proj = SimpleNamespace(has_projection=True, name="proj")
-    assert Seed.teacher_request(SeedConfig(), plain) == FeatureRequest(embedding=True)
-    assert Seed.teacher_request(SeedConfig(), with_proj) == FeatureRequest(projection=True)
-    assert Seed.teacher_request(SeedConfig(teacher_embed="embedding"), with_proj) == FeatureRequest(embedding=True)
+    def request(config, teacher):
+        return Seed.teacher_requests(config, {"teacher": teacher}, None)
+
+    assert request(SeedConfig(), plain) == {"teacher": FeatureRequest(embedding=True)}
+    assert request(SeedConfig(), with_proj) == {"teacher": FeatureRequest(projection=True)}
+    assert request(SeedConfig(teacher_embed="embedding"), with_proj) == {"teacher": FeatureRequest(embedding=True)}
     assert Seed.student_request(SeedConfig()) == FeatureRequest(embedding=True)
 
 

@@ -26,6 +26,11 @@ from distillkit.strategies.logits import Logits, LogitsConfig
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
+def teacher_request(strategy, config, teacher) -> FeatureRequest:
+    """What `strategy` asks of its one teacher, the primary one."""
+    return strategy.teacher_requests(config, {"teacher": teacher}, None)["teacher"]
+
+
 # ----------------------------------------------------------------------------- references (float64)
 
 
@@ -173,10 +178,10 @@ def test_feature_targets_the_projection_when_the_teacher_has_one():
     assert strategy.projection.out_features == 3
     with_proj = SimpleNamespace(has_projection=True, name="p")
     plain = SimpleNamespace(has_projection=False, name="plain")
-    assert Feature.teacher_request(FeatureConfig(), with_proj) == FeatureRequest(projection=True)
-    assert Feature.teacher_request(FeatureConfig(), plain) == FeatureRequest(embedding=True)
+    assert teacher_request(Feature, FeatureConfig(), with_proj) == FeatureRequest(projection=True)
+    assert teacher_request(Feature, FeatureConfig(), plain) == FeatureRequest(embedding=True)
     with pytest.raises(UsageError, match="plain"):
-        Feature.check_compatible(FeatureConfig(teacher_embed="projection"), plain)
+        Feature.check_teachers(FeatureConfig(teacher_embed="projection"), {"teacher": plain})
 
 
 # ----------------------------------------------------------------------------- logits
@@ -229,8 +234,8 @@ def test_logits_ce_with_a_separate_head_and_a_clear_error_for_foreign_labels():
 
 def test_logits_needs_a_teacher_with_logits():
     with pytest.raises(UsageError, match="'logits'.*class logits.*ssl-vit"):
-        Logits.check_compatible(LogitsConfig(), SimpleNamespace(has_logits=False, name="ssl-vit"))
-    Logits.check_compatible(LogitsConfig(), SimpleNamespace(has_logits=True, name="sup"))
+        Logits.check_teachers(LogitsConfig(), {"teacher": SimpleNamespace(has_logits=False, name="ssl-vit")})
+    Logits.check_teachers(LogitsConfig(), {"teacher": SimpleNamespace(has_logits=True, name="sup")})
 
 
 # ----------------------------------------------------------------------------- kdss: views and selection
@@ -436,9 +441,9 @@ def test_kdss_without_teacher_logits_warns_once_and_drops_the_kl_terms():
 def test_kdss_requests_follow_the_weights():
     supervised = SimpleNamespace(has_logits=True, has_projection=False, name="sup")
     ssl = SimpleNamespace(has_logits=False, has_projection=True, name="ssl")
-    assert Kdss.teacher_request(KdssConfig(), supervised) == FeatureRequest(embedding=True, layers=(-1,), logits=True)
-    assert Kdss.teacher_request(KdssConfig(), ssl) == FeatureRequest(projection=True, layers=(-1,))
-    assert Kdss.teacher_request(KdssConfig(w_feat=0, w_ss=0), supervised) == FeatureRequest(logits=True)
+    assert teacher_request(Kdss, KdssConfig(), supervised) == FeatureRequest(embedding=True, layers=(-1,), logits=True)
+    assert teacher_request(Kdss, KdssConfig(), ssl) == FeatureRequest(projection=True, layers=(-1,))
+    assert teacher_request(Kdss, KdssConfig(w_feat=0, w_ss=0), supervised) == FeatureRequest(logits=True)
     assert Kdss.student_request(KdssConfig(feat_student_layer=0.5)) == FeatureRequest(embedding=True, layers=(0.5,))
     with pytest.raises(UsageError, match="keep_ratio_ss"):
         KdssConfig(keep_ratio_ss=1.5)
@@ -594,7 +599,7 @@ def test_hidden_config_checks():
         HiddenConfig(predictor_width=100, predictor_heads=6)
     with pytest.raises(UsageError, match="layers"):
         HiddenConfig(layers=[])
-    assert Hidden.teacher_request(HiddenConfig(), None) == FeatureRequest(layers=(0.25, 0.5, 0.75, 1.0))
+    assert teacher_request(Hidden, HiddenConfig(), None) == FeatureRequest(layers=(0.25, 0.5, 0.75, 1.0))
     assert Hidden.student_request(HiddenConfig()) == FeatureRequest(layers=(-1,), embedding=True)
     with pytest.raises(UsageError, match="pooled_weight"):
         HiddenConfig(pooled_weight=-1.0)

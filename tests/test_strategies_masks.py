@@ -1,4 +1,4 @@
-"""I-JEPA block masks (distillkit.data.masks) against docs/methods.md#hidden-block-masks: 4 target rectangles of
+"""I-JEPA block masks (strategies/masks.py) against docs/methods.md#hidden-block-masks: 4 target rectangles of
 scale (0.15, 0.2) and aspect (0.75, 1.5), one context block of scale (0.85, 1.0) and aspect 1 minus the
 targets, at least min_keep patches."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.data.masks import block_size, check_mask_grid, sample_block_masks
+from distillkit.strategies.masks import block_size, check_mask_grid, sample_block_masks
 from distillkit.errors import UsageError
 
 GRID = (14, 14)  # ViT-S/16 at 224 px

@@ -2,8 +2,7 @@
 reject a recipe before any forward pass, composition, gradients (student and heads only, the teacher
 untouched bit for bit) and a loss that falls on a fixed batch.
 
-The training step is written out here (teacher views once, student views per step, objective,
-backward, optimiser, after_step), as the loop does it, so these tests depend only on the strategy contract.
+The training step is the loop's own (`train.step.train_step`), on one fixed batch.
 """
 
 from __future__ import annotations
@@ -16,14 +15,18 @@ import timm
 import torch
 from torch import nn
 
-import distillkit.api as api
+import distillkit.strategies.objective as objective_module
 from distillkit.errors import UsageError
-from distillkit.features import FeatureRequest, Features, extract_features
+from distillkit.features import FeatureRequest, Features, extract_features, forward_kept_tokens
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies import STRATEGIES, check_composable
-from distillkit.strategies.hidden import Hidden, HiddenConfig, MaskedFeatures, encode_context
+from distillkit.strategies.hidden import Hidden, HiddenConfig, MaskedFeatures
+from distillkit.data import Batch
+from distillkit.data.views import SizePlan, ViewConfig
+from distillkit.student import Student
 from distillkit.teachers import InputConfig, Teacher, load_teacher, prepare_input
+from distillkit.train.step import DistillModule, StepContext, train_step
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -69,36 +72,32 @@ def images(n: int = 8, seed: int = 3) -> torch.Tensor:
     return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def train_steps(objective: Objective, request: FeatureRequest, teacher, student, steps: int, lr: float = 2e-3,
+def train_steps(objective: Objective, teacher, student, steps: int, lr: float = 2e-3,
                 labels: torch.Tensor | None = None, after_backward=None) -> list[dict[str, float]]:
-    """The loop's step on one fixed batch: teacher views once, then student / objective / Adam.
-    Returns each step's terms and total ("loss")."""
-    views = objective.expand_views([images()])
-    teacher_request = FeatureRequest()
-    for strategy in objective.strategies.values():
-        teacher_request = teacher_request.merge(type(strategy).teacher_request(strategy.config, teacher))
-    teacher_views = [teacher(v, teacher_request) for v in views]
-    student_input = InputConfig((32, 32), *IMAGENET)
-    params = [p for p in list(student.parameters()) + list(objective.parameters()) if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=lr)
-    student.train()
-    losses = []
-    for _ in range(steps):
-        student_views = []
-        for view, teacher_view in zip(views, teacher_views):
-            x = prepare_input(view, student_input, False)
-            features = objective.student_features(student, x, {"teacher": teacher_view}, request, 0.0)
-            student_views.append(features if features is not None else extract_features(student, x, request))
-        step = StepInputs(teacher_views, student_views, labels, 0.0)
-        loss, terms = objective(step)
-        optimizer.zero_grad()
-        loss.backward()
-        if after_backward is not None:
+    """`train_step`, the loop's own step, on one fixed batch (whole-image views, the same every step) with
+    Adam; `after_backward` runs once, between the first backward and its optimiser step. Returns each
+    step's terms and total ("loss")."""
+    from accelerate import Accelerator
+
+    module = DistillModule(Student(student, None, InputConfig((32, 32), *IMAGENET), False), objective)
+    optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
+    if after_backward is not None:
+        def once(*args) -> None:
             after_backward()
-            after_backward = None
-        optimizer.step()
-        objective.after_step(step, lambda t: t)
-        losses.append({"loss": loss.item(), **{k: v.item() for k, v in terms.items()}})
+            hook.remove()
+
+        hook = optimizer.register_step_pre_hook(once)
+    ctx = StepContext(Accelerator(cpu=True), module, optimizer, {"teacher": teacher},
+                      objective.teacher_requests({"teacher": teacher}, student), {},
+                      SizePlan(student=(64, 64), teachers={"teacher": (64, 64)}, load_size=64),
+                      ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0), 0, lambda step: lr)
+    batch = Batch(images=(images() * 255).to(torch.uint8), labels=labels, indices=torch.arange(8), bad=[])
+    module.train()
+    losses = []
+    for step in range(steps):
+        outcome = train_step(ctx, batch, view_epoch=0, step=step, progress=0.0)
+        assert outcome.finite
+        losses.append({"loss": outcome.loss.item(), **{k: v.item() for k, v in outcome.terms.items()}})
     return losses
 
 
@@ -140,7 +139,7 @@ def test_gradients_reach_student_and_heads_only_and_the_loss_falls(case, lite0, 
 
     torch.manual_seed(4)
     labels = torch.tensor([0, 1, 2, 3, 4, 5, -1, 7])
-    losses = train_steps(objective, request, teacher, student, steps=25, labels=labels, after_backward=check_gradients)
+    losses = train_steps(objective, teacher, student, steps=25, labels=labels, after_backward=check_gradients)
     assert seen["student"] == AFTER_LAST_MAP.get(case, []) and seen["heads"] == [], seen
     assert seen["nonzero"] > 0 and seen["teacher"] == []
     assert sum(1 for _ in objective.parameters()) > 0  # the strategy owns trainable heads
@@ -155,14 +154,14 @@ def test_gradients_reach_student_and_heads_only_and_the_loss_falls(case, lite0, 
 # ----------------------------------------------------------------------------- the masked ViT forward
 
 
-def test_encode_context_with_every_patch_is_the_plain_forward():
+def test_forward_kept_tokens_with_every_patch_is_the_plain_forward():
     student = vit_student().eval()
     x = torch.randn(2, 3, 32, 32)
     everything = torch.arange(16).expand(2, 16)
     with torch.no_grad():
         plain = student.forward_features(x)[:, student.num_prefix_tokens:]
-        ours = encode_context(student, x, everything)
-        part = encode_context(student, x, torch.tensor([[0, 5, 6], [1, 2, 15]]))
+        ours, _ = forward_kept_tokens(student, x, everything)
+        part, _ = forward_kept_tokens(student, x, torch.tensor([[0, 5, 6], [1, 2, 15]]))
     assert torch.allclose(ours, plain, atol=1e-5)
     assert part.shape == (2, 3, 64)
 
@@ -211,7 +210,7 @@ def no_probes(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("a probe forward ran before the checks")
 
-    monkeypatch.setattr(api, "probe_features", fail)
+    monkeypatch.setattr(objective_module, "probe_features", fail)
 
 
 def test_hidden_rejects_a_token_student_it_cannot_mask(lite0, no_probes):

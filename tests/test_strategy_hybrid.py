@@ -13,7 +13,6 @@ import torch
 import torch.nn.functional as F
 
 import distillkit
-import distillkit.api as api
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe

@@ -14,12 +14,12 @@ import timm
 import torch
 from torch import nn
 
-import distillkit.api as api
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest, Features, extract_features
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
-from distillkit.strategies.sdssl import Sdssl, SdsslConfig, gather_keys, ramp
+from distillkit.strategies.sdssl import Sdssl, SdsslConfig, ramp
+from distillkit.strategies.toolbox import all_gather
 from distillkit.teachers import InputConfig, Teacher, prepare_input
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -60,7 +60,7 @@ def step_inputs(objective, request, teacher, student, progress: float, n: int = 
     """Two views of n images through teacher and student, as the training loop does."""
     generator = torch.Generator().manual_seed(3)
     views = [torch.rand(n, 3, 32, 32, generator=generator) for _ in range(objective.num_views)]
-    teacher_request = Sdssl.teacher_request(objective.strategies["sdssl"].config, teacher)
+    teacher_request = objective.teacher_requests({"teacher": teacher}, student)["teacher"]
     student_input = InputConfig((32, 32), *IMAGENET)
     return StepInputs(
         teacher_views=[teacher(v, teacher_request) for v in views],
@@ -138,17 +138,18 @@ def test_heads_are_sdssl_mlps():
 
 def test_keys_of_one_process_are_the_batch():
     keys = torch.randn(4, 3)
-    gathered, offset = gather_keys(keys)
+    gathered, offset = all_gather(keys)
     assert gathered is keys and offset == 0
 
 
 HALF_BATCH = """
 import sys, torch, torch.distributed as dist, torch.nn.functional as F
-from distillkit.strategies.sdssl import gather_keys, info_nce
+from distillkit.strategies.sdssl import info_nce
+from distillkit.strategies.toolbox import all_gather
 rank = int(sys.argv[1])
 dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
 z, t = torch.randn(12, 5, generator=torch.Generator().manual_seed(0)).split(6)
-keys, offset = gather_keys(F.normalize(t[3 * rank:3 * rank + 3], dim=1))
+keys, offset = all_gather(F.normalize(t[3 * rank:3 * rank + 3], dim=1))
 print(offset, info_nce(z[3 * rank:3 * rank + 3], keys, offset, 0.2).item())
 """
 

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -20,10 +23,11 @@ from distillkit.errors import UsageError
 from distillkit.features import Features
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
-from distillkit.strategies.simclr import Simclr, SimclrConfig, gather_with_grad, nt_xent
-from distillkit.student import create_student, student_spec
+from distillkit.strategies.simclr import Simclr, SimclrConfig, nt_xent
+from distillkit.strategies.toolbox import all_gather
+from distillkit.student import Student, create_student, student_spec
 from distillkit.teachers import InputConfig, Teacher
-from distillkit.train.loop import DistillModule
+from distillkit.train.step import DistillModule
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -64,13 +68,44 @@ def test_nt_xent_is_low_for_matching_views_and_symmetric():
 
 def test_rows_of_one_process_are_the_batch():
     x = torch.randn(4, 3)
-    gathered, offset = gather_with_grad(x)
+    gathered, offset = all_gather(x)
     assert gathered is x and offset == 0
+
+
+HALF_BATCH = """
+import sys, torch, torch.distributed as dist
+from distillkit.strategies.simclr import nt_xent
+rank = int(sys.argv[1])
+dist.init_process_group("gloo", init_method="file://" + sys.argv[2], rank=rank, world_size=2)
+za, zb = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0)).unbind(0)
+mine = [z[3 * rank:3 * rank + 3].clone().requires_grad_() for z in (za, zb)]
+loss = nt_xent(*mine, 0.5)
+loss.backward()
+print(loss.item(), *(g for z in mine for g in z.grad.flatten().tolist()))
+"""
+
+
+def test_two_processes_contrast_with_both_halves_and_send_gradients_back(tmp_path):
+    """Each process contrasts its 3 images with the 6 of both, and the backward sums both processes'
+    gradients of its rows: the mean of the two losses is the one-process loss, and each process's
+    gradient is twice the one-process one (DDP's mean over 2 processes then gives the same update)."""
+    runs = [subprocess.Popen([sys.executable, "-c", HALF_BATCH, str(r), str(tmp_path / "store")],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            for r in range(2)]
+    answers = [[float(v) for v in run.communicate(timeout=120)[0].split()] for run in runs]
+    za, zb = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0)).unbind(0)
+    whole = [z.clone().requires_grad_() for z in (za, zb)]
+    loss = nt_xent(*whole, 0.5)
+    loss.backward()
+    assert (answers[0][0] + answers[1][0]) / 2 == pytest.approx(loss.item(), rel=1e-5)
+    for rank, answer in enumerate(answers):
+        expected = torch.stack([2 * z.grad[3 * rank:3 * rank + 3] for z in whole])
+        assert torch.allclose(torch.tensor(answer[1:]).view(2, 3, 5), expected, atol=1e-6)
 
 
 def test_strategy_loss_is_nt_xent_of_its_head_over_both_views():
     torch.manual_seed(0)
-    strategy = Simclr(SimclrConfig(temperature=0.3), None, Features(embedding=torch.randn(2, 20)))
+    strategy = Simclr(SimclrConfig(temperature=0.3), Features(embedding=torch.randn(2, 20)))
     kinds = [type(m).__name__ for m in strategy.head]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
     assert [m.out_features for m in strategy.head if isinstance(m, nn.Linear)] == [20, 128]  # hidden = width
@@ -81,8 +116,7 @@ def test_strategy_loss_is_nt_xent_of_its_head_over_both_views():
         z = strategy.head(torch.cat([student[0].embedding, student[1].embedding]))
     assert terms["simclr"].item() == pytest.approx(reference_nt_xent(z[:6], z[6:], 0.3), rel=1e-5)
 
-    small = Simclr(SimclrConfig(projection_hidden_dim=8, projection_dim=4), None,
-                   Features(embedding=torch.randn(2, 20)))
+    small = Simclr(SimclrConfig(projection_hidden_dim=8, projection_dim=4), Features(embedding=torch.randn(2, 20)))
     assert [m.out_features for m in small.head if isinstance(m, nn.Linear)] == [8, 4]
 
 
@@ -90,8 +124,8 @@ def test_bad_settings_and_students_are_refused():
     with pytest.raises(UsageError, match="strategy.simclr.temperature"):
         resolve_recipe({"strategy": {"simclr": {"temperature": 0}}})
     with pytest.raises(UsageError, match="simclr needs one pooled embedding"):
-        Simclr(SimclrConfig(), None, Features(embedding=torch.randn(2, 4, 20)))
-    strategy = Simclr(SimclrConfig(), None, Features(embedding=torch.randn(2, 20)))
+        Simclr(SimclrConfig(), Features(embedding=torch.randn(2, 4, 20)))
+    strategy = Simclr(SimclrConfig(), Features(embedding=torch.randn(2, 20)))
     with pytest.raises(UsageError, match="2 views"):
         strategy(StepInputs([], [Features(embedding=torch.randn(4, 20))], None, 0.0))
 
@@ -112,8 +146,7 @@ def objective_and_module(strategies: dict, teacher):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         objective = Objective.build(resolve_recipe({"strategy": strategies}).strategy, teacher, student, 32)
-        request = objective.student_request()
-    return objective, DistillModule(student, objective, InputConfig((32, 32), *IMAGENET), False, request)
+    return objective, DistillModule(Student(student, None, InputConfig((32, 32), *IMAGENET), False), objective)
 
 
 def test_reads_no_teacher_and_gradients_reach_the_student(teacher):
@@ -148,14 +181,14 @@ def test_compress_trains_the_student_without_ever_running_the_teacher(tmp_path, 
     teacher still gives the evaluation its row."""
     phase = {"training": False}
     calls = {"train": 0, "eval": 0}
-    forward = Teacher.forward
+    extract = Teacher._extract  # every teacher forward, training's requests and evaluation's embed alike
 
-    def guarded(self, views, request):
+    def guarded(self, views, request, extractor):
         if phase["training"]:
             calls["train"] += 1
             raise AssertionError("the simclr baseline ran the teacher during training")
         calls["eval"] += 1
-        return forward(self, views, request)
+        return extract(self, views, request, extractor)
 
     def training(*args, **kwargs):
         phase["training"] = True
@@ -165,7 +198,7 @@ def test_compress_trains_the_student_without_ever_running_the_teacher(tmp_path, 
             phase["training"] = False
 
     train = api.train
-    monkeypatch.setattr(Teacher, "forward", guarded)
+    monkeypatch.setattr(Teacher, "_extract", guarded)
     monkeypatch.setattr(api, "train", training)
     overrides = ["teacher.input_size=32", "student.input_size=32", "eval.max_train=48", "eval.max_test=32",
                  "eval.probe_steps=5", "eval.latency_runs=1", "eval.online_images=0"]

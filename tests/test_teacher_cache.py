@@ -14,7 +14,8 @@ import distillkit
 from distillkit.errors import UsageError
 from distillkit.features import Features
 from distillkit.teachers.base import Teacher
-from distillkit.train import loop
+from distillkit.data.views import DEFAULT_CACHE_SLOTS, view_slots
+from distillkit.train import loop, step
 from distillkit.train.cache import TeacherCache, image_hashes
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -59,13 +60,13 @@ def teacher_calls(monkeypatch):
 
 def test_views_are_rendered_shared_per_network_or_at_view_size(tmp_path, teacher_calls, monkeypatch):
     student_sizes = []
-    original = loop.DistillModule.forward
+    original = step.DistillModule.forward
 
     def recording(self, views, *args):
         student_sizes.extend(tuple(v.shape[-2:]) for v in views)
         return original(self, views, *args)
 
-    monkeypatch.setattr(loop.DistillModule, "forward", recording)
+    monkeypatch.setattr(step.DistillModule, "forward", recording)
     run(tmp_path / "own", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32",
                                                  "data.render=per_network"])
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(32, 32)}
@@ -135,13 +136,13 @@ def test_augmented_views_replay_from_the_cache_and_key_their_entry(tmp_path, tea
 def test_the_loop_trains_on_augmented_views(tmp_path, teacher_calls, monkeypatch):
     """Solarisation with probability 1 turns every pixel >= 0.5 into 1 - x: no view pixel is above 0.5."""
     seen = []
-    original = loop.DistillModule.forward
+    original = step.DistillModule.forward
 
     def recording(self, views, *args):
         seen.extend(views)
         return original(self, views, *args)
 
-    monkeypatch.setattr(loop.DistillModule, "forward", recording)
+    monkeypatch.setattr(step.DistillModule, "forward", recording)
     run(tmp_path / "plain", None, epochs=1, extra=["train.max_steps=1"])
     assert max(float(v.max()) for v in seen) > 0.9  # Fashion-MNIST has bright pixels
     seen.clear()
@@ -208,8 +209,8 @@ def test_image_hashes_see_every_pixel_and_are_never_zero():
 
 def test_view_slots_cycle_the_views():
     recipe = distillkit.recipe.resolve_recipe({"data": {"teacher_cache": "x"}})
-    assert loop.view_slots(recipe) == loop.DEFAULT_CACHE_SLOTS
-    assert loop.view_slots(distillkit.recipe.resolve_recipe({})) is None  # auto: no fixed views unless asked
-    assert loop.view_slots(distillkit.recipe.resolve_recipe({"data": {"teacher_cache": None}})) is None
+    assert view_slots(recipe.data) == DEFAULT_CACHE_SLOTS
+    assert view_slots(distillkit.recipe.resolve_recipe({}).data) is None  # auto: no fixed views unless asked
+    assert view_slots(distillkit.recipe.resolve_recipe({"data": {"teacher_cache": None}}).data) is None
     with pytest.raises(UsageError, match="view_slots"):
         distillkit.recipe.resolve_recipe({"data": {"view_slots": 0}})

@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distillkit.data.views import ViewConfig, as_views, hash_uniform, render_views, sample_view_params
+from distillkit.data.hashing import hash_uniform
+from distillkit.data.views import ViewConfig, as_views, render_views, sample_view_params
 
 # ----------------------------------------------------------------------------- hash_uniform
 

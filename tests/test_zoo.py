@@ -24,6 +24,7 @@ from distillkit.cli import app
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe
+from distillkit.teachers.zoo import RANDOM_WEIGHTS
 from distillkit.teachers import TEACHERS
 from distillkit.teachers.download import fetch_weights
 
@@ -487,3 +488,22 @@ def test_arch_option_and_variant_reach_the_recipe_and_are_checked_before_loading
                                       "--out", str(tmp_path / "run")])
     assert result.exit_code == 2 and "teacher.variant" in result.output
     assert not (tmp_path / "run").exists()
+
+
+def test_a_moco_checkpoint_nested_under_model_is_read_where_it_was_recognised(tmp_path):
+    """Re-saved training checkpoints sometimes keep the MoCo state dict under "model" (not "state_dict"):
+    recognised as MoCo from there, it must also be read from there."""
+    query, key = _resnet(2), _resnet(3)
+    state = {**_prefixed("module.encoder_q.", query.state_dict()), **_prefixed("module.encoder_k.", key.state_dict())}
+    path = tmp_path / "moco_v2_model_key.pth"
+    torch.save({"epoch": 200, "model": state}, path)
+    teacher = load_teacher("moco-v2-r50", weights=path, input_size=32, model_kwargs=SMALL_RESNET)
+    assert _close(teacher(_views(), FeatureRequest(embedding=True)).embedding, _expected(query, _views()))
+
+
+def test_random_lite0_takes_its_model_arguments():
+    """A random-weight Lite0 (smoke tests) is built with the model arguments it is given."""
+    with pytest.warns(UserWarning, match="random weights"):
+        narrow = load_teacher("efficientnet-lite0", RANDOM_WEIGHTS, 64, model_kwargs={"drop_rate": 0.3})
+        whole = load_teacher("efficientnet-lite0", RANDOM_WEIGHTS, 64)
+    assert narrow.model.drop_rate == 0.3 and whole.model.drop_rate == 0.0

@@ -1,7 +1,7 @@
 """Photometric augmentation of rendered views, batched and replayable from hashes.
 
 Like the crops in `views.py`, each view's augmentation parameters are a pure function of
-(seed, epoch or view slot, image index, view index), drawn with `views.hash_uniform`. They come from a
+(seed, epoch or view slot, image index, view index), drawn with `hashing.hash_uniform`. They come from a
 stream of their own: the view index is XORed with `AUGMENT_STREAM` (a fixed 32-bit constant, never a
 small view index), so adding augmentation leaves the crops unchanged and the two are independent.
 A teacher-output cache, a resume and any sharding across processes therefore see the same pixels.
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..recipe import AugmentConfig
-from .views import hash_uniform
+from .hashing import hash_uniform
 
 AUGMENT_STREAM = 0x9E3779B9  # XORed into the view index: augmentation draws never reuse the crop draws
 

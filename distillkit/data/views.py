@@ -13,7 +13,8 @@ stream, see `augment.py`; `BatchViews` applies it after rendering.
 `BatchViews` renders one batch's views at each size asked for, once per size: with `data.render`
 per_network every network gets the same crops resampled once, straight to its own input size (a 64 px
 teacher and a 32 px student see the same region), and a student reading cached teacher outputs renders
-only its own size; with shared (the default) all get one rendering at the largest input size.
+only its own size (the embedded default recipe); with shared (the schema default) all get one rendering at
+the largest input size.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ import torch
 from torch import Tensor
 from torchvision.ops import roi_align
 
-from ..recipe import AugmentConfig
+from ..recipe import AugmentConfig, DataConfig
+from .augment import apply_augment, is_active, sample_augment_params
+from .hashing import hash_uniform
 
-MASK32 = 0xFFFFFFFF
 ATTEMPTS = 10  # crop proposals per view, as torchvision's RandomResizedCrop
 
 
@@ -42,24 +44,6 @@ class ViewConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     flip: float = 0.5
     augment: AugmentConfig | None = None
-
-
-def _mix32(x: Tensor) -> Tensor:
-    """A 32-bit integer hash (lowbias32) on int64 tensors holding values < 2**32."""
-    x = x & MASK32
-    x = ((x ^ (x >> 16)) * 0x7FEB352D) & MASK32
-    x = ((x ^ (x >> 15)) * 0x846CA68B) & MASK32
-    return x ^ (x >> 16)
-
-
-def hash_uniform(seed: int, epoch: int, indices: Tensor, view: int, draws: int) -> Tensor:
-    """Uniform [0, 1) numbers, shape (len(indices), draws), a pure function of all the arguments."""
-    x = _mix32(torch.full_like(indices, seed & MASK32))
-    x = _mix32(x ^ (epoch & MASK32))
-    x = _mix32(x ^ (indices & MASK32))
-    x = _mix32(x ^ (view & MASK32)).unsqueeze(1)
-    x = _mix32(x ^ torch.arange(draws, dtype=torch.int64, device=indices.device))
-    return (x >> 8).double() / float(1 << 24)
 
 
 def sample_view_params(indices: Tensor, height: int, width: int, config: ViewConfig, *, seed: int, epoch: int,
@@ -146,8 +130,79 @@ class BatchViews:
         if size not in self._rendered:
             views = [render_views(self.images, p, size) for p in self.params]
             if self.augment is not None:
-                from .augment import apply_augment  # here: augment.py imports this module's hash_uniform
-
                 views = [apply_augment(v, a, self.augment_config) for v, a in zip(views, self.augment)]
             self._rendered[size] = self.expand(views)
         return self._rendered[size]
+
+
+def batch_views(images: Tensor, indices: Tensor, config: ViewConfig, *, seed: int, epoch: int, num_views: int,
+                expand: Callable[[list[Tensor]], list[Tensor]]) -> BatchViews:
+    """The `num_views` views of each image of a batch for `epoch` (or view slot): crops, flips and the
+    photometric augmentation, all drawn from (seed, epoch, image index, view)."""
+    height, width = images.shape[-2:]
+    params = [sample_view_params(indices, height, width, config, seed=seed, epoch=epoch, view=v)
+              for v in range(num_views)]
+    augment = config.augment if is_active(config.augment) else None
+    if augment is None:
+        return BatchViews(images, params, expand)
+    return BatchViews(images, params, expand, augment_config=augment,
+                      augment=[sample_augment_params(indices, augment, seed=seed, epoch=epoch, view=v)
+                               for v in range(num_views)])
+
+
+def view_config(data: DataConfig) -> ViewConfig:
+    """The recipe's crop, flip and augmentation settings (an augmentation that changes no pixel is none)."""
+    return ViewConfig(crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, flip=data.flip,
+                      augment=data.augment if is_active(data.augment) else None)
+
+
+def view_seed(data: DataConfig, train_seed: int) -> int:
+    """The seed the views' parameters are hashed from: `data.view_seed`, else the run's seed."""
+    return train_seed if data.view_seed is None else data.view_seed
+
+
+@dataclass(frozen=True)
+class SizePlan:
+    """The sizes a run's views are rendered at, decided once: each network's render size (a network
+    resizes views of another size itself) and the size folder images are loaded at."""
+
+    student: tuple[int, int]
+    teachers: dict[str, tuple[int, int]]  # role -> render size
+    load_size: int  # folder images are resized to this when read
+
+
+def plan_sizes(data: DataConfig, teacher_sizes: dict[str, tuple[int, int]], student_size: tuple[int, int]) -> SizePlan:
+    """`data.view_size` for every network when set; else the largest network input for `data.render` shared,
+    or each network's own input size for per_network. Images load at `data.load_size`, else 1.15 x the largest
+    view (room for the crops)."""
+    largest = max(*(s for size in teacher_sizes.values() for s in size), *student_size)
+
+    def render_size(size: tuple[int, int]) -> tuple[int, int]:
+        if data.view_size:
+            return data.view_size, data.view_size
+        return (largest, largest) if data.render == "shared" else tuple(size)
+
+    return SizePlan(student=render_size(student_size),
+                    teachers={role: render_size(size) for role, size in teacher_sizes.items()},
+                    load_size=data.load_size or int(round((data.view_size or largest) * 1.15)))
+
+
+DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view_slots is not set
+AUTO_SLOTS_SHARE = 8  # view_slots auto: the teacher renders 1 / AUTO_SLOTS_SHARE of the images seen
+
+
+def view_slots(data: DataConfig, images_seen: int | None = None, epochs: int | None = None,
+               num_images: int | None = None) -> int | None:
+    """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch.
+    A cache folder given explicitly without `data.view_slots` gets DEFAULT_CACHE_SLOTS. `auto` sizes K to the
+    data: enough fixed views for the teacher to render an eighth of the images the run sees (one slot for a
+    large dataset, more for a small one, never more than the epochs), so a small dataset is not one fixed
+    crop per image repeated every epoch."""
+    slots = data.view_slots
+    if slots == "auto":
+        if not (images_seen and epochs and num_images):
+            raise ValueError("view_slots auto needs the images the run sees, its epochs and its data size")
+        return max(1, min(epochs, round(images_seen / (AUTO_SLOTS_SHARE * num_images))))
+    if slots is not None:
+        return slots
+    return DEFAULT_CACHE_SLOTS if data.teacher_cache not in (None, "auto") else None

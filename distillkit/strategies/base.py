@@ -1,49 +1,40 @@
-"""The strategy contract, and the objective that composes several weighted strategies.
+"""The strategy contract: `Strategy`, what it sees each step (`StepInputs`) and the `Gather` it is handed.
 
-A strategy is an `nn.Module` that owns its trainable heads and its state (queues), so they are
-optimised and checkpointed with it. It sees only `Features`, never the models:
+A strategy is an `nn.Module` that owns its trainable heads and state (queues), so they are optimised and
+checkpointed with the student. Its loss sees only `Features`; the networks are seen by the hooks that
+size and check it (classmethods, called before any forward pass) and by `student_features`.
 
-    teacher_request(config, teacher) -> FeatureRequest   what it needs from the frozen teacher
-    student_request(config)          -> FeatureRequest   what it needs from the student
-    check_compatible(config, teacher)                    UsageError if the teacher cannot give it
-    check_student(config, student)                       UsageError if the student cannot give it
-    forward(step: StepInputs)        -> {term: loss}     named, unweighted loss terms
-    term_weights()                   -> {term: weight}   how the objective weighs them
-    after_step(step, gather)                             state updates after the loss (queues)
-    fit_to_data(config, num_images, batch_size) -> (config, note | None)
-                                                         shrink data-dependent sizes (a queue larger
-                                                         than the data)
+    reads                                  teacher roles it reads, a class attribute: ("teacher",) by
+                                           default, () for none; `teacher_roles(config)` when configurable
+    teacher_requests(config, teachers, student) -> {role: FeatureRequest}   what it needs from each teacher
+    student_request(config)                -> FeatureRequest                 what it needs from the student
+    check_teachers(config, teachers)       UsageError naming the role and what it lacks
+    check_student(config, student)         UsageError when the student cannot give what it needs
+    build(config, teachers, teacher_probes, student, student_probe) -> Strategy
+                                           construct, sized by the probe Features (dry forwards)
+    forward(step: StepInputs)              -> {term: loss}, named and unweighted
+    term_weights()                         -> {term: weight}, how the objective weighs them
+    after_step(step, gather)               state updates after the loss, `gather` = the loop's all-gather
+    fit_to_data(config, num_images, batch_size) -> (config, note | None)   shrink data-dependent sizes
 
-Several teachers: a recipe's `teacher:` is the role "teacher"; `teachers:` adds more roles (e.g.
-"mim"). A strategy that reads more than one overrides the role-aware forms of the hooks above:
-    teacher_requests(config, teachers, student) -> {role: FeatureRequest}
-    check_teachers(config, teachers)                     UsageError naming the role and what it lacks
-    build(config, teachers, teacher_probes, student, student_probe)
-                                                         construct from the networks and their probe Features
-and reads `StepInputs.views_of(role)`.
-
-Optional hooks:
-    expand_views(views)              -> views            derive more views from the rendered ones
-                                                         (e.g. the four rotations of each view)
+Optional:
+    expand_views(views)                    -> views: derive more views (KDSS's rotations)
     student_features(student, x, teachers, request, progress) -> Features | None
-                                                         run the student itself (e.g. on kept tokens
-                                                         only); `teachers` holds each role's Features of
-                                                         the same view. None = the generic extraction. At
-                                                         most one strategy of an objective may override it;
-                                                         `peer_request` then says what the others need
-                                                         from the student, which its Features must hold.
+                                           run the student itself (masked or token-dropped forwards);
+                                           `teachers`: each role's Features of the same view. At most one
+                                           strategy of an objective may; its Features must also hold
+                                           `peer_request`, what the others need from the student.
+
+Helpers the strategies share live in `toolbox.py`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Mapping
 
-import torch
 from torch import Tensor, nn
 
-from ..errors import UsageError
 from ..features import FeatureRequest, Features
 from ..roles import PRIMARY_TEACHER
 
@@ -70,7 +61,7 @@ class StepInputs:
         return self.student_views[0]
 
 
-Gather = Callable[[Tensor], Tensor]
+Gather = Callable[[Tensor], Tensor]  # every process's rows, concatenated in rank order
 
 
 class Strategy(nn.Module):
@@ -78,57 +69,48 @@ class Strategy(nn.Module):
     Config: ClassVar[type]  # a dataclass; every strategy config has `weight: float`
     num_views: ClassVar[int] = 1
     summary: ClassVar[str] = ""
+    reads: ClassVar[tuple[str, ...]] = (PRIMARY_TEACHER,)
 
-    def __init__(self, config: Any, teacher_probe: Features, student_probe: Features):
+    # What the other strategies of the objective need from the student (set by `Objective` on the
+    # strategy that runs the student itself); the Features it returns must hold that too.
+    peer_request: FeatureRequest = FeatureRequest()
+
+    def __init__(self, config: Any):
         super().__init__()
         self.config = config
 
     @classmethod
-    def teacher_request(cls, config: Any, teacher: Any) -> FeatureRequest:
+    def teacher_roles(cls, config: Any) -> tuple[str, ...]:
+        """The roles `config` reads; `reads` unless a strategy's config names them."""
+        return cls.reads
+
+    @classmethod
+    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any],
+                         student: nn.Module) -> dict[str, FeatureRequest]:
         raise NotImplementedError
 
     @classmethod
     def student_request(cls, config: Any) -> FeatureRequest:
         raise NotImplementedError
 
-    # What the other strategies of the objective need from the student (set by `Objective` on the
-    # strategy that runs the student itself); the Features it returns must hold that too.
-    peer_request: FeatureRequest = FeatureRequest()
-
-    @classmethod
-    def check_compatible(cls, config: Any, teacher: Any) -> None:
-        """Raise `UsageError` when the teacher cannot give what this strategy needs."""
-
-    # Role-aware forms: a strategy reading one teacher reads the primary one.
-    @classmethod
-    def teacher_roles(cls, config: Any) -> tuple[str, ...]:
-        return (PRIMARY_TEACHER,)
-
-    @classmethod
-    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any],
-                         student: nn.Module) -> dict[str, FeatureRequest]:
-        return {PRIMARY_TEACHER: cls.teacher_request(config, teachers[PRIMARY_TEACHER])}
-
     @classmethod
     def check_teachers(cls, config: Any, teachers: Mapping[str, Any]) -> None:
-        cls.check_compatible(config, teachers[PRIMARY_TEACHER])
+        """Raise `UsageError` when a teacher cannot give what this strategy needs."""
+
+    @classmethod
+    def check_student(cls, config: Any, student: nn.Module) -> None:
+        """Raise `UsageError` when the student model cannot give what this strategy needs."""
 
     @classmethod
     def build(cls, config: Any, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
               student: nn.Module, student_probe: Features) -> "Strategy":
         """Construct from the teachers and the student and their probe Features (dry-forward outputs)."""
-        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
-
-    @classmethod
-    def check_student(cls, config: Any, student: nn.Module) -> None:
-        """Raise `UsageError` when the student model cannot give what this strategy needs.
-
-        Called before any forward pass, so a recipe is rejected before training starts."""
+        raise NotImplementedError
 
     @classmethod
     def fit_to_data(cls, config: Any, num_images: int, batch_size: int) -> tuple[Any, str | None]:
-        """Adapt sizes that depend on the training data: the config to train with (a copy) and a sentence
-        saying what changed, or None. Default: nothing depends on it."""
+        """The config to train with on `num_images` images (a copy) and a sentence saying what changed, or
+        None. Default: nothing depends on the data."""
         return config, None
 
     @classmethod
@@ -153,43 +135,3 @@ class Strategy(nn.Module):
     def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
                          request: FeatureRequest, progress: float) -> Features | None:
         return None
-
-
-def uses_projection(teacher_embed: str, teacher: Any) -> bool:
-    """`teacher_embed` auto | projection | embedding -> whether to distil the teacher's projection."""
-    if teacher_embed == "auto":
-        return bool(teacher.has_projection)
-    return teacher_embed == "projection"
-
-
-def check_teacher_embed(strategy: str, teacher_embed: str, teacher: Any) -> None:
-    if teacher_embed == "projection" and not teacher.has_projection:
-        raise UsageError(
-            f"strategy.{strategy}.teacher_embed = projection, but teacher {teacher.name!r} has no "
-            "projection head; use auto or embedding"
-        )
-
-
-def teacher_vector(features: Features, use_projection: bool) -> Tensor:
-    """The teacher's pooled embedding or its projection-head output, (B, D)."""
-    return features.projection if use_projection else features.embedding
-
-
-def as_map(features: Tensor, what: str) -> Tensor:
-    """(B, C, H, W) maps stay; (B, N, C) tokens of a square grid become (B, C, sqrt N, sqrt N)."""
-    if features.dim() == 4:
-        return features
-    side = math.isqrt(features.shape[1]) if features.dim() == 3 else 0
-    if side == 0 or side * side != features.shape[1]:
-        raise UsageError(f"{what} has shape {tuple(features.shape)}; expected (B, C, H, W) maps or the tokens "
-                         "of a square patch grid")
-    return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], side, side)
-
-
-def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    """Linear -> ReLU -> Linear, the projection head SEED puts on the student."""
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
-
-
-def fp32(t: Tensor) -> Tensor:
-    return t.float() if t.dtype != torch.float32 else t

@@ -30,7 +30,7 @@ updated after each step from the teacher embeddings of the whole global batch (g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -38,21 +38,22 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
+from ..roles import PRIMARY_TEACHER
+from .base import Gather, StepInputs, Strategy
 from .registry import register_strategy
-from .base import Gather, StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
+from .toolbox import TeacherEmbed, check_fraction, check_teacher_embed, embedding_request, fp32, teacher_vector
 
 
 @dataclass
 class FeatureConfig:
     weight: float = 1.0
     loss: Literal["cosine", "mse"] = "cosine"
-    teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+    teacher_embed: TeacherEmbed = "auto"  # auto = projection if any
     target_norm: Literal["standardize", "center", "none"] = "standardize"
     target_momentum: float = 0.99  # of the running moments target_norm uses
 
     def __post_init__(self):
-        if not 0.0 <= self.target_momentum < 1.0:
-            raise UsageError(f"strategy.feature.target_momentum must be in [0, 1), got {self.target_momentum}")
+        check_fraction("feature", self, ("target_momentum",), one_allowed=False)
 
 
 class RunningMoments(nn.Module):
@@ -111,24 +112,29 @@ class Feature(Strategy):
     summary = "timm-style feature distillation: Linear(student embedding) -> teacher embedding, cosine or MSE"
 
     def __init__(self, config: FeatureConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         self.use_projection = teacher_probe.projection is not None
         teacher_dim = teacher_vector(teacher_probe, self.use_projection).shape[1]
         self.projection = nn.Linear(student_probe.embedding.shape[1], teacher_dim)
         self.target_moments = RunningMoments(teacher_dim, config.target_momentum)
 
     @classmethod
-    def teacher_request(cls, config: FeatureConfig, teacher) -> FeatureRequest:
-        use_projection = uses_projection(config.teacher_embed, teacher)
-        return FeatureRequest(embedding=not use_projection, projection=use_projection)
+    def build(cls, config: FeatureConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Feature":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: FeatureConfig, teachers: Mapping,
+                         student: nn.Module) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: embedding_request(config.teacher_embed, teachers[PRIMARY_TEACHER])}
 
     @classmethod
     def student_request(cls, config: FeatureConfig) -> FeatureRequest:
         return FeatureRequest(embedding=True)
 
     @classmethod
-    def check_compatible(cls, config: FeatureConfig, teacher) -> None:
-        check_teacher_embed(cls.name, config.teacher_embed, teacher)
+    def check_teachers(cls, config: FeatureConfig, teachers: Mapping) -> None:
+        check_teacher_embed(cls.name, config.teacher_embed, teachers[PRIMARY_TEACHER])
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         target = fp32(teacher_vector(step.teacher, self.use_projection))

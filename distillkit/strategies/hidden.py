@@ -12,7 +12,7 @@ construction is docs/methods.md#hidden. Targets, for the blocks l in `layers` (r
     y   = concat_l layer_norm(h_l)   per token over channels, no affine, eps 1e-5     (B, N, sum_l D_l)
 
 ViT students (timm VisionTransformer) are trained I-JEPA style: 4 target blocks and 1 context block
-are sampled on the student's patch grid (distillkit.data.masks; target scale (0.15, 0.2), aspect
+are sampled on the student's patch grid (strategies/masks.py; target scale (0.15, 0.2), aspect
 (0.75, 1.5); context scale (0.85, 1.0) minus the targets, at least `mask_min_keep` patches). The
 student encodes only its context tokens (patch embed + pos embed, gather, blocks, norm; `student_features`),
 and a narrow ViT predictor (depth 6, width 384 by default; timm `Block`s, fixed 2-D sin-cos positions)
@@ -43,7 +43,6 @@ generator seeded from the global torch RNG, which checkpoints save and restore. 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -51,14 +50,18 @@ from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
-from ..data.masks import check_mask_grid, sample_block_masks
 from ..errors import UsageError
-from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
+from ..features import (FeatureRequest, Features, forward_kept_tokens, is_token_model, num_layers, patch_grid,
+                        resolve_layers, runs_on_kept_tokens)
+from ..roles import PRIMARY_TEACHER
+from .base import StepInputs, Strategy
+from .masks import check_mask_grid, sample_block_masks
 from .registry import register_strategy
-from .base import StepInputs, Strategy, as_map, fp32
+from .toolbox import (as_map, check_non_negative, check_positive, fp32, gather_tokens, generator_from_global_rng,
+                      peer_features, regression_loss)
 
 TARGET_NORM_EPS = 1e-5  # I-JEPA's F.layer_norm default
 
@@ -80,11 +83,9 @@ class HiddenConfig:
     pooled_weight: float = 1.0  # CNN students: the pooled-embedding term that trains the layers after the last map
 
     def __post_init__(self):
-        if self.pooled_weight < 0:
-            raise UsageError(f"strategy.hidden.pooled_weight must be >= 0, got {self.pooled_weight}")
-        for key in ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"):
-            if getattr(self, key) <= 0:
-                raise UsageError(f"strategy.hidden.{key} must be positive, got {getattr(self, key)}")
+        check_non_negative("hidden", self, ("pooled_weight",))
+        check_positive("hidden", self, ("beta", "predictor_depth", "predictor_width", "predictor_heads",
+                                        "num_targets", "mask_min_keep"))
         if not self.layers:
             raise UsageError("strategy.hidden.layers must name at least one teacher layer, e.g. [0.5, 1.0]")
         if self.predictor_width % self.predictor_heads or self.predictor_width % 4:
@@ -118,19 +119,6 @@ def normalised_targets(layers: list[Tensor], grid: tuple[int, int]) -> Tensor:
         tokens = layer.flatten(2).transpose(1, 2)
         out.append(F.layer_norm(tokens, tokens.shape[-1:], eps=TARGET_NORM_EPS))
     return torch.cat(out, dim=-1)
-
-
-def regression_loss(prediction: Tensor, target: Tensor, loss: str, beta: float) -> Tensor:
-    with torch.autocast(device_type=prediction.device.type, enabled=False):
-        prediction, target = fp32(prediction), fp32(target)
-        if loss == "smooth_l1":
-            return F.smooth_l1_loss(prediction, target, beta=beta)
-        return F.mse_loss(prediction, target)
-
-
-def gather_tokens(tokens: Tensor, index: Tensor) -> Tensor:
-    """tokens (B, N, C), index (B, K) -> (B, K, C)."""
-    return tokens.gather(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
 
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> Tensor:
@@ -189,16 +177,6 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-def encode_context(student: VisionTransformer, x: Tensor, context_index: Tensor) -> Tensor:
-    """A timm ViT forward on the kept patches only: (B, N_ctx, D_s) patch tokens after the final norm."""
-    tokens = student._pos_embed(student.patch_embed(x))
-    tokens = student.norm_pre(tokens)
-    prefix = student.num_prefix_tokens
-    tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], context_index)], dim=1)
-    tokens = student.norm(student.blocks(tokens))
-    return tokens[:, prefix:]
-
-
 def _square_grid(tokens: int, what: str) -> tuple[int, int]:
     side = math.isqrt(tokens)
     if side * side != tokens:
@@ -214,7 +192,7 @@ class Hidden(Strategy):
                "context + predictor for ViT students")
 
     def __init__(self, config: HiddenConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         self.teacher_layers = sorted(teacher_probe.layers)
         teacher_maps = [as_map(teacher_probe.layers[i], "a teacher layer of strategy hidden")
                         for i in self.teacher_layers]
@@ -231,8 +209,13 @@ class Hidden(Strategy):
             self.pooled_head = nn.Linear(student_probe.embedding.shape[1], self.target_dim)
 
     @classmethod
-    def teacher_request(cls, config: HiddenConfig, teacher) -> FeatureRequest:
-        return FeatureRequest(layers=tuple(config.layers))
+    def build(cls, config: HiddenConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Hidden":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: HiddenConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: FeatureRequest(layers=tuple(config.layers))}
 
     @classmethod
     def student_request(cls, config: HiddenConfig) -> FeatureRequest:
@@ -242,9 +225,9 @@ class Hidden(Strategy):
         return {self.name: 1.0} if self.masked else {self.name: 1.0, "pooled": self.config.pooled_weight}
 
     @classmethod
-    def check_compatible(cls, config: HiddenConfig, teacher) -> None:
+    def check_teachers(cls, config: HiddenConfig, teachers: Mapping) -> None:
         try:
-            resolve_layers(tuple(config.layers), teacher.num_layers)
+            resolve_layers(tuple(config.layers), teachers[PRIMARY_TEACHER].num_layers)
         except UsageError as e:
             raise UsageError(f"strategy hidden regresses the teacher's hidden layers {list(config.layers)}, "
                              f"but {e}; change strategy.hidden.layers") from None
@@ -252,14 +235,14 @@ class Hidden(Strategy):
     @classmethod
     def check_student(cls, config: HiddenConfig, student: nn.Module) -> None:
         if is_token_model(student):
-            if not isinstance(student, VisionTransformer):
+            if not runs_on_kept_tokens(student):
                 raise UsageError(
                     f"strategy hidden masks a ViT student's tokens and needs a timm VisionTransformer "
                     f"(patch_embed, _pos_embed, blocks, norm); {type(student).__name__} is another kind of token "
                     "model; use a VisionTransformer student or a CNN"
                 )
             try:
-                check_mask_grid(tuple(student.patch_embed.grid_size), config.context_scale, config.mask_min_keep)
+                check_mask_grid(patch_grid(student), config.context_scale, config.mask_min_keep)
             except UsageError as e:
                 raise UsageError(f"strategy hidden (I-JEPA block masks on the student's patches): {e}") from None
             return
@@ -272,17 +255,16 @@ class Hidden(Strategy):
                          request: FeatureRequest, progress: float) -> Features | None:
         if not self.masked:
             return None  # the generic extraction gives the last feature map
-        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, which checkpoints restore
         masks = sample_block_masks(
-            x.shape[0], self.grid, torch.Generator().manual_seed(seed), num_targets=self.config.num_targets,
+            x.shape[0], self.grid, generator_from_global_rng(), num_targets=self.config.num_targets,
             target_scale=self.config.target_scale, target_aspect=self.config.target_aspect,
             context_scale=self.config.context_scale, min_keep=self.config.mask_min_keep)
         context_index, target_index = masks.context.to(x.device), masks.targets.to(x.device)
         # Other strategies of the objective get their features from a full forward.
-        full = extract_features(student, x, self.peer_request) if self.peer_request != FeatureRequest() else Features()
-        shared = {f.name: getattr(full, f.name) for f in dataclasses.fields(Features)}
-        return MaskedFeatures(**shared, context_tokens=encode_context(student, x, context_index),
-                              context_index=context_index, target_index=target_index)
+        shared = peer_features(student, x, self.peer_request)
+        context_tokens, _ = forward_kept_tokens(student, x, context_index)
+        return MaskedFeatures(**shared, context_tokens=context_tokens, context_index=context_index,
+                              target_index=target_index)
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         targets = normalised_targets([step.teacher.layers[i] for i in self.teacher_layers], self.grid)

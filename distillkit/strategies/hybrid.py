@@ -41,23 +41,23 @@ default `teachers.mim`) and M the kept tokens:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal, Mapping
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import FeatureRequest, Features, extract_features, is_token_model, num_layers, resolve_layers
+from ..features import (FeatureRequest, Features, attention_width, extract_features, forward_kept_tokens,
+                        is_token_model, layer_channels, num_layers, patch_grid, resolve_layers, runs_on_kept_tokens)
+from ..relations import relation_maps
 from ..roles import PRIMARY_TEACHER
-from ..relations import capture_qk, relation_maps
+from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .base import StepInputs, Strategy, as_map, fp32
-from .hidden import gather_tokens
+from .toolbox import (as_map, check_fraction, check_non_negative, check_positive, fp32, gather_tokens,
+                      generator_from_global_rng, peer_features, regression_loss)
 
 
 @dataclass
@@ -84,17 +84,10 @@ class HybridConfig:
     grid: int | None = None  # CNN students: side of the token grid; None = the relation teacher's patch grid
 
     def __post_init__(self):
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise UsageError(f"strategy.hybrid.mask_ratio must be in [0, 1), got {self.mask_ratio}")
-        if not 0.0 <= self.mask_ramp <= 1.0:
-            raise UsageError(f"strategy.hybrid.mask_ramp must be in [0, 1], got {self.mask_ramp}")
-        for key in ("feature_weight", "relation_weight", "gumbel_scale"):
-            if getattr(self, key) < 0:
-                raise UsageError(f"strategy.hybrid.{key} must not be negative, got {getattr(self, key)}")
-        for key in ("beta", "cnn_head_dim", "relation_heads", "grid"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise UsageError(f"strategy.hybrid.{key} must be positive, got {value}")
+        check_fraction("hybrid", self, ("mask_ratio",), one_allowed=False)
+        check_fraction("hybrid", self, ("mask_ramp",))
+        check_non_negative("hybrid", self, ("feature_weight", "relation_weight", "gumbel_scale"))
+        check_positive("hybrid", self, ("beta", "cnn_head_dim", "relation_heads", "grid"))
         if self.teacher_layers is not None and (self.student_layers is None
                                                 or len(self.teacher_layers) != len(self.student_layers)):
             raise UsageError("strategy.hybrid.teacher_layers pairs with student_layers: give both, of the same length")
@@ -201,37 +194,17 @@ class KeptFeatures(Features):
     final_tokens: Tensor | None = None  # (B, K, D_s), ViT students
 
 
-def forward_kept(student: VisionTransformer, x: Tensor, keep: Tensor, layers: list[int],
-                 relation_layers: list[int]) -> KeptFeatures:
-    """A timm ViT on its prefix tokens + the kept patch tokens only, through the last block and the final norm."""
-    tokens = student.norm_pre(student._pos_embed(student.patch_embed(x)))
-    prefix = student.num_prefix_tokens
-    tokens = torch.cat([tokens[:, :prefix], gather_tokens(tokens[:, prefix:], keep)], dim=1)
-    out = KeptFeatures(keep_index=keep, prefix_tokens=prefix)
-    with capture_qk(student.blocks, tuple(relation_layers)) as captured:
-        for index, block in enumerate(student.blocks):
-            tokens = block(tokens)
-            if index in layers:
-                out.layers[index] = tokens[:, prefix:]
-    out.relations = dict(captured)
-    out.final_tokens = student.norm(tokens)[:, prefix:]
-    return out
-
-
 @register_strategy
 class Hybrid(Strategy):
     name = "hybrid"
     Config = HybridConfig
+    reads = (HybridConfig.feature_teacher, HybridConfig.relation_teacher)  # by default; the config names them
     summary = ("Hybrid Distill: a MIM teacher's token relations at intermediate layers + a CL teacher's final "
                "features, with progressive redundant-token masking (two teachers)")
 
     @classmethod
     def teacher_roles(cls, config: HybridConfig) -> tuple[str, ...]:
         return tuple(dict.fromkeys((config.feature_teacher, config.relation_teacher)))
-
-    @classmethod
-    def teacher_request(cls, config: HybridConfig, teacher) -> FeatureRequest:
-        raise UsageError("strategy hybrid reads two teachers; use teacher_requests")
 
     @classmethod
     def teacher_requests(cls, config: HybridConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
@@ -266,7 +239,7 @@ class Hybrid(Strategy):
 
     @classmethod
     def check_student(cls, config: HybridConfig, student: nn.Module) -> None:
-        if is_token_model(student) and not isinstance(student, VisionTransformer):
+        if is_token_model(student) and not runs_on_kept_tokens(student):
             raise UsageError(f"strategy hybrid drops tokens from a ViT student and needs a timm VisionTransformer; "
                              f"{type(student).__name__} is another kind of token model; use one or a CNN")
         try:
@@ -284,23 +257,22 @@ class Hybrid(Strategy):
 
     def __init__(self, config: HybridConfig, feature_probe: Features, relation_probe: Features, student: nn.Module,
                  pairs: list[tuple[int, int]]):
-        super().__init__(config, feature_probe, relation_probe)
+        super().__init__(config)
         self.pairs = pairs
         self.feature_layer = max(feature_probe.layers)
         feature_dim = as_map(feature_probe.layers[self.feature_layer], "the feature teacher's last layer").shape[1]
         qk = relation_probe.relations[pairs[0][1]]
         teacher_heads, teacher_patches = qk.shape[2], qk.shape[3] - relation_probe.prefix_tokens
         self.vit = is_token_model(student)
+        channels = layer_channels(student)
         if self.vit:
-            self.grid = student.patch_embed.grid_size[0]
-            attn = student.blocks[0].attn
+            self.grid = patch_grid(student)[0]
             self.relation_heads = config.relation_heads or default_relation_heads(
-                attn.num_heads, attn.num_heads * attn.head_dim, teacher_heads, teacher_heads * qk.shape[4])
-            self.feature_head = nn.Linear(student.embed_dim, feature_dim)
+                *attention_width(student), teacher_heads, teacher_heads * qk.shape[4])
+            self.feature_head = nn.Linear(channels[-1], feature_dim)
         else:
             self.grid = config.grid or math.isqrt(teacher_patches)
             self.relation_heads = config.relation_heads or teacher_heads
-            channels = [info["num_chs"] for info in student.feature_info]
             self.feature_head = nn.Conv2d(channels[-1], feature_dim, kernel_size=1)
             heads = 1 if config.head_mode == "average" else self.relation_heads
             self.query_key = nn.ModuleDict({str(s): nn.Conv2d(channels[s], 2 * heads * config.cnn_head_dim, 1)
@@ -311,8 +283,7 @@ class Hybrid(Strategy):
     def _check_heads(self, student: nn.Module, teacher_qk: Tensor) -> None:
         widths = {"the relation teacher": teacher_qk.shape[2] * teacher_qk.shape[4]}
         if self.vit:
-            attn = student.blocks[0].attn
-            widths["the student"] = attn.num_heads * attn.head_dim
+            widths["the student"] = attention_width(student)[1]
         for who, width in widths.items():
             if width % self.relation_heads:
                 raise UsageError(f"strategy hybrid: {who}'s {width} attention channels do not split into "
@@ -328,14 +299,13 @@ class Hybrid(Strategy):
         keep_count = max(1, tokens - round(mask_ratio_at(self.config, progress) * tokens))
         keep = self._choose_tokens(teachers[self.config.feature_teacher], batch, keep_count).to(x.device)
         # Other strategies of the objective get their features from a full, unmasked forward.
-        full = extract_features(student, x, self.peer_request) if self.peer_request != FeatureRequest() else Features()
-        shared = {f.name: getattr(full, f.name) for f in dataclasses.fields(Features)}
-        student_layers = sorted({s for s, _ in self.pairs})
+        shared = peer_features(student, x, self.peer_request)
+        student_layers = tuple(sorted({s for s, _ in self.pairs}))
         if self.vit:
-            kept = forward_kept(student, x, keep, student_layers, student_layers)
+            final_tokens, kept = forward_kept_tokens(student, x, keep, student_layers, student_layers)
             return KeptFeatures(**shared | {"layers": kept.layers, "relations": kept.relations,
                                             "prefix_tokens": kept.prefix_tokens},
-                                keep_index=keep, final_tokens=kept.final_tokens)
+                                keep_index=keep, final_tokens=final_tokens)
         masked = x * self._pixel_mask(keep, batch, x).to(x.dtype)
         maps = extract_features(student, masked, FeatureRequest(layers=tuple(student_layers) + (-1,))).layers
         return KeptFeatures(**shared | {"layers": maps}, keep_index=keep)
@@ -344,8 +314,7 @@ class Hybrid(Strategy):
         tokens = self.grid * self.grid
         if keep_count >= tokens:
             return torch.arange(tokens).expand(batch, -1)
-        seed = int(torch.randint(0, 2**62, (1,)))  # from the global RNG, which checkpoints restore
-        generator = torch.Generator().manual_seed(seed)
+        generator = generator_from_global_rng()
         if self.config.mask_score == "random":
             scores = torch.ones(batch, tokens)
         else:
@@ -371,10 +340,7 @@ class Hybrid(Strategy):
             target = to_grid(fp32(feature_teacher.layers[self.feature_layer]), self.grid)
             target = gather_tokens(F.layer_norm(target, target.shape[-1:]), keep)
             prediction = fp32(self._student_feature(student, keep))
-            if self.config.feature_loss == "mse":
-                feature = F.mse_loss(prediction, target)
-            else:
-                feature = F.smooth_l1_loss(prediction, target, beta=self.config.beta)
+            feature = regression_loss(prediction, target, self.config.feature_loss, self.config.beta)
             losses = []
             for student_layer, teacher_layer in self.pairs:
                 teacher_qk = qk_to_grid(relation_teacher.relations[teacher_layer], relation_teacher.prefix_tokens,

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -49,10 +49,11 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, num_layers, resolve_layer
+from ..roles import PRIMARY_TEACHER
+from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .base import (StepInputs, Strategy, as_map, check_teacher_embed, fp32, mlp_head, teacher_vector,
-                   uses_projection)
-from .logits import check_non_negative, check_positive, kd_loss, labelled_ce
+from .toolbox import (TeacherEmbed, as_map, check_fraction, check_non_negative, check_positive, check_teacher_embed,
+                      embedding_request, fp32, kd_loss, labelled_ce, mlp_head, teacher_vector)
 
 ROTATIONS = (1, 2, 3)  # quarter turns appended after the upright view
 
@@ -74,14 +75,12 @@ class KdssConfig:
     w_ce: float = 0.1  # cross-entropy on labelled upright images
     ce_classes: int | None = None  # None = the labels are the teacher's classes; else a separate head
     head_hidden_dim: int | None = None  # student SS head hidden width; None = the student's width
-    teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+    teacher_embed: TeacherEmbed = "auto"  # auto = projection if any
 
     def __post_init__(self):
         check_positive("kdss", self, ("temperature", "tau", "ce_classes", "head_hidden_dim"))
         check_non_negative("kdss", self, ("w_kl", "w_tf", "w_ss", "w_feat", "w_rot", "w_ce"))
-        for key in ("keep_ratio_tf", "keep_ratio_ss"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise UsageError(f"strategy.kdss.{key} must be in [0, 1], got {getattr(self, key)}")
+        check_fraction("kdss", self, ("keep_ratio_tf", "keep_ratio_ss"))
 
 
 def rotate_views(views: list[Tensor]) -> list[Tensor]:
@@ -131,7 +130,7 @@ class Kdss(Strategy):
                "cosine (4 rotations per view)")
 
     def __init__(self, config: KdssConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         self._rotation_start = 1  # index of the first rotated view; set again by expand_views
         student_dim = student_probe.embedding.shape[1]
         has_logits = teacher_probe.logits is not None
@@ -173,28 +172,35 @@ class Kdss(Strategy):
                 "ce": self.ce_on}
 
     @classmethod
-    def teacher_request(cls, config: KdssConfig, teacher) -> FeatureRequest:
-        use_projection = config.w_ss > 0 and uses_projection(config.teacher_embed, teacher)
+    def build(cls, config: KdssConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Kdss":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: KdssConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
+        teacher = teachers[PRIMARY_TEACHER]
         wants_logits = teacher.has_logits and (config.w_kl > 0 or config.w_tf > 0
                                                or (config.w_ce > 0 and config.ce_classes is None))
-        return FeatureRequest(embedding=config.w_ss > 0 and not use_projection, projection=use_projection,
-                              layers=(config.feat_teacher_layer,) if config.w_feat > 0 else (),
-                              logits=wants_logits)
+        request = FeatureRequest(layers=(config.feat_teacher_layer,) if config.w_feat > 0 else (), logits=wants_logits)
+        if config.w_ss > 0:
+            request = request.merge(embedding_request(config.teacher_embed, teacher))
+        return {PRIMARY_TEACHER: request}
 
     @classmethod
     def student_request(cls, config: KdssConfig) -> FeatureRequest:
         return FeatureRequest(embedding=True, layers=(config.feat_student_layer,) if config.w_feat > 0 else ())
 
     @classmethod
-    def check_compatible(cls, config: KdssConfig, teacher) -> None:
+    def check_teachers(cls, config: KdssConfig, teachers: Mapping) -> None:
+        teacher = teachers[PRIMARY_TEACHER]
         check_teacher_embed(cls.name, config.teacher_embed, teacher)
         if config.w_feat > 0:
-            _check_layer("teacher", teacher.model, config.feat_teacher_layer, "feat_teacher_layer")
+            _check_layer("teacher", lambda: teacher.num_layers, config.feat_teacher_layer, "feat_teacher_layer")
 
     @classmethod
     def check_student(cls, config: KdssConfig, student: nn.Module) -> None:
         if config.w_feat > 0:
-            _check_layer("student", student, config.feat_student_layer, "feat_student_layer")
+            _check_layer("student", lambda: num_layers(student), config.feat_student_layer, "feat_student_layer")
 
     def term_weights(self) -> dict[str, float]:
         c = self.config
@@ -258,9 +264,9 @@ class Kdss(Strategy):
         return terms
 
 
-def _check_layer(side: str, model: nn.Module, layer: int | float, key: str) -> None:
+def _check_layer(side: str, count_layers: Callable[[], int], layer: int | float, key: str) -> None:
     try:
-        resolve_layer(layer, num_layers(model))
+        resolve_layer(layer, count_layers())
     except UsageError as e:
         raise UsageError(f"strategy kdss: the feature-map term (w_feat > 0) taps a {side} layer, but {e}; "
                          f"choose another strategy.kdss.{key}, or set strategy.kdss.w_feat=0") from None

@@ -18,15 +18,16 @@ Softmaxes run in fp32.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
+from ..roles import PRIMARY_TEACHER
+from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .base import StepInputs, Strategy, fp32
+from .toolbox import check_non_negative, check_positive, kd_loss, labelled_ce
 
 
 @dataclass
@@ -42,58 +43,6 @@ class LogitsConfig:
         check_non_negative("logits", self, ("kd_weight", "ce_weight"))
 
 
-def check_positive(strategy: str, config, keys) -> None:
-    for key in keys:
-        value = getattr(config, key)
-        if value is not None and value <= 0:
-            raise UsageError(f"strategy.{strategy}.{key} must be positive, got {value}")
-
-
-def check_non_negative(strategy: str, config, keys) -> None:
-    for key in keys:
-        value = getattr(config, key)
-        if value < 0:
-            raise UsageError(f"strategy.{strategy}.{key} must be 0 or more, got {value}")
-
-
-def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    """T^2 * KL(softmax(t/T) || softmax(s/T)), summed over classes and averaged over rows, in fp32."""
-    with torch.autocast(device_type=student_logits.device.type, enabled=False):
-        log_p_student = F.log_softmax(fp32(student_logits) / temperature, dim=1)
-        p_teacher = F.softmax(fp32(teacher_logits) / temperature, dim=1)
-        return F.kl_div(log_p_student, p_teacher, reduction="batchmean") * temperature**2
-
-
-def labelled_ce(logits: Tensor, labels: Tensor | None, strategy: str) -> Tensor | None:
-    """Cross-entropy over the rows with a label (>= 0); None when the step carries no labels at all.
-
-    A batch without any labelled row gives 0 * sum(logits): nothing to learn, but the head stays in
-    the autograd graph, which DDP needs (every parameter must get a gradient each step)."""
-    if labels is None:
-        return None
-    labels = labels.to(logits.device)
-    keep = labels >= 0
-    if not bool(keep.any()):
-        return fp32(logits).sum() * 0.0
-    kept = labels[keep]
-    if int(kept.max()) >= logits.shape[1]:
-        raise UsageError(
-            f"strategy {strategy!r}: a label is {int(kept.max())} but the classifier has {logits.shape[1]} "
-            f"classes; set strategy.{strategy}.ce_classes to the number of classes in the data"
-        )
-    with torch.autocast(device_type=logits.device.type, enabled=False):
-        return F.cross_entropy(fp32(logits[keep]), kept)
-
-
-def require_logits(strategy: str, what: str, teacher) -> None:
-    if not teacher.has_logits:
-        raise UsageError(
-            f"strategy {strategy!r} needs a teacher with class logits for {what}, but teacher "
-            f"{teacher.name!r} has no classifier (e.g. a self-supervised checkpoint); use a supervised "
-            "teacher, or a strategy that distils embeddings (seed, feature)"
-        )
-
-
 @register_strategy
 class Logits(Strategy):
     name = "logits"
@@ -101,7 +50,7 @@ class Logits(Strategy):
     summary = "Hinton KD: T^2 KL between softened teacher and student class distributions (needs teacher logits)"
 
     def __init__(self, config: LogitsConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         if teacher_probe.logits is None:
             raise UsageError("strategy 'logits' needs the teacher's class logits, and the teacher gave none")
         student_dim = student_probe.embedding.shape[1]
@@ -112,16 +61,27 @@ class Logits(Strategy):
         self.classifier = nn.Linear(student_dim, teacher_probe.logits.shape[1]) if uses_classifier else None
 
     @classmethod
-    def teacher_request(cls, config: LogitsConfig, teacher) -> FeatureRequest:
-        return FeatureRequest(logits=True)
+    def build(cls, config: LogitsConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Logits":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: LogitsConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: FeatureRequest(logits=True)}
 
     @classmethod
     def student_request(cls, config: LogitsConfig) -> FeatureRequest:
         return FeatureRequest(embedding=True)
 
     @classmethod
-    def check_compatible(cls, config: LogitsConfig, teacher) -> None:
-        require_logits(cls.name, "its KL term", teacher)
+    def check_teachers(cls, config: LogitsConfig, teachers: Mapping) -> None:
+        teacher = teachers[PRIMARY_TEACHER]
+        if not teacher.has_logits:
+            raise UsageError(
+                f"strategy {cls.name!r} needs a teacher with class logits for its KL term, but teacher "
+                f"{teacher.name!r} has no classifier (e.g. a self-supervised checkpoint); use a supervised "
+                "teacher, or a strategy that distils embeddings (seed, feature)"
+            )
 
     def term_weights(self) -> dict[str, float]:
         return {"kd": self.config.kd_weight, "ce": self.config.ce_weight}

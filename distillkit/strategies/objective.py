@@ -41,27 +41,18 @@ class Objective(nn.Module):
         """Instantiate the strategies (`strategy_configs`: name -> its Config), sized by dry forwards of the
         teachers and the student.
 
-        `teachers`: role -> frozen teacher (a lone teacher is the primary role). Every strategy first checks that its teachers and the student can
-        give what it needs, every extra teacher must be read by some strategy, and the composition is
-        checked, all before any forward pass."""
+        `teachers`: role -> frozen teacher (a lone teacher is the primary role). Every strategy first checks
+        that the roles it reads exist and that its teachers and the student can give what it needs; every
+        extra teacher must be read by some strategy, and the composition is checked, all before any
+        forward pass."""
         if not isinstance(teachers, Mapping):
             teachers = {PRIMARY_TEACHER: teachers}
         classes = {name: STRATEGIES.get(name) for name in strategy_configs}
-        read_roles = set()
+        check_roles({name: classes[name].teacher_roles(config) for name, config in strategy_configs.items()},
+                    teachers)
         for name, config in strategy_configs.items():
-            roles = classes[name].teacher_roles(config)
-            for role in roles:
-                if role not in teachers:
-                    raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
-                                     f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) "
-                                     "or point the strategy at another role")
-            read_roles.update(roles)
             classes[name].check_teachers(config, teachers)
             classes[name].check_student(config, student)
-        unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
-        if unread:
-            raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
-                             f"({', '.join(strategy_configs)}); remove it or configure a strategy to use it")
         check_composable(classes)
         strategies = {}
         for name, config in strategy_configs.items():
@@ -119,6 +110,22 @@ class Objective(nn.Module):
             if features is not None:
                 return features
         return None
+
+
+def check_roles(roles: Mapping[str, tuple[str, ...]], teachers: Mapping[str, Any]) -> None:
+    """Every role a strategy reads (`roles`: strategy -> its roles) has a teacher, and every teacher but the
+    primary one is read by some strategy."""
+    for name, read in roles.items():
+        for role in read:
+            if role not in teachers:
+                raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
+                                 f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) "
+                                 "or point the strategy at another role")
+    read_roles = {role for read in roles.values() for role in read}
+    unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
+    if unread:
+        raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
+                         f"({', '.join(roles)}); remove it or configure a strategy to use it")
 
 
 def check_composable(strategies: dict[str, type[Strategy]]) -> None:

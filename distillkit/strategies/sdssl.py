@@ -38,21 +38,21 @@ N processes see the negatives one process with the global batch sees.
 
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import FeatureRequest, Features, is_token_model, num_layers, resolve_layers
+from ..features import FeatureRequest, Features, num_layers, pools_blocks, resolve_layers
+from ..roles import PRIMARY_TEACHER
+from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .base import StepInputs, Strategy, check_teacher_embed, fp32, teacher_vector, uses_projection
-from .logits import check_non_negative, check_positive
+from .toolbox import (TeacherEmbed, all_gather, check_non_negative, check_positive, check_teacher_embed,
+                      embedding_request, fp32, teacher_vector)
 
 
 @dataclass
@@ -68,7 +68,7 @@ class SdsslConfig:
     embed_dim: int | None = None  # projector output; must equal the teacher embedding's width (None = it)
     predictor: bool = True
     predictor_hidden_dim: int = 1024  # official 4096
-    teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+    teacher_embed: TeacherEmbed = "auto"  # auto = projection if any
 
     def __post_init__(self):  # runs while the recipe is validated, before anything loads
         check_positive("sdssl", self, ("temperature", "projector_hidden_dim", "final_projector_hidden_dim",
@@ -105,15 +105,6 @@ def ramp(shape: str, maximum: float, progress: float) -> float:
     return maximum
 
 
-def gather_keys(keys: Tensor) -> tuple[Tensor, int]:
-    """Every process's keys in rank order, and the row where this process's own start: (world * B, D), B * rank."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return keys, 0
-    parts = [torch.empty_like(keys) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, keys.contiguous())  # no gradient: the keys are stop-grad anyway
-    return torch.cat(parts), keys.shape[0] * dist.get_rank()
-
-
 @register_strategy
 class Sdssl(Strategy):
     name = "sdssl"
@@ -122,7 +113,7 @@ class Sdssl(Strategy):
                "embedding (InfoNCE); intermediate blocks ramp in")
 
     def __init__(self, config: SdsslConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         self.num_views = config.views
         self.use_projection = teacher_probe.projection is not None
         teacher_dim = teacher_vector(teacher_probe, self.use_projection).shape[1]
@@ -140,9 +131,13 @@ class Sdssl(Strategy):
                                          for _ in inputs) if config.predictor else None)
 
     @classmethod
-    def teacher_request(cls, config: SdsslConfig, teacher) -> FeatureRequest:
-        use_projection = uses_projection(config.teacher_embed, teacher)
-        return FeatureRequest(embedding=not use_projection, projection=use_projection)
+    def build(cls, config: SdsslConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Sdssl":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: SdsslConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: embedding_request(config.teacher_embed, teachers[PRIMARY_TEACHER])}
 
     @classmethod
     def student_request(cls, config: SdsslConfig) -> FeatureRequest:
@@ -150,8 +145,8 @@ class Sdssl(Strategy):
         return FeatureRequest(embedding=True, block_embeddings=blocks)
 
     @classmethod
-    def check_compatible(cls, config: SdsslConfig, teacher) -> None:
-        check_teacher_embed(cls.name, config.teacher_embed, teacher)
+    def check_teachers(cls, config: SdsslConfig, teachers: Mapping) -> None:
+        check_teacher_embed(cls.name, config.teacher_embed, teachers[PRIMARY_TEACHER])
 
     @classmethod
     def check_student(cls, config: SdsslConfig, student: nn.Module) -> None:
@@ -162,8 +157,7 @@ class Sdssl(Strategy):
             blocks = "all" if config.blocks is None else list(config.blocks)
             raise UsageError(f"strategy sdssl distils the student's blocks {blocks}, but {e}; "
                              "change strategy.sdssl.blocks") from None
-        if is_token_model(student) and "return_prefix_tokens" not in inspect.signature(
-                student.forward_intermediates).parameters:
+        if not pools_blocks(student):
             raise UsageError(f"strategy sdssl reads each block's class token, but {type(student).__name__}."
                              "forward_intermediates cannot return prefix tokens; use a timm VisionTransformer")
 
@@ -183,7 +177,7 @@ class Sdssl(Strategy):
         out = mid = pred = 0.0
         for a, b in pairs:
             keys = F.normalize(fp32(teacher_vector(step.teacher_views[b], self.use_projection)), dim=1)
-            keys, offset = gather_keys(keys.detach())
+            keys, offset = all_gather(keys.detach())  # stop-grad keys: no gradient crosses processes
             student = step.student_views[a]
             inputs = [student.block_embeddings[i] for i in self.blocks] + [student.embedding]
             z = [project(f) for project, f in zip(self.projectors, inputs)]

@@ -16,7 +16,7 @@ softmax run in fp32: with tau_teacher = 1e-4 a bf16/fp16 error is multiplied by 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
+from ..roles import PRIMARY_TEACHER
+from .base import Gather, StepInputs, Strategy
 from .registry import register_strategy
-from .base import (Gather, StepInputs, Strategy, check_teacher_embed, fp32, mlp_head, teacher_vector,
-                   uses_projection)
+from .toolbox import (TeacherEmbed, check_positive, check_teacher_embed, embedding_request, fp32, mlp_head,
+                      teacher_vector)
 
 
 @dataclass
@@ -37,13 +39,10 @@ class SeedConfig:
     tau_teacher: float = 1e-4
     embed_dim: int | None = None  # student head output; must equal the teacher embedding dim (None = it)
     head_hidden_dim: int | None = None  # None = the student's feature width (official default)
-    teacher_embed: Literal["auto", "projection", "embedding"] = "auto"  # auto = projection if any
+    teacher_embed: TeacherEmbed = "auto"  # auto = projection if any
 
     def __post_init__(self):  # runs while the recipe is validated, before anything loads
-        for key in ("queue_size", "tau_student", "tau_teacher", "embed_dim", "head_hidden_dim"):
-            value = getattr(self, key)
-            if value is not None and value <= 0:
-                raise UsageError(f"strategy.seed.{key} must be positive, got {value}")
+        check_positive("seed", self, ("queue_size", "tau_student", "tau_teacher", "embed_dim", "head_hidden_dim"))
 
 
 def seed_loss(student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float,
@@ -78,9 +77,6 @@ class EmbeddingQueue(nn.Module):
         self.pointer.fill_((start + batch.shape[0]) % size)
 
 
-teacher_embedding = teacher_vector
-
-
 @register_strategy
 class Seed(Strategy):
     name = "seed"
@@ -88,9 +84,9 @@ class Seed(Strategy):
     summary = "SEED: match the teacher's similarity distribution over a queue of teacher embeddings"
 
     def __init__(self, config: SeedConfig, teacher_probe: Features, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+        super().__init__(config)
         self.use_projection = teacher_probe.projection is not None
-        teacher_dim = teacher_embedding(teacher_probe, self.use_projection).shape[1]
+        teacher_dim = teacher_vector(teacher_probe, self.use_projection).shape[1]
         if config.embed_dim is not None and config.embed_dim != teacher_dim:
             raise UsageError(
                 f"strategy.seed.embed_dim = {config.embed_dim}, but the teacher embedding SEED distils "
@@ -101,9 +97,13 @@ class Seed(Strategy):
         self.queue = EmbeddingQueue(config.queue_size, teacher_dim)
 
     @classmethod
-    def teacher_request(cls, config: SeedConfig, teacher) -> FeatureRequest:
-        use_projection = uses_projection(config.teacher_embed, teacher)
-        return FeatureRequest(embedding=not use_projection, projection=use_projection)
+    def build(cls, config: SeedConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Seed":
+        return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
+
+    @classmethod
+    def teacher_requests(cls, config: SeedConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
+        return {PRIMARY_TEACHER: embedding_request(config.teacher_embed, teachers[PRIMARY_TEACHER])}
 
     @classmethod
     def student_request(cls, config: SeedConfig) -> FeatureRequest:
@@ -124,15 +124,15 @@ class Seed(Strategy):
         return replace(config, queue_size=largest), note
 
     @classmethod
-    def check_compatible(cls, config: SeedConfig, teacher) -> None:
-        check_teacher_embed(cls.name, config.teacher_embed, teacher)
+    def check_teachers(cls, config: SeedConfig, teachers: Mapping) -> None:
+        check_teacher_embed(cls.name, config.teacher_embed, teachers[PRIMARY_TEACHER])
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
-        z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
+        z_t = F.normalize(fp32(teacher_vector(step.teacher, self.use_projection)), dim=1)
         z_s = F.normalize(fp32(self.head(step.student.embedding)), dim=1)
         loss = seed_loss(z_s, z_t, self.queue.embeddings, self.config.tau_student, self.config.tau_teacher)
         return {self.name: loss}
 
     def after_step(self, step: StepInputs, gather: Gather) -> None:
-        z_t = F.normalize(fp32(teacher_embedding(step.teacher, self.use_projection)), dim=1)
+        z_t = F.normalize(fp32(teacher_vector(step.teacher, self.use_projection)), dim=1)
         self.queue.push(gather(z_t))

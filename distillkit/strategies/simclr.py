@@ -41,15 +41,14 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
+from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .base import StepInputs, Strategy, fp32
-from .logits import check_positive
+from .toolbox import all_gather, check_positive, fp32
 
 
 @dataclass
@@ -63,39 +62,15 @@ class SimclrConfig:
         check_positive("simclr", self, ("temperature", "projection_hidden_dim", "projection_dim"))
 
 
-class _GatherWithGrad(torch.autograd.Function):
-    """all_gather whose backward sums every process's gradient of the gathered rows and keeps its own."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor) -> Tensor:
-        ctx.rows, ctx.rank = x.shape[0], dist.get_rank()
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> Tensor:
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
-
-
-def gather_with_grad(x: Tensor) -> tuple[Tensor, int]:
-    """Every process's rows in rank order, differentiable, and where this process's own start."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    return _GatherWithGrad.apply(x), x.shape[0] * dist.get_rank()
-
-
 def nt_xent(za: Tensor, zb: Tensor, temperature: float) -> Tensor:
     """SimCLR's NT-Xent for the projections of views a and b, (B, D) each (normalised here), in fp32.
 
-    Negatives are gathered across processes (`gather_with_grad`); mean over this process's images of
+    Negatives are gathered across processes (`all_gather`, with gradients); mean over this process's images of
     l(a_n, b_n) + l(b_n, a_n)."""
     with torch.autocast(device_type=za.device.type, enabled=False):
         za, zb = F.normalize(fp32(za), dim=1), F.normalize(fp32(zb), dim=1)
-        keys_a, offset = gather_with_grad(za)
-        keys_b, _ = gather_with_grad(zb)
+        keys_a, offset = all_gather(za)
+        keys_b, _ = all_gather(zb)
         total = keys_a.shape[0]  # the global batch N
         anchors = torch.cat([za, zb])  # (2B, D)
         keys = torch.cat([keys_a, keys_b])  # (2N, D): a_1..a_N, b_1..b_N
@@ -112,10 +87,11 @@ class Simclr(Strategy):
     name = "simclr"
     Config = SimclrConfig
     num_views = 2
+    reads = ()  # no teacher: the loop runs none for it
     summary = "SimCLR: the student alone, NT-Xent between two views (no teacher; the self-supervised baseline)"
 
-    def __init__(self, config: SimclrConfig, teacher_probe: Features | None, student_probe: Features):
-        super().__init__(config, teacher_probe, student_probe)
+    def __init__(self, config: SimclrConfig, student_probe: Features):
+        super().__init__(config)
         embedding = student_probe.embedding
         if embedding is None or embedding.dim() != 2:
             shape = None if embedding is None else tuple(embedding.shape)
@@ -126,28 +102,15 @@ class Simclr(Strategy):
         self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden),
                                   nn.ReLU(inplace=True), nn.Linear(hidden, config.projection_dim))
 
-    # No teacher: no role, no request, nothing to check, built from the student alone.
     @classmethod
-    def teacher_roles(cls, config: SimclrConfig) -> tuple[str, ...]:
-        return ()
-
-    @classmethod
-    def teacher_request(cls, config: SimclrConfig, teacher) -> FeatureRequest:
-        return FeatureRequest()
+    def build(cls, config: SimclrConfig, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
+              student: nn.Module, student_probe: Features) -> "Simclr":
+        return cls(config, student_probe)
 
     @classmethod
     def teacher_requests(cls, config: SimclrConfig, teachers: Mapping[str, Any],
                          student: nn.Module) -> dict[str, FeatureRequest]:
         return {}
-
-    @classmethod
-    def check_teachers(cls, config: SimclrConfig, teachers: Mapping[str, Any]) -> None:
-        pass
-
-    @classmethod
-    def build(cls, config: SimclrConfig, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Simclr":
-        return cls(config, None, student_probe)
 
     @classmethod
     def student_request(cls, config: SimclrConfig) -> FeatureRequest:

@@ -30,6 +30,8 @@ class Teacher(nn.Module):
         source: str,
         projection_head: nn.Module | None = None,
         channels_last: bool = True,
+        precision: str = "auto",
+        compile: bool = False,
     ):
         super().__init__()
         self.name = name
@@ -40,8 +42,8 @@ class Teacher(nn.Module):
         self.channels_last = channels_last and not is_token_model(model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.precision = "auto"  # auto | fp32 | bf16: the teacher's own autocast, whatever the student's
-        self.extractor = Extractor()  # Extractor(compile=True) for teacher.compile
+        self.precision = precision  # auto | fp32 | bf16: the teacher's own autocast, whatever the student's
+        self.extractor = Extractor(compile=compile)  # training's requests; `embed` always runs eagerly
         self.requires_grad_(False)
         super().train(False)
 
@@ -115,6 +117,13 @@ class Teacher(nn.Module):
             self.model = whole
 
     def forward(self, views: Tensor, request: FeatureRequest) -> Features:
+        return self._extract(views, request, self.extractor)
+
+    def embed(self, views: Tensor) -> Tensor:
+        """Raw [0, 1] views -> the pooled embedding (B, D), eagerly (evaluation compiles no graphs)."""
+        return self._extract(views, FeatureRequest(embedding=True), _EAGER).embedding
+
+    def _extract(self, views: Tensor, request: FeatureRequest, extractor: Extractor) -> Features:
         if self.pruned_to is not None:
             self._check_within_pruned(request)
             # absolute indices, so relative depths keep meaning the whole network's blocks
@@ -126,7 +135,7 @@ class Teacher(nn.Module):
                 embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits,
                 relations=request.relations,
             )
-            features = self.extractor(self.model, x, wanted)
+            features = extractor(self.model, x, wanted)
             if request.projection:
                 features.projection = self.projection_head(features.embedding)
         # Inference tensors cannot be saved for backward; strategies mix them with student tensors.
@@ -161,6 +170,9 @@ class Teacher(nn.Module):
             "has_logits": self.has_logits,
             "params": sum(p.numel() for p in model.parameters()) + _params(self.projection_head),
         }
+
+
+_EAGER = Extractor()
 
 
 def _params(module: nn.Module | None) -> int:

@@ -66,11 +66,7 @@ def detect_format(checkpoint: Any) -> str:
         return "ijepa"
     if "teacher" in checkpoint and "student" in checkpoint:
         return "dino-full"
-    node = checkpoint
-    for key in ("state_dict", "model"):
-        if isinstance(node.get(key), dict):
-            node = node[key]
-    keys = [k for k in node if isinstance(k, str)]
+    keys = [k for k in _training_state(checkpoint) if isinstance(k, str)]
     if any(_strip_module(k).startswith(("encoder_q.", "encoder_k.")) for k in keys):
         return "moco-v2"
     if any(_strip_module(k).startswith(("base_encoder.", "momentum_encoder.")) for k in keys):
@@ -78,6 +74,15 @@ def detect_format(checkpoint: Any) -> str:
     if any(k.startswith(("decoder_", "mask_token")) for k in keys) and any(k.startswith("blocks.") for k in keys):
         return "mae-full"
     return "state-dict"
+
+
+def _training_state(checkpoint: dict) -> dict:
+    """The state dict inside a training checkpoint: under "state_dict", then "model" (nested or not)."""
+    node = checkpoint
+    for key in ("state_dict", "model"):
+        if isinstance(node.get(key), dict):
+            node = node[key]
+    return node
 
 
 def extract(checkpoint: Any, path: str | Path, variant: str | None = None,
@@ -91,7 +96,7 @@ def extract(checkpoint: Any, path: str | Path, variant: str | None = None,
     variant = _check_variant(kind, variant, path)
     if kind in ("moco-v2", "moco-v3"):
         prefix = VARIANTS[kind][variant][1]
-        state = _tensors(checkpoint.get("state_dict", checkpoint), path)
+        state = _tensors(_training_state(checkpoint), path)
         if not any(k.startswith(prefix) for k in state):
             prefix = prefix[len("module."):]  # saved without DistributedDataParallel
         network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}

@@ -77,7 +77,7 @@ def _lite0_package_file() -> Path | None:
 def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
     weights = options.weights
     if weights == RANDOM_WEIGHTS:
-        return Built(random_model(LITE0_ARCH, options.model_kwargs), None, "random init (smoke tests only)")
+        return Built(random_model(LITE0_ARCH, kwargs=options.model_kwargs), None, "random init (smoke tests only)")
     model = timm.create_model(LITE0_ARCH, pretrained=False, **options.model_kwargs)
     if weights is None:
         package_file = _lite0_package_file()

@@ -40,12 +40,15 @@ def list_teachers() -> list[str]:
 
 def load_teacher(name: str, weights: str | Path | None = None, input_size: int | None = None,
                  channels_last: bool = True, variant: str | None = None, arch: str | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None) -> Teacher:
+                 model_kwargs: Mapping[str, Any] | None = None, precision: str = "auto",
+                 compile: bool = False) -> Teacher:
     """A frozen teacher by zoo name, `timm:<model>` or `file:<path>` (with `arch`, a timm model name).
 
     `weights` is a local file (always works offline); `variant` picks the network inside a training
     checkpoint that holds several ("momentum", "student", "encoder"); `model_kwargs` are extra
     `timm.create_model` arguments (tests use them to shrink a family: dict(depth=2, embed_dim=64)).
+    `precision` (auto | fp32 | bf16) is the teacher's own autocast; `compile` runs training's feature
+    extraction through torch.compile.
     """
     weights = str(weights) if weights is not None else None
     check_teacher_name(name, variant=variant, arch=arch, weights=weights)
@@ -61,7 +64,8 @@ def load_teacher(name: str, weights: str | Path | None = None, input_size: int |
     model = built.model.eval()
     _check_finite(model, built.head, built.source)
     input_config = built.input_config or _input_config(model, input_size)
-    return Teacher(name, model, input_config, built.source, built.head, channels_last)
+    return Teacher(name, model, input_config, built.source, built.head, channels_last, precision=precision,
+                   compile=compile)
 
 
 def _check_finite(model, head, source: str) -> None:

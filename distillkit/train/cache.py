@@ -24,17 +24,23 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, fields
+import shutil
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
+from rich.markup import escape
 from torch import Tensor
+from torch.utils.data import Dataset
 
+from ..data.views import view_config, view_seed
 from ..errors import UsageError
 from ..features import FeatureRequest, Features
-from ..io import write_json
+from ..io import cache_dir, write_json
+from ..recipe import DataConfig, Recipe
+from .sync import agreed
 
 DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
 
@@ -167,3 +173,103 @@ def cache_key(teacher, request: FeatureRequest, view_config, render_size: tuple[
                  | {"size": list(render_size)},
         "seed": seed, "slots": slots, "views_per_step": views, "expand_views": expand, "dtype": dtype,
     }
+
+
+def teacher_cache_root(data: DataConfig, epochs: int, slots: int | None) -> Path | None:
+    """Where the teachers' outputs are cached, or None. `data.teacher_cache` "auto" caches in the user cache
+    exactly when it pays: the run has a fixed set of views (`data.view_slots`) and more epochs than slots,
+    so every epoch after the first `slots` reads the teacher's outputs instead of recomputing them."""
+    setting = data.teacher_cache
+    if setting is None:
+        return None
+    if setting == "auto":
+        return cache_dir() / "teacher-outputs" if slots is not None and epochs > slots else None
+    return Path(setting).expanduser()
+
+
+@dataclass
+class CacheSetup:
+    """What a run's teacher caches are opened for: the teachers and what the strategies read from them, the
+    objective (its views), where each teacher's views are rendered, the training images and the view slots."""
+
+    teachers: dict[str, Any]  # role -> Teacher
+    requests: dict[str, FeatureRequest]
+    objective: Any  # the Objective: its num_views and derived views change what is stored
+    sizes: dict[str, tuple[int, int]]  # role -> render size
+    train_set: Dataset
+    slots: int | None  # None: new views every epoch, nothing to cache
+
+
+def open_caches(recipe: Recipe, accelerator, setup: CacheSetup, epochs: int,
+                say: Callable[[str], None]) -> tuple[dict[str, TeacherCache], Path | None]:
+    """One cache entry per teacher role, created by the main process, announced by `say`, and where they
+    are (None: no cache). When the disk lacks the room for what the run would write, an automatic cache
+    ("auto") is skipped with a message (the teacher is recomputed every epoch); an explicit folder is refused."""
+    root = teacher_cache_root(recipe.data, epochs, setup.slots) if setup.requests and setup.slots else None
+    if root is None:
+        return {}, None
+    main = accelerator.is_main_process
+    skip = not _fits(recipe, accelerator, setup, root, min(setup.slots, epochs), say) if main else False
+    if agreed(accelerator, skip):  # every process learns the main process's decision
+        return {}, None
+    caches = _open_entries(recipe, accelerator, setup, root, create=True) if main else {}
+    accelerator.wait_for_everyone()  # the main process creates the files; the others open them
+    return (caches if main else _open_entries(recipe, accelerator, setup, root, create=False)), root
+
+
+def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, create: bool) -> dict[str, TeacherCache]:
+    # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
+    # students trained with seed and with feature share the teacher's embeddings
+    objective = setup.objective
+    expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
+    caches = {}
+    for role, request in setup.requests.items():
+        teacher, size = setup.teachers[role], setup.sizes[role]
+        views = objective.expand_views([torch.zeros(1, 3, *size) for _ in range(objective.num_views)])
+        probe = teacher(views[0].to(accelerator.device), request)
+        key = cache_key(teacher, request, view_config(recipe.data), size, view_seed(recipe.data, recipe.train.seed),
+                        setup.slots, len(views), recipe.data.cache_dtype, expand) | {"role": role}
+        caches[role] = TeacherCache(root, key, probe, index_space(setup.train_set), setup.slots, len(views),
+                                    recipe.data.cache_dtype, create=create)
+    return caches
+
+
+def _fits(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, slots_used: int,
+          say: Callable[[str], None]) -> bool:
+    """Whether the disk under `root` has room for what the run writes (`slots_used` slots of every image)."""
+    objective = setup.objective
+    views_per_step = len(objective.expand_views([torch.zeros(1, 3, 1, 1) for _ in range(objective.num_views)]))
+    needed = sum(_cache_bytes(setup.teachers[role], request, views_per_step, setup.sizes[role],
+                              recipe.data.cache_dtype, accelerator.device)
+                 for role, request in setup.requests.items()) * len(setup.train_set) * slots_used
+    root.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(root).free
+    where = f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view slots)"
+    if needed * 1.05 + (256 << 20) <= free:
+        say(f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
+            "instead of running them (--no-teacher-cache to turn it off)")
+        return True
+    if recipe.data.teacher_cache == "auto":
+        say(f"[yellow]teacher cache skipped: {where} needs more than the {_gb(free)} free there; the teacher "
+            "runs every epoch (free space, or set data.teacher_cache to a folder with room)[/]")
+        return False
+    raise UsageError(f"--teacher-cache {where} needs more than the {_gb(free)} free there; free space, choose "
+                     "another folder or pass --no-teacher-cache")
+
+
+def _cache_bytes(teacher, request: FeatureRequest, views: int, size: tuple[int, int], dtype: str,
+                 device) -> int:
+    """Bytes one image's cached outputs take for one view slot: every stored tensor, every view."""
+    probe = teacher(torch.zeros(1, 3, *size, device=device), request)
+    itemsize = 2 if dtype == "float16" else 4
+    return views * itemsize * sum(t.numel() for t in probe.named().values())  # the probe is one image
+
+
+def _gb(size: float) -> str:
+    return f"{size / 1e9:.2f} GB" if size >= 1e8 else f"{size / 1e6:.1f} MB"
+
+
+def index_space(dataset: Dataset) -> int:
+    """How many image indices the dataset's items can carry (a Subset keeps its base's indices)."""
+    base = getattr(dataset, "base", None)
+    return index_space(base) if base is not None else len(dataset)

@@ -10,13 +10,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 from torch.utils.data import Dataset
 
 from ..evaluate import embed_dataset, eval_subset, knn_accuracy
-from ..features import FeatureRequest
 from ..recipe import Recipe
-from ..inputs import InputConfig, prepare_input
+from ..student import Student
 
 
 @dataclass
@@ -37,27 +35,27 @@ class OnlineKnn:
                    test=eval_subset(images.test, n // 2, recipe.train.seed),
                    k=recipe.eval.knn_k, temperature=recipe.eval.knn_temperature, num_workers=recipe.data.num_workers)
 
-    def __call__(self, student: nn.Module, student_input: InputConfig, channels_last: bool) -> dict[str, float]:
+    def __call__(self, student: Student) -> dict[str, float]:
         """{"online_knn_top1": accuracy, "online_knn_seconds": time it took}."""
         start = time.perf_counter()
-        was_training = student.training
-        embed = lambda views: student(prepare_input(views, student_input, channels_last))  # noqa: E731
-        student.eval()
+        model = student.model
+        was_training = model.training
+        model.eval()
         try:
-            top1 = self.score(embed, next(student.parameters()).device)
+            top1 = self.score(student.embed, next(model.parameters()).device)
         finally:
-            student.train(was_training)
+            model.train(was_training)
         return {"online_knn_top1": round(top1, 6), "online_knn_seconds": round(time.perf_counter() - start, 3)}
 
-    def references(self, teacher, student: nn.Module, student_input: InputConfig, channels_last: bool) -> dict:
+    def references(self, teacher, student: Student) -> dict:
         """The levels the student's curve is read against, on the same split: the frozen teacher's embedding
         and the student before its first step (its random init). One metrics.jsonl line."""
         record = {"online_reference": True}
         if teacher.pruned_to is None:  # a teacher pruned for training has no final embedding to score
             device = next(teacher.model.parameters()).device
-            teacher_top1 = self.score(lambda v: teacher(v, FeatureRequest(embedding=True)).embedding, device)
+            teacher_top1 = self.score(teacher.embed, device)
             record["teacher_knn_top1"] = round(teacher_top1, 6)
-        record["student_random_init_knn_top1"] = self(student, student_input, channels_last)["online_knn_top1"]
+        record["student_random_init_knn_top1"] = self(student)["online_knn_top1"]
         return record
 
     def score(self, embed, device: torch.device) -> float:

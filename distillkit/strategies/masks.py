@@ -1,4 +1,4 @@
-"""I-JEPA multi-block masks on a patch grid: a few target rectangles and one context block.
+"""I-JEPA multi-block masks on a patch grid, for strategy hidden: a few target rectangles and one context block.
 
 Assran et al., "Self-Supervised Learning from Images with a Joint-Embedding Predictive Architecture",
 CVPR 2023 (arXiv 2301.08243); official code facebookresearch/ijepa src/masks/multiblock.py

@@ -1,0 +1,119 @@
+"""One optimisation step: a batch's views -> the teachers' features (computed or read from the cache) ->
+the student's features -> the objective's loss -> backward and optimiser step -> the strategies' state.
+
+`DistillModule` (the student and the objective with its heads and queues) is everything that trains, so
+it is what Accelerate prepares and DDP wraps; the frozen teachers are only moved to the device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+from torch import Tensor, nn
+
+from ..data import Batch
+from ..data.views import BatchViews, SizePlan, ViewConfig, batch_views
+from ..features import Features
+from ..roles import PRIMARY_TEACHER
+from ..strategies import Objective, StepInputs
+from ..student import Student
+from ..teachers import Teacher
+from .cache import TeacherCache
+from .sync import all_finite
+
+
+class DistillModule(nn.Module):
+    """The student and the objective (strategy heads, queues): everything that trains. `io` is the
+    `Student` itself (its input configuration and extractor); its network is registered as `student`."""
+
+    def __init__(self, student: Student, objective: Objective):
+        super().__init__()
+        self.student = student.model
+        self.objective = objective
+        self.io = student
+        self.student_request = objective.student_request()
+
+    def forward(self, views: list[Tensor], teachers: dict[str, list[Features]], labels: Tensor | None,
+                progress: float) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
+        """`teachers`: role -> that teacher's Features of each view (the primary role first)."""
+        student_views = []
+        for v, view in enumerate(views):
+            x = self.io.prepare(view)
+            of_view = {role: features[v] for role, features in teachers.items()}
+            features = self.objective.student_features(self.student, x, of_view, self.student_request, progress)
+            student_views.append(features if features is not None
+                                 else self.io.extractor(self.student, x, self.student_request))
+        step = StepInputs(teacher_views=teachers.get(PRIMARY_TEACHER, []), student_views=student_views,
+                          labels=labels, progress=progress,
+                          other_teachers={role: f for role, f in teachers.items() if role != PRIMARY_TEACHER})
+        loss, terms = self.objective(step)
+        return loss, terms, step
+
+
+@dataclass
+class StepContext:
+    """What every step of a run uses: the prepared module and optimiser, the teachers and what the strategies
+    read from them, their caches, the views' sizes and settings, and the learning-rate schedule."""
+
+    accelerator: object
+    module: nn.Module  # the prepared DistillModule (DDP-wrapped under several processes)
+    optimizer: object
+    teachers: dict[str, Teacher]
+    requests: dict[str, object]  # role -> FeatureRequest
+    caches: dict[str, TeacherCache]
+    sizes: SizePlan
+    views: ViewConfig
+    view_seed: int
+    lr: Callable[[int], float]  # optimiser step -> learning rate
+    clip_grad: float | None = None
+
+    @property
+    def objective(self) -> Objective:
+        return self.accelerator.unwrap_model(self.module).objective
+
+
+@dataclass
+class StepOutcome:
+    loss: Tensor
+    terms: dict[str, Tensor]  # the objective's named terms, detached
+    finite: bool  # False: the loss was not finite on some process and nothing was updated
+
+
+def train_step(ctx: StepContext, batch: Batch, view_epoch: int, step: int, progress: float) -> StepOutcome:
+    """One micro-batch: forward, and when the loss is finite on every process, backward, the optimiser step
+    (Accelerate holds it back until the last micro-batch of an accumulation) and the strategies' updates."""
+    accelerator, objective = ctx.accelerator, ctx.objective
+    views = batch_views(batch.images, batch.indices, ctx.views, seed=ctx.view_seed, epoch=view_epoch,
+                        num_views=objective.num_views, expand=objective.expand_views)
+    with accelerator.accumulate(ctx.module):
+        with accelerator.autocast():
+            teachers = teacher_features(ctx, views, batch, view_epoch)
+            loss, terms, inputs = ctx.module(views.at(ctx.sizes.student), teachers, batch.labels, progress)
+        finite = all_finite(accelerator, loss)
+        if finite:
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and ctx.clip_grad:
+                accelerator.clip_grad_norm_(ctx.module.parameters(), ctx.clip_grad)
+            for group in ctx.optimizer.param_groups:
+                group["lr"] = ctx.lr(step)
+            ctx.optimizer.step()
+            objective.after_step(inputs, accelerator.gather)
+        ctx.optimizer.zero_grad(set_to_none=True)
+    return StepOutcome(loss, terms, finite)
+
+
+def teacher_features(ctx: StepContext, views: BatchViews, batch: Batch, view_epoch: int) -> dict[str, list[Features]]:
+    """Each teacher role's Features of every view: read from its cache when it has one (filled on a miss),
+    else computed on the views rendered at that teacher's size."""
+    out = {}
+    for role, request in ctx.requests.items():
+        teacher, size = ctx.teachers[role], ctx.sizes.teachers[role]
+
+        def compute(teacher=teacher, request=request, size=size) -> list[Features]:
+            return [teacher(v, request) for v in views.at(size)]
+
+        cache = ctx.caches.get(role)
+        out[role] = (cache.features(batch.indices, batch.images, view_epoch, compute, ctx.accelerator.device)
+                     if cache is not None else compute())
+    return out

@@ -1,0 +1,67 @@
+"""What a run says while it trains: the smoothed loss terms on the progress bar, one metrics.jsonl record
+every `train.log_every` steps and at every epoch's end, and the speed (online evaluation time left out)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from torch import Tensor
+
+from .metrics_log import append_record
+from .sync import mean_over_processes
+
+
+class StepLog:
+    """Only the main process writes and draws; every process takes part in the means over processes."""
+
+    def __init__(self, accelerator, progress, metrics_path: Path, total_steps: int, log_every: int, start_step: int):
+        self.accelerator = accelerator
+        self.main = accelerator.is_main_process
+        self.progress = progress
+        self.metrics_path = metrics_path
+        self.total_steps = total_steps
+        self.log_every = log_every
+        self.terms_mean: dict[str, float] = {}  # exponential moving averages, factor 0.9
+        self.images_seen = 0  # by all processes, since this start (a resume counts from its own start)
+        self.paused_seconds = 0.0  # online evaluation inside the loop: not training time
+        self.started = time.perf_counter()
+        self.task = progress.add_task("distilling", total=total_steps, completed=start_step, terms="",
+                                      speed="") if self.main else None
+
+    @property
+    def seconds(self) -> float:
+        return time.perf_counter() - self.started - self.paused_seconds
+
+    @property
+    def speed(self) -> float:
+        return self.images_seen / self.seconds if self.seconds > 0 else 0.0
+
+    def step(self, step: int, epoch: int, loss: Tensor, terms: dict[str, Tensor], lr: float) -> None:
+        """After optimiser step `step` (counted from 1): smooth the terms, draw, log every `log_every`."""
+        values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
+        self.terms_mean = {k: 0.9 * self.terms_mean.get(k, v) + 0.1 * v for k, v in values.items()}
+        log_now = step % self.log_every == 0 or step == self.total_steps
+        if log_now and self.accelerator.num_processes > 1:  # the global batch's losses, not this process's share
+            values = mean_over_processes(self.accelerator, terms | {"loss": loss.detach()})
+        if not self.main:
+            return
+        self._draw(step, epoch)
+        if log_now:
+            append_record(self.metrics_path, {"step": step, "epoch": epoch, **values, "lr": lr,
+                                              "images_per_s": round(self.speed, 1)})
+
+    def epoch_end(self, epoch: int, step: int, seconds: float, extra: dict | None = None) -> None:
+        """The record of a finished epoch (`epoch` counted from 1), with e.g. its online k-NN."""
+        if self.main:
+            append_record(self.metrics_path, {"epoch_end": epoch, "step": step, "seconds": round(seconds, 2),
+                                              **{k: round(v, 6) for k, v in self.terms_mean.items()},
+                                              **(extra or {})})
+
+    def _draw(self, step: int, epoch: int) -> None:
+        text = " ".join(f"{k} {v:.4f}" for k, v in self.terms_mean.items())
+        self.progress.update(self.task, completed=step, speed=f"{self.speed:.0f} img/s", terms=text)
+        if not self.progress.console.is_terminal and (step % max(1, self.total_steps // 10) == 0
+                                                      or step == self.total_steps):
+            self.progress.console.print(f"step {step}/{self.total_steps} epoch {epoch + 1} {text} "
+                                        f"{self.speed:.0f} img/s", highlight=False)

@@ -1,0 +1,26 @@
+"""What every training process must agree on: one decision, one mean, one verdict on a loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def agreed(accelerator, flag: bool) -> bool:
+    """True on every process when it is true on any (a signal may reach only some of them)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
+
+
+def mean_over_processes(accelerator, values: dict[str, Tensor]) -> dict[str, float]:
+    stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).to(accelerator.device)
+    means = accelerator.reduce(stacked, reduction="mean")
+    return dict(zip(values, means.tolist()))
+
+
+def all_finite(accelerator, loss: Tensor) -> bool:
+    finite = torch.isfinite(loss.detach()).float().reshape(1)
+    if accelerator.num_processes > 1:
+        finite = accelerator.gather(finite).min()
+    return bool(finite.item())
