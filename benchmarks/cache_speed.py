@@ -44,10 +44,26 @@ SLOTS = 4
 def epoch_speed(out: Path, args, strategy: str, cache: Path | None, render: str) -> float:
     queue = ["strategy.seed.queue_size=4096"] if strategy == "seed" else []
     result = distillkit.compress(
-        teacher="efficientnet-lite0", student="mobilenetv3-small", strategy=strategy, data="builtin:fashion-mnist",
-        limit=args.limit, batch_size=args.batch, epochs=1, out=out, quiet=True, teacher_cache=cache,
-        set=["teacher.input_size=64", "student.input_size=32", "eval.enabled=false", *queue,
-             f"data.view_slots={SLOTS}", "train.checkpoint_every=null", f"data.render={render}"])
+        teacher="efficientnet-lite0",
+        student="mobilenetv3-small",
+        strategy=strategy,
+        data="builtin:fashion-mnist",
+        limit=args.limit,
+        batch_size=args.batch,
+        epochs=1,
+        out=out,
+        quiet=True,
+        teacher_cache=cache,
+        set=[
+            "teacher.input_size=64",
+            "student.input_size=32",
+            "eval.enabled=false",
+            *queue,
+            f"data.view_slots={SLOTS}",
+            "train.checkpoint_every=null",
+            f"data.render={render}",
+        ],
+    )
     return result.steps * args.batch / result.timings["train"]
 
 
@@ -55,8 +71,9 @@ def student_alone_speed(args, strategy: str, render: str) -> float:
     options = argparse.Namespace(steps=30, batch=args.batch, precision="fp32", vit_size=112, render=render)
     setup = throughput.Setup("lite0", options, strategy)
     throughput.run_bare(setup, 2, with_teacher=False)
-    return min(options.steps * args.batch / throughput.run_bare(setup, options.steps, with_teacher=False)
-               for _ in range(2))
+    return min(
+        options.steps * args.batch / throughput.run_bare(setup, options.steps, with_teacher=False) for _ in range(2)
+    )
 
 
 def main() -> None:
@@ -64,8 +81,13 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=10000)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--strategies", nargs="+", default=["feature", "seed"], choices=["feature", "seed"])
-    parser.add_argument("--render", nargs="+", default=["shared", "per_network"], choices=["shared", "per_network"],
-                        help="data.render settings to measure (the student alone renders as the runs do)")
+    parser.add_argument(
+        "--render",
+        nargs="+",
+        default=["shared", "per_network"],
+        choices=["shared", "per_network"],
+        help="data.render settings to measure (the student alone renders as the runs do)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     for render in args.render:
@@ -76,30 +98,44 @@ def main() -> None:
 def measure(args, strategy: str, render: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        speeds = {"uncached": epoch_speed(tmp / "uncached", args, strategy, None, render),
-                  "fill": epoch_speed(tmp / "fill", args, strategy, tmp / "cache", render),
-                  "reuse": epoch_speed(tmp / "reuse", args, strategy, tmp / "cache", render)}
+        speeds = {
+            "uncached": epoch_speed(tmp / "uncached", args, strategy, None, render),
+            "fill": epoch_speed(tmp / "fill", args, strategy, tmp / "cache", render),
+            "reuse": epoch_speed(tmp / "reuse", args, strategy, tmp / "cache", render),
+        }
         (entry,) = (tmp / "cache").iterdir()
         shapes = json.loads((entry / "meta.json").read_text())["shapes"]
-        used = int(subprocess.run(["du", "-s", "--block-size=1", str(entry)], capture_output=True,
-                                  text=True).stdout.split()[0])
+        used = int(
+            subprocess.run(["du", "-s", "--block-size=1", str(entry)], capture_output=True, text=True).stdout.split()[0]
+        )
     speeds["alone"] = student_alone_speed(args, strategy, render)
     per_view = sum(2 * math.prod(shape) for shape in shapes.values())  # float16
     t_uncached, t_fill, t_reuse = (1 / speeds[k] for k in ("uncached", "fill", "reuse"))
     gain = t_uncached - t_reuse
     break_even = SLOTS + SLOTS * (t_fill - t_uncached) / gain if gain > 0 else None
-    print(json.dumps({
-        "benchmark": "cache_speed", "pair": "efficientnet-lite0 64px -> mobilenetv3-small 32px", "strategy": strategy, "render": render,
-        "images": args.limit, "batch": args.batch, "view_slots": SLOTS, "cache_dtype": "float16",
-        **{f"{k}_img_per_s": round(v, 1) for k, v in speeds.items()},
-        "reuse_vs_alone": round(speeds["reuse"] / speeds["alone"], 3),
-        "reuse_vs_uncached": round(speeds["reuse"] / speeds["uncached"], 2),
-        "cache_bytes_per_image_view": per_view, "cache_disk_bytes_after_fill": used,
-        "stored": shapes,
-        "break_even_epochs_one_run": round(break_even, 2) if break_even else None,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "cache_speed",
+                "pair": "efficientnet-lite0 64px -> mobilenetv3-small 32px",
+                "strategy": strategy,
+                "render": render,
+                "images": args.limit,
+                "batch": args.batch,
+                "view_slots": SLOTS,
+                "cache_dtype": "float16",
+                **{f"{k}_img_per_s": round(v, 1) for k, v in speeds.items()},
+                "reuse_vs_alone": round(speeds["reuse"] / speeds["alone"], 3),
+                "reuse_vs_uncached": round(speeds["reuse"] / speeds["uncached"], 2),
+                "cache_bytes_per_image_view": per_view,
+                "cache_disk_bytes_after_fill": used,
+                "stored": shapes,
+                "break_even_epochs_one_run": round(break_even, 2) if break_even else None,
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

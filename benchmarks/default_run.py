@@ -41,14 +41,22 @@ def run_default(out: str, overrides: list[str]) -> dict:
     return {
         "wall_s": round(wall, 1),
         "timings_s": {k: round(v, 1) for k, v in result.timings.items()},
-        "steps": result.steps, "images_seen": result.images_seen, "train_images": result.train_images,
-        "data": result.data_source, "teacher_cache": result.teacher_cache,
-        **{f"{name}_{metric}": round(m[name][metric], 4)
-           for name in ("teacher", "student", "student_random_init")
-           for metric in ("knn_top1", "probe_top1") if metric in m.get(name, {})},
+        "steps": result.steps,
+        "images_seen": result.images_seen,
+        "train_images": result.train_images,
+        "data": result.data_source,
+        "teacher_cache": result.teacher_cache,
+        **{
+            f"{name}_{metric}": round(m[name][metric], 4)
+            for name in ("teacher", "student", "student_random_init")
+            for metric in ("knn_top1", "probe_top1")
+            if metric in m.get(name, {})
+        },
         "gap_recovered": {k: round(v, 3) for k, v in m.get("gap_recovered", {}).items()},
-        "student_params": m["student"]["params"], "teacher_params": m["teacher"]["params"],
-        "student_latency_ms": m["student"]["latency_ms"], "teacher_latency_ms": m["teacher"]["latency_ms"],
+        "student_params": m["student"]["params"],
+        "teacher_params": m["teacher"]["params"],
+        "student_latency_ms": m["student"]["latency_ms"],
+        "teacher_latency_ms": m["teacher"]["latency_ms"],
     }
 
 
@@ -91,8 +99,9 @@ def score_full(student_dir: Path, seed: int) -> dict:
 
     def as_timm_user(model):  # what a user of the export does: resize, normalise, call the model
         model = model.eval()
-        return lambda views: model((F.interpolate(views, size=(size, size), mode="bilinear", antialias=True)
-                                    - mean) / std)
+        return lambda views: model(
+            (F.interpolate(views, size=(size, size), mode="bilinear", antialias=True) - mean) / std
+        )
 
     exported = timm.create_model(f"local-dir:{student_dir}", pretrained=True)
     spec = student_spec(yaml.safe_load((student_dir.parent / "recipe.yaml").read_text())["student"]["name"])
@@ -101,12 +110,16 @@ def score_full(student_dir: Path, seed: int) -> dict:
     request = FeatureRequest(embedding=True)
     rows = {}
     with torch.no_grad():
-        for name, embed in (("teacher", lambda v: teacher(v, request).embedding),
-                            ("student", as_timm_user(exported)),
-                            ("student_random_init", as_timm_user(random_init))):
+        for name, embed in (
+            ("teacher", lambda v: teacher(v, request).embedding),
+            ("student", as_timm_user(exported)),
+            ("student_random_init", as_timm_user(random_init)),
+        ):
             rows[name] = score_embeddings(embed_dataset(embed, train), embed_dataset(embed, test), 20, 0.07, 300)
-    return {"full_test_set": {name: {k: round(v, 4) for k, v in row.items()} for name, row in rows.items()},
-            "full_test_set_gap_recovered": {k: round(v, 3) for k, v in gap_recovered(rows).items()}}
+    return {
+        "full_test_set": {name: {k: round(v, 4) for k, v in row.items()} for name, row in rows.items()},
+        "full_test_set_gap_recovered": {k: round(v, 3) for k, v in gap_recovered(rows).items()},
+    }
 
 
 def main() -> None:
@@ -126,8 +139,12 @@ def main() -> None:
     if args.score_full:
         seed = next((int(o.split("=", 1)[1]) for o in args.set if o.startswith("train.seed=")), 0)
         record.update(score_full(Path(out) / "student", seed))
-    record["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-                         "platform": platform.platform()}
+    record["machine"] = {
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
     record["overrides"] = args.set
     print(json.dumps(record))
 

@@ -22,8 +22,8 @@ import warnings
 
 import torch
 
-from distillkit.strategies import Objective
 from distillkit.recipe import resolve_recipe
+from distillkit.strategies import Objective
 from distillkit.student import Student
 from distillkit.teachers import load_teacher
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
@@ -32,8 +32,9 @@ from distillkit.train.step import DistillModule
 RATIOS = (0.0, 0.25, 0.5, 0.75)
 
 
-def time_step(module: DistillModule, teachers: dict, requests: dict, images: torch.Tensor, optimizer,
-              steps: int) -> tuple[float, float]:
+def time_step(
+    module: DistillModule, teachers: dict, requests: dict, images: torch.Tensor, optimizer, steps: int
+) -> tuple[float, float]:
     """Median ms of (whole step, student side) over `steps` steps after one warm-up step."""
     whole, student_side = [], []
     for step in range(steps + 1):
@@ -66,10 +67,14 @@ def main() -> None:
     images = torch.rand(args.batch, 3, args.size, args.size)
     setups = {}
     for ratio in RATIOS:
-        recipe = resolve_recipe({"teachers": {"mim": {"name": args.teacher}},
-                                 "student": {"name": args.student, "input_size": args.size, "channels_last": False},
-                                 "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}},
-                                 "train": {"seed": 0}})
+        recipe = resolve_recipe(
+            {
+                "teachers": {"mim": {"name": args.teacher}},
+                "student": {"name": args.student, "input_size": args.size, "channels_last": False},
+                "strategy": {"hybrid": {"mask_ratio": ratio, "mask_schedule": "constant"}},
+                "train": {"seed": 0},
+            }
+        )
         student = Student.create(recipe.student, seed=0)
         objective = Objective.build(recipe.strategy, teachers, student.model, args.size)
         requests = objective.teacher_requests(teachers, student.model)
@@ -80,18 +85,28 @@ def main() -> None:
         for ratio, (module, requests, optimizer) in setups.items():
             timed = time_step(module, teachers, requests, images, optimizer, args.steps)
             best[ratio] = tuple(min(old, new) for old, new in zip(best[ratio], timed))
-    results = {ratio: {"step_ms": round(whole, 1), "student_ms": round(student_side, 1)}
-               for ratio, (whole, student_side) in best.items()}
+    results = {
+        ratio: {"step_ms": round(whole, 1), "student_ms": round(student_side, 1)}
+        for ratio, (whole, student_side) in best.items()
+    }
     base = results[0.0]
     record = {
         "benchmark": "hybrid_masking",
-        "student": args.student, "teachers": args.teacher, "size": args.size, "batch": args.batch,
+        "student": args.student,
+        "teachers": args.teacher,
+        "size": args.size,
+        "batch": args.batch,
         "tokens": (args.size // 16) ** 2,
-        **{f"ratio_{r}": v | {"student_saving": round(1 - v["student_ms"] / base["student_ms"], 3),
-                              "step_saving": round(1 - v["step_ms"] / base["step_ms"], 3)}
-           for r, v in results.items()},
+        **{
+            f"ratio_{r}": v
+            | {
+                "student_saving": round(1 - v["student_ms"] / base["student_ms"], 3),
+                "step_saving": round(1 - v["step_ms"] / base["step_ms"], 3),
+            }
+            for r, v in results.items()
+        },
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads",
     }
     print(json.dumps(record))
 

@@ -48,9 +48,9 @@ import torch
 
 import distillkit
 from distillkit.data.sources import load_fashion_mnist
-from distillkit.io import cache_dir
 from distillkit.evaluate import embed_dataset, score_embeddings
 from distillkit.evaluate_model import evaluate_student
+from distillkit.io import cache_dir
 from distillkit.recipe import StudentConfig
 from distillkit.student import Student
 from distillkit.teachers import load_teacher
@@ -62,9 +62,16 @@ KNN_K, KNN_T, PROBE_STEPS = 20, 0.07, 300
 
 # strategy -> (shipped recipe, overrides that put every run on the same student, data and schedule)
 # data.render per_network (each network's views straight at its own size), as the default recipe
-COMMON = [f"teacher.input_size={TEACHER_PX}", f"student.input_size={STUDENT_PX}", "eval.enabled=false",
-          "data.view_seed=0", "data.view_slots=1", "data.crop_scale=[0.3, 1.0]", "train.checkpoint_every=null",
-          "data.render=per_network"]
+COMMON = [
+    f"teacher.input_size={TEACHER_PX}",
+    f"student.input_size={STUDENT_PX}",
+    "eval.enabled=false",
+    "data.view_seed=0",
+    "data.view_slots=1",
+    "data.crop_scale=[0.3, 1.0]",
+    "train.checkpoint_every=null",
+    "data.render=per_network",
+]
 RUNS = {
     "simclr": ("simclr-cnn", []),
     "seed": ("default", []),
@@ -83,21 +90,32 @@ def ensure_fashion_mnist() -> str:
     if "full" in where:
         return where
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(["apt-get", "install", "-y", "dataset-fashion-mnist"], check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "install", "-y", "dataset-fashion-mnist"],
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
     _, _, where = load_fashion_mnist()
     if "full" not in where and shutil.which("apt-get") and shutil.which("dpkg-deb"):
         target = cache_dir() / "debian-fashion-mnist"
         target.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["apt-get", "download", "dataset-fashion-mnist"], cwd=target, check=False,
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(
+            ["apt-get", "download", "dataset-fashion-mnist"],
+            cwd=target,
+            check=False,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         for deb in target.glob("dataset-fashion-mnist*.deb"):
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
         os.environ["DISTILLKIT_FASHION_MNIST"] = str(target / "usr/share/datasets/fashion-mnist")
         _, _, where = load_fashion_mnist()
     if "full" not in where:
-        raise SystemExit("the full Fashion-MNIST is needed: run `apt-get install dataset-fashion-mnist` "
-                         "(Debian/Ubuntu) or set DISTILLKIT_FASHION_MNIST to a folder with its four .gz files")
+        raise SystemExit(
+            "the full Fashion-MNIST is needed: run `apt-get install dataset-fashion-mnist` "
+            "(Debian/Ubuntu) or set DISTILLKIT_FASHION_MNIST to a folder with its four .gz files"
+        )
     return where
 
 
@@ -120,15 +138,29 @@ def random_init_row(seed: int, train, test) -> dict[str, float]:
 def trained_row(strategy: str, seed: int, images: int, limit: int | None, cache: Path, runs: Path) -> dict:
     recipe, extra = RUNS[strategy]
     start = time.perf_counter()
-    result = distillkit.compress(recipe, student=STUDENT, data="builtin:fashion-mnist", batch_size=BATCH, seed=seed, out=runs / f"{strategy}-{seed}-{images}",
-                                 overwrite=True, teacher_cache=cache, quiet=True,
-                                 set=COMMON + extra + [f"train.images={images}",
-                                                       f"data.limit={'null' if limit is None else limit}"])
+    result = distillkit.compress(
+        recipe,
+        student=STUDENT,
+        data="builtin:fashion-mnist",
+        batch_size=BATCH,
+        seed=seed,
+        out=runs / f"{strategy}-{seed}-{images}",
+        overwrite=True,
+        teacher_cache=cache,
+        quiet=True,
+        set=COMMON + extra + [f"train.images={images}", f"data.limit={'null' if limit is None else limit}"],
+    )
     wall = time.perf_counter() - start
-    metrics = evaluate_student(result.student_dir, max_train=60000, max_test=10000, knn_k=KNN_K,
-                               knn_temperature=KNN_T, probe_steps=PROBE_STEPS)
-    return {"knn_top1": metrics["knn_top1"], "probe_top1": metrics["probe_top1"], "steps": result.steps,
-            "train_s": round(result.timings["train"], 1), "run_s": round(wall, 1)}
+    metrics = evaluate_student(
+        result.student_dir, max_train=60000, max_test=10000, knn_k=KNN_K, knn_temperature=KNN_T, probe_steps=PROBE_STEPS
+    )
+    return {
+        "knn_top1": metrics["knn_top1"],
+        "probe_top1": metrics["probe_top1"],
+        "steps": result.steps,
+        "train_s": round(result.timings["train"], 1),
+        "run_s": round(wall, 1),
+    }
 
 
 def summary(rows: list[dict], key: str) -> tuple[float, float]:
@@ -142,8 +174,13 @@ def main() -> None:
     parser.add_argument("--strategies", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--images", type=int, default=240_000, help="images seen per run (4 epochs of 60k)")
     parser.add_argument("--kdss-images", type=int, default=120_000, help="images seen per kdss run (4 rotations each)")
-    parser.add_argument("--budget", nargs="+", default=None, choices=list(RUNS),
-                        help="instead of the table: these strategies at 1, 2, 4 and 8 epochs, first seed only")
+    parser.add_argument(
+        "--budget",
+        nargs="+",
+        default=None,
+        choices=list(RUNS),
+        help="instead of the table: these strategies at 1, 2, 4 and 8 epochs, first seed only",
+    )
     parser.add_argument("--limit", type=int, default=None, help="train on this many images (default: all 60,000)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
     args = parser.parse_args()
@@ -162,9 +199,11 @@ def main() -> None:
         results["random_init"].append(random_init_row(seed, train, test))
     print("random init", results["random_init"], flush=True)
     images_per_epoch = args.limit or len(train)
-    plan = ([(f"{s} x{e}", s, [args.seeds[0]], e * images_per_epoch) for s in args.budget for e in BUDGET_EPOCHS]
-            if args.budget else
-            [(s, s, args.seeds, args.kdss_images if s == "kdss" else args.images) for s in args.strategies])
+    plan = (
+        [(f"{s} x{e}", s, [args.seeds[0]], e * images_per_epoch) for s in args.budget for e in BUDGET_EPOCHS]
+        if args.budget
+        else [(s, s, args.seeds, args.kdss_images if s == "kdss" else args.images) for s in args.strategies]
+    )
     for row_name, strategy, seeds, images in plan:
         results[row_name] = []
         for seed in seeds:
@@ -191,17 +230,34 @@ def main() -> None:
             entry["run_s_mean"] = round(statistics.mean(r["run_s"] for r in rows), 1)
             entry["steps"] = rows[0]["steps"]
         table[name] = entry
-        print(f"{name:<14} "
-              + " ".join(f"{100 * entry[m]['mean']:>8.2f} ± {100 * entry[m]['std']:<5.2f}" for m in ("knn_top1", "probe_top1"))
-              + f" {entry['gap_knn_top1']:>9} {entry['gap_probe_top1']:>9} {entry.get('run_s_mean', '-'):>9}")
-    print(json.dumps({
-        "benchmark": "quality", "teacher": f"{TEACHER} {TEACHER_PX}px", "student": f"{STUDENT} {STUDENT_PX}px",
-        "data": where, "seeds": args.seeds, "images": args.images, "kdss_images": args.kdss_images,
-        "budget": args.budget, "batch": BATCH, "limit": args.limit,
-        "rows": table, "wall_s": round(time.perf_counter() - started, 1),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-    }), flush=True)
+        print(
+            f"{name:<14} "
+            + " ".join(
+                f"{100 * entry[m]['mean']:>8.2f} ± {100 * entry[m]['std']:<5.2f}" for m in ("knn_top1", "probe_top1")
+            )
+            + f" {entry['gap_knn_top1']:>9} {entry['gap_probe_top1']:>9} {entry.get('run_s_mean', '-'):>9}"
+        )
+    print(
+        json.dumps(
+            {
+                "benchmark": "quality",
+                "teacher": f"{TEACHER} {TEACHER_PX}px",
+                "student": f"{STUDENT} {STUDENT_PX}px",
+                "data": where,
+                "seeds": args.seeds,
+                "images": args.images,
+                "kdss_images": args.kdss_images,
+                "budget": args.budget,
+                "batch": BATCH,
+                "limit": args.limit,
+                "rows": table,
+                "wall_s": round(time.perf_counter() - started, 1),
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads",
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

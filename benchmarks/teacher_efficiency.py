@@ -88,8 +88,11 @@ def vit_variants(batch: int) -> dict:
         with torch.inference_mode():
             whole.model.forward_intermediates(x, indices=[5], intermediates_only=True, stop_early=False)
 
-    return {"vit_unpruned": lambda: whole(views, request), "vit_pruned": lambda: pruned(views, request),
-            "vit_all_blocks": all_blocks}
+    return {
+        "vit_unpruned": lambda: whole(views, request),
+        "vit_pruned": lambda: pruned(views, request),
+        "vit_all_blocks": all_blocks,
+    }
 
 
 def student_variants(batch: int, compile: bool) -> tuple[dict, dict]:
@@ -107,6 +110,7 @@ def student_variants(batch: int, compile: bool) -> tuple[dict, dict]:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     variants = {"student_eager": trainer(Extractor())}
@@ -146,12 +150,22 @@ def main() -> None:
     if "compiled" in ms:
         effect["teacher_compile_speedup"] = round(ms["distillkit"] / ms["compiled"], 2)
         effect["student_compile_speedup"] = round(ms["student_eager"] / ms["student_compiled"], 2)
-    print(json.dumps({
-        "benchmark": "teacher_efficiency", "batch": args.batch, "vit_batch": args.batch // 4, "rounds": args.rounds,
-        "ms_per_batch": ms, "effect": effect, **setup, **student_setup,
-        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
-    }))
+    print(
+        json.dumps(
+            {
+                "benchmark": "teacher_efficiency",
+                "batch": args.batch,
+                "vit_batch": args.batch // 4,
+                "rounds": args.rounds,
+                "ms_per_batch": ms,
+                "effect": effect,
+                **setup,
+                **student_setup,
+                "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+                f"{torch.get_num_threads()} threads",
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

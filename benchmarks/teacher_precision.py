@@ -49,8 +49,13 @@ def main() -> None:
     images = open_data("builtin:fashion-mnist", limit=None, seed=0, val_fraction=0.1, load_size=64)
     bank, test = eval_subset(images.train_all, args.bank, 0), eval_subset(images.test, args.test, 0)
     views = torch.rand(args.batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    record = {"benchmark": "teacher_precision", "teacher": teacher.name, "px": 64, "batch": args.batch,
-              "data": images.source}
+    record = {
+        "benchmark": "teacher_precision",
+        "teacher": teacher.name,
+        "px": 64,
+        "batch": args.batch,
+        "data": images.source,
+    }
     embeddings = {}
     for precision in ("fp32", "bf16"):
         teacher.precision = precision
@@ -60,9 +65,12 @@ def main() -> None:
         (bank_x, bank_y), (test_x, test_y) = embeddings[precision]
         record[f"{precision}_knn_top1"] = round(knn_accuracy(bank_x, bank_y, test_x, test_y, 20, 0.07), 4)
     cosine = F.cosine_similarity(embeddings["bf16"][1][0], embeddings["fp32"][1][0])
-    record.update(cosine_mean=round(cosine.mean().item(), 5), cosine_min=round(cosine.min().item(), 5),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                          f"{torch.get_num_threads()} threads")
+    record.update(
+        cosine_mean=round(cosine.mean().item(), 5),
+        cosine_min=round(cosine.min().item(), 5),
+        machine=f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+    )
     print(json.dumps(record))
 
 

@@ -61,23 +61,38 @@ class Setup:
         teacher = dict(spec["teacher"])
         if pair == "vit-s":
             teacher["input_size"] = args.vit_size
-        self.recipe = resolve_recipe({
-            "teacher": teacher,
-            "student": {"name": "mobilenetv3-small", "input_size": spec["student_size"]},
-            "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}} if strategy == "seed" else {strategy: {}},
-            "data": {"render": getattr(args, "render", "shared")},
-            "train": {"batch_size": args.batch, "epochs": 1, "max_steps": args.steps, "lr": 0.05,
-                      "precision": args.precision, "checkpoint_every": None, "warmup_fraction": 0.0},
-            "eval": {"enabled": False},
-        })
+        self.recipe = resolve_recipe(
+            {
+                "teacher": teacher,
+                "student": {"name": "mobilenetv3-small", "input_size": spec["student_size"]},
+                "strategy": {"seed": {"queue_size": 4096, "tau_teacher": 0.05}}
+                if strategy == "seed"
+                else {strategy: {}},
+                "data": {"render": getattr(args, "render", "shared")},
+                "train": {
+                    "batch_size": args.batch,
+                    "epochs": 1,
+                    "max_steps": args.steps,
+                    "lr": 0.05,
+                    "precision": args.precision,
+                    "checkpoint_every": None,
+                    "warmup_fraction": 0.0,
+                },
+                "eval": {"enabled": False},
+            }
+        )
         load = int(round(max(teacher.get("input_size") or 224, spec["student_size"]) * 1.15))
         generator = torch.Generator().manual_seed(0)
-        images = torch.randint(0, 256, (args.batch * (args.steps + 1), 3, load, load), dtype=torch.uint8,
-                               generator=generator)
+        images = torch.randint(
+            0, 256, (args.batch * (args.steps + 1), 3, load, load), dtype=torch.uint8, generator=generator
+        )
         self.data = TensorImages(images, torch.zeros(images.shape[0], dtype=torch.int64))
         # the run compress builds, on these images
-        self.run = Run.from_recipe(self.recipe, "unused", images=ImageData(
-            train=self.data, train_all=self.data, test=None, num_classes=None, source="random images"))
+        self.run = Run.from_recipe(
+            self.recipe,
+            "unused",
+            images=ImageData(train=self.data, train_all=self.data, test=None, num_classes=None, source="random images"),
+        )
         self.teacher = self.run.teachers["teacher"]
         self.teacher_request = self.run.objective.teacher_requests(self.run.teachers, self.run.student.model)["teacher"]
 
@@ -85,8 +100,14 @@ class Setup:
         """The built run with its own copy of what trains (student and objective together, so the objective's
         references into the student stay), a new accelerator and `recipe`."""
         student, objective = copy.deepcopy((self.run.student, self.run.objective))
-        return dataclasses.replace(self.run, recipe=recipe, run_dir=run_dir, student=student, objective=objective,
-                                   accelerator=make_accelerator(recipe))
+        return dataclasses.replace(
+            self.run,
+            recipe=recipe,
+            run_dir=run_dir,
+            student=student,
+            objective=objective,
+            accelerator=make_accelerator(recipe),
+        )
 
 
 def run_distillkit(setup: Setup, steps: int) -> float:
@@ -109,10 +130,12 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
     module = DistillModule(fresh.student, fresh.objective)
     student, objective = module.student, module.objective
     params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=recipe.train.lr, momentum=recipe.train.momentum,
-                                weight_decay=recipe.train.weight_decay)
-    views_config = ViewConfig(crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio,
-                              flip=recipe.data.flip)
+    optimizer = torch.optim.SGD(
+        params, lr=recipe.train.lr, momentum=recipe.train.momentum, weight_decay=recipe.train.weight_decay
+    )
+    views_config = ViewConfig(
+        crop_scale=recipe.data.crop_scale, crop_ratio=recipe.data.crop_ratio, flip=recipe.data.flip
+    )
     request = module.student_request if with_teacher else FeatureRequest(embedding=True)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=recipe.train.precision == "bf16")
     order = torch.randperm(len(setup.data), generator=torch.Generator().manual_seed(0))
@@ -120,16 +143,17 @@ def run_bare(setup: Setup, steps: int, with_teacher: bool = True) -> float:
     module.train()
     start = time.perf_counter()
     for step in range(steps):
-        indices = order[step * batch:(step + 1) * batch]
+        indices = order[step * batch : (step + 1) * batch]
         images = setup.data.images[indices]
         params = sample_view_params(indices, images.shape[-2], images.shape[-1], views_config, seed=0, epoch=0, view=0)
         sizes = setup.run.sizes
         shared = render_views(images, params, sizes.student) if recipe.data.render == "shared" else None
         with autocast:
             if with_teacher:  # teacher first, as the loop does
-                teacher_view = setup.teacher(shared if shared is not None else
-                                             render_views(images, params, sizes.teachers["teacher"]),
-                                             setup.teacher_request)
+                teacher_view = setup.teacher(
+                    shared if shared is not None else render_views(images, params, sizes.teachers["teacher"]),
+                    setup.teacher_request,
+                )
             x = fresh.student.prepare(shared if shared is not None else render_views(images, params, sizes.student))
             student_view = extract_features(student, x, request)
             if with_teacher:
@@ -154,8 +178,11 @@ def student_head(strategy) -> torch.nn.Module:
 
 def measure(pair: str, args) -> dict:
     setup = Setup(pair, args)
-    variants = {"distillkit": lambda n: run_distillkit(setup, n), "bare": lambda n: run_bare(setup, n),
-                "student_alone": lambda n: run_bare(setup, n, with_teacher=False)}
+    variants = {
+        "distillkit": lambda n: run_distillkit(setup, n),
+        "bare": lambda n: run_bare(setup, n),
+        "student_alone": lambda n: run_bare(setup, n, with_teacher=False),
+    }
     for run in variants.values():
         run(2)  # warm-up
     best = {name: float("inf") for name in variants}
@@ -164,15 +191,21 @@ def measure(pair: str, args) -> dict:
             best[name] = min(best[name], run(args.steps))
     images = args.steps * args.batch
     return {
-        "benchmark": "throughput", "pair": pair, "teacher": setup.teacher.name,
-        "teacher_px": setup.teacher.input_config.size[0], "student": setup.recipe.student.name,
-        "student_px": setup.recipe.student.input_size, "batch": args.batch, "steps": args.steps,
-        "precision": args.precision, "render": args.render,
+        "benchmark": "throughput",
+        "pair": pair,
+        "teacher": setup.teacher.name,
+        "teacher_px": setup.teacher.input_config.size[0],
+        "student": setup.recipe.student.name,
+        "student_px": setup.recipe.student.input_size,
+        "batch": args.batch,
+        "steps": args.steps,
+        "precision": args.precision,
+        "render": args.render,
         **{f"{name}_img_per_s": round(images / seconds, 1) for name, seconds in best.items()},
         "overhead_ratio": round(best["distillkit"] / best["bare"], 3),
         "teacher_share_of_bare_step": round(1 - best["student_alone"] / best["bare"], 3),
         "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        f"{torch.get_num_threads()} threads",
     }
 
 

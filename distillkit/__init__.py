@@ -1,8 +1,8 @@
 """distillkit: compress frozen (self-supervised) teachers into small, deployable timm students.
 
-    import distillkit
-    result = distillkit.compress(teacher="efficientnet-lite0", student="mobilenetv3", strategy="seed")
-    model = distillkit.load_student(result.student_dir)
+import distillkit
+result = distillkit.compress(teacher="efficientnet-lite0", student="mobilenetv3", strategy="seed")
+model = distillkit.load_student(result.student_dir)
 """
 
 __version__ = "0.1.0"
@@ -23,7 +23,23 @@ def list_strategies() -> list[str]:
 
 
 __all__ = [
-    "CompressResult", "DistillkitError", "FeatureRequest", "Features", "Recipe", "RunError", "Teacher", "UsageError",
-    "compress", "export", "list_recipes", "list_strategies", "list_students", "list_teachers", "load_student", "load_teacher",
-    "report", "resolve_recipe", "__version__",
+    "CompressResult",
+    "DistillkitError",
+    "FeatureRequest",
+    "Features",
+    "Recipe",
+    "RunError",
+    "Teacher",
+    "UsageError",
+    "compress",
+    "export",
+    "list_recipes",
+    "list_strategies",
+    "list_students",
+    "list_teachers",
+    "load_student",
+    "load_teacher",
+    "report",
+    "resolve_recipe",
+    "__version__",
 ]

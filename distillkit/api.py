@@ -88,17 +88,45 @@ def compress(
         set = {**parse_set(set), "data.teacher_cache": None}  # noqa: A001 - wins over the recipe, like --set
         teacher_cache = None
     with explain_out_of_memory():
-        return _compress(recipe, dict(teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, data=data,
-                                      epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr,
-                                      out=out, seed=seed, precision=precision, teacher_cache=teacher_cache),
-                         strategy, set, resume, force_resume, overwrite, quiet)
+        return _compress(
+            recipe,
+            dict(
+                teacher=teacher,
+                teacher_weights=teacher_weights,
+                arch=arch,
+                student=student,
+                data=data,
+                epochs=epochs,
+                max_steps=max_steps,
+                limit=limit,
+                batch_size=batch_size,
+                lr=lr,
+                out=out,
+                seed=seed,
+                precision=precision,
+                teacher_cache=teacher_cache,
+            ),
+            strategy,
+            set,
+            resume,
+            force_resume,
+            overwrite,
+            quiet,
+        )
 
 
-def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, resume: bool, force_resume: bool,
-              overwrite: bool, quiet: bool) -> CompressResult:
+def _compress(
+    recipe,
+    options: dict[str, Any],
+    strategy: str | None,
+    overrides,
+    resume: bool,
+    force_resume: bool,
+    overwrite: bool,
+    quiet: bool,
+) -> CompressResult:
     started = time.perf_counter()
-    resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy,
-                              overrides=overrides)
+    resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy, overrides=overrides)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     clear_previous_run = validate_before_loading(resolved, run_dir, resume, overwrite)
     accelerator = make_accelerator(resolved)
@@ -108,8 +136,10 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
             clear_run(run_dir)
         accelerator.wait_for_everyone()
     console = Console(quiet=quiet or not main)  # one process speaks
-    console.print(f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
-                  f"{' + '.join(resolved.strategy)}; run folder {run_dir}")
+    console.print(
+        f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
+        f"{' + '.join(resolved.strategy)}; run folder {run_dir}"
+    )
     run = Run.from_recipe(resolved, run_dir, accelerator, say=console.print)
     _claim(run, resume, force_resume)
     timings = {"setup": time.perf_counter() - started}
@@ -120,14 +150,24 @@ def _compress(recipe, options: dict[str, Any], strategy: str | None, overrides, 
     metrics = _evaluate_and_export(run, result, console, timings) if main else {}
     accelerator.wait_for_everyone()
     timings["total"] = time.perf_counter() - started
-    final = CompressResult(run_dir=run_dir, student_dir=run_dir / "student", metrics=metrics, timings=timings,
-                           steps=result.steps, data_source=run.images.source, recipe=resolved,
-                           train_images=len(run.images.train), images_seen=result.images_seen,
-                           teacher_cache=result.teacher_cache)
+    final = CompressResult(
+        run_dir=run_dir,
+        student_dir=run_dir / "student",
+        metrics=metrics,
+        timings=timings,
+        steps=result.steps,
+        data_source=run.images.source,
+        recipe=resolved,
+        train_images=len(run.images.train),
+        images_seen=result.images_seen,
+        teacher_cache=result.teacher_cache,
+    )
     if main:
         write_json(run_dir / "result.json", final.to_dict())
-        console.print(f"student exported to {final.student_dir} (timm: create_model('local-dir:{final.student_dir}', "
-                      "pretrained=True))")
+        console.print(
+            f"student exported to {final.student_dir} (timm: create_model('local-dir:{final.student_dir}', "
+            "pretrained=True))"
+        )
         _write_report(run_dir, console)
     return final
 
@@ -145,11 +185,13 @@ def _claim(run: Run, resume: bool, force_resume: bool) -> None:
 
 
 def _trained_line(result) -> str:
-    return (f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
-            f"({result.images_per_second:.0f} img/s)"
-            + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
-            + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
-            + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else ""))
+    return (
+        f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
+        f"({result.images_per_second:.0f} img/s)"
+        + (f", resumed from step {result.resumed_from_step}" if result.resumed_from_step else "")
+        + (f"; {result.bad_images} unreadable images skipped" if result.bad_images else "")
+        + (f"; {result.skipped_steps} steps skipped for non-finite losses" if result.skipped_steps else "")
+    )
 
 
 def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, float]) -> dict[str, Any]:
@@ -164,13 +206,24 @@ def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, 
     timings["evaluate"] = time.perf_counter() - tick
     tick = time.perf_counter()
     others = {role: t.describe() for role, t in run.teachers.items() if role != PRIMARY_TEACHER}
-    export_student(student.model, run.run_dir / "student", architecture=student.spec.timm,
-                   model_args=student.model_args, input_size=student.size, mean=student.input_config.mean,
-                   std=student.input_config.std,
-                   provenance={"distillkit_version": __version__, "teacher": teacher.describe(),
-                               **({"other_teachers": others} if others else {}),
-                               "strategy": run.recipe.to_dict()["strategy"], "data": run.images.source,
-                               "steps": result.steps, "metrics": metrics})
+    export_student(
+        student.model,
+        run.run_dir / "student",
+        architecture=student.spec.timm,
+        model_args=student.model_args,
+        input_size=student.size,
+        mean=student.input_config.mean,
+        std=student.input_config.std,
+        provenance={
+            "distillkit_version": __version__,
+            "teacher": teacher.describe(),
+            **({"other_teachers": others} if others else {}),
+            "strategy": run.recipe.to_dict()["strategy"],
+            "data": run.images.source,
+            "steps": result.steps,
+            "metrics": metrics,
+        },
+    )
     timings["export"] = time.perf_counter() - tick
     return metrics
 
@@ -180,8 +233,10 @@ def _write_report(run_dir: Path, console: Console) -> None:
     try:
         console.print(f"report: {report(run_dir)}")
     except Exception as e:  # noqa: BLE001 - any failure: the run must not be lost over its report
-        warnings.warn(f"the run is saved, but its report could not be written ({type(e).__name__}: {e}); "
-                      f"retry with: distillkit report {run_dir}")
+        warnings.warn(
+            f"the run is saved, but its report could not be written ({type(e).__name__}: {e}); "
+            f"retry with: distillkit report {run_dir}"
+        )
 
 
 def _resumed_recipe(recipe, options: dict[str, Any], resume: bool):
@@ -214,9 +269,17 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
 def _progress(console: Console) -> Progress:
     """The training progress bar. Its refresh thread rebuilds the bar on every tick, on the training's
     cores: twice a second is plenty for steps that take tenths of a second, and costs less than rich's 10."""
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[terms]}"), TextColumn("{task.fields[speed]}"), TimeRemainingColumn(),
-                    console=console, transient=False, refresh_per_second=2)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[terms]}"),
+        TextColumn("{task.fields[speed]}"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+        refresh_per_second=2,
+    )
 
 
 def _default_run_dir(recipe: Recipe) -> Path:

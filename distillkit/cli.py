@@ -55,11 +55,21 @@ class Precision(str, Enum):
 @app.command()
 @reports_errors
 def compress(
-    teacher: Optional[str] = typer.Option(None, help="Teacher: a zoo name (see `distillkit list teachers`), timm:<model> or file:<path>."),
-    teacher_weights: Optional[Path] = typer.Option(None, help="Local teacher checkpoint (.safetensors/.pth); works offline."),
-    arch: Optional[str] = typer.Option(None, help="timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224."),
-    student: Optional[str] = typer.Option(None, help="Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>."),
-    strategy: Optional[str] = typer.Option(None, help="Strategy name, or several joined by '+' (see `distillkit list strategies`)."),
+    teacher: Optional[str] = typer.Option(
+        None, help="Teacher: a zoo name (see `distillkit list teachers`), timm:<model> or file:<path>."
+    ),
+    teacher_weights: Optional[Path] = typer.Option(
+        None, help="Local teacher checkpoint (.safetensors/.pth); works offline."
+    ),
+    arch: Optional[str] = typer.Option(
+        None, help="timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224."
+    ),
+    student: Optional[str] = typer.Option(
+        None, help="Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>."
+    ),
+    strategy: Optional[str] = typer.Option(
+        None, help="Strategy name, or several joined by '+' (see `distillkit list strategies`)."
+    ),
     data: Optional[str] = typer.Option(None, help="Image folder (class subfolders or flat) or builtin:fashion-mnist."),
     epochs: Optional[int] = typer.Option(None, help="Training epochs."),
     max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
@@ -67,15 +77,26 @@ def compress(
     batch_size: Optional[int] = typer.Option(None, help="Global batch size, summed over all processes."),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
     out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<time>-<teacher>-<student>-<strategy>)."),
-    recipe: Optional[str] = typer.Option(None, help="Recipe: a YAML file or a shipped name (see `distillkit list recipes`)."),
-    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a recipe key: --set train.lr=0.1 (repeatable)."),
+    recipe: Optional[str] = typer.Option(
+        None, help="Recipe: a YAML file or a shipped name (see `distillkit list recipes`)."
+    ),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a recipe key: --set train.lr=0.1 (repeatable)."
+    ),
     resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
     force_resume: bool = typer.Option(False, help="With --resume: continue even though the recipe changed."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
     seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
     precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
-    teacher_cache: Optional[Path] = typer.Option(None, help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 when the recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the user cache, whenever the run has more epochs than view slots."),
-    no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help="Never cache the teacher's outputs: run the teacher on every step."),
+    teacher_cache: Optional[Path] = typer.Option(
+        None,
+        help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 when the "
+        "recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the user "
+        "cache, whenever the run has more epochs than view slots.",
+    ),
+    no_teacher_cache: bool = typer.Option(
+        False, "--no-teacher-cache", help="Never cache the teacher's outputs: run the teacher on every step."
+    ),
     quiet: bool = typer.Option(False, help="Print nothing but errors."),
 ) -> None:
     """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
@@ -88,10 +109,27 @@ def compress(
         raise UsageError("--teacher-cache and --no-teacher-cache contradict each other; pass one of them")
 
     run_compress(
-        recipe, teacher=teacher, teacher_weights=teacher_weights, arch=arch, student=student, strategy=strategy, data=data,
-        epochs=epochs, max_steps=max_steps, limit=limit, batch_size=batch_size, lr=lr, out=out, set=set_,
-        resume=resume, force_resume=force_resume, overwrite=overwrite, seed=seed, precision=precision.value if precision else None,
-        teacher_cache=False if no_teacher_cache else teacher_cache, quiet=quiet,
+        recipe,
+        teacher=teacher,
+        teacher_weights=teacher_weights,
+        arch=arch,
+        student=student,
+        strategy=strategy,
+        data=data,
+        epochs=epochs,
+        max_steps=max_steps,
+        limit=limit,
+        batch_size=batch_size,
+        lr=lr,
+        out=out,
+        set=set_,
+        resume=resume,
+        force_resume=force_resume,
+        overwrite=overwrite,
+        seed=seed,
+        precision=precision.value if precision else None,
+        teacher_cache=False if no_teacher_cache else teacher_cache,
+        quiet=quiet,
     )
 
 
@@ -148,20 +186,29 @@ def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
 @app.command("eval")
 @reports_errors
 def eval_(
-    student: str = typer.Argument(..., help="An exported student (safetensors, ONNX or TorchScript folder or file, or a run folder), or timm:<model name>."),
-    data: str = typer.Option("builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."),
-    weights: Optional[Path] = typer.Option(None, help="With timm:<name>: a local state dict file instead of timm's hub weights."),
+    student: str = typer.Argument(
+        ...,
+        help="An exported student (safetensors, ONNX or TorchScript folder or file, or a run folder), "
+        "or timm:<model name>.",
+    ),
+    data: str = typer.Option(
+        "builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."
+    ),
+    weights: Optional[Path] = typer.Option(
+        None, help="With timm:<name>: a local state dict file instead of timm's hub weights."
+    ),
     per_block: bool = typer.Option(False, help="Also the k-NN accuracy at every block / stage (the early-exit curve)."),
     max_train: int = typer.Option(10000, min=1, help="Training images used as the k-NN bank / probe training set."),
     max_test: int = typer.Option(10000, min=1, help="Held-out images scored."),
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
-    from .summary import results_table
     from .evaluate_model import evaluate_student
+    from .summary import results_table
 
-    metrics = evaluate_student(student, data=data, max_train=max_train, max_test=max_test, seed=seed,
-                               weights=weights, per_block=per_block)
+    metrics = evaluate_student(
+        student, data=data, max_train=max_train, max_test=max_test, seed=seed, weights=weights, per_block=per_block
+    )
     console = Console()
     console.print(results_table({"student": metrics}))
     if "top1" in metrics:
@@ -188,9 +235,13 @@ class ExportFormat(str, Enum):
 def export_(
     run_dir: Path = typer.Argument(..., help="A compress run folder, or an exported student folder."),
     format_: ExportFormat = typer.Option(ExportFormat.safetensors, "--format", help="What to write."),
-    out: Optional[Path] = typer.Option(None, help="Output folder (default: <student folder>-<format>[-exit<BLOCK>] beside it)."),
-    exit_at: Optional[int] = typer.Option(None, help="Cut the student after this block / stage (0 = first; "
-                                                       "negative counts from the end): an early-exit model."),
+    out: Optional[Path] = typer.Option(
+        None, help="Output folder (default: <student folder>-<format>[-exit<BLOCK>] beside it)."
+    ),
+    exit_at: Optional[int] = typer.Option(
+        None,
+        help="Cut the student after this block / stage (0 = first; negative counts from the end): an early-exit model.",
+    ),
 ) -> None:
     """Export a distilled student as safetensors (timm), ONNX or TorchScript, checked against PyTorch."""
     from .export import export

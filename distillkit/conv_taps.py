@@ -20,7 +20,6 @@ from __future__ import annotations
 from contextlib import contextmanager
 from typing import Iterator
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -29,8 +28,7 @@ def reachable_taps(size: int, kernel: int, stride: int, padding: int, dilation: 
     """(first, last, outputs): the first and last kernel taps that read a real input row of a map `size`
     long, and the number of output rows (PyTorch's formula). No tap reaches the input: (0, kernel - 1, ...)."""
     outputs = (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
-    used = [t for t in range(kernel)
-            if any(0 <= o * stride - padding + t * dilation < size for o in range(outputs))]
+    used = [t for t in range(kernel) if any(0 <= o * stride - padding + t * dilation < size for o in range(outputs))]
     if not used:  # the output is the bias alone: rare enough to leave to the full kernel
         return 0, kernel - 1, outputs
     return used[0], used[-1], outputs
@@ -53,14 +51,16 @@ class CroppedTapsConv2d(nn.Conv2d):
         if input.device.type != "cpu" or self.padding_mode != "zeros" or isinstance(self.padding, str):
             return super()._conv_forward(input, weight, bias)
         sizes = input.shape[-2:]
-        plans = [_axis_plan(sizes[axis], self.kernel_size[axis], self.stride[axis], self.padding[axis],
-                            self.dilation[axis]) for axis in (0, 1)]
+        plans = [
+            _axis_plan(sizes[axis], self.kernel_size[axis], self.stride[axis], self.padding[axis], self.dilation[axis])
+            for axis in (0, 1)
+        ]
         cropped = any(last - first + 1 < k for (first, last, _, _), k in zip(plans, self.kernel_size))
         mostly_padding = any(2 * p >= size for p, size in zip(self.padding, sizes))
         if not cropped and not mostly_padding:
             return super()._conv_forward(input, weight, bias)
         (top, bottom, pad_top, pad_bottom), (left, right, pad_left, pad_right) = plans
-        weight = weight[:, :, top:bottom + 1, left:right + 1]
+        weight = weight[:, :, top : bottom + 1, left : right + 1]
         # a map that is mostly padding: padding it explicitly and convolving unpadded is the fast oneDNN path
         input = F.pad(input, (pad_left, pad_right, pad_top, pad_bottom))
         return F.conv2d(input, weight, bias, self.stride, 0, self.dilation, self.groups)

@@ -25,19 +25,26 @@ from .verdict import gap_recovered
 Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
 
-def embed_dataset(embed: Embed, dataset: Dataset, batch_size: int = 256, num_workers: int = 0,
-                  device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def embed_dataset(
+    embed: Embed, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu"
+) -> tuple[Tensor, Tensor]:
     """Embeddings (N, D) float32 and labels (N,) of every image, each seen whole and unflipped."""
     outputs, labels = embed_outputs(lambda views: {"embedding": embed(views)}, dataset, batch_size, num_workers, device)
     return outputs["embedding"], labels
 
 
 @torch.no_grad()  # not inference_mode: the probe later needs autograd on these tensors
-def embed_outputs(embed: Callable[[Tensor], dict[str, Tensor]], dataset: Dataset, batch_size: int = 256,
-                  num_workers: int = 0, device: torch.device | str = "cpu") -> tuple[dict[str, Tensor], Tensor]:
+def embed_outputs(
+    embed: Callable[[Tensor], dict[str, Tensor]],
+    dataset: Dataset,
+    batch_size: int = 256,
+    num_workers: int = 0,
+    device: torch.device | str = "cpu",
+) -> tuple[dict[str, Tensor], Tensor]:
     """Several named outputs per image from one pass: name -> (N, D) float32, and labels (N,)."""
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_skipping_bad)
+    loader = DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skipping_bad
+    )
     outputs, labels = [], []
     for batch in loader:
         if batch.images is None:
@@ -47,8 +54,15 @@ def embed_outputs(embed: Callable[[Tensor], dict[str, Tensor]], dataset: Dataset
     return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}, torch.cat(labels)
 
 
-def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor, test_labels: Tensor,
-                 k: int = 20, temperature: float = 0.07, chunk: int = 1024) -> float:
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int = 20,
+    temperature: float = 0.07,
+    chunk: int = 1024,
+) -> float:
     """Weighted k-NN top-1 accuracy: votes exp(cos / T) from the k most similar training images."""
     train = F.normalize(train_features.float(), dim=1)
     test = F.normalize(test_features.float(), dim=1)
@@ -56,16 +70,23 @@ def knn_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Te
     k = min(k, train.shape[0])
     correct = 0
     for start in range(0, test.shape[0], chunk):
-        similarity = test[start:start + chunk] @ train.T
+        similarity = test[start : start + chunk] @ train.T
         top_sim, top_idx = similarity.topk(k, dim=1)
         votes = torch.zeros(top_sim.shape[0], num_classes)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
-        correct += (votes.argmax(1) == test_labels[start:start + chunk]).sum().item()
+        correct += (votes.argmax(1) == test_labels[start : start + chunk]).sum().item()
     return correct / test.shape[0]
 
 
-def linear_probe_accuracy(train_features: Tensor, train_labels: Tensor, test_features: Tensor,
-                          test_labels: Tensor, steps: int = 300, l2: float = 1e-4, seed: int = 0) -> float:
+def linear_probe_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    steps: int = 300,
+    l2: float = 1e-4,
+    seed: int = 0,
+) -> float:
     """Top-1 accuracy of a logistic-regression probe on standardised embeddings."""
     mean = train_features.mean(0, keepdim=True)
     std = train_features.std(0, keepdim=True).clamp_min(1e-6)
@@ -78,8 +99,9 @@ def linear_probe_accuracy(train_features: Tensor, train_labels: Tensor, test_fea
     weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).T.contiguous()
     weight.requires_grad_(True)
     bias = torch.zeros(num_classes, requires_grad=True)
-    optimizer = torch.optim.LBFGS([weight, bias], lr=1.0, max_iter=steps, history_size=20,
-                                  line_search_fn="strong_wolfe")
+    optimizer = torch.optim.LBFGS(
+        [weight, bias], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
+    )
 
     def closure():
         optimizer.zero_grad()
@@ -112,8 +134,9 @@ def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last:
         model.to(device).train(was_training)
 
 
-def runner_latency_ms(run: Callable[[Tensor], Tensor], input_size: tuple[int, int], runs: int = 30,
-                      channels_last: bool = False) -> float:
+def runner_latency_ms(
+    run: Callable[[Tensor], Tensor], input_size: tuple[int, int], runs: int = 30, channels_last: bool = False
+) -> float:
     """Median single-image time of any callable on the CPU (a model, an ONNX session, a TorchScript
     module), after 5 warm-up runs, in milliseconds."""
     x = torch.rand(1, 3, *input_size)
@@ -137,13 +160,18 @@ def eval_subset(dataset: Dataset, max_items: int, seed: int) -> Dataset:
     return Subset(dataset, sorted(chosen.tolist()))
 
 
-def score_embeddings(train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], k: int, temperature: float,
-                     probe_steps: int, seed: int = 0) -> dict[str, float]:
+def score_embeddings(
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    k: int,
+    temperature: float,
+    probe_steps: int,
+    seed: int = 0,
+) -> dict[str, float]:
     return {
         "knn_top1": knn_accuracy(*train, *test, k=k, temperature=temperature),
         "probe_top1": linear_probe_accuracy(*train, *test, steps=probe_steps, seed=seed),
     }
-
 
 
 def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
@@ -166,8 +194,16 @@ def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
         if labelled:
             train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
             test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
-            row.update(score_embeddings(train_set, test_set, recipe.eval.knn_k, recipe.eval.knn_temperature,
-                                        recipe.eval.probe_steps, seed=recipe.train.seed))
+            row.update(
+                score_embeddings(
+                    train_set,
+                    test_set,
+                    recipe.eval.knn_k,
+                    recipe.eval.knn_temperature,
+                    recipe.eval.probe_steps,
+                    seed=recipe.train.seed,
+                )
+            )
         row["params"] = count_params(model)
         row["latency_ms"] = round(cpu_latency_ms(model, size, channels_last, recipe.eval.latency_runs), 3)
         metrics[name] = row

@@ -13,19 +13,35 @@ from torch import Tensor, nn
 
 from .data import check_data_source, open_data
 from .errors import UsageError
-from .evaluate import (count_params, cpu_latency_ms, embed_outputs, eval_subset, knn_accuracy, runner_latency_ms,
-                       score_embeddings)
+from .evaluate import (
+    count_params,
+    cpu_latency_ms,
+    embed_outputs,
+    eval_subset,
+    knn_accuracy,
+    runner_latency_ms,
+    score_embeddings,
+)
 from .exits import block_embeddings
 from .export import WEIGHTS_FILE, load_student, read_config, student_folder
 from .features import is_token_model, num_layers
+from .inputs import InputConfig, prepare_input
 from .registry import did_you_mean
 from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
-from .inputs import InputConfig, prepare_input
 
 
-def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", max_train: int = 10000,
-                     max_test: int = 10000, knn_k: int = 20, knn_temperature: float = 0.07, probe_steps: int = 300,
-                     seed: int = 0, weights: str | Path | None = None, per_block: bool = False) -> dict[str, Any]:
+def evaluate_student(
+    student: str | Path,
+    data: str = "builtin:fashion-mnist",
+    max_train: int = 10000,
+    max_test: int = 10000,
+    knn_k: int = 20,
+    knn_temperature: float = 0.07,
+    probe_steps: int = 300,
+    seed: int = 0,
+    weights: str | Path | None = None,
+    per_block: bool = False,
+) -> dict[str, Any]:
     """Evaluate `student` on `data`'s held-out split.
 
     `student` is an export folder (or its run folder) or `timm:<name>`: with timm's hub weights, or with
@@ -39,8 +55,7 @@ def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", m
     if deployed is not None:
         if weights is not None:
             raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
-        return _evaluate_file(deployed, data, max_train, max_test, knn_k, knn_temperature, probe_steps, seed,
-                              per_block)
+        return _evaluate_file(deployed, data, max_train, max_test, knn_k, knn_temperature, probe_steps, seed, per_block)
     model, input_config = open_model(str(student), weights)
     images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
     if images.test is None or not images.num_classes:
@@ -60,17 +75,33 @@ def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", m
 
     train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed))
     test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed))
-    metrics: dict[str, Any] = score_embeddings((train["embedding"], train_labels), (test["embedding"], test_labels),
-                                               knn_k, knn_temperature, probe_steps, seed=seed)
+    metrics: dict[str, Any] = score_embeddings(
+        (train["embedding"], train_labels),
+        (test["embedding"], test_labels),
+        knn_k,
+        knn_temperature,
+        probe_steps,
+        seed=seed,
+    )
     if head_skipped is None:
         metrics["top1"] = (test["logits"].argmax(1) == test_labels).float().mean().item()
     else:
         metrics["top1_skipped"] = head_skipped
     if per_block:
         metrics["per_block"] = [
-            {"block": i, "knn_top1": knn_accuracy(train[f"block{i}"], train_labels, test[f"block{i}"], test_labels,
-                                                  k=knn_k, temperature=knn_temperature)}
-            for i in range(num_layers(model))]
+            {
+                "block": i,
+                "knn_top1": knn_accuracy(
+                    train[f"block{i}"],
+                    train_labels,
+                    test[f"block{i}"],
+                    test_labels,
+                    k=knn_k,
+                    temperature=knn_temperature,
+                ),
+            }
+            for i in range(num_layers(model))
+        ]
     metrics["params"] = count_params(model)
     metrics["latency_ms"] = round(cpu_latency_ms(model, input_config.size, channels_last), 3)
     return metrics
@@ -79,16 +110,18 @@ def evaluate_student(student: str | Path, data: str = "builtin:fashion-mnist", m
 def open_model(student: str, weights: str | Path | None) -> tuple[nn.Module, InputConfig]:
     """The model (eval mode) and the input it expects: size, mean and std."""
     if student.startswith("timm:"):
-        model = _timm_model(student[len("timm:"):], weights)
+        model = _timm_model(student[len("timm:") :], weights)
         cfg = timm.data.resolve_data_config({}, model=model)
-        return model.eval(), InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]),
-                                         std=tuple(cfg["std"]))
+        return model.eval(), InputConfig(
+            size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"])
+        )
     if weights is not None:
         raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
     folder = student_folder(student)
     cfg = read_config(folder)["pretrained_cfg"]
-    return load_student(folder), InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]),
-                                             std=tuple(cfg["std"]))
+    return load_student(folder), InputConfig(
+        size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"])
+    )
 
 
 def _deployed_file(student: str | Path) -> Path | None:
@@ -103,17 +136,30 @@ def _deployed_file(student: str | Path) -> Path | None:
     if path.is_dir() and not (path / WEIGHTS_FILE).is_file() and not (path / "student" / WEIGHTS_FILE).is_file():
         found = [path / f for f in (ONNX_FILE, TORCHSCRIPT_FILE) if (path / f).is_file()]
         if found:
-            raise UsageError(f"{path} holds no {WEIGHTS_FILE}, only {found[0].name}; distillkit runs an ONNX or "
-                             f"TorchScript file only when it is named: distillkit eval {found[0]}")
+            raise UsageError(
+                f"{path} holds no {WEIGHTS_FILE}, only {found[0].name}; distillkit runs an ONNX or "
+                f"TorchScript file only when it is named: distillkit eval {found[0]}"
+            )
     return None
 
 
-def _evaluate_file(path: Path, data: str, max_train: int, max_test: int, knn_k: int, knn_temperature: float,
-                   probe_steps: int, seed: int, per_block: bool) -> dict[str, Any]:
+def _evaluate_file(
+    path: Path,
+    data: str,
+    max_train: int,
+    max_test: int,
+    knn_k: int,
+    knn_temperature: float,
+    probe_steps: int,
+    seed: int,
+    per_block: bool,
+) -> dict[str, Any]:
     """k-NN, probe, parameters and latency of an ONNX / TorchScript export, run by its own runtime."""
     if per_block:
-        raise UsageError(f"{path.name} returns the embedding only, so --per-block cannot tap its blocks; evaluate "
-                         "the safetensors export (or the run folder) with --per-block")
+        raise UsageError(
+            f"{path.name} returns the embedding only, so --per-block cannot tap its blocks; evaluate "
+            "the safetensors export (or the run folder) with --per-block"
+        )
     cfg = read_config(path.parent)["pretrained_cfg"]
     input_config = InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     if path.name == ONNX_FILE:
@@ -128,8 +174,14 @@ def _evaluate_file(path: Path, data: str, max_train: int, max_test: int, knn_k: 
     embed = lambda views: {"embedding": run(prepare_input(views, input_config, False).contiguous())}  # noqa: E731
     train, train_labels = embed_outputs(embed, eval_subset(images.train_all, max_train, seed))
     test, test_labels = embed_outputs(embed, eval_subset(images.test, max_test, seed))
-    metrics: dict[str, Any] = score_embeddings((train["embedding"], train_labels), (test["embedding"], test_labels),
-                                               knn_k, knn_temperature, probe_steps, seed=seed)
+    metrics: dict[str, Any] = score_embeddings(
+        (train["embedding"], train_labels),
+        (test["embedding"], test_labels),
+        knn_k,
+        knn_temperature,
+        probe_steps,
+        seed=seed,
+    )
     metrics["top1_skipped"] = f"{path.name} returns the embedding only (exports carry no classifier head)"
     metrics["params"] = params
     metrics["latency_ms"] = round(runner_latency_ms(run, input_config.size), 3)

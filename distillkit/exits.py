@@ -24,8 +24,10 @@ def resolve_exit(model: nn.Module, block: int) -> int:
     """`block` as a non-negative index (negative counts from the end), or a UsageError naming the range."""
     total = num_layers(model)
     if not -total <= block < total:
-        raise UsageError(f"exit block {block} is out of range: {type(model).__name__} has {total} blocks, "
-                         f"so the exit block must be in 0..{total - 1} (or -{total}..-1, counting from the end)")
+        raise UsageError(
+            f"exit block {block} is out of range: {type(model).__name__} has {total} blocks, "
+            f"so the exit block must be in 0..{total - 1} (or -{total}..-1, counting from the end)"
+        )
     return block % total
 
 
@@ -58,8 +60,10 @@ class StageExit(nn.Module):
 def exit_meaning(model: nn.Module) -> str:
     """What a cut model returns, in words, for model cards."""
     if is_token_model(model):
-        return ("the tokens after that block through the final norm, pooled as the whole model pools "
-                f"(global_pool={model.global_pool!r})")
+        return (
+            "the tokens after that block through the final norm, pooled as the whole model pools "
+            f"(global_pool={model.global_pool!r})"
+        )
     return "the feature map there, average-pooled"
 
 
@@ -70,7 +74,8 @@ def block_embeddings(model: nn.Module, x: Tensor) -> list[Tensor]:
         maps = model.forward_intermediates(x, indices=indices, intermediates_only=True)
         return [m.mean(dim=(2, 3)) for m in maps]
     has_prefix = bool(getattr(model, "num_prefix_tokens", 0))  # class / register tokens, split off by timm
-    outputs = model.forward_intermediates(x, indices=indices, norm=True, output_fmt="NLC",
-                                          return_prefix_tokens=has_prefix, intermediates_only=True)
+    outputs = model.forward_intermediates(
+        x, indices=indices, norm=True, output_fmt="NLC", return_prefix_tokens=has_prefix, intermediates_only=True
+    )
     tokens = [torch.cat([prefix, patches], dim=1) for patches, prefix in outputs] if has_prefix else outputs
     return [model.forward_head(t, pre_logits=True) for t in tokens]

@@ -29,8 +29,16 @@ from .errors import UsageError
 from .exits import exit_meaning, resolve_exit, truncate
 from .features import is_token_model, num_layers
 from .io import save_safetensors, write_json, write_text
-from .runtimes import (ONNX_FILE, TORCHSCRIPT_FILE, max_abs_diff, require_onnx, run_onnx, run_torchscript, write_onnx,
-                       write_torchscript)
+from .runtimes import (
+    ONNX_FILE,
+    TORCHSCRIPT_FILE,
+    max_abs_diff,
+    require_onnx,
+    run_onnx,
+    run_torchscript,
+    write_onnx,
+    write_torchscript,
+)
 from .verdict import verdict
 
 WEIGHTS_FILE = "model.safetensors"
@@ -43,20 +51,47 @@ RUNTIME_FORMATS = {  # format -> (file name, writer, runner)
 }
 
 
-def export_student(model: nn.Module, out_dir: str | Path, *, architecture: str, model_args: dict[str, Any],
-                   input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> dict[str, Path]:
+def export_student(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    architecture: str,
+    model_args: dict[str, Any],
+    input_size: int,
+    mean: tuple,
+    std: tuple,
+    provenance: dict[str, Any],
+) -> dict[str, Path]:
     """Write the student's weights, timm config and model card to `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_safetensors(out_dir / WEIGHTS_FILE, model.state_dict(), metadata={"format": "pt"})
-    return {"weights": out_dir / WEIGHTS_FILE,
-            **write_config_and_card(out_dir, architecture=architecture, model_args=model_args,
-                                    num_features=getattr(model, "num_features", None), input_size=input_size,
-                                    mean=mean, std=std, provenance=provenance)}
+    return {
+        "weights": out_dir / WEIGHTS_FILE,
+        **write_config_and_card(
+            out_dir,
+            architecture=architecture,
+            model_args=model_args,
+            num_features=getattr(model, "num_features", None),
+            input_size=input_size,
+            mean=mean,
+            std=std,
+            provenance=provenance,
+        ),
+    }
 
 
-def write_config_and_card(out_dir: Path, *, architecture: str, model_args: dict[str, Any], num_features: int | None,
-                          input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> dict[str, Path]:
+def write_config_and_card(
+    out_dir: Path,
+    *,
+    architecture: str,
+    model_args: dict[str, Any],
+    num_features: int | None,
+    input_size: int,
+    mean: tuple,
+    std: tuple,
+    provenance: dict[str, Any],
+) -> dict[str, Path]:
     config = {
         "architecture": architecture,
         "num_classes": 0,
@@ -86,19 +121,21 @@ def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, prov
         what = f"A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding)"
         exit_line = "the whole student"
     else:
-        what = (f"A `timm` {architecture} backbone cut after block {exit_at} of {export.get('blocks')} (an early "
-                f"exit: `model(x)` returns {export.get('meaning')})")
+        what = (
+            f"A `timm` {architecture} backbone cut after block {exit_at} of {export.get('blocks')} (an early "
+            f"exit: `model(x)` returns {export.get('meaning')})"
+        )
         exit_line = f"early exit after block {exit_at} (of {export.get('blocks')}, counted from 0)"
     return f"""# {architecture}, distilled with distillkit
 
 {what}, distilled from a frozen teacher.
 
-- Teacher: {provenance.get('teacher', {}).get('name')} ({provenance.get('teacher', {}).get('source')})
-- Strategy: {', '.join(provenance.get('strategy', {}))}
-- Data: {provenance.get('data')}
+- Teacher: {provenance.get("teacher", {}).get("name")} ({provenance.get("teacher", {}).get("source")})
+- Strategy: {", ".join(provenance.get("strategy", {}))}
+- Data: {provenance.get("data")}
 - Input: {input_size}x{input_size} RGB in [0, 1], normalised with mean {list(mean)} and std {list(std)}
-- Trained: {provenance.get('steps')} steps, distillkit {provenance.get('distillkit_version')}
-- Format: {export['format']}, {exit_line}
+- Trained: {provenance.get("steps")} steps, distillkit {provenance.get("distillkit_version")}
+- Format: {export["format"]}, {exit_line}
 
 ## Evaluation
 
@@ -106,7 +143,7 @@ def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, prov
 
 ## Use
 
-{USAGE[export['format']]}
+{USAGE[export["format"]]}
 """
 
 
@@ -148,13 +185,18 @@ def _card_evaluation(metrics: dict[str, Any], cut: bool) -> str:
     if not any("knn_top1" in row or "probe_top1" in row for row in rows.values()):
         lines.append("No labelled held-out data was available: k-NN and linear-probe accuracy were not measured.")
     table = ["| " + " | ".join(CARD_COLUMNS) + " |", "|---|" + "---:|" * (len(CARD_COLUMNS) - 1)]
-    table += [f"| {CARD_MODELS[name]} | {_fmt(row.get('knn_top1'))} | {_fmt(row.get('probe_top1'))} | "
-              f"{_count(row.get('params'))} | {_fmt(row.get('latency_ms'), ' ms', 2)} |" for name, row in rows.items()]
+    table += [
+        f"| {CARD_MODELS[name]} | {_fmt(row.get('knn_top1'))} | {_fmt(row.get('probe_top1'))} | "
+        f"{_count(row.get('params'))} | {_fmt(row.get('latency_ms'), ' ms', 2)} |"
+        for name, row in rows.items()
+    ]
     lines.append("\n".join(table))
     split = metrics.get("eval_split")
     if isinstance(split, dict) and {"train_images", "test_images"} <= split.keys():
-        lines.append(f"Accuracy on a held-out split: a k-NN bank / probe training set of {split['train_images']} "
-                     f"images, {split['test_images']} held-out images scored.")
+        lines.append(
+            f"Accuracy on a held-out split: a k-NN bank / probe training set of {split['train_images']} "
+            f"images, {split['test_images']} held-out images scored."
+        )
     return "\n\n".join(lines)
 
 
@@ -225,9 +267,11 @@ def prepare_export_folder(out_dir: Path) -> None:
     if not entries:
         return
     if not is_export_folder(out_dir):
-        raise UsageError(f"export --out {out_dir} is not empty ({', '.join(entries[:3])}"
-                         f"{', ...' if len(entries) > 3 else ''}) and holds no distillkit export; its files would "
-                         "be replaced. Choose a new or empty folder")
+        raise UsageError(
+            f"export --out {out_dir} is not empty ({', '.join(entries[:3])}"
+            f"{', ...' if len(entries) > 3 else ''}) and holds no distillkit export; its files would "
+            "be replaced. Choose a new or empty folder"
+        )
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
 
@@ -241,8 +285,12 @@ class ExportResult:
     max_abs_diff: float  # the written model vs the PyTorch model, on random batches of 2 and 3 images
 
 
-def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | None = None,  # noqa: A002
-           exit_at: int | None = None) -> ExportResult:
+def export(
+    run_dir: str | Path,
+    format: str = "safetensors",
+    out: str | Path | None = None,  # noqa: A002
+    exit_at: int | None = None,
+) -> ExportResult:
     """Export the student of a compress run (or an export folder) as safetensors, onnx or torchscript.
 
     `exit_at` cuts the student after that block (as `distillkit.features.resolve_layer` indexes blocks;
@@ -258,11 +306,16 @@ def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | N
     model = load_student(source)
     block = None if exit_at is None else resolve_exit(model, exit_at)
     if block is not None and format == "safetensors" and not is_token_model(model):
-        raise UsageError(f"--exit-at with a CNN student ({config['architecture']}) cannot be exported as safetensors: "
-                         "timm cannot rebuild a CNN cut inside its stages from config.json. Use --format onnx or "
-                         "--format torchscript")
-    out_dir = Path(out).expanduser() if out else source.parent / (
-        f"{source.name}-{format}" + ("" if block is None else f"-exit{block}"))
+        raise UsageError(
+            f"--exit-at with a CNN student ({config['architecture']}) cannot be exported as safetensors: "
+            "timm cannot rebuild a CNN cut inside its stages from config.json. Use --format onnx or "
+            "--format torchscript"
+        )
+    out_dir = (
+        Path(out).expanduser()
+        if out
+        else source.parent / (f"{source.name}-{format}" + ("" if block is None else f"-exit{block}"))
+    )
     if out_dir.resolve() == source.resolve():
         raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
 
@@ -276,8 +329,14 @@ def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | N
         info["meaning"] = exit_meaning(model)
     cfg = config["pretrained_cfg"]
     size = tuple(cfg["input_size"][1:])
-    meta = dict(architecture=config["architecture"], model_args=model_args, input_size=size[0], mean=tuple(cfg["mean"]),
-                std=tuple(cfg["std"]), provenance={**(config.get("distillkit") or {}), "export": info})
+    meta = dict(
+        architecture=config["architecture"],
+        model_args=model_args,
+        input_size=size[0],
+        mean=tuple(cfg["mean"]),
+        std=tuple(cfg["std"]),
+        provenance={**(config.get("distillkit") or {}), "export": info},
+    )
     if format == "safetensors":
         files = export_student(exported, out_dir, **meta)
         run = load_student(out_dir)
@@ -285,8 +344,10 @@ def export(run_dir: str | Path, format: str = "safetensors", out: str | Path | N
         file_name, write, runner = RUNTIME_FORMATS[format]
         out_dir.mkdir(parents=True, exist_ok=True)
         write(exported, out_dir / file_name, size)
-        files = {"model": out_dir / file_name,
-                 **write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta)}
+        files = {
+            "model": out_dir / file_name,
+            **write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta),
+        }
         run = runner(out_dir / file_name)
     diff = max_abs_diff(exported, run, size, f"the exported {format} model in {out_dir}")
     return ExportResult(out_dir=out_dir, format=format, files=files, exit_at=block, max_abs_diff=diff)

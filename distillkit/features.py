@@ -50,8 +50,11 @@ class Features:
 
     def named(self) -> dict[str, Tensor]:
         """Every tensor under a flat name ("embedding", "layers.3", "relations.5", "block_embeddings.0", ...)."""
-        named = {name: getattr(self, name) for name in ("embedding", "projection", "logits")
-                 if getattr(self, name) is not None}
+        named = {
+            name: getattr(self, name)
+            for name in ("embedding", "projection", "logits")
+            if getattr(self, name) is not None
+        }
         for kind in ("layers", "relations", "block_embeddings"):
             named.update({f"{kind}.{i}": t for i, t in getattr(self, kind).items()})
         return named
@@ -102,8 +105,7 @@ class FeatureRequest:
         return self.embedding or self.projection or self.logits or bool(self.block_embeddings)
 
 
-def merge_blocks(a: tuple[int | float, ...] | str,
-                 b: tuple[int | float, ...] | str) -> tuple[int | float, ...] | str:
+def merge_blocks(a: tuple[int | float, ...] | str, b: tuple[int | float, ...] | str) -> tuple[int | float, ...] | str:
     """Union of two block selections, where "all" absorbs the other."""
     if "all" in (a, b):
         return "all"
@@ -152,8 +154,9 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
     total = num_layers(model) if request.layers or request.relations or request.block_embeddings else 0
     layers = resolve_layers(request.layers, total) if request.layers else ()
     relations = resolve_relations(model, request.relations, total) if request.relations else ()
-    blocks = (tuple(range(total)) if request.block_embeddings == "all"
-              else resolve_layers(request.block_embeddings, total))
+    blocks = (
+        tuple(range(total)) if request.block_embeddings == "all" else resolve_layers(request.block_embeddings, total)
+    )
     taps = sorted(set(layers) | set(relations) | set(blocks))
     if not taps and not wants_head:
         return features
@@ -162,8 +165,13 @@ def extract_features(model: nn.Module, x: Tensor, request: FeatureRequest) -> Fe
         if taps:
             prefix = {"return_prefix_tokens": True} if blocks and is_token_model(model) else {}
             out = model.forward_intermediates(
-                x, indices=taps, norm=False, output_fmt=_layer_format(model),
-                intermediates_only=not wants_head, stop_early=not wants_head, **prefix,
+                x,
+                indices=taps,
+                norm=False,
+                output_fmt=_layer_format(model),
+                intermediates_only=not wants_head,
+                stop_early=not wants_head,
+                **prefix,
             )
             final, intermediates = out if wants_head else (None, out)
             by_index = dict(zip(taps, intermediates))
@@ -200,8 +208,9 @@ class Extractor:
         key = (id(model), request)
         graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = torch.compile(lambda x: extract_features(model, x, request).named(),
-                                                      backend=self.backend)
+            graph = self._graphs[key] = torch.compile(
+                lambda x: extract_features(model, x, request).named(), backend=self.backend
+            )
         return Features.from_named(graph(x))
 
 
@@ -222,8 +231,10 @@ def _block_embedding(model: nn.Module, tap: Tensor | tuple[Tensor, Tensor]) -> T
 def resolve_relations(model: nn.Module, depths: tuple[int | float, ...], total: int) -> tuple[int, ...]:
     """Block indices of the requested relations; only ViT-like models have attention blocks."""
     if not is_token_model(model):
-        raise UsageError(f"attention relations were requested from {type(model).__name__}, a conv net without "
-                         "attention blocks; relation strategies need a ViT (e.g. a mae-*, dino-* or vit-tiny model)")
+        raise UsageError(
+            f"attention relations were requested from {type(model).__name__}, a conv net without "
+            "attention blocks; relation strategies need a ViT (e.g. a mae-*, dino-* or vit-tiny model)"
+        )
     return resolve_layers(depths, total)
 
 
@@ -250,12 +261,12 @@ def probe_features(model: nn.Module, request: FeatureRequest, input_size: tuple[
         model.train(was_training)
 
 
-
 def pools_blocks(model: nn.Module) -> bool:
     """Whether `extract_features` can give the model's `block_embeddings`: conv nets always; token models
     when their `forward_intermediates` returns the prefix (class) tokens."""
-    return not is_token_model(model) or "return_prefix_tokens" in inspect.signature(
-        model.forward_intermediates).parameters
+    return (
+        not is_token_model(model) or "return_prefix_tokens" in inspect.signature(model.forward_intermediates).parameters
+    )
 
 
 def layer_channels(model: nn.Module) -> list[int]:
@@ -284,8 +295,9 @@ def runs_on_kept_tokens(model: nn.Module) -> bool:
     return isinstance(model, VisionTransformer)
 
 
-def forward_kept_tokens(model: VisionTransformer, x: Tensor, keep: Tensor, layers: tuple[int, ...] = (),
-                        relations: tuple[int, ...] = ()) -> tuple[Tensor, Features]:
+def forward_kept_tokens(
+    model: VisionTransformer, x: Tensor, keep: Tensor, layers: tuple[int, ...] = (), relations: tuple[int, ...] = ()
+) -> tuple[Tensor, Features]:
     """A timm ViT on its prefix tokens and the kept patch tokens only: patch and position embedding,
     `norm_pre`, then only the kept tokens through the blocks and the final norm (dropped tokens cost
     nothing; `patch_drop` is skipped, the choice of tokens replaces it).

@@ -22,8 +22,9 @@ def loss_curves(steps: Sequence[int], terms: dict[str, Sequence[float | None]]) 
     return _png(figure)
 
 
-def online_knn_curve(epochs: Sequence[int], top1: Sequence[float], *, teacher: float | None = None,
-                     random_init: float | None = None) -> bytes:
+def online_knn_curve(
+    epochs: Sequence[int], top1: Sequence[float], *, teacher: float | None = None, random_init: float | None = None
+) -> bytes:
     """The student's online k-NN top-1 at each epoch's end. `teacher` / `random_init`: the teacher's and
     the random-init student's online k-NN on the same split, drawn as dashed reference lines; with
     `random_init` the curve starts from it at epoch 0."""
@@ -34,11 +35,14 @@ def online_knn_curve(epochs: Sequence[int], top1: Sequence[float], *, teacher: f
     if random_init is not None and (not epochs or epochs[0] > 0):
         epochs, top1 = [0] + epochs, [random_init] + top1
     ax.plot(epochs, [100 * v for v in top1], marker="o", color=_COLOURS["student"], label="student")
-    for name, value, text in (("teacher", teacher, "teacher"), ("student_random_init", random_init,
-                                                                 "student at random init")):
+    for name, value, text in (
+        ("teacher", teacher, "teacher"),
+        ("student_random_init", random_init, "student at random init"),
+    ):
         if value is not None:
-            ax.axhline(100 * value, linestyle="--", linewidth=1.2, color=_COLOURS[name],
-                       label=f"{text} ({100 * value:.1f}%)")
+            ax.axhline(
+                100 * value, linestyle="--", linewidth=1.2, color=_COLOURS[name], label=f"{text} ({100 * value:.1f}%)"
+            )
     ax.set(xlabel="epoch", ylabel="k-NN top-1 (%)", title="online k-NN accuracy of the student")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     if teacher is not None or random_init is not None:
@@ -53,8 +57,13 @@ def accuracy_bars(rows: dict[str, dict[str, float]], gap: dict[str, float] | Non
     width = 0.8 / len(rows)
     for i, (model, row) in enumerate(rows.items()):
         values = [100 * row.get("knn_top1", float("nan")), 100 * row.get("probe_top1", float("nan"))]
-        bars = ax.bar([x + i * width for x in (0, 1)], values, width, label=MODEL_LABELS.get(model, model),
-                      color=_COLOURS.get(model))
+        bars = ax.bar(
+            [x + i * width for x in (0, 1)],
+            values,
+            width,
+            label=MODEL_LABELS.get(model, model),
+            color=_COLOURS.get(model),
+        )
         ax.bar_label(bars, fmt="%.1f", fontsize="small")
     ax.set_xticks([x + width * (len(rows) - 1) / 2 for x in (0, 1)], ["k-NN top-1", "linear probe top-1"])
     title = "teacher vs student vs random init"
@@ -71,8 +80,10 @@ def size_latency_bars(rows: dict[str, dict[str, float]]) -> bytes:
     figure, axes = _figure(columns=2)
     labels = [MODEL_LABELS.get(m, m) for m in rows]
     colours = [_COLOURS.get(m) for m in rows]
-    for ax, key, scale, title in ((axes[0], "params", 1e-6, "parameters (M)"),
-                                  (axes[1], "latency_ms", 1.0, "CPU latency, 1 image (ms)")):
+    for ax, key, scale, title in (
+        (axes[0], "params", 1e-6, "parameters (M)"),
+        (axes[1], "latency_ms", 1.0, "CPU latency, 1 image (ms)"),
+    ):
         bars = ax.bar(labels, [row[key] * scale for row in rows.values()], color=colours)
         ax.bar_label(bars, fmt="%.2f", fontsize="small")
         ax.set_title(title)

@@ -93,7 +93,7 @@ class DataConfig:
     # network's own size straight from the crop (one resampling; a student reading cached teacher outputs
     # renders only its own size: what recipes/default.yaml uses)
     render: Literal["shared", "per_network"] = "shared"
-    max_bad_fraction: float = 0.01  # the run fails when more of the training images are unreadable
+    max_bad_fraction: float = 0.01  # the run fails when more training images (rounded up to files) are unreadable
     # photometric augmentation of every view (colour jitter, grayscale, blur, solarize), off by default;
     # replayable like the crops, so cached teacher outputs, resumes and several processes agree
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -150,12 +150,12 @@ class EvalConfig:
         for key in ("knn_k", "probe_steps", "max_train", "max_test", "latency_runs"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise UsageError(f"eval.{key} must be a whole number >= 1, got {value!r}"
-                                 + (" (eval.enabled=false turns evaluation off)" if value in (0, False) else ""))
+                raise UsageError(
+                    f"eval.{key} must be a whole number >= 1, got {value!r}"
+                    + (" (eval.enabled=false turns evaluation off)" if value in (0, False) else "")
+                )
         if not (isinstance(self.knn_temperature, (int, float)) and self.knn_temperature > 0):
             raise UsageError(f"eval.knn_temperature must be > 0, got {self.knn_temperature!r}")
-
-
 
 
 @dataclass
@@ -292,11 +292,14 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
 def _check_teacher_roles(teachers: dict[str, TeacherConfig]) -> None:
     for role in teachers:
         if role == PRIMARY_TEACHER:
-            raise UsageError(f"teachers.{role}: the role {PRIMARY_TEACHER!r} is the `teacher:` section itself; "
-                             "give the extra teacher another role name, e.g. teachers.mim")
+            raise UsageError(
+                f"teachers.{role}: the role {PRIMARY_TEACHER!r} is the `teacher:` section itself; "
+                "give the extra teacher another role name, e.g. teachers.mim"
+            )
         if not str(role).isidentifier():
-            raise UsageError(f"teachers.{role}: a teacher role must be a plain name (letters, digits, _), "
-                             "e.g. mim or cl")
+            raise UsageError(
+                f"teachers.{role}: a teacher role must be a plain name (letters, digits, _), e.g. mim or cl"
+            )
 
 
 def _build_dataclass(cls: type, data: Any, path: str) -> Any:
@@ -347,8 +350,9 @@ def check_value(hint: Any, value: Any, path: str) -> Any:
         if not isinstance(value, dict):
             raise UsageError(f"{path} must be a mapping, got {_describe(value)}")
         if args and dataclasses.is_dataclass(args[1]):
-            return {key: check_value(args[1], {} if item is None else item, f"{path}.{key}")
-                    for key, item in value.items()}
+            return {
+                key: check_value(args[1], {} if item is None else item, f"{path}.{key}") for key, item in value.items()
+            }
         return dict(value)
     if origin is list:
         if not isinstance(value, (list, tuple)):
@@ -385,7 +389,6 @@ def _check_scalar(hint: Any, value: Any, path: str) -> Any:
             raise UsageError(f"{path} must be a string, got {_describe(value)}")
         return value
     return value
-
 
 
 def _describe(value: Any) -> str:

@@ -48,9 +48,7 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
-            raise UsageError(
-                f"unknown {self.kind} {name!r}: {did_you_mean(name, self.names())}"
-            ) from None
+            raise UsageError(f"unknown {self.kind} {name!r}: {did_you_mean(name, self.names())}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -29,11 +29,15 @@ def block_qk(block: nn.Module, x: Tensor) -> Tensor:
     qkv = getattr(attn, "qkv", None)
     norm1 = getattr(block, "norm1", None)
     if not isinstance(qkv, nn.Linear) or norm1 is None or not hasattr(attn, "num_heads"):
-        raise UsageError(f"attention relations need timm ViT blocks with a fused attn.qkv projection; "
-                         f"{type(block).__name__} has none")
+        raise UsageError(
+            f"attention relations need timm ViT blocks with a fused attn.qkv projection; "
+            f"{type(block).__name__} has none"
+        )
     if any(hasattr(attn, name) for name in ("rope", "relative_position_bias_table", "rel_pos")):
-        raise UsageError(f"{type(attn).__name__} adds rotary or relative position terms to its attention logits; "
-                         "its relations would not match q k^T, so they are not supported")
+        raise UsageError(
+            f"{type(attn).__name__} adds rotary or relative position terms to its attention logits; "
+            "its relations would not match q k^T, so they are not supported"
+        )
     batch, tokens, _ = x.shape
     heads = attn.num_heads
     head_dim = getattr(attn, "head_dim", qkv.out_features // (3 * heads))
@@ -43,8 +47,9 @@ def block_qk(block: nn.Module, x: Tensor) -> Tensor:
         bias = torch.cat((q_bias, torch.zeros_like(q_bias), attn.v_bias))
     projected = nn.functional.linear(norm1(x), qkv.weight, bias)
     q, k, _ = projected.reshape(batch, tokens, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
-    return torch.stack((attn.q_norm(q) if hasattr(attn, "q_norm") else q,
-                        attn.k_norm(k) if hasattr(attn, "k_norm") else k))
+    return torch.stack(
+        (attn.q_norm(q) if hasattr(attn, "q_norm") else q, attn.k_norm(k) if hasattr(attn, "k_norm") else k)
+    )
 
 
 @contextmanager
@@ -90,6 +95,7 @@ def _resplit(t: Tensor, heads: int) -> Tensor:
     batch, old_heads, tokens, dim = t.shape
     width = old_heads * dim
     if width % heads:
-        raise UsageError(f"cannot split {width} attention channels into {heads} relation heads; "
-                         f"choose a divisor of {width}")
+        raise UsageError(
+            f"cannot split {width} attention channels into {heads} relation heads; choose a divisor of {width}"
+        )
     return t.transpose(1, 2).reshape(batch, tokens, heads, width // heads).transpose(1, 2)

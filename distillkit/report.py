@@ -68,8 +68,9 @@ def read_run(run_dir: str | Path) -> Run:
     if not path.is_dir():
         raise UsageError(f"{path} is not a folder; pass a run folder written by distillkit compress")
     if not (path / "recipe.yaml").is_file():
-        raise UsageError(f"{path} is not a distillkit run folder: it has no recipe.yaml, which compress writes "
-                         "when a run starts")
+        raise UsageError(
+            f"{path} is not a distillkit run folder: it has no recipe.yaml, which compress writes when a run starts"
+        )
     problems: list[str] = []
     recipe = _read(path / "recipe.yaml", yaml.safe_load, problems)
     result = _read(path / "result.json", json.loads, problems) if (path / "result.json").exists() else None
@@ -85,11 +86,15 @@ def read_run(run_dir: str | Path) -> Run:
         problems.append("metrics.jsonl is missing: no step was logged")
     lines = [line for line in lines if isinstance(line, dict)]
     references = [line for line in lines if line.get("online_reference")]
-    return Run(path=path, recipe=recipe if isinstance(recipe, dict) else {},
-               steps=[line for line in lines if "epoch_end" not in line and "step" in line],
-               epochs=[line for line in lines if "epoch_end" in line],
-               result=result if isinstance(result, dict) else None, problems=problems,
-               reference=references[-1] if references else {})
+    return Run(
+        path=path,
+        recipe=recipe if isinstance(recipe, dict) else {},
+        steps=[line for line in lines if "epoch_end" not in line and "step" in line],
+        epochs=[line for line in lines if "epoch_end" in line],
+        result=result if isinstance(result, dict) else None,
+        problems=problems,
+        reference=references[-1] if references else {},
+    )
 
 
 def _read(path: Path, parse: Callable[[str], Any], problems: list[str]) -> Any:
@@ -102,22 +107,29 @@ def _read(path: Path, parse: Callable[[str], Any], problems: list[str]) -> Any:
 
 # -- plots: PNG bytes, or the sentence that says why there is none ---------------------------------
 
+
 def _loss_plot(run: Run) -> bytes | str:
     if not run.steps:
         return "not available: metrics.jsonl has no step lines yet (one is written every train.log_every steps)"
-    terms = list(dict.fromkeys(k for line in run.steps for k, v in line.items()
-                               if k not in _NOT_TERMS and isinstance(v, (int, float))))
-    return plots.loss_curves([line["step"] for line in run.steps],
-                             {name: [line.get(name) for line in run.steps] for name in terms})
+    terms = list(
+        dict.fromkeys(
+            k for line in run.steps for k, v in line.items() if k not in _NOT_TERMS and isinstance(v, (int, float))
+        )
+    )
+    return plots.loss_curves(
+        [line["step"] for line in run.steps], {name: [line.get(name) for line in run.steps] for name in terms}
+    )
 
 
 def _online_knn_plot(run: Run) -> bytes | str:
     scored = [line for line in run.epochs if "online_knn_top1" in line]
     if scored:
-        return plots.online_knn_curve([line["epoch_end"] for line in scored],
-                                      [line["online_knn_top1"] for line in scored],
-                                      teacher=_number(run.reference.get("teacher_knn_top1")),
-                                      random_init=_number(run.reference.get("student_random_init_knn_top1")))
+        return plots.online_knn_curve(
+            [line["epoch_end"] for line in scored],
+            [line["online_knn_top1"] for line in scored],
+            teacher=_number(run.reference.get("teacher_knn_top1")),
+            random_init=_number(run.reference.get("student_random_init_knn_top1")),
+        )
     evaluation = run.recipe.get("eval") or {}
     if evaluation.get("enabled") is False:
         return "not measured: eval.enabled is false"
@@ -200,8 +212,11 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     missing = run.problems + [f"{title}: {drawn}" for title, drawn in figures if isinstance(drawn, str)]
     body = [f"<h1>distillkit run <code>{_e(run.path.name)}</code></h1>", _verdict_box(run)]
     if missing:
-        body.append('<div class="missing"><strong>Missing from this report</strong><ul>'
-                    + "".join(f"<li>{_e(m)}</li>" for m in missing) + "</ul></div>")
+        body.append(
+            '<div class="missing"><strong>Missing from this report</strong><ul>'
+            + "".join(f"<li>{_e(m)}</li>" for m in missing)
+            + "</ul></div>"
+        )
     body.append("<h2>Plots</h2>")
     for title, drawn in figures:
         if isinstance(drawn, bytes):
@@ -211,11 +226,15 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
             body.append(f'<figure><figcaption>{_e(title)}</figcaption><p class="missing">{_e(drawn)}</p></figure>')
     body += ["<h2>Results</h2>", _results(run)]
     body += ["<h2>Recipe</h2>", _table(_summary(run))]
-    body.append(f"<footer>written by distillkit {__version__}; regenerate with: distillkit report "
-                f"{_e(str(run.path))}</footer>")
-    return ('<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-            f"<title>distillkit run {_e(run.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+    body.append(
+        f"<footer>written by distillkit {__version__}; regenerate with: distillkit report {_e(str(run.path))}</footer>"
+    )
+    return (
+        '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>distillkit run {_e(run.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 _LEVELS = {"good": "good student", "fair": "fair student", "bad": "bad student: no better than its random init"}
@@ -228,15 +247,22 @@ def _verdict_box(run: Run) -> str:
         if run.result is None:
             why = "the run has no result.json yet (it stopped, or is still running, before its evaluation)"
         elif not any("knn_top1" in row for row in _model_rows(run).values()):
-            why = "the run has no k-NN / linear-probe accuracies (" + _eval_missing(run).removeprefix(
-                "not measured: ") + ")"
+            why = (
+                "the run has no k-NN / linear-probe accuracies ("
+                + _eval_missing(run).removeprefix("not measured: ")
+                + ")"
+            )
         else:
             why = "the teacher is no better than the random-init student, so there is no gap to recover"
-        return ('<div class="verdict unknown"><span class="level">no verdict</span>'
-                f"How good the student is is not known: {_e(why)}.</div>")
+        return (
+            '<div class="verdict unknown"><span class="level">no verdict</span>'
+            f"How good the student is is not known: {_e(why)}.</div>"
+        )
     text = judged["text"][:1].upper() + judged["text"][1:]
-    box = (f'<div class="verdict {_e(judged["level"])}"><span class="level">{_e(_LEVELS[judged["level"]])}</span>'
-           f"{_e(text)}.</div>")
+    box = (
+        f'<div class="verdict {_e(judged["level"])}"><span class="level">{_e(_LEVELS[judged["level"]])}</span>'
+        f"{_e(text)}.</div>"
+    )
     if judged["level"] == "bad" and judged.get("advice"):
         box += f'<div class="warning"><strong>Warning:</strong> {_e(judged["advice"])}.</div>'
     return box
@@ -247,7 +273,7 @@ def _summary(run: Run) -> list[list[str]]:
     teacher = (recipe.get("teacher") or {}).get("name", "-")
     others = "".join(f", {role}: {t.get('name')}" for role, t in (recipe.get("teachers") or {}).items())
     train = recipe.get("train") or {}
-    data = (recipe.get("data") or {})
+    data = recipe.get("data") or {}
     source = (result or {}).get("data_source") or data.get("source", "-")
     train_images, seen = (_number((result or {}).get(key)) for key in ("train_images", "images_seen"))
     if train_images is not None:  # what the run really trained on, not what the recipe asked for
@@ -266,8 +292,9 @@ def _summary(run: Run) -> list[list[str]]:
         steps = f"{run.steps[-1]['step']} logged so far" if run.steps else "none logged"
         status, wall = "stopped or still running: no result.json", "unknown: no result.json"
     epochs = train.get("epochs", "-")
-    budget = f"{train['images']:,} images" if _number(train.get("images")) else \
-        f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    budget = (
+        f"{train['images']:,} images" if _number(train.get("images")) else f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    )
     planned = budget + (f", at most {train['max_steps']} steps" if train.get("max_steps") else "")
     return [
         ["status", status],
@@ -287,37 +314,66 @@ def _results(run: Run) -> str:
     rows = _model_rows(run)
     judged = _verdict(run)
     if rows:
-        parts.append(_table([
-            [MODELS[name], _pct(row.get("knn_top1")), _pct(row.get("probe_top1")),
-             _gap(judged["gap"]) if name == "student" and judged else "-",
-             f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
-             f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-"]
-            for name, row in rows.items()],
-            ["model", "k-NN top-1", "linear probe top-1", "gap recovered (k\u2011NN / probe)", "params",
-             "CPU latency (1 image)"]))
+        parts.append(
+            _table(
+                [
+                    [
+                        MODELS[name],
+                        _pct(row.get("knn_top1")),
+                        _pct(row.get("probe_top1")),
+                        _gap(judged["gap"]) if name == "student" and judged else "-",
+                        f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
+                        f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-",
+                    ]
+                    for name, row in rows.items()
+                ],
+                [
+                    "model",
+                    "k-NN top-1",
+                    "linear probe top-1",
+                    "gap recovered (k\u2011NN / probe)",
+                    "params",
+                    "CPU latency (1 image)",
+                ],
+            )
+        )
         split = (run.result or {}).get("metrics", {}).get("eval_split")
         if split:
-            parts.append(f"<p>held-out evaluation: k-NN bank / probe training set of {_count(split['train_images'])} "
-                         f"images, {_count(split['test_images'])} held-out images scored.</p>")
+            parts.append(
+                f"<p>held-out evaluation: k-NN bank / probe training set of {_count(split['train_images'])} "
+                f"images, {_count(split['test_images'])} held-out images scored.</p>"
+            )
     else:
-        parts.append(f'<p class="missing">teacher / student comparison: '
-                     f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>")
+        parts.append(
+            f'<p class="missing">teacher / student comparison: '
+            f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>"
+        )
     if run.steps:
         last = run.steps[-1]
         terms = [k for k, v in last.items() if k not in _NOT_TERMS and isinstance(v, (int, float))]
-        parts.append(f"<p>last logged step ({last['step']}):</p>"
-                     + _table([[f"{last[k]:.4f}" for k in terms]], terms))
+        parts.append(f"<p>last logged step ({last['step']}):</p>" + _table([[f"{last[k]:.4f}" for k in terms]], terms))
     scored = [line for line in run.epochs if "online_knn_top1" in line]
     if scored:
-        references = [f"{label} {_pct(value)}" for label, value in (
-            ("teacher", _number(run.reference.get("teacher_knn_top1"))),
-            ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))))
-            if value is not None]
-        parts.append("<p>online k-NN at each epoch's end (a small held-out split)"
-                     + (f"; on the same split: {_e(', '.join(references))}" if references else "") + ":</p>")
-        table = _table([[str(line["epoch_end"]), _pct(line["online_knn_top1"]),
-                         f"{line.get('online_knn_seconds', 0):.2f}"] for line in scored],
-                       ["epoch", "online k-NN top-1", "online eval seconds"])
+        references = [
+            f"{label} {_pct(value)}"
+            for label, value in (
+                ("teacher", _number(run.reference.get("teacher_knn_top1"))),
+                ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))),
+            )
+            if value is not None
+        ]
+        parts.append(
+            "<p>online k-NN at each epoch's end (a small held-out split)"
+            + (f"; on the same split: {_e(', '.join(references))}" if references else "")
+            + ":</p>"
+        )
+        table = _table(
+            [
+                [str(line["epoch_end"]), _pct(line["online_knn_top1"]), f"{line.get('online_knn_seconds', 0):.2f}"]
+                for line in scored
+            ],
+            ["epoch", "online k-NN top-1", "online eval seconds"],
+        )
         parts.append(_fold(table, len(scored), f"{len(scored)} epochs: show the table"))
     return "\n".join(parts)
 
@@ -335,8 +391,10 @@ def _table(rows: list[list[str]], columns: list[str] | None = None) -> str:
     """An HTML table; without `columns` a key-value table whose first cells are headers."""
     head = "<tr>" + "".join(f"<th>{_e(c)}</th>" for c in columns) + "</tr>" if columns else ""
     first, rest = ("td", '<td class="num">') if columns else ("th", "<td>")
-    body = "".join(f"<tr><{first}>{_e(row[0])}</{first}>" + "".join(f"{rest}{_e(c)}</td>" for c in row[1:])
-                   + "</tr>" for row in rows)
+    body = "".join(
+        f"<tr><{first}>{_e(row[0])}</{first}>" + "".join(f"{rest}{_e(c)}</td>" for c in row[1:]) + "</tr>"
+        for row in rows
+    )
     return f"<table>{head}{body}</table>"
 
 

@@ -38,28 +38,52 @@ class Run:
     images: ImageData
 
     @classmethod
-    def from_recipe(cls, recipe: Recipe, run_dir: str | Path, accelerator=None, images: ImageData | None = None,
-                    say: Callable[[str], None] = lambda text: None) -> "Run":
+    def from_recipe(
+        cls,
+        recipe: Recipe,
+        run_dir: str | Path,
+        accelerator=None,
+        images: ImageData | None = None,
+        say: Callable[[str], None] = lambda text: None,
+    ) -> "Run":
         """Build the run `recipe` describes (validated, e.g. by `resolve_recipe`); `images` replaces the
         recipe's data source (e.g. images in memory); `say` hears what was adapted on the way (a queue shrunk
         to the data, a teacher pruned). Writes nothing."""
         accelerator = accelerator or make_accelerator(recipe)
-        teachers = {role: load_teacher(t.name, t.weights, t.input_size, t.channels_last, variant=t.variant,
-                                       arch=t.arch, precision=t.precision, compile=t.compile)
-                    for role, t in recipe.all_teachers().items()}
+        teachers = {
+            role: load_teacher(
+                t.name,
+                t.weights,
+                t.input_size,
+                t.channels_last,
+                variant=t.variant,
+                arch=t.arch,
+                precision=t.precision,
+                compile=t.compile,
+            )
+            for role, t in recipe.all_teachers().items()
+        }
         student = Student.create(recipe.student, seed=recipe.train.seed)
-        sizes = plan_sizes(recipe.data, {role: t.input_config.size for role, t in teachers.items()},
-                           student.input_config.size)
-        images = images or open_data(recipe.data.source, limit=recipe.data.limit, seed=recipe.train.seed,
-                           val_fraction=recipe.data.val_fraction, load_size=sizes.load_size)
+        sizes = plan_sizes(
+            recipe.data, {role: t.input_config.size for role, t in teachers.items()}, student.input_config.size
+        )
+        images = images or open_data(
+            recipe.data.source,
+            limit=recipe.data.limit,
+            seed=recipe.train.seed,
+            val_fraction=recipe.data.val_fraction,
+            load_size=sizes.load_size,
+        )
         say(f"data: {images.source}; training on {len(images.train):,} images")
         for note in fit_to_data(recipe.strategy, len(images.train), recipe.train.batch_size):
             say(f"[yellow]{note}[/]")
         objective = Objective.build(recipe.strategy, teachers, student.model, student.size)
         for role, request in objective.teacher_requests(teachers, student.model).items():
             if teachers[role].prune(request):  # blocks no strategy reads
-                say(f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
-                    f"{teachers[role].num_layers} layers, without the final norm and head")
+                say(
+                    f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
+                    f"{teachers[role].num_layers} layers, without the final norm and head"
+                )
         if recipe.train.sync_bn:
             student.model = nn.SyncBatchNorm.convert_sync_batchnorm(student.model)
         return cls(recipe, Path(run_dir), accelerator, teachers, student, objective, sizes, images)

@@ -17,8 +17,7 @@ from .io import write_text
 
 MARKER = ".distillkit-run"
 # every entry a run writes into its folder: what --overwrite may remove
-RUN_ENTRIES = (MARKER, "recipe.yaml", "metrics.jsonl", "result.json", "report.html", "plots", "checkpoints",
-               "student")
+RUN_ENTRIES = (MARKER, "recipe.yaml", "metrics.jsonl", "result.json", "report.html", "plots", "checkpoints", "student")
 
 
 def is_run_folder(path: Path) -> bool:
@@ -32,8 +31,9 @@ def claim(run_dir: Path, version: str) -> None:
         write_text(run_dir / MARKER, json.dumps({"made_by": "distillkit", "version": version}) + "\n")
 
 
-def check_run_folder(run_dir: Path, resume: bool, overwrite: bool, data_folder: Path | None,
-                     cache_folder: Path) -> bool:
+def check_run_folder(
+    run_dir: Path, resume: bool, overwrite: bool, data_folder: Path | None, cache_folder: Path
+) -> bool:
     """Refuse a folder a run may not use, with what to do instead; True when `--overwrite` has a previous
     run to clear (`clear_run`, on the main process only). Changes nothing: it runs before anything loads."""
     if resume and overwrite:
@@ -49,19 +49,28 @@ def check_run_folder(run_dir: Path, resume: bool, overwrite: bool, data_folder: 
     if not entries:
         return False
     if not is_run_folder(run_dir):
-        what = ("a run of an older distillkit (it has no " + MARKER + " marker)" if "recipe.yaml" in entries
-                else f"not a distillkit run folder ({len(entries)} entries, e.g. {', '.join(entries[:3])})")
-        raise UsageError(f"--out {run_dir} is {what}; distillkit writes only into a new or empty folder or its "
-                         "own run folders, and --overwrite never deletes a folder it did not make. Choose "
-                         "another --out (or delete the folder yourself)")
+        what = (
+            "a run of an older distillkit (it has no " + MARKER + " marker)"
+            if "recipe.yaml" in entries
+            else f"not a distillkit run folder ({len(entries)} entries, e.g. {', '.join(entries[:3])})"
+        )
+        raise UsageError(
+            f"--out {run_dir} is {what}; distillkit writes only into a new or empty folder or its "
+            "own run folders, and --overwrite never deletes a folder it did not make. Choose "
+            "another --out (or delete the folder yourself)"
+        )
     if not overwrite:
-        raise UsageError(f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
-                         "replace it, or choose another --out")
+        raise UsageError(
+            f"{run_dir} already holds a run; pass --resume to continue it, --overwrite to "
+            "replace it, or choose another --out"
+        )
     foreign = [name for name in entries if name not in RUN_ENTRIES]
     if foreign:
-        raise UsageError(f"--overwrite: {run_dir} holds files a run did not write: {', '.join(foreign[:10])}"
-                         f"{' ...' if len(foreign) > 10 else ''}; move them out first (nothing was deleted), or "
-                         "choose another --out")
+        raise UsageError(
+            f"--overwrite: {run_dir} holds files a run did not write: {', '.join(foreign[:10])}"
+            f"{' ...' if len(foreign) > 10 else ''}; move them out first (nothing was deleted), or "
+            "choose another --out"
+        )
     return True
 
 
@@ -78,8 +87,12 @@ def clear_run(run_dir: Path) -> None:
 def _check_apart(run_dir: Path, folder: Path, what: str) -> None:
     run, other = run_dir.expanduser().resolve(), folder.expanduser().resolve()
     if run == other or other in run.parents:
-        raise UsageError(f"--out {run_dir} is inside {what} ({folder}): the run's files (plots, the exported "
-                         "student) would be read as its contents next time; choose an --out outside it")
+        raise UsageError(
+            f"--out {run_dir} is inside {what} ({folder}): the run's files (plots, the exported "
+            "student) would be read as its contents next time; choose an --out outside it"
+        )
     if run in other.parents:
-        raise UsageError(f"--out {run_dir} contains {what} ({folder}); a run folder must not hold it (a later "
-                         "clean-up of the run would delete it); choose another --out")
+        raise UsageError(
+            f"--out {run_dir} contains {what} ({folder}); a run folder must not hold it (a later "
+            "clean-up of the run would delete it); choose another --out"
+        )

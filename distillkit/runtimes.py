@@ -36,8 +36,9 @@ def require_onnx() -> None:
         try:
             importlib.import_module(module)
         except ImportError:
-            raise UsageError(f"the onnx format needs the {module!r} package, which is not installed: "
-                             f"{ONNX_INSTALL}") from None
+            raise UsageError(
+                f"the onnx format needs the {module!r} package, which is not installed: {ONNX_INSTALL}"
+            ) from None
 
 
 def write_onnx(model: nn.Module, path: Path, input_size: tuple[int, int]) -> None:
@@ -45,9 +46,16 @@ def write_onnx(model: nn.Module, path: Path, input_size: tuple[int, int]) -> Non
 
     example = torch.rand(2, 3, *input_size)
     with atomic_path(path) as tmp, _quiet_tracing():
-        torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["embedding"],
-                          dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
-                          opset_version=ONNX_OPSET, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            str(tmp),
+            input_names=["images"],
+            output_names=["embedding"],
+            dynamic_axes={"images": {0: "batch"}, "embedding": {0: "batch"}},
+            opset_version=ONNX_OPSET,
+            dynamo=False,
+        )
         onnx.checker.check_model(str(tmp))
 
 
@@ -104,11 +112,15 @@ def max_abs_diff(model: nn.Module, run: Runner, input_size: tuple[int, int], wha
         with torch.no_grad():
             expected, got = model(images), run(images)
         if got.shape != expected.shape:
-            raise RunError(f"{what} gives shape {tuple(got.shape)} for a batch of {batch} images, the PyTorch model "
-                           f"{tuple(expected.shape)}; the export is wrong, please report it")
+            raise RunError(
+                f"{what} gives shape {tuple(got.shape)} for a batch of {batch} images, the PyTorch model "
+                f"{tuple(expected.shape)}; the export is wrong, please report it"
+            )
         diff = (got - expected).abs().max().item()
         if not diff <= TOLERANCE * max(1.0, expected.abs().max().item()):
-            raise RunError(f"{what} differs from the PyTorch model by up to {diff:.3g} on a batch of {batch} images "
-                           f"(allowed {TOLERANCE:g} x the output scale); the export is wrong, please report it")
+            raise RunError(
+                f"{what} differs from the PyTorch model by up to {diff:.3g} on a batch of {batch} images "
+                f"(allowed {TOLERANCE:g} x the output scale); the export is wrong, please report it"
+            )
         worst = max(worst, diff)
     return worst

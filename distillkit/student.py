@@ -50,8 +50,9 @@ def read_spec(path: Path) -> StudentSpec:
         raise UsageError(f"student spec {path} must be a mapping with at least `timm: <model name>`")
     spec = _build_dataclass(StudentSpec, {**data, "name": data.get("name", path.stem)}, f"student spec {path.name}")
     if not timm.is_model(spec.timm):
-        raise UsageError(f"student spec {path}: unknown timm model {spec.timm!r}: "
-                         f"{did_you_mean(spec.timm, timm.list_models())}")
+        raise UsageError(
+            f"student spec {path}: unknown timm model {spec.timm!r}: {did_you_mean(spec.timm, timm.list_models())}"
+        )
     return spec
 
 
@@ -66,10 +67,11 @@ def list_students() -> list[str]:
 
 def student_spec(name: str) -> StudentSpec:
     if name.startswith("timm:"):
-        timm_name = name[len("timm:"):]
+        timm_name = name[len("timm:") :]
         if not timm_name or not timm.is_model(timm_name):
-            raise UsageError(f"unknown timm model {timm_name!r} in student {name!r}: "
-                             f"{did_you_mean(timm_name, timm.list_models())}")
+            raise UsageError(
+                f"unknown timm model {timm_name!r} in student {name!r}: {did_you_mean(timm_name, timm.list_models())}"
+            )
         return StudentSpec(name=name, timm=timm_name, description=f"timm {timm_name}")
     if name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file():
         return read_spec(Path(name).expanduser())

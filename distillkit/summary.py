@@ -15,7 +15,8 @@ def results_table(metrics: dict[str, Any]) -> Table:
     table.add_column("model")
     gap = gap_recovered(metrics)
     for column in ("k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)") + (
-            ("gap recovered (k-NN / probe)",) if gap else ()):
+        ("gap recovered (k-NN / probe)",) if gap else ()
+    ):
         table.add_column(column, justify="right")
     for name in ("teacher", "student", "student_random_init"):
         row = metrics.get(name)
@@ -27,8 +28,11 @@ def results_table(metrics: dict[str, Any]) -> Table:
             f"{row['probe_top1']:.2%}" if "probe_top1" in row else "-",
             f"{row['params'] / 1e6:.2f} M",
             f"{row['latency_ms']:.1f} ms",
-            *((" / ".join(f"{gap[k]:.0%}" if k in gap else "-" for k in GAP_METRICS) if name == "student" else "",)
-              if gap else ()),
+            *(
+                (" / ".join(f"{gap[k]:.0%}" if k in gap else "-" for k in GAP_METRICS) if name == "student" else "",)
+                if gap
+                else ()
+            ),
         )
     return table
 

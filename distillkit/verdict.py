@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Any
 
-
 GAP_METRICS = ("knn_top1", "probe_top1")
 
 
@@ -32,12 +31,15 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
         return None
     worst = min(gap.values())
     level = "good" if worst >= 0.8 else "fair" if worst > 0 else "bad"
-    parts = " and ".join(f"{value:.0%} of the {'k-NN' if key == 'knn_top1' else 'linear-probe'} gap"
-                         for key, value in gap.items())
+    parts = " and ".join(
+        f"{value:.0%} of the {'k-NN' if key == 'knn_top1' else 'linear-probe'} gap" for key, value in gap.items()
+    )
     text = f"the student recovers {parts} between its random init and the teacher"
     advice = None
     if level == "bad":
-        advice = ("the distilled student is no better than the same network at random init: train longer "
-                  "(--set train.images=N or --epochs), keep the teacher cache on so epochs are cheap, or try "
-                  "another strategy (distillkit list strategies)")
+        advice = (
+            "the distilled student is no better than the same network at random init: train longer "
+            "(--set train.images=N or --epochs), keep the teacher cache on so epochs are cheap, or try "
+            "another strategy (distillkit list strategies)"
+        )
     return {"level": level, "gap": gap, "text": text, "advice": advice}

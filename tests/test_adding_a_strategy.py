@@ -60,16 +60,32 @@ def test_its_recipe_section_is_validated_like_any_other(toy):
 def test_it_trains_through_compress_and_the_export_loads_in_timm(toy, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = distillkit.compress(strategy="cosine", limit=128, batch_size=32, max_steps=24, lr=0.05,
-                                     out=tmp_path / "run", quiet=True,
-                                     set=["eval.max_train=64", "eval.max_test=32", "eval.probe_steps=5",
-                                          "eval.latency_runs=1", "eval.online_images=0", "data.teacher_cache=null",
-                                          "train.log_every=4"])
+        result = distillkit.compress(
+            strategy="cosine",
+            limit=128,
+            batch_size=32,
+            max_steps=24,
+            lr=0.05,
+            out=tmp_path / "run",
+            quiet=True,
+            set=[
+                "eval.max_train=64",
+                "eval.max_test=32",
+                "eval.probe_steps=5",
+                "eval.latency_runs=1",
+                "eval.online_images=0",
+                "data.teacher_cache=null",
+                "train.log_every=4",
+            ],
+        )
     assert result.steps == 24
     saved = yaml.safe_load((result.run_dir / "recipe.yaml").read_text())
     assert saved["strategy"] == {"cosine": {"weight": 1.0, "head_scale": 1.0}}
-    losses = [json.loads(line)["cosine"] for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-              if '"cosine"' in line and '"step"' in line and "epoch_end" not in line]
+    losses = [
+        json.loads(line)["cosine"]
+        for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"cosine"' in line and '"step"' in line and "epoch_end" not in line
+    ]
     assert len(losses) >= 4 and sum(losses[-2:]) < sum(losses[:2])  # it learns
     model = timm.create_model(f"local-dir:{result.student_dir}", pretrained=True)
     assert not any(name.startswith("head") for name, _ in model.named_parameters())  # the Linear head stays behind

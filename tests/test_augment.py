@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
-from distillkit.data.augment import (AUGMENT_STREAM, NUM_PARAMS, apply_augment, blur_sigma_pixels,
-                                     sample_augment_params)
+from distillkit.data.augment import AUGMENT_STREAM, NUM_PARAMS, apply_augment, blur_sigma_pixels, sample_augment_params
 from distillkit.data.hashing import hash_uniform
 from distillkit.data.views import BatchViews, ViewConfig, render_views, sample_view_params
 from distillkit.errors import UsageError
@@ -22,8 +21,9 @@ from distillkit.recipe import AugmentConfig, check_value
 # the column layout, written out independently of the module's constants
 JITTER, FACTORS, ORDER, GRAY, BLUR, SIGMA, SOLARIZE = 0, slice(1, 5), slice(5, 9), 9, 10, 11, 12
 
-EVERYTHING = AugmentConfig(jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale=0.2,
-                           blur=0.5, solarize=0.2)
+EVERYTHING = AugmentConfig(
+    jitter=0.8, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, grayscale=0.2, blur=0.5, solarize=0.2
+)
 
 
 def draw(indices, config=EVERYTHING, seed=0, epoch=0, view=0):
@@ -47,8 +47,12 @@ def reference(view: torch.Tensor, row: list[float], config: AugmentConfig) -> to
     """One image through torchvision.transforms.v2.functional, following its parameter row."""
     x = view
     if config.jitter > 0 and row[JITTER]:
-        ops = [(TF.adjust_brightness, config.brightness), (TF.adjust_contrast, config.contrast),
-               (TF.adjust_saturation, config.saturation), (TF.adjust_hue, config.hue)]
+        ops = [
+            (TF.adjust_brightness, config.brightness),
+            (TF.adjust_contrast, config.contrast),
+            (TF.adjust_saturation, config.saturation),
+            (TF.adjust_hue, config.hue),
+        ]
         for op_index in row[ORDER]:
             op, strength = ops[int(op_index)]
             if strength > 0:
@@ -66,19 +70,33 @@ def reference(view: torch.Tensor, row: list[float], config: AugmentConfig) -> to
     return x
 
 
-@pytest.mark.parametrize("config", [
-    AugmentConfig(jitter=1.0, brightness=0.8),
-    AugmentConfig(jitter=1.0, contrast=0.8),
-    AugmentConfig(jitter=1.0, saturation=1.5),  # factors down to 0 (fully gray)
-    AugmentConfig(jitter=1.0, hue=0.5),
-    AugmentConfig(grayscale=1.0),
-    AugmentConfig(blur=1.0, blur_sigma=(5.0, 30.0)),  # 0.5-3.2 px at 24 px: 5- to 21-tap kernels
-    AugmentConfig(blur=1.0, blur_sigma=(50.0, 200.0)),  # kernels capped to the view side
-    AugmentConfig(solarize=1.0),
-    AugmentConfig(jitter=1.0, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2),  # the order matters
-    EVERYTHING,
-], ids=["brightness", "contrast", "saturation", "hue", "grayscale", "blur", "blur-capped", "solarize", "jitter",
-        "everything"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        AugmentConfig(jitter=1.0, brightness=0.8),
+        AugmentConfig(jitter=1.0, contrast=0.8),
+        AugmentConfig(jitter=1.0, saturation=1.5),  # factors down to 0 (fully gray)
+        AugmentConfig(jitter=1.0, hue=0.5),
+        AugmentConfig(grayscale=1.0),
+        AugmentConfig(blur=1.0, blur_sigma=(5.0, 30.0)),  # 0.5-3.2 px at 24 px: 5- to 21-tap kernels
+        AugmentConfig(blur=1.0, blur_sigma=(50.0, 200.0)),  # kernels capped to the view side
+        AugmentConfig(solarize=1.0),
+        AugmentConfig(jitter=1.0, brightness=0.8, contrast=0.8, saturation=0.8, hue=0.2),  # the order matters
+        EVERYTHING,
+    ],
+    ids=[
+        "brightness",
+        "contrast",
+        "saturation",
+        "hue",
+        "grayscale",
+        "blur",
+        "blur-capped",
+        "solarize",
+        "jitter",
+        "everything",
+    ],
+)
 def test_batched_matches_torchvision_one_image_at_a_time(config):
     views = some_views()
     params = draw(range(100, 124), config, seed=3)
@@ -121,8 +139,7 @@ def test_zero_probabilities_change_no_pixel():
 
 
 def test_params_shape_dtype_and_ranges():
-    config = AugmentConfig(jitter=0.5, brightness=1.5, contrast=0.3, saturation=0.0, hue=0.2,
-                           blur_sigma=(0.5, 1.5))
+    config = AugmentConfig(jitter=0.5, brightness=1.5, contrast=0.3, saturation=0.0, hue=0.2, blur_sigma=(0.5, 1.5))
     p = draw(range(4000), config)
     assert p.shape == (4000, NUM_PARAMS) == (4000, 13) and p.dtype == torch.float64
     brightness, contrast, saturation, hue = p[:, FACTORS].T
@@ -142,8 +159,10 @@ def test_jitter_order_is_a_uniform_random_permutation():
     assert int(counts.min()) > 200 - 3 * 14 and int(counts.max()) < 200 + 3 * 14
 
 
-@pytest.mark.parametrize("column, name, p", [(GRAY, "grayscale", 0.3), (JITTER, "jitter", 0.8), (BLUR, "blur", 0.5),
-                                             (SOLARIZE, "solarize", 0.2)])
+@pytest.mark.parametrize(
+    "column, name, p",
+    [(GRAY, "grayscale", 0.3), (JITTER, "jitter", 0.8), (BLUR, "blur", 0.5), (SOLARIZE, "solarize", 0.2)],
+)
 def test_frequencies_match_the_probabilities(column, name, p):
     n = 4000
     flags = draw(range(n), AugmentConfig(**{name: p}), seed=5)[:, column]
@@ -197,8 +216,9 @@ def test_params_are_independent_of_the_crop_draws():
     assert abs(agree - 0.5) < 3 * math.sqrt(0.25 / n)
     assert abs(float(torch.corrcoef(torch.stack([crops[:, 0], augment[:, SIGMA]]))[0, 1])) < 3 / math.sqrt(n)
     # asking for augmentation leaves the crops as they were
-    assert torch.equal(crops, sample_view_params(indices, 32, 32, ViewConfig(flip=0.5, augment=EVERYTHING),
-                                                 seed=1, epoch=0, view=0))
+    assert torch.equal(
+        crops, sample_view_params(indices, 32, 32, ViewConfig(flip=0.5, augment=EVERYTHING), seed=1, epoch=0, view=0)
+    )
 
 
 # ----------------------------------------------------------------------------- blur scales with the view
@@ -229,13 +249,22 @@ def test_a_64_and_a_32_px_view_of_one_crop_are_blurred_alike():
 # ----------------------------------------------------------------------------- config
 
 
-@pytest.mark.parametrize("key, value, allowed", [
-    ("jitter", 1.5, "[0, 1]"), ("grayscale", -0.1, "[0, 1]"), ("blur", 2.0, "[0, 1]"),
-    ("solarize", float("nan"), "[0, 1]"),
-    ("brightness", -0.1, ">= 0"), ("contrast", -1.0, ">= 0"), ("saturation", float("inf"), ">= 0"),
-    ("hue", 0.6, "[0, 0.5]"), ("hue", -0.1, "[0, 0.5]"),
-    ("blur_sigma", (0.0, 1.0), "0 < low <= high"), ("blur_sigma", (2.0, 1.0), "0 < low <= high"),
-])
+@pytest.mark.parametrize(
+    "key, value, allowed",
+    [
+        ("jitter", 1.5, "[0, 1]"),
+        ("grayscale", -0.1, "[0, 1]"),
+        ("blur", 2.0, "[0, 1]"),
+        ("solarize", float("nan"), "[0, 1]"),
+        ("brightness", -0.1, ">= 0"),
+        ("contrast", -1.0, ">= 0"),
+        ("saturation", float("inf"), ">= 0"),
+        ("hue", 0.6, "[0, 0.5]"),
+        ("hue", -0.1, "[0, 0.5]"),
+        ("blur_sigma", (0.0, 1.0), "0 < low <= high"),
+        ("blur_sigma", (2.0, 1.0), "0 < low <= high"),
+    ],
+)
 def test_bad_values_name_their_key_and_range(key, value, allowed):
     with pytest.raises(UsageError, match=rf"data\.augment\.{key} .*{re.escape(allowed)}"):
         AugmentConfig(**{key: value})

@@ -38,8 +38,9 @@ def test_budget_in_images_decides_the_steps_and_epochs():
 
 
 def run(out: Path, extra=(), **kwargs):
-    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32, out=out,
-                   quiet=True)
+    options = dict(
+        student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32, out=out, quiet=True
+    )
     options.update(kwargs)
     return distillkit.compress(set=TINY + list(extra), **options)
 
@@ -47,8 +48,9 @@ def run(out: Path, extra=(), **kwargs):
 def test_a_small_data_source_trains_the_whole_image_budget(tmp_path):
     result = run(tmp_path / "run", ["train.images=256", "train.log_every=1"], teacher_cache=False)
     assert result.steps == 8 and result.images_seen == 256  # 4 epochs of 2 batches of the 64 images
-    epochs = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()
-              if "epoch_end" in line]
+    epochs = [
+        json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines() if "epoch_end" in line
+    ]
     assert [e["epoch_end"] for e in epochs] == [1, 2, 3, 4]
     saved = json.loads((result.run_dir / "result.json").read_text())
     assert saved["train_images"] == 64 and saved["images_seen"] == 256
@@ -88,8 +90,13 @@ def tiny_disk(tmp_path):
     """A real 2 MB tmpfs (root only): a disk too small for a teacher cache and its safety margin."""
     mount = tmp_path / "tiny-disk"
     mount.mkdir()
-    if shutil.which("mount") is None or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)],
-                                                       capture_output=True).returncode != 0:
+    if (
+        shutil.which("mount") is None
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
+        ).returncode
+        != 0
+    ):
         pytest.skip("needs root to mount a tmpfs")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
@@ -105,8 +112,8 @@ def test_no_room_for_the_automatic_cache_falls_back_to_the_teacher(tmp_path, tin
 
 
 def test_view_slots_auto_gives_the_teacher_an_eighth_of_the_images_seen():
-    from distillkit.recipe import resolve_recipe
     from distillkit.data.views import view_slots
+    from distillkit.recipe import resolve_recipe
 
     recipe = resolve_recipe({"data": {"view_slots": "auto"}, "train": {"images": 480000, "batch_size": 128}})
     for images, slots in ((60000, 1), (20000, 3), (5000, 12), (400000, 1)):

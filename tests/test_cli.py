@@ -73,9 +73,26 @@ def test_no_arguments_shows_help(runner):
     assert "Usage" in result.output
 
 
-COMPRESS_OPTIONS = ("--teacher", "--teacher-weights", "--student", "--strategy", "--data", "--epochs",
-                    "--max-steps", "--limit", "--batch-size", "--lr", "--out", "--recipe", "--set", "--resume",
-                    "--overwrite", "--seed", "--precision", "--quiet")
+COMPRESS_OPTIONS = (
+    "--teacher",
+    "--teacher-weights",
+    "--student",
+    "--strategy",
+    "--data",
+    "--epochs",
+    "--max-steps",
+    "--limit",
+    "--batch-size",
+    "--lr",
+    "--out",
+    "--recipe",
+    "--set",
+    "--resume",
+    "--overwrite",
+    "--seed",
+    "--precision",
+    "--quiet",
+)
 
 
 def test_compress_help_lists_options(runner):
@@ -108,8 +125,10 @@ def test_eval_help(runner):
     "what, names",
     [
         ("teachers", ["efficientnet-lite0", "timm:<model name>"]),
-        ("students", ["mobilenetv3", "mobilenetv3-small", "efficientnet-b0", "resnet18", "vit-tiny",
-                      "mobilenetv3_large_100"]),
+        (
+            "students",
+            ["mobilenetv3", "mobilenetv3-small", "efficientnet-b0", "resnet18", "vit-tiny", "mobilenetv3_large_100"],
+        ),
         ("strategies", ["seed", "SEED"]),
         ("recipes", ["default", "seed-vit", "The embedded default"]),
     ],
@@ -130,18 +149,24 @@ def test_list_unknown_kind_is_usage_error(runner):
 
 
 def test_unknown_student(runner, no_loading):
-    assert_usage_error(invoke(runner, ["compress", "--student", "mobilenet"]),
-                       "unknown student 'mobilenet'", "did you mean", "'mobilenetv3'")
+    assert_usage_error(
+        invoke(runner, ["compress", "--student", "mobilenet"]),
+        "unknown student 'mobilenet'",
+        "did you mean",
+        "'mobilenetv3'",
+    )
 
 
 def test_unknown_timm_student(runner, no_loading):
-    assert_usage_error(invoke(runner, ["compress", "--student", "timm:resnet_nonexistent_xyz"]),
-                       "unknown timm model")
+    assert_usage_error(invoke(runner, ["compress", "--student", "timm:resnet_nonexistent_xyz"]), "unknown timm model")
 
 
 def test_unknown_teacher(runner, no_loading):
-    assert_usage_error(invoke(runner, ["compress", "--teacher", "efficientnet-lite"]),
-                       "unknown teacher 'efficientnet-lite'", "did you mean 'efficientnet-lite0'")
+    assert_usage_error(
+        invoke(runner, ["compress", "--teacher", "efficientnet-lite"]),
+        "unknown teacher 'efficientnet-lite'",
+        "did you mean 'efficientnet-lite0'",
+    )
 
 
 def test_unknown_timm_teacher(runner, no_loading):
@@ -149,8 +174,9 @@ def test_unknown_timm_teacher(runner, no_loading):
 
 
 def test_unknown_strategy(runner, no_loading):
-    assert_usage_error(invoke(runner, ["compress", "--strategy", "sed"]),
-                       "unknown strategy 'sed'", "did you mean 'seed'")
+    assert_usage_error(
+        invoke(runner, ["compress", "--strategy", "sed"]), "unknown strategy 'sed'", "did you mean 'seed'"
+    )
 
 
 def test_unknown_recipe_key(runner, no_loading):
@@ -162,8 +188,7 @@ def test_set_without_equals(runner, no_loading):
 
 
 def test_set_bad_value(runner, no_loading):
-    assert_usage_error(invoke(runner, ["compress", "--set", "train.precision=fp8"]),
-                       "train.precision", "fp32")
+    assert_usage_error(invoke(runner, ["compress", "--set", "train.precision=fp8"]), "train.precision", "fp32")
 
 
 def test_bad_precision_flag(runner, no_loading):
@@ -223,8 +248,9 @@ def test_resume_with_missing_out_dir(runner, no_loading, tmp_path):
 
 
 def test_resume_and_overwrite_contradict(runner, no_loading, tmp_path):
-    assert_usage_error(invoke(runner, ["compress", "--resume", "--overwrite", "--out", str(tmp_path)]),
-                       "--resume", "--overwrite")
+    assert_usage_error(
+        invoke(runner, ["compress", "--resume", "--overwrite", "--out", str(tmp_path)]), "--resume", "--overwrite"
+    )
 
 
 def test_out_dir_holding_a_run_is_protected(runner, no_loading, tmp_path):
@@ -240,8 +266,11 @@ def test_out_dir_holding_a_run_is_protected(runner, no_loading, tmp_path):
     assert (out / "result.json").is_file()
 
 
-@pytest.mark.parametrize("files", [["notes.txt", "src/main.py"], ["recipe.yaml", "thesis.tex"]],
-                         ids=["a project folder", "an unmarked folder with a recipe.yaml"])
+@pytest.mark.parametrize(
+    "files",
+    [["notes.txt", "src/main.py"], ["recipe.yaml", "thesis.tex"]],
+    ids=["a project folder", "an unmarked folder with a recipe.yaml"],
+)
 @pytest.mark.parametrize("flags", [[], ["--overwrite"]], ids=["plain", "--overwrite"])
 def test_overwrite_never_deletes_a_folder_distillkit_did_not_make(runner, no_loading, tmp_path, files, flags):
     out = tmp_path / "project"
@@ -265,8 +294,9 @@ def test_a_run_folder_and_its_data_stay_apart(runner, no_loading, tmp_path, wher
 
 def test_a_run_folder_stays_out_of_the_user_cache(runner, no_loading, tmp_path, monkeypatch):
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "cache"))
-    assert_usage_error(invoke(runner, ["compress", "--out", str(tmp_path / "cache" / "run")]),
-                       "is inside distillkit's user cache")
+    assert_usage_error(
+        invoke(runner, ["compress", "--out", str(tmp_path / "cache" / "run")]), "is inside distillkit's user cache"
+    )
 
 
 def test_bad_input_is_reported_on_stderr(runner, no_loading):
@@ -297,9 +327,16 @@ def test_export_an_early_exit_and_an_out_of_range_block(runner, tmp_path):
     from distillkit.export import export_student
 
     model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=3, num_classes=0).eval()
-    export_student(model, tmp_path / "run" / "student", architecture="vit_tiny_patch16_224",
-                   model_args={"img_size": 32, "depth": 3}, input_size=32, mean=(0.5,) * 3, std=(0.5,) * 3,
-                   provenance={})
+    export_student(
+        model,
+        tmp_path / "run" / "student",
+        architecture="vit_tiny_patch16_224",
+        model_args={"img_size": 32, "depth": 3},
+        input_size=32,
+        mean=(0.5,) * 3,
+        std=(0.5,) * 3,
+        provenance={},
+    )
     result = invoke(runner, ["export", str(tmp_path / "run"), "--format", "torchscript", "--exit-at", "1"])
     assert result.exit_code == 0, result.output
     assert "max abs diff" in result.output

@@ -29,8 +29,15 @@ TINY = [
 
 
 def tiny_run(out, **kwargs):
-    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=128, batch_size=32,
-                   out=out, set=list(TINY), quiet=True)
+    options = dict(
+        student="mobilenetv3-small",
+        data="builtin:fashion-mnist",
+        limit=128,
+        batch_size=32,
+        out=out,
+        set=list(TINY),
+        quiet=True,
+    )
     options.update(kwargs)
     return distillkit.compress(**options)
 
@@ -55,7 +62,7 @@ def test_api_run_writes_everything_and_exports_the_trained_student(tmp_path):
     # The export holds exactly the checkpoint's student weights, and plain timm loads it.
     exported = load_file(str(result.student_dir / "model.safetensors"))
     checkpoint = load_file(str(result.run_dir / "checkpoints" / "last" / "model.safetensors"))
-    student_part = {k[len("student."):]: v for k, v in checkpoint.items() if k.startswith("student.")}
+    student_part = {k[len("student.") :]: v for k, v in checkpoint.items() if k.startswith("student.")}
     assert exported.keys() == student_part.keys()
     assert all(torch.equal(exported[k], student_part[k]) for k in exported)
     assert any(k.startswith("objective.strategies.seed.queue") for k in checkpoint)
@@ -84,8 +91,9 @@ def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypa
         tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], teacher_cache=tmp_path / "c2")
     monkeypatch.setattr(loop, "save_checkpoint", real_save)
 
-    resumed = tiny_run(tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], resume=True,
-                       teacher_cache=tmp_path / "c2")
+    resumed = tiny_run(
+        tmp_path / "crashed", epochs=2, set=TINY + ["eval.enabled=false"], resume=True, teacher_cache=tmp_path / "c2"
+    )
     assert resumed.steps == whole.steps == 8
     a = load_file(str(whole.run_dir / "checkpoints" / "last" / "model.safetensors"))
     b = load_file(str(resumed.run_dir / "checkpoints" / "last" / "model.safetensors"))
@@ -146,8 +154,24 @@ def test_unlabelled_folder_trains_and_reports_size_and_latency(tmp_path):
 
 
 def test_cli_compress_runs_end_to_end(tmp_path):
-    args = ["compress", "--student", "mobilenetv3-small", "--limit", "64", "--batch-size", "32", "--max-steps", "2",
-            "--out", str(tmp_path / "cli"), "--quiet", "--seed", "1", "--precision", "fp32"]
+    args = [
+        "compress",
+        "--student",
+        "mobilenetv3-small",
+        "--limit",
+        "64",
+        "--batch-size",
+        "32",
+        "--max-steps",
+        "2",
+        "--out",
+        str(tmp_path / "cli"),
+        "--quiet",
+        "--seed",
+        "1",
+        "--precision",
+        "fp32",
+    ]
     for item in TINY:
         args += ["--set", item]
     result = CliRunner().invoke(app, args)

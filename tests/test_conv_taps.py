@@ -24,14 +24,15 @@ def _configs(count: int):
 
 
 @pytest.mark.parametrize("kernel,stride,dilation,padding,height,width,channels,groups", list(_configs(120)))
-def test_outputs_and_gradients_match_the_full_convolution(kernel, stride, dilation, padding, height, width,
-                                                          channels, groups):
+def test_outputs_and_gradients_match_the_full_convolution(
+    kernel, stride, dilation, padding, height, width, channels, groups
+):
     torch.manual_seed(kernel * 100 + height * 10 + width)
     weight = torch.randn(channels, channels // groups, kernel, kernel, requires_grad=True)
     bias = torch.randn(channels, requires_grad=True)
     x = torch.randn(3, channels, height, width, requires_grad=True)
     expected = F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # the reference: torch's own op
-    expected_grads = torch.autograd.grad((expected ** 2).sum(), (x, weight, bias))
+    expected_grads = torch.autograd.grad((expected**2).sum(), (x, weight, bias))
 
     conv = nn.Conv2d(channels, channels, kernel, stride, padding, dilation, groups)
     with torch.no_grad():
@@ -39,7 +40,7 @@ def test_outputs_and_gradients_match_the_full_convolution(kernel, stride, dilati
         conv.bias.copy_(bias)
     with cropped_taps(conv):
         got = conv(x)
-        grads = torch.autograd.grad((got ** 2).sum(), (x, conv.weight, conv.bias))
+        grads = torch.autograd.grad((got**2).sum(), (x, conv.weight, conv.bias))
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, e in zip(grads, expected_grads):

@@ -127,8 +127,9 @@ def test_read_idx_not_gzip(tmp_path):
         read_idx(path)
 
 
-@pytest.mark.parametrize("raw", [b"", b"\x00\x00", b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00",
-                                 b"PK\x03\x04hello"])
+@pytest.mark.parametrize(
+    "raw", [b"", b"\x00\x00", b"\x00\x00\x0d\x01\x00\x00\x00\x01\x00\x00\x00\x00", b"PK\x03\x04hello"]
+)
 def test_read_idx_bad_magic(tmp_path, raw):
     path = tmp_path / "x-idx1-ubyte"
     path.write_bytes(raw)
@@ -164,7 +165,9 @@ def test_bundled_fallback(offline_fashion):
     assert int(train.images.max()) > 0  # real pictures, not a blank array
 
 
-@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist")
+@pytest.mark.skipif(
+    not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="needs Debian's dataset-fashion-mnist"
+)
 def test_bundled_subset_is_the_first_images_of_each_class():
     """The bundle holds the first 2,000 training / 200 test images of each class, pixel for pixel."""
     from distillkit.data.sources import read_bundled_fashion_mnist, read_idx
@@ -280,8 +283,10 @@ def test_open_data_unknown_builtin():
 
 
 def labelled_folder(root: Path) -> dict[str, list[Path]]:
-    files = {"cat": [write_png(root / "cat" / f"c{i}.png", (200, 10, 10)) for i in range(6)],
-             "dog": [write_png(root / "dog" / f"d{i}.png", (10, 200, 10)) for i in range(4)]}
+    files = {
+        "cat": [write_png(root / "cat" / f"c{i}.png", (200, 10, 10)) for i in range(6)],
+        "dog": [write_png(root / "dog" / f"d{i}.png", (10, 200, 10)) for i in range(4)],
+    }
     return files
 
 
@@ -480,3 +485,86 @@ def test_check_data_source_file(tmp_path):
     path.write_bytes(b"")
     with pytest.raises(UsageError, match="is a file"):
         check_data_source(str(path))
+
+
+# ----------------------------------------------------------------------------- awkward images (issue 15, item 7)
+
+
+def test_a_decompression_bomb_is_skipped_and_named(tmp_path):
+    """A 196 M pixel image (more than twice PIL's MAX_IMAGE_PIXELS) makes PIL raise DecompressionBombError,
+    not OSError: it must become a BadImage that says why, not a crash."""
+    from PIL import Image
+
+    Image.new("1", (14000, 14000)).save(tmp_path / "bomb.png")  # one bit per pixel: a small file, 196 M pixels
+    write_png(tmp_path / "fine.png", (9, 9, 9))
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    items = {Path(data.train.paths[i]).name: data.train[i] for i in range(len(data.train))}
+    assert isinstance(items["bomb.png"], BadImage) and "decompression bomb" in items["bomb.png"].reason
+    assert not isinstance(items["fine.png"], BadImage)
+
+
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_images_are_scaled_not_clipped(tmp_path, mode):
+    """A 16-bit grayscale PNG holds 0..65535: it is scaled to 0..255 (value >> 8), not clipped to white."""
+    from PIL import Image
+
+    values = np.array([[0, 1000], [30000, 65535]], dtype=np.uint16).repeat(4, 0).repeat(4, 1)  # 8 x 8
+    if mode == "I;16":  # a 16-bit PNG
+        Image.fromarray(values).save(tmp_path / "deep.png")
+    else:  # a 32-bit integer TIFF holding 16-bit values
+        Image.fromarray(values.astype(np.int32), mode="I").save(tmp_path / "deep.tif")
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    pixels, _, _ = data.train[0]
+    assert pixels[0].tolist() == (values >> 8).astype(np.uint8).tolist()
+    assert torch.equal(pixels[0], pixels[1]) and torch.equal(pixels[1], pixels[2])
+
+
+@pytest.mark.parametrize(
+    "mode, color, expected", [("CMYK", (0, 255, 255, 0), [255, 0, 0]), ("LA", (77, 200), [77] * 3)]
+)
+def test_cmyk_and_gray_alpha_images_become_rgb(tmp_path, mode, color, expected):
+    from PIL import Image
+
+    Image.new(mode, (8, 8), color).save(tmp_path / ("one.jpg" if mode == "CMYK" else "one.png"))
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    pixels, _, _ = data.train[0]
+    assert [abs(int(v) - e) <= 2 for v, e in zip(pixels[:, 4, 4], expected)] == [True] * 3
+
+
+def test_dotfiles_and_notebook_checkpoints_are_not_images(tmp_path):
+    """macOS' AppleDouble files (._x.jpg), .ipynb_checkpoints/ and other hidden entries are skipped."""
+    for cls in ("a", "b"):
+        write_png(tmp_path / cls / "real.png", (5, 5, 5))
+        (tmp_path / cls / "._real.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble junk")
+        write_png(tmp_path / cls / ".ipynb_checkpoints" / "copy.png", (6, 6, 6))
+        write_png(tmp_path / cls / "sub" / ".hidden.png", (7, 7, 7))
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    found = [Path(p).relative_to(tmp_path).as_posix() for p in data.train.paths + data.test.paths]
+    assert sorted(found) == ["a/real.png", "b/real.png"]
+
+
+def test_a_val_folder_beside_class_folders_is_the_held_out_split(tmp_path):
+    """root/{a,b}/ plus root/val/{a,b}/ without train/: val/ is the held-out split, not a third class."""
+    for cls in ("a", "b"):
+        for i in range(3):
+            write_png(tmp_path / cls / f"{i}.png", (i, i, i))
+        write_png(tmp_path / "val" / cls / "v.png", (9, 9, 9))
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    assert data.num_classes == 2 and len(data.train) == 6 and len(data.test) == 2
+    assert all("/val/" in str(p) for p in data.test.paths) and not any("/val/" in str(p) for p in data.train.paths)
+
+
+def test_training_batches_stay_full_when_an_image_is_unreadable(tmp_path):
+    """The training loader's dataset gives an unreadable image's place to the next readable one (with its own
+    index) and reports the bad file, so every process's batch keeps its size."""
+    from distillkit.data.sources import ReplacingBad
+
+    for i in range(4):
+        write_png(tmp_path / f"{i}.png", (i, i, i))
+    (tmp_path / "1.png").write_bytes(b"broken")
+    data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.5, load_size=8)
+    batch = collate_skipping_bad([ReplacingBad(data.train)[i] for i in range(4)])
+    assert batch.images.shape[0] == 4 and batch.indices.tolist() == [0, 2, 2, 3]
+    assert [Path(b.path).name for b in batch.bad] == ["1.png"]
+    plain = collate_skipping_bad([data.train[i] for i in range(4)])  # evaluation skips it instead
+    assert plain.images.shape[0] == 3 and len(plain.bad) == 1

@@ -28,12 +28,44 @@ def free_port() -> int:
 
 
 def run_args(out: Path, strategy: str, cache: bool = False) -> list[str]:
-    args = ["--teacher-cache", str(out.parent / f"cache-{out.name}"), "--set", "data.view_slots=1",
-            "--set", "data.cache_dtype=float32"] if cache else ["--no-teacher-cache"]
-    args += ["--student", "timm:vit_tiny_patch16_224", "--strategy", strategy, "--limit", "128",
-            "--batch-size", "32", "--epochs", "2", "--out", str(out), "--quiet", "--seed", "3"]
-    for item in ("teacher.input_size=32", "student.input_size=32", "strategy.seed.queue_size=64",
-                 "eval.enabled=false", "train.deterministic=true", "train.log_every=1", "train.lr=0.05"):
+    args = (
+        [
+            "--teacher-cache",
+            str(out.parent / f"cache-{out.name}"),
+            "--set",
+            "data.view_slots=1",
+            "--set",
+            "data.cache_dtype=float32",
+        ]
+        if cache
+        else ["--no-teacher-cache"]
+    )
+    args += [
+        "--student",
+        "timm:vit_tiny_patch16_224",
+        "--strategy",
+        strategy,
+        "--limit",
+        "128",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--seed",
+        "3",
+    ]
+    for item in (
+        "teacher.input_size=32",
+        "student.input_size=32",
+        "strategy.seed.queue_size=64",
+        "eval.enabled=false",
+        "train.deterministic=true",
+        "train.log_every=1",
+        "train.lr=0.05",
+    ):
         args += ["--set", item]
     return args
 
@@ -47,12 +79,34 @@ def losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("strategy, cache", [("seed+feature", False), ("seed", True)])
 def test_two_processes_match_one_process(tmp_path, strategy, cache):
     """With a teacher cache each process writes its share of the rows in epoch 1 and reads them in epoch 2."""
-    one = subprocess.run([sys.executable, str(FAULT_RUN), "--", *run_args(tmp_path / "one", strategy, cache)],
-                         capture_output=True, text=True, timeout=300)
+    one = subprocess.run(
+        [sys.executable, str(FAULT_RUN), "--", *run_args(tmp_path / "one", strategy, cache)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-                          "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(FAULT_RUN), "--",
-                          *run_args(tmp_path / "two", strategy, cache)], capture_output=True, text=True, timeout=300)
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(FAULT_RUN),
+            "--",
+            *run_args(tmp_path / "two", strategy, cache),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert two.returncode == 0, two.stderr[-3000:]
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -69,3 +123,65 @@ def test_two_processes_match_one_process(tmp_path, strategy, cache):
         for run in ("one", "two"):
             (entry,) = (tmp_path / f"cache-{run}").iterdir()
             assert np.fromfile(entry / "filled.bin", dtype=np.uint8).sum() == 128
+
+
+def test_bad_images_are_added_up_over_processes(tmp_path):
+    """Two processes each meet only their own shard's files: at the epoch's end they add up the distinct bad
+    files of both (2 here, over the 1 allowed) and stop together, with the total, instead of each letting its
+    share through (or one stopping while the other waits)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 94), ("val", 4)):  # 96 training files: 6 full global batches, none dropped
+        for i in range(count):
+            folder = tmp_path / "images" / split / "ab"[i % 2]
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 255, (12, 12, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    for i in range(2):
+        (tmp_path / "images" / "train" / "a" / f"broken{i}.png").write_bytes(b"not an image")
+    args = [
+        "--data",
+        str(tmp_path / "images"),
+        "--student",
+        "mobilenetv3-small",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "1",
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--no-teacher-cache",
+    ]
+    for item in (
+        "teacher.input_size=32",
+        "student.input_size=32",
+        "strategy.seed.queue_size=32",
+        "eval.enabled=false",
+        "data.max_bad_fraction=0.005",
+        "data.val_fraction=0.05",
+    ):
+        args += ["--set", item]
+    two = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nnodes",
+            "1",
+            "--nproc_per_node",
+            "2",
+            "--master_addr",
+            "127.0.0.1",
+            "--master_port",
+            str(free_port()),
+            str(FAULT_RUN),
+            "--",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert two.returncode != 0
+    assert two.stderr.count("2 of 96 training images are unreadable") == 2, two.stderr[-3000:]  # both processes

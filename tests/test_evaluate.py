@@ -10,7 +10,6 @@ from torch import nn
 
 from distillkit.evaluate import count_params, cpu_latency_ms, knn_accuracy, linear_probe_accuracy
 
-
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
@@ -115,8 +114,9 @@ def test_linear_probe_is_deterministic_and_does_not_modify_inputs():
 
 def _tiny_net() -> nn.Module:
     # 3*4 + 4 = 16 and 4*2*3*3 + 2 = 74, plus BatchNorm2d(2): 2 + 2 = 4  -> 94
-    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1),
-                         nn.Flatten())
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 1), nn.Conv2d(4, 2, 3), nn.BatchNorm2d(2), nn.AdaptiveAvgPool2d(1), nn.Flatten()
+    )
 
 
 def test_count_params():

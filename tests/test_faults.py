@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -26,16 +26,30 @@ TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=fa
 
 
 def cli_args(out: Path, *extra: str) -> list[str]:
-    args = ["--student", "mobilenetv3-small", "--limit", "128", "--batch-size", "16", "--epochs", "2",
-            "--out", str(out), "--quiet", "--set", "train.checkpoint_every=3"]
+    args = [
+        "--student",
+        "mobilenetv3-small",
+        "--limit",
+        "128",
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        "--quiet",
+        "--set",
+        "train.checkpoint_every=3",
+    ]
     for item in TINY:
         args += ["--set", item]
     return args + list(extra)
 
 
 def fault_run(fault: list[str], args: list[str]) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(FAULT_RUN), *fault, "--", *args], capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        [sys.executable, str(FAULT_RUN), *fault, "--", *args], capture_output=True, text=True, timeout=300
+    )
 
 
 def final_weights(run: Path) -> dict[str, torch.Tensor]:
@@ -71,7 +85,11 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
         assert torch.equal(a[key], b[key]), key
 
     def logged(run):  # every line is whole JSON; which steps and epoch ends were logged, in order
-        return [(r.get("step"), r.get("epoch_end")) for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+        return [
+            (r.get("step"), r.get("epoch_end"))
+            for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        ]
+
     assert logged(tmp_path / "killed") == logged(tmp_path / "whole")  # each step once, as if never killed
     assert logged(tmp_path / "killed")[-1][0] == 16
 
@@ -88,8 +106,15 @@ def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
 
 
 def tiny(out, **kwargs):
-    options = dict(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=16, out=out,
-                   set=list(TINY), quiet=True)
+    options = dict(
+        student="mobilenetv3-small",
+        data="builtin:fashion-mnist",
+        limit=64,
+        batch_size=16,
+        out=out,
+        set=list(TINY),
+        quiet=True,
+    )
     options.update(kwargs)
     return distillkit.compress(**options)
 
@@ -116,9 +141,14 @@ def image_folder(root: Path, good: int, bad: int) -> Path:
 
 def test_a_few_bad_images_are_skipped_and_counted(tmp_path):
     data = image_folder(tmp_path / "images", good=60, bad=2)
-    with pytest.warns(UserWarning, match="unreadable images were skipped, e.g. .*broken"):
-        result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=1,
-                      set=TINY + ["data.max_bad_fraction=0.1", "data.val_fraction=0.05"])
+    with pytest.warns(UserWarning, match="unreadable images were skipped: .*broken"):
+        result = tiny(
+            tmp_path / "run",
+            data=str(data),
+            limit=None,
+            epochs=1,
+            set=TINY + ["data.max_bad_fraction=0.1", "data.val_fraction=0.05"],
+        )
     assert result.steps >= 1
 
 
@@ -126,6 +156,23 @@ def test_too_many_bad_images_stop_the_run_with_examples(tmp_path):
     data = image_folder(tmp_path / "images", good=40, bad=8)
     with pytest.raises(RunError, match=r"unreadable, more than data.max_bad_fraction = 0.01; e.g. .*broken"):
         tiny(tmp_path / "run", data=str(data), limit=None, epochs=1, set=TINY + ["data.val_fraction=0.05"])
+
+
+def test_a_bad_image_is_counted_once_however_many_epochs_meet_it(tmp_path):
+    """One unreadable file among 81 (1.2 %, over the 1 % default) trains with a warning: a run tolerates at
+    least one bad file, and a file met again every epoch is still one file."""
+    data = image_folder(tmp_path / "images", good=80, bad=1)
+    with pytest.warns(UserWarning, match=r"^1 unreadable image was skipped: .*broken0.png"):
+        result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=3, set=TINY + ["data.val_fraction=0.05"])
+    assert result.steps >= 3
+
+
+def test_two_bad_files_in_208_do_not_stop_a_two_epoch_run(tmp_path):
+    """2 distinct files are within 1 % of 208 images; counted per epoch they were 4 and stopped the run."""
+    data = image_folder(tmp_path / "images", good=206, bad=2)
+    with pytest.warns(UserWarning, match=r"^2 unreadable images were skipped"):
+        result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=2, set=TINY + ["data.val_fraction=0.05"])
+    assert result.steps >= 2
 
 
 def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
@@ -137,6 +184,7 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
             calls["n"] += 1
             out = real_forward(self, step)
             return {k: v * float("nan") for k, v in out.items()} if calls["n"] in bad_calls else out
+
         return forward
 
     monkeypatch.setattr(Seed, "forward", nan_on_calls({2, 3}))
@@ -193,8 +241,12 @@ def test_files_are_written_with_the_users_umask(tmp_path, umask, file_mode, dir_
     finally:
         os.umask(previous)
     run = result.run_dir
-    for path in (run / "recipe.yaml", run / "checkpoints" / "last" / "model.safetensors",
-                 run / "checkpoints" / "last" / "train_state.pt", result.student_dir / "model.safetensors",
-                 result.student_dir / "config.json"):
+    for path in (
+        run / "recipe.yaml",
+        run / "checkpoints" / "last" / "model.safetensors",
+        run / "checkpoints" / "last" / "train_state.pt",
+        result.student_dir / "model.safetensors",
+        result.student_dir / "config.json",
+    ):
         assert stat.S_IMODE(path.stat().st_mode) == file_mode, path
     assert stat.S_IMODE((run / "checkpoints" / "last").stat().st_mode) == dir_mode

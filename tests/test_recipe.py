@@ -335,8 +335,7 @@ def test_precedence_yaml_then_options_then_set(tmp_path):
     assert with_options.train.epochs == 4
     assert with_options.data.limit == 100  # None option = keep the recipe's value
 
-    with_set = resolve_recipe(path, options={"lr": 0.02, "epochs": 4},
-                              overrides=["train.lr=0.03", "data.limit=50"])
+    with_set = resolve_recipe(path, options={"lr": 0.02, "epochs": 4}, overrides=["train.lr=0.03", "data.limit=50"])
     assert with_set.train.lr == 0.03
     assert with_set.train.epochs == 4
     assert with_set.data.limit == 50
@@ -344,11 +343,22 @@ def test_precedence_yaml_then_options_then_set(tmp_path):
 
 
 def test_options_map_to_their_keys(tmp_path):
-    recipe = resolve_recipe(options={
-        "teacher": "timm:resnet18", "student": "resnet18", "data": tmp_path, "epochs": 5, "max_steps": 9,
-        "limit": 11, "batch_size": 16, "lr": 0.5, "out": tmp_path / "run", "seed": 3, "precision": "bf16",
-        "teacher_weights": tmp_path / "w.safetensors",
-    })
+    recipe = resolve_recipe(
+        options={
+            "teacher": "timm:resnet18",
+            "student": "resnet18",
+            "data": tmp_path,
+            "epochs": 5,
+            "max_steps": 9,
+            "limit": 11,
+            "batch_size": 16,
+            "lr": 0.5,
+            "out": tmp_path / "run",
+            "seed": 3,
+            "precision": "bf16",
+            "teacher_weights": tmp_path / "w.safetensors",
+        }
+    )
     assert recipe.teacher.name == "timm:resnet18"
     assert recipe.teacher.weights == str(tmp_path / "w.safetensors")
     assert recipe.student.name == "resnet18"
@@ -386,9 +396,17 @@ def test_dict_recipe_is_not_mutated():
 
 
 def test_parse_set_yaml_scalars():
-    parsed = parse_set(["train.lr=0.1", "eval.enabled=true", "train.max_steps=null",
-                        "data.crop_scale=[0.2, 1.0]", "train.epochs=3", "teacher.name=timm:resnet18",
-                        "out= runs/x "])
+    parsed = parse_set(
+        [
+            "train.lr=0.1",
+            "eval.enabled=true",
+            "train.max_steps=null",
+            "data.crop_scale=[0.2, 1.0]",
+            "train.epochs=3",
+            "teacher.name=timm:resnet18",
+            "out= runs/x ",
+        ]
+    )
     assert parsed["train.lr"] == 0.1 and isinstance(parsed["train.lr"], float)
     assert parsed["eval.enabled"] is True
     assert parsed["train.max_steps"] is None
@@ -504,14 +522,17 @@ def test_recipe_file_not_utf8(tmp_path):
     assert str(path) in message
 
 
-@pytest.mark.parametrize("override,fragment", [
-    ("eval.latency_runs=0", "eval.latency_runs must be a whole number >= 1"),
-    ("eval.max_test=0", "eval.max_test must be a whole number >= 1"),
-    ("eval.max_train=0", "eval.enabled=false turns evaluation off"),
-    ("eval.knn_k=-3", "eval.knn_k must be a whole number >= 1"),
-    ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
-    ("eval.online_images=-1", "eval.online_images must be 0"),
-])
+@pytest.mark.parametrize(
+    "override,fragment",
+    [
+        ("eval.latency_runs=0", "eval.latency_runs must be a whole number >= 1"),
+        ("eval.max_test=0", "eval.max_test must be a whole number >= 1"),
+        ("eval.max_train=0", "eval.enabled=false turns evaluation off"),
+        ("eval.knn_k=-3", "eval.knn_k must be a whole number >= 1"),
+        ("eval.knn_temperature=0", "eval.knn_temperature must be > 0"),
+        ("eval.online_images=-1", "eval.online_images must be 0"),
+    ],
+)
 def test_eval_settings_out_of_range_are_refused_with_the_recipe(override, fragment):
     """Before anything trains: these used to crash in the evaluation after the whole run."""
     with pytest.raises(UsageError, match=re.escape(fragment)):

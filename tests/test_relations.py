@@ -22,8 +22,9 @@ HALF = InputConfig((32, 32), (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 def _tiny_vit(seed: int = 0, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32,
-                              **{"depth": 3, **kwargs})
+    model = timm.create_model(
+        "vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, **{"depth": 3, **kwargs}
+    )
     with torch.no_grad():  # LayerNorms away from their identity init, so norm1 matters
         for module in model.modules():
             if isinstance(module, nn.LayerNorm):
@@ -44,7 +45,7 @@ def _naive_attention(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
             y = block.norm1(h)
             w, b = attn.qkv.weight, attn.qkv.bias
             q = y @ w[:width].T + b[:width]
-            k = y @ w[width:2 * width].T + b[width:2 * width]
+            k = y @ w[width : 2 * width].T + b[width : 2 * width]
             q = q.reshape(*q.shape[:2], heads, d).transpose(1, 2)
             k = k.reshape(*k.shape[:2], heads, d).transpose(1, 2)
             q, k = attn.q_norm(q), attn.k_norm(k)
@@ -60,8 +61,11 @@ def _timm_attention(model: nn.Module, x: torch.Tensor) -> dict[int, torch.Tensor
     handles = []
     for i, block in enumerate(model.blocks):
         block.attn.fused_attn = False
-        handles.append(block.attn.attn_drop.register_forward_hook(
-            lambda m, args, out, i=i: seen.__setitem__(i, out.detach().clone())))
+        handles.append(
+            block.attn.attn_drop.register_forward_hook(
+                lambda m, args, out, i=i: seen.__setitem__(i, out.detach().clone())
+            )
+        )
     try:
         with torch.no_grad():
             model(x)
@@ -120,7 +124,7 @@ def test_relation_maps_restricted_to_kept_tokens_and_resplit_heads():
     q = qk[0].transpose(1, 2).reshape(2, 6, 32)  # heads concatenated back to width 32
     k = qk[1].transpose(1, 2).reshape(2, 6, 32)
     for h in range(2):
-        qh, kh = q[..., h * 16:(h + 1) * 16], k[..., h * 16:(h + 1) * 16]
+        qh, kh = q[..., h * 16 : (h + 1) * 16], k[..., h * 16 : (h + 1) * 16]
         expected = torch.softmax(qh @ kh.transpose(-1, -2) / 4.0, dim=-1)
         assert torch.allclose(two_heads[:, h], expected, atol=1e-6)
     with pytest.raises(UsageError, match="cannot split"):

@@ -31,23 +31,41 @@ from distillkit.verdict import gap_recovered, verdict
 
 report_module = importlib.import_module("distillkit.report")  # distillkit.report is the function
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.max_train=64", "eval.max_test=32",
-        "eval.probe_steps=5", "eval.latency_runs=1", "train.log_every=1"]
+TINY = [
+    "teacher.input_size=32",
+    "strategy.seed.queue_size=64",
+    "eval.max_train=64",
+    "eval.max_test=32",
+    "eval.probe_steps=5",
+    "eval.latency_runs=1",
+    "train.log_every=1",
+]
 
 
 @pytest.fixture(scope="module")
 def drop_path_student(tmp_path_factory):
     """A student that draws from the global RNG every step (drop path): a stray draw would change its losses."""
     spec = tmp_path_factory.mktemp("spec") / "mnv3-drop-path.yaml"
-    spec.write_text("timm: mobilenetv3_small_100\ndescription: test student\ninput_size: 32\nchannels_last: true\n"
-                    "model_args: {drop_path_rate: 0.2}\n")
+    spec.write_text(
+        "timm: mobilenetv3_small_100\ndescription: test student\ninput_size: 32\nchannels_last: true\n"
+        "model_args: {drop_path_rate: 0.2}\n"
+    )
     return str(spec)
 
 
 def tiny_run(out, student, extra=(), **kwargs):
     # no teacher cache: a run that reads float16 teacher outputs cached by an earlier one has other losses
-    options = dict(student=student, data="builtin:fashion-mnist", limit=64, batch_size=32, epochs=2, out=out,
-                   set=TINY + list(extra), quiet=True, teacher_cache=False)
+    options = dict(
+        student=student,
+        data="builtin:fashion-mnist",
+        limit=64,
+        batch_size=32,
+        epochs=2,
+        out=out,
+        set=TINY + list(extra),
+        quiet=True,
+        teacher_cache=False,
+    )
     return distillkit.compress(**(options | kwargs))
 
 
@@ -192,8 +210,9 @@ def colour_images(n):
 def test_online_knn_scores_detached_in_eval_mode_and_leaves_the_rng_alone():
     recipe = Recipe()
     recipe.eval.online_images = 30
-    images = ImageData(train=colour_images(30), train_all=colour_images(60), test=colour_images(12), num_classes=3,
-                       source="colours")
+    images = ImageData(
+        train=colour_images(30), train_all=colour_images(60), test=colour_images(12), num_classes=3, source="colours"
+    )
     online = OnlineKnn.from_recipe(recipe, images)
     assert len(online.bank) == 30 and len(online.test) == 12  # at most 30 // 2 held-out images
     student = ColourMean().train()
@@ -217,9 +236,11 @@ def test_online_images_must_be_off_or_at_least_two(value):
 
 # -- the verdict and what the run trained on, from fake run folders (no training) ----------------------
 
-GOOD = {"teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
-        "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
-        "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45}}
+GOOD = {
+    "teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
+    "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
+    "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45},
+}
 BAD = GOOD | {"student": GOOD["student"] | {"knn_top1": 0.702, "probe_top1": 0.741}}  # below its random init
 
 
@@ -228,27 +249,54 @@ def fake_run(path, metrics=GOOD, *, new_fields=True, epochs=20, steps_per_epoch=
     before train_images / images_seen / gap_recovered / the online_reference line existed."""
     path.mkdir(parents=True)
     batch = 256
-    recipe = {"teacher": {"name": "efficientnet-lite0"}, "student": {"name": "mobilenetv3-small"},
-              "strategy": {"seed": {"weight": 1.0}, "feature": {"weight": 0.5}},
-              "data": {"source": "builtin:fashion-mnist", "limit": 30000},
-              "train": {"epochs": 1, "images": 480_000 if new_fields else None, "batch_size": batch, "lr": 0.001},
-              "eval": {"online_images": 1000}}
+    recipe = {
+        "teacher": {"name": "efficientnet-lite0"},
+        "student": {"name": "mobilenetv3-small"},
+        "strategy": {"seed": {"weight": 1.0}, "feature": {"weight": 0.5}},
+        "data": {"source": "builtin:fashion-mnist", "limit": 30000},
+        "train": {"epochs": 1, "images": 480_000 if new_fields else None, "batch_size": batch, "lr": 0.001},
+        "eval": {"online_images": 1000},
+    }
     (path / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    lines = [{"online_reference": True, "teacher_knn_top1": 0.85, "student_random_init_knn_top1": 0.70}] \
-        if new_fields else []
+    lines = (
+        [{"online_reference": True, "teacher_knn_top1": 0.85, "student_random_init_knn_top1": 0.70}]
+        if new_fields
+        else []
+    )
     step = 0
     for epoch in range(epochs):
         for _ in range(steps_per_epoch):
             step += 1
             seed, feature = 4.2 * 0.5 ** (step / 60) + 0.9, 0.8 * 0.5 ** (step / 120) + 0.15
-            lines.append({"step": step, "epoch": epoch, "seed": seed, "feature": feature, "loss": seed + feature,
-                          "lr": 0.001 * (1 - step / 400), "images_per_s": 812.4})
-        lines.append({"epoch_end": epoch + 1, "step": step, "seconds": 31.2, "seed": seed, "feature": feature,
-                      "online_knn_top1": 0.70 + 0.14 * (epoch + 1) / epochs, "online_knn_seconds": 0.41})
+            lines.append(
+                {
+                    "step": step,
+                    "epoch": epoch,
+                    "seed": seed,
+                    "feature": feature,
+                    "loss": seed + feature,
+                    "lr": 0.001 * (1 - step / 400),
+                    "images_per_s": 812.4,
+                }
+            )
+        lines.append(
+            {
+                "epoch_end": epoch + 1,
+                "step": step,
+                "seconds": 31.2,
+                "seed": seed,
+                "feature": feature,
+                "online_knn_top1": 0.70 + 0.14 * (epoch + 1) / epochs,
+                "online_knn_seconds": 0.41,
+            }
+        )
     (path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
-    result = {"metrics": {"eval_split": {"train_images": 5000, "test_images": 2000}, **metrics}, "steps": step,
-              "data_source": "builtin:fashion-mnist (5000 train / 2000 test)",
-              "timings": {"setup": 4.1, "train": 624.0, "evaluate": 38.2, "total": 671.5}}
+    result = {
+        "metrics": {"eval_split": {"train_images": 5000, "test_images": 2000}, **metrics},
+        "steps": step,
+        "data_source": "builtin:fashion-mnist (5000 train / 2000 test)",
+        "timings": {"setup": 4.1, "train": 624.0, "evaluate": 38.2, "total": 671.5},
+    }
     if new_fields:
         result |= {"train_images": 5000, "images_seen": step * batch}
         result["metrics"]["gap_recovered"] = stored_gap or gap_recovered(metrics)
@@ -258,9 +306,16 @@ def fake_run(path, metrics=GOOD, *, new_fields=True, epochs=20, steps_per_epoch=
 
 def sections(page):
     """Where each part of the page starts."""
-    return {name: page.index(marker) for name, marker in (
-        ("title", "<h1>"), ("verdict", 'class="verdict'), ("plots", "<h2>Plots</h2>"),
-        ("results", "<h2>Results</h2>"), ("recipe", "<h2>Recipe</h2>"))}
+    return {
+        name: page.index(marker)
+        for name, marker in (
+            ("title", "<h1>"),
+            ("verdict", 'class="verdict'),
+            ("plots", "<h2>Plots</h2>"),
+            ("results", "<h2>Results</h2>"),
+            ("recipe", "<h2>Recipe</h2>"),
+        )
+    }
 
 
 def test_the_report_leads_with_a_good_verdict(tmp_path):

@@ -82,8 +82,12 @@ def _t(rows) -> torch.Tensor:
 
 
 def _step(teacher: torch.Tensor, student: torch.Tensor, projection: torch.Tensor | None = None) -> StepInputs:
-    return StepInputs(teacher_views=[Features(embedding=teacher, projection=projection)],
-                      student_views=[Features(embedding=student)], labels=None, progress=0.0)
+    return StepInputs(
+        teacher_views=[Features(embedding=teacher, projection=projection)],
+        student_views=[Features(embedding=student)],
+        labels=None,
+        progress=0.0,
+    )
 
 
 def _linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
@@ -91,8 +95,11 @@ def _linear_shapes(module: nn.Module) -> list[tuple[int, int]]:
 
 
 def _make_seed(**config) -> Seed:
-    return Seed(SeedConfig(**config), teacher_probe=Features(embedding=torch.zeros(2, 6)),
-                student_probe=Features(embedding=torch.zeros(2, 5)))
+    return Seed(
+        SeedConfig(**config),
+        teacher_probe=Features(embedding=torch.zeros(2, 6)),
+        student_probe=Features(embedding=torch.zeros(2, 5)),
+    )
 
 
 # ----------------------------------------------------------------------------- seed_loss
@@ -184,8 +191,9 @@ def test_forward_uses_configured_temperatures():
     loss = seed(_step(teacher, student))["seed"]
     with torch.no_grad():
         z_s = F.normalize(seed.head(student), dim=1)
-    want = reference_seed_loss(z_s.numpy(), F.normalize(teacher, dim=1).numpy(),
-                               seed.queue.embeddings.numpy(), 0.5, 0.1)
+    want = reference_seed_loss(
+        z_s.numpy(), F.normalize(teacher, dim=1).numpy(), seed.queue.embeddings.numpy(), 0.5, 0.1
+    )
     assert loss.item() == pytest.approx(want, abs=1e-5, rel=1e-5)
 
 
@@ -228,9 +236,11 @@ def test_after_step_pushes_what_gather_returns():
 
 
 def test_projection_teacher_uses_the_projection():
-    seed = Seed(SeedConfig(queue_size=8), teacher_probe=Features(embedding=torch.zeros(2, 6),
-                                                                 projection=torch.zeros(2, 4)),
-                student_probe=Features(embedding=torch.zeros(2, 5)))
+    seed = Seed(
+        SeedConfig(queue_size=8),
+        teacher_probe=Features(embedding=torch.zeros(2, 6), projection=torch.zeros(2, 4)),
+        student_probe=Features(embedding=torch.zeros(2, 5)),
+    )
     assert _linear_shapes(seed.head) == [(5, 5), (5, 4)]
     assert tuple(seed.queue.embeddings.shape) == (8, 4)
     torch.manual_seed(3)
@@ -238,8 +248,9 @@ def test_projection_teacher_uses_the_projection():
     loss = seed(_step(embedding, student, projection=projection))["seed"]
     with torch.no_grad():
         z_s = F.normalize(seed.head(student), dim=1)
-    want = reference_seed_loss(z_s.numpy(), F.normalize(projection, dim=1).numpy(),
-                               seed.queue.embeddings.numpy(), 0.2, 1e-4)
+    want = reference_seed_loss(
+        z_s.numpy(), F.normalize(projection, dim=1).numpy(), seed.queue.embeddings.numpy(), 0.2, 1e-4
+    )
     assert loss.item() == pytest.approx(want, abs=1e-5, rel=1e-5)
 
 
@@ -266,6 +277,7 @@ def test_projection_requested_from_teacher_without_projection_is_rejected():
 def test_teacher_request_follows_teacher_embed():
     plain = SimpleNamespace(has_projection=False, name="plain")
     with_proj = SimpleNamespace(has_projection=True, name="proj")
+
     def request(config, teacher):
         return Seed.teacher_requests(config, {"teacher": teacher}, None)
 
@@ -401,8 +413,9 @@ class _ZeroTermSeed(Seed):
 
 
 def test_objective_with_only_zero_term_weights_is_a_usage_error():
-    seed = _ZeroTermSeed(SeedConfig(queue_size=8), Features(embedding=torch.zeros(2, 6)),
-                         Features(embedding=torch.zeros(2, 5)))
+    seed = _ZeroTermSeed(
+        SeedConfig(queue_size=8), Features(embedding=torch.zeros(2, 6)), Features(embedding=torch.zeros(2, 5))
+    )
     with pytest.raises(UsageError, match="weight 0"):
         Objective({"seed": seed}, {"seed": 1.0})(_step(torch.randn(3, 6), torch.randn(3, 5)))
 
@@ -421,8 +434,11 @@ def test_loss_falls_when_training_head_and_student():
     x = torch.randn(32, 16)
     teacher = torch.randn(32, 8)
     student = nn.Linear(16, 12)
-    seed = Seed(SeedConfig(queue_size=64), teacher_probe=Features(embedding=torch.zeros(2, 8)),
-                student_probe=Features(embedding=torch.zeros(2, 12)))
+    seed = Seed(
+        SeedConfig(queue_size=64),
+        teacher_probe=Features(embedding=torch.zeros(2, 8)),
+        student_probe=Features(embedding=torch.zeros(2, 12)),
+    )
     optimizer = torch.optim.SGD(list(student.parameters()) + list(seed.parameters()), lr=0.5, momentum=0.9)
     losses = []
     for i in range(40):

@@ -107,7 +107,9 @@ BIAS = [0.1, 0.0, -0.2]
 
 
 def _feature(**config) -> Feature:
-    strategy = Feature(FeatureConfig(**config), Features(embedding=torch.zeros(2, 3)), Features(embedding=torch.zeros(2, 2)))
+    strategy = Feature(
+        FeatureConfig(**config), Features(embedding=torch.zeros(2, 3)), Features(embedding=torch.zeros(2, 2))
+    )
     with torch.no_grad():
         strategy.projection.weight.copy_(torch.tensor(W))
         strategy.projection.bias.copy_(torch.tensor(BIAS))
@@ -119,7 +121,9 @@ def _projected() -> np.ndarray:
 
 
 def test_feature_cosine_loss_by_hand():
-    loss = _feature(target_norm="none")(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+    loss = _feature(target_norm="none")(
+        _step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))])
+    )
     p = _projected()
     want = np.mean([1 - ref_cos(p[b], np64(T_EMB)[b]) for b in range(2)])
     assert set(loss) == {"feature"}
@@ -127,7 +131,9 @@ def test_feature_cosine_loss_by_hand():
 
 
 def test_feature_mse_loss_by_hand():
-    loss = _feature(loss="mse", target_norm="none")(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
+    loss = _feature(loss="mse", target_norm="none")(
+        _step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))])
+    )
     assert loss["feature"].item() == pytest.approx(float(((_projected() - np64(T_EMB)) ** 2).mean()), abs=1e-6)
 
 
@@ -147,17 +153,19 @@ def test_feature_running_moments_by_hand_then_center_and_standardize():
     for mode in ("center", "standardize"):
         strategy = _feature(target_norm=mode, target_momentum=a)
         for batch in batches:
-            step = _step([Features(embedding=torch.tensor(batch, dtype=torch.float32))],
-                         [Features(embedding=torch.tensor(S_EMB))])
+            step = _step(
+                [Features(embedding=torch.tensor(batch, dtype=torch.float32))],
+                [Features(embedding=torch.tensor(S_EMB))],
+            )
             strategy.after_step(step, lambda x: x)
         # m_2 = a (1 - a) mean(b1) + (1 - a) mean(b2), bias-corrected by 1 - a^2; likewise for the squares
-        first = (a * (1 - a) * batches[0].mean(0) + (1 - a) * batches[1].mean(0)) / (1 - a ** 2)
-        second = (a * (1 - a) * (batches[0] ** 2).mean(0) + (1 - a) * (batches[1] ** 2).mean(0)) / (1 - a ** 2)
+        first = (a * (1 - a) * batches[0].mean(0) + (1 - a) * batches[1].mean(0)) / (1 - a**2)
+        second = (a * (1 - a) * (batches[0] ** 2).mean(0) + (1 - a) * (batches[1] ** 2).mean(0)) / (1 - a**2)
         mean, var = strategy.target_moments.moments()
         np.testing.assert_allclose(mean.double().numpy(), first, rtol=1e-6)
-        np.testing.assert_allclose(var.double().numpy(), second - first ** 2, rtol=1e-5)
+        np.testing.assert_allclose(var.double().numpy(), second - first**2, rtol=1e-5)
         t = np64(T_EMB)
-        target = t - first if mode == "center" else _standardised(t, first, second - first ** 2)
+        target = t - first if mode == "center" else _standardised(t, first, second - first**2)
         loss = strategy(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]))
         want = np.mean([1 - ref_cos(_projected()[b], target[b]) for b in range(2)])
         assert loss["feature"].item() == pytest.approx(want, abs=1e-5)
@@ -165,16 +173,20 @@ def test_feature_running_moments_by_hand_then_center_and_standardize():
 
 def test_feature_moments_stay_put_without_target_norm_and_bad_momentum_is_refused():
     strategy = _feature(target_norm="none")
-    strategy.after_step(_step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]),
-                        lambda x: x)
+    strategy.after_step(
+        _step([Features(embedding=torch.tensor(T_EMB))], [Features(embedding=torch.tensor(S_EMB))]), lambda x: x
+    )
     assert int(strategy.target_moments.updates) == 0
     with pytest.raises(UsageError, match="target_momentum"):
         FeatureConfig(target_momentum=1.0)
 
 
 def test_feature_targets_the_projection_when_the_teacher_has_one():
-    strategy = Feature(FeatureConfig(), Features(embedding=torch.zeros(2, 5), projection=torch.zeros(2, 3)),
-                       Features(embedding=torch.zeros(2, 2)))
+    strategy = Feature(
+        FeatureConfig(),
+        Features(embedding=torch.zeros(2, 5), projection=torch.zeros(2, 3)),
+        Features(embedding=torch.zeros(2, 2)),
+    )
     assert strategy.projection.out_features == 3
     with_proj = SimpleNamespace(has_projection=True, name="p")
     plain = SimpleNamespace(has_projection=False, name="plain")
@@ -215,21 +227,32 @@ def test_logits_ce_skips_unlabelled_images():
     out = strategy(_step([Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))], labels))
     s = np64(S_FEAT) @ np64(CLS_W).T
     assert out["ce"].item() == pytest.approx(ref_ce(s, [2, -1, 0]), abs=1e-6)
-    none_labelled = strategy(_step([Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))],
-                                   torch.full((3,), -1)))
+    none_labelled = strategy(
+        _step(
+            [Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))], torch.full((3,), -1)
+        )
+    )
     assert none_labelled["ce"].item() == 0.0 and none_labelled["ce"].requires_grad
 
 
 def test_logits_ce_with_a_separate_head_and_a_clear_error_for_foreign_labels():
     strategy = _logits_strategy(ce_weight=1.0, ce_classes=3)
     assert strategy.ce_head.out_features == 3
-    step = _step([Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))], torch.tensor([0, 1, 2]))
+    step = _step(
+        [Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))], torch.tensor([0, 1, 2])
+    )
     with torch.no_grad():
         want = ref_ce(np64(strategy.ce_head(torch.tensor(S_FEAT))), [0, 1, 2])
     assert strategy(step)["ce"].item() == pytest.approx(want, abs=1e-6)
     shared = _logits_strategy(ce_weight=1.0)
     with pytest.raises(UsageError, match="ce_classes"):
-        shared(_step([Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))], torch.tensor([0, 9, 1])))
+        shared(
+            _step(
+                [Features(logits=torch.tensor(T_LOGITS))],
+                [Features(embedding=torch.tensor(S_FEAT))],
+                torch.tensor([0, 9, 1]),
+            )
+        )
 
 
 def test_logits_needs_a_teacher_with_logits():
@@ -256,17 +279,17 @@ def test_rotate_views_appends_the_three_quarter_turns_of_the_upright_view():
 
 def test_error_select_matches_sskd_by_hand():
     # row targets 0, 1, 2, 0, 1; ranks: 0, 2, 0, 1, 3 (by hand)
-    scores = torch.tensor([[0.9, 0.1, 0.0],
-                           [0.5, 0.1, 0.4],
-                           [0.2, 0.3, 0.8],
-                           [0.4, 0.6, 0.1],
-                           [0.1, 0.0, 0.9]])
+    scores = torch.tensor([[0.9, 0.1, 0.0], [0.5, 0.1, 0.4], [0.2, 0.3, 0.8], [0.4, 0.6, 0.1], [0.1, 0.0, 0.9]])
     target = torch.tensor([0, 1, 2, 0, 1])
     # 2 correct rows (0, 2); 3 wrong rows of ranks 2, 1, 3 -> keep int(0.75 * 3) = 2: rows 3 (rank 1), 1 (rank 2)
     assert error_select(scores, target, 0.75).tolist() == [0, 1, 2, 3]
     assert error_select(scores, target, 0.0).tolist() == [0, 2]
     assert error_select(scores, target, 1.0).tolist() == [0, 1, 2, 3, 4]
-    assert error_select(scores, target, 0.5).tolist() == ref_error_select(scores.numpy(), target.tolist(), 0.5) == [0, 2, 3]
+    assert (
+        error_select(scores, target, 0.5).tolist()
+        == ref_error_select(scores.numpy(), target.tolist(), 0.5)
+        == [0, 2, 3]
+    )
     keep = torch.tensor([False, False, False, False, True])
     assert error_select(scores, target, 0.0, always_keep=keep).tolist() == [0, 2, 4]
 
@@ -283,15 +306,21 @@ def _rand(*shape) -> torch.Tensor:
 
 def _kdss(teacher_logits: bool = True, teacher_map=(2, 7, 2, 2), student_map=(2, 3, 4, 4), **config) -> Kdss:
     config = {"w_feat": 1.0, **config}
-    teacher_probe = Features(embedding=torch.zeros(2, DT), logits=torch.zeros(2, K) if teacher_logits else None,
-                             layers={4: torch.zeros(*teacher_map)} if config["w_feat"] else {})
-    student_probe = Features(embedding=torch.zeros(2, DS), layers={6: torch.zeros(*student_map)} if config["w_feat"] else {})
+    teacher_probe = Features(
+        embedding=torch.zeros(2, DT),
+        logits=torch.zeros(2, K) if teacher_logits else None,
+        layers={4: torch.zeros(*teacher_map)} if config["w_feat"] else {},
+    )
+    student_probe = Features(
+        embedding=torch.zeros(2, DS), layers={6: torch.zeros(*student_map)} if config["w_feat"] else {}
+    )
     return Kdss(KdssConfig(**config), teacher_probe, student_probe)
 
 
 def _kdss_views(labels=None, teacher_map=(B, 7, 2, 2), student_map=(B, 3, 4, 4)):
-    teacher = [Features(embedding=_rand(B, DT), logits=_rand(B, K) * 3, layers={4: _rand(*teacher_map)})
-               for _ in range(4)]
+    teacher = [
+        Features(embedding=_rand(B, DT), logits=_rand(B, K) * 3, layers={4: _rand(*teacher_map)}) for _ in range(4)
+    ]
     student = [Features(embedding=_rand(B, DS), layers={6: _rand(*student_map)}) for _ in range(4)]
     return _step(teacher, student, labels)
 
@@ -318,8 +347,8 @@ def test_kdss_kd_tf_and_ce_terms_by_hand():
     t = [np64(f.logits) for f in step.teacher_views]
     assert out["kd"].item() == pytest.approx(ref_kd(s[0], t[0], 4.0), abs=1e-5)
     # L_tf: every rotated image (keep_ratio_tf = 1), rows per image; the row order does not change a batch mean
-    s_rot = np.concatenate([s[r][b:b + 1] for b in range(B) for r in (1, 2, 3)])
-    t_rot = np.concatenate([t[r][b:b + 1] for b in range(B) for r in (1, 2, 3)])
+    s_rot = np.concatenate([s[r][b : b + 1] for b in range(B) for r in (1, 2, 3)])
+    t_rot = np.concatenate([t[r][b : b + 1] for b in range(B) for r in (1, 2, 3)])
     assert out["tf"].item() == pytest.approx(ref_kd(s_rot, t_rot, 4.0), abs=1e-5)
     assert out["ce"].item() == pytest.approx(ref_ce(s[0], [1, -1, 4]), abs=1e-5)
 
@@ -332,8 +361,8 @@ def test_kdss_tf_error_selection_with_labels():
     with torch.no_grad():
         s = [np64(strategy.classifier(f.embedding)) for f in step.student_views]
     t = [np64(f.logits) for f in step.teacher_views]
-    s_rot = np.concatenate([s[r][b:b + 1] for b in range(B) for r in (1, 2, 3)])
-    t_rot = np.concatenate([t[r][b:b + 1] for b in range(B) for r in (1, 2, 3)])
+    s_rot = np.concatenate([s[r][b : b + 1] for b in range(B) for r in (1, 2, 3)])
+    t_rot = np.concatenate([t[r][b : b + 1] for b in range(B) for r in (1, 2, 3)])
     kept = ref_error_select(t_rot, [int(labels[i // 3]) for i in range(3 * B)], 0.0)
     assert kept, "the hand-made data should have a row the teacher gets right"
     assert out["tf"].item() == pytest.approx(ref_kd(s_rot[kept], t_rot[kept], 4.0), abs=1e-5)
@@ -352,19 +381,29 @@ def test_kdss_ss_term_by_hand():
 
     c_s, c_t = similarities(z_s), similarities(z_t)
     kept = ref_error_select(c_t, [i // 3 for i in range(3 * B)], 0.75)
-    want = 0.5**2 * np.mean([
-        sum(pt * (math.log(pt) - math.log(ps))
-            for pt, ps in zip(softmax_rows(c_t[i:i + 1] / 0.5)[0], softmax_rows(c_s[i:i + 1] / 0.5)[0]))
-        for i in kept])
+    want = 0.5**2 * np.mean(
+        [
+            sum(
+                pt * (math.log(pt) - math.log(ps))
+                for pt, ps in zip(softmax_rows(c_t[i : i + 1] / 0.5)[0], softmax_rows(c_s[i : i + 1] / 0.5)[0])
+            )
+            for i in kept
+        ]
+    )
     assert out["ss"].item() == pytest.approx(want, abs=1e-5)
 
 
 def test_kdss_ss_uses_the_teacher_projection_when_there_is_one():
-    strategy = Kdss(KdssConfig(w_feat=0.0), Features(embedding=torch.zeros(2, DT), projection=torch.zeros(2, 3),
-                                                    logits=torch.zeros(2, K)), Features(embedding=torch.zeros(2, DS)))
+    strategy = Kdss(
+        KdssConfig(w_feat=0.0),
+        Features(embedding=torch.zeros(2, DT), projection=torch.zeros(2, 3), logits=torch.zeros(2, K)),
+        Features(embedding=torch.zeros(2, DS)),
+    )
     assert [m.out_features for m in strategy.ss_head if isinstance(m, nn.Linear)][-1] == 3
-    teacher = [Features(embedding=torch.full((B, DT), float("nan")), projection=_rand(B, 3), logits=_rand(B, K))
-               for _ in range(4)]
+    teacher = [
+        Features(embedding=torch.full((B, DT), float("nan")), projection=_rand(B, 3), logits=_rand(B, K))
+        for _ in range(4)
+    ]
     student = [Features(embedding=_rand(B, DS)) for _ in range(4)]
     assert torch.isfinite(strategy(_step(teacher, student))["ss"])  # the NaN embedding is not used
 
@@ -381,12 +420,15 @@ def test_kdss_feature_map_cosine_by_hand():
     for b in range(B):
         for h in range(2):
             for w in range(2):
-                pooled = student_map[b, :, 2 * h:2 * h + 2, 2 * w:2 * w + 2].mean(axis=(1, 2))
+                pooled = student_map[b, :, 2 * h : 2 * h + 2, 2 * w : 2 * w + 2].mean(axis=(1, 2))
                 total.append(1 - ref_cos(weight @ pooled + bias, teacher_map[b, :, h, w]))
     assert out["feat"].item() == pytest.approx(float(np.mean(total)), abs=1e-5)
     # only the upright view counts
-    rotated_changed = _step(step.teacher_views[:1] + [Features(embedding=f.embedding, logits=f.logits, layers={4: -f.layers[4]})
-                                                       for f in step.teacher_views[1:]], step.student_views)
+    rotated_changed = _step(
+        step.teacher_views[:1]
+        + [Features(embedding=f.embedding, logits=f.logits, layers={4: -f.layers[4]}) for f in step.teacher_views[1:]],
+        step.student_views,
+    )
     assert strategy(rotated_changed)["feat"].item() == pytest.approx(out["feat"].item(), abs=1e-6)
 
 
@@ -404,7 +446,7 @@ def test_kdss_feature_term_for_vit_tokens_uses_a_linear():
         grid = projected.reshape(4, 4, 7)
         for h in range(2):
             for w in range(2):
-                pooled = grid[2 * h:2 * h + 2, 2 * w:2 * w + 2].mean(axis=(0, 1))
+                pooled = grid[2 * h : 2 * h + 2, 2 * w : 2 * w + 2].mean(axis=(0, 1))
                 total.append(1 - ref_cos(pooled, teacher_map[b, :, h, w]))
     assert out["feat"].item() == pytest.approx(float(np.mean(total)), abs=1e-5)
 
@@ -471,7 +513,9 @@ def test_hidden_targets_are_per_token_layer_norms_concatenated():
     y = normalised_targets([tokens_a, tokens_b], (2, 2))
     assert y.shape == (2, 4, 9)
     for b in range(2):
-        want = np.concatenate([ref_layer_norm_tokens(np64(tokens_a[b])), ref_layer_norm_tokens(np64(tokens_b[b]))], axis=1)
+        want = np.concatenate(
+            [ref_layer_norm_tokens(np64(tokens_a[b])), ref_layer_norm_tokens(np64(tokens_b[b]))], axis=1
+        )
         assert np.allclose(np64(y[b]), want, atol=1e-5)
 
 
@@ -481,7 +525,9 @@ def test_hidden_targets_pool_cnn_maps_to_the_grid_before_normalising():
     coarse = torch.randn(1, 5, 2, 2, generator=gen)
     y = normalised_targets([fine, coarse], (2, 2))
     f = np64(fine)[0]
-    pooled = np.stack([f[:, 2 * h:2 * h + 2, 2 * w:2 * w + 2].mean(axis=(1, 2)) for h in range(2) for w in range(2)])
+    pooled = np.stack(
+        [f[:, 2 * h : 2 * h + 2, 2 * w : 2 * w + 2].mean(axis=(1, 2)) for h in range(2) for w in range(2)]
+    )
     c = np64(coarse)[0].reshape(5, 4).T
     want = np.concatenate([ref_layer_norm_tokens(pooled), ref_layer_norm_tokens(c)], axis=1)
     assert np.allclose(np64(y[0]), want, atol=1e-5)
@@ -489,8 +535,11 @@ def test_hidden_targets_pool_cnn_maps_to_the_grid_before_normalising():
 
 def _hidden_cnn(**config) -> Hidden:
     teacher_probe = Features(layers={1: torch.zeros(2, 3, 4, 4), 3: torch.zeros(2, 5, 2, 2)})
-    return Hidden(HiddenConfig(**config), teacher_probe, Features(layers={4: torch.zeros(2, 6, 4, 4)},
-                                                                  embedding=torch.zeros(2, 7)))
+    return Hidden(
+        HiddenConfig(**config),
+        teacher_probe,
+        Features(layers={4: torch.zeros(2, 6, 4, 4)}, embedding=torch.zeros(2, 7)),
+    )
 
 
 @pytest.mark.parametrize("loss", ["smooth_l1", "mse"])
@@ -498,8 +547,13 @@ def test_hidden_cnn_regression_by_hand(loss):
     strategy = _hidden_cnn(loss=loss, beta=0.5)
     assert strategy.grid == (2, 2) and strategy.target_dim == 8 and not strategy.masked
     gen = torch.Generator().manual_seed(3)
-    teacher = Features(layers={1: torch.randn(2, 3, 4, 4, generator=gen), 3: torch.randn(2, 5, 2, 2, generator=gen),
-                               7: torch.randn(2, 9, 1, 1, generator=gen)})  # another strategy's layer: ignored
+    teacher = Features(
+        layers={
+            1: torch.randn(2, 3, 4, 4, generator=gen),
+            3: torch.randn(2, 5, 2, 2, generator=gen),
+            7: torch.randn(2, 9, 1, 1, generator=gen),
+        }
+    )  # another strategy's layer: ignored
     student = Features(layers={4: torch.randn(2, 6, 4, 4, generator=gen)}, embedding=torch.randn(2, 7, generator=gen))
     out = strategy(_step([teacher], [student]))
     y = np64(normalised_targets([teacher.layers[1], teacher.layers[3]], (2, 2)))
@@ -509,7 +563,7 @@ def test_hidden_cnn_regression_by_hand(loss):
     for b in range(2):
         for h in range(2):
             for w in range(2):
-                pooled = s[b, :, 2 * h:2 * h + 2, 2 * w:2 * w + 2].mean(axis=(1, 2))
+                pooled = s[b, :, 2 * h : 2 * h + 2, 2 * w : 2 * w + 2].mean(axis=(1, 2))
                 pred[b, h * 2 + w] = weight @ pooled + bias
     want = ref_smooth_l1(pred, y, 0.5) if loss == "smooth_l1" else float(((pred - y) ** 2).mean())
     assert out["hidden"].item() == pytest.approx(want, abs=1e-5)
@@ -525,7 +579,7 @@ def test_hidden_cnn_pooled_term_trains_the_layers_after_the_last_map():
     """MobileNetV3's conv_head acts after pooling the last map: only the pooled term reaches it."""
     import timm
 
-    from distillkit.features import FeatureRequest, extract_features
+    from distillkit.features import extract_features
 
     student = timm.create_model("mobilenetv3_small_100", num_classes=0)
     request = Hidden.student_request(HiddenConfig())
@@ -557,14 +611,16 @@ def test_hidden_vit_loss_is_the_mean_over_target_blocks_of_smooth_l1_on_gathered
     teacher = Features(layers={2: torch.randn(2, 16, 3, generator=gen), 5: torch.randn(2, 16, 5, generator=gen)})
     context_index = torch.tensor([[0, 1, 2, 4, 5, 6], [9, 10, 11, 13, 14, 15]])
     target_index = torch.tensor([[[3, 7], [0, 4]], [[12, 13], [2, 3]]])  # (T=2, B=2, 2)
-    student = MaskedFeatures(context_tokens=torch.randn(2, 6, 8, generator=gen), context_index=context_index,
-                             target_index=target_index)
+    student = MaskedFeatures(
+        context_tokens=torch.randn(2, 6, 8, generator=gen), context_index=context_index, target_index=target_index
+    )
     out = strategy(_step([teacher], [student]))
     with torch.no_grad():
         pred = np64(strategy.predictor(student.context_tokens, context_index, target_index))
     y = np64(normalised_targets([teacher.layers[2], teacher.layers[5]], (4, 4)))
-    per_block = [ref_smooth_l1(pred[k], np.stack([y[b][target_index[k, b].numpy()] for b in range(2)]))
-                 for k in range(2)]
+    per_block = [
+        ref_smooth_l1(pred[k], np.stack([y[b][target_index[k, b].numpy()] for b in range(2)])) for k in range(2)
+    ]
     assert out["hidden"].item() == pytest.approx(float(np.mean(per_block)), abs=1e-5)
 
 
@@ -589,8 +645,12 @@ def test_sincos_position_embedding_by_hand():
     assert pos.shape == (6, 8)
     omega = [1.0, 0.01]  # 1 / 10000 ** (i / 2), i = 0, 1
     row, col = 1, 2  # flat index 5
-    want = ([math.sin(row * o) for o in omega] + [math.cos(row * o) for o in omega]
-            + [math.sin(col * o) for o in omega] + [math.cos(col * o) for o in omega])
+    want = (
+        [math.sin(row * o) for o in omega]
+        + [math.cos(row * o) for o in omega]
+        + [math.sin(col * o) for o in omega]
+        + [math.cos(col * o) for o in omega]
+    )
     assert pos[5].tolist() == pytest.approx(want, abs=1e-6)
 
 
@@ -606,9 +666,17 @@ def test_hidden_config_checks():
 
 
 def test_logits_builds_no_head_it_does_not_use():
-    strategy = Logits(LogitsConfig(kd_weight=0.0, ce_weight=1.0, ce_classes=3), Features(logits=torch.zeros(2, 4)),
-                      Features(embedding=torch.zeros(2, 2)))
+    strategy = Logits(
+        LogitsConfig(kd_weight=0.0, ce_weight=1.0, ce_classes=3),
+        Features(logits=torch.zeros(2, 4)),
+        Features(embedding=torch.zeros(2, 2)),
+    )
     assert strategy.classifier is None and strategy.ce_head.out_features == 3
-    out = strategy(_step([Features(logits=torch.tensor(T_LOGITS))], [Features(embedding=torch.tensor(S_FEAT))],
-                         torch.tensor([0, 1, 2])))
+    out = strategy(
+        _step(
+            [Features(logits=torch.tensor(T_LOGITS))],
+            [Features(embedding=torch.tensor(S_FEAT))],
+            torch.tensor([0, 1, 2]),
+        )
+    )
     assert set(out) == {"ce"}

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distillkit.strategies.masks import block_size, check_mask_grid, sample_block_masks
 from distillkit.errors import UsageError
+from distillkit.strategies.masks import block_size, check_mask_grid, sample_block_masks
 
 GRID = (14, 14)  # ViT-S/16 at 224 px
 

@@ -19,8 +19,19 @@ from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-NEW_RECIPES = ["feature-cnn", "feature-vit", "logits-cnn", "logits-vit", "kdss-cnn", "kdss-vit", "hidden-cnn",
-               "hidden-vit", "seed-hidden", "sdssl-cnn", "sdssl-vit"]
+NEW_RECIPES = [
+    "feature-cnn",
+    "feature-vit",
+    "logits-cnn",
+    "logits-vit",
+    "kdss-cnn",
+    "kdss-vit",
+    "hidden-cnn",
+    "hidden-vit",
+    "seed-hidden",
+    "sdssl-cnn",
+    "sdssl-vit",
+]
 
 TINY_VIT = """\
 timm: vit_tiny_patch16_224
@@ -56,8 +67,11 @@ def shrink(name: str, tmp_path) -> tuple[dict, list[str]]:
     if "seed" in recipe.strategy:
         overrides.append("strategy.seed.queue_size=64")
     if "hidden" in recipe.strategy and _is_vit_student(kwargs.get("student", recipe.student.name)):
-        overrides += ["strategy.hidden.predictor_depth=1", "strategy.hidden.predictor_width=64",
-                      "strategy.hidden.predictor_heads=2"]
+        overrides += [
+            "strategy.hidden.predictor_depth=1",
+            "strategy.hidden.predictor_width=64",
+            "strategy.hidden.predictor_heads=2",
+        ]
     return kwargs, overrides
 
 
@@ -75,11 +89,21 @@ def test_each_new_strategy_ships_a_cnn_and_a_vit_recipe():
 @pytest.mark.parametrize("name", list_recipes())
 def test_every_recipe_runs_a_few_steps_end_to_end(name, tmp_path):
     kwargs, overrides = shrink(name, tmp_path)
-    batch = 8 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 16  # a ViT-S/16 teacher at 224 px costs 0.1 s an image
+    batch = (
+        8 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 16
+    )  # a ViT-S/16 teacher at 224 px costs 0.1 s an image
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # random teacher weights are announced with a warning
-        result = distillkit.compress(name, limit=2 * batch, batch_size=batch, max_steps=2, out=tmp_path / "run",
-                                     set=overrides, quiet=True, **kwargs)
+        result = distillkit.compress(
+            name,
+            limit=2 * batch,
+            batch_size=batch,
+            max_steps=2,
+            out=tmp_path / "run",
+            set=overrides,
+            quiet=True,
+            **kwargs,
+        )
     assert result.steps == 2
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     logged = next(line for line in lines if line.get("step") == 2 and "loss" in line)

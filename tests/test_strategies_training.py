@@ -16,16 +16,15 @@ import torch
 from torch import nn
 
 import distillkit.strategies.objective as objective_module
-from distillkit.errors import UsageError
-from distillkit.features import FeatureRequest, Features, extract_features, forward_kept_tokens
-from distillkit.recipe import resolve_recipe
-from distillkit.strategies import Objective, StepInputs
-from distillkit.strategies import STRATEGIES, check_composable
-from distillkit.strategies.hidden import Hidden, HiddenConfig, MaskedFeatures
 from distillkit.data import Batch
 from distillkit.data.views import SizePlan, ViewConfig
+from distillkit.errors import UsageError
+from distillkit.features import FeatureRequest, Features, forward_kept_tokens
+from distillkit.recipe import resolve_recipe
+from distillkit.strategies import STRATEGIES, Objective, check_composable
+from distillkit.strategies.hidden import Hidden, HiddenConfig, MaskedFeatures
 from distillkit.student import Student
-from distillkit.teachers import InputConfig, Teacher, load_teacher, prepare_input
+from distillkit.teachers import InputConfig, Teacher, load_teacher
 from distillkit.train.step import DistillModule, StepContext, train_step
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -44,8 +43,16 @@ def lite0():
 def vit_teacher():
     """A small random ViT teacher without classifier or projection: 4x4 tokens of width 48."""
     torch.manual_seed(0)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                              depth=4, embed_dim=48, num_heads=2)
+    model = timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=4,
+        embed_dim=48,
+        num_heads=2,
+    )
     return Teacher("tiny-vit", model.eval(), InputConfig((32, 32), *IMAGENET), "random, test only")
 
 
@@ -56,8 +63,16 @@ def cnn_student() -> nn.Module:
 
 def vit_student() -> nn.Module:
     torch.manual_seed(2)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                             depth=2, embed_dim=64, num_heads=2)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=2,
+        embed_dim=64,
+        num_heads=2,
+    )
 
 
 def build(strategies: dict, teacher, student) -> tuple[Objective, FeatureRequest]:
@@ -72,8 +87,15 @@ def images(n: int = 8, seed: int = 3) -> torch.Tensor:
     return torch.rand(n, 3, 64, 64, generator=torch.Generator().manual_seed(seed))
 
 
-def train_steps(objective: Objective, teacher, student, steps: int, lr: float = 2e-3,
-                labels: torch.Tensor | None = None, after_backward=None) -> list[dict[str, float]]:
+def train_steps(
+    objective: Objective,
+    teacher,
+    student,
+    steps: int,
+    lr: float = 2e-3,
+    labels: torch.Tensor | None = None,
+    after_backward=None,
+) -> list[dict[str, float]]:
     """`train_step`, the loop's own step, on one fixed batch (whole-image views, the same every step) with
     Adam; `after_backward` runs once, between the first backward and its optimiser step. Returns each
     step's terms and total ("loss")."""
@@ -82,15 +104,24 @@ def train_steps(objective: Objective, teacher, student, steps: int, lr: float = 
     module = DistillModule(Student(student, None, InputConfig((32, 32), *IMAGENET), False), objective)
     optimizer = torch.optim.Adam([p for p in module.parameters() if p.requires_grad], lr=lr)
     if after_backward is not None:
+
         def once(*args) -> None:
             after_backward()
             hook.remove()
 
         hook = optimizer.register_step_pre_hook(once)
-    ctx = StepContext(Accelerator(cpu=True), module, optimizer, {"teacher": teacher},
-                      objective.teacher_requests({"teacher": teacher}, student), {},
-                      SizePlan(student=(64, 64), teachers={"teacher": (64, 64)}, load_size=64),
-                      ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0), 0, lambda step: lr)
+    ctx = StepContext(
+        Accelerator(cpu=True),
+        module,
+        optimizer,
+        {"teacher": teacher},
+        objective.teacher_requests({"teacher": teacher}, student),
+        {},
+        SizePlan(student=(64, 64), teachers={"teacher": (64, 64)}, load_size=64),
+        ViewConfig(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip=0.0),
+        0,
+        lambda step: lr,
+    )
     batch = Batch(images=(images() * 255).to(torch.uint8), labels=labels, indices=torch.arange(8), bad=[])
     module.train()
     losses = []
@@ -113,8 +144,12 @@ CASES = {
     "hidden-vit-cnn-teacher": ({"hidden": TINY_HIDDEN}, "lite0", vit_student, "loss"),
     # SEED on a random ViT teacher sits at its floor (near-identical teacher embeddings: the entropy of
     # a near-uniform target), so only the hidden term can fall here.
-    "seed+hidden-vit": ({"seed": {"queue_size": 8, "tau_teacher": 0.05}, "hidden": TINY_HIDDEN}, "vit", vit_student,
-                        "hidden"),
+    "seed+hidden-vit": (
+        {"seed": {"queue_size": 8, "tau_teacher": 0.05}, "hidden": TINY_HIDDEN},
+        "vit",
+        vit_student,
+        "hidden",
+    ),
 }
 
 # Student parameters a strategy leaves without gradient (none: hidden's pooled term reaches the layers after
@@ -159,7 +194,7 @@ def test_forward_kept_tokens_with_every_patch_is_the_plain_forward():
     x = torch.randn(2, 3, 32, 32)
     everything = torch.arange(16).expand(2, 16)
     with torch.no_grad():
-        plain = student.forward_features(x)[:, student.num_prefix_tokens:]
+        plain = student.forward_features(x)[:, student.num_prefix_tokens :]
         ours, _ = forward_kept_tokens(student, x, everything)
         part, _ = forward_kept_tokens(student, x, torch.tensor([[0, 5, 6], [1, 2, 15]]))
     assert torch.allclose(ours, plain, atol=1e-5)
@@ -249,8 +284,12 @@ def test_two_strategies_that_run_the_student_cannot_be_composed(lite0):
     with pytest.raises(UsageError, match="'hidden' and 'runner' both run the student"):
         check_composable({"hidden": Hidden, "runner": _AnotherRunner})
     check_composable({"hidden": Hidden, "seed": STRATEGIES.get("seed")})
-    probes = (Features(layers={1: torch.zeros(2, 3, 2, 2)}),
-              Features(layers={2: torch.zeros(2, 4, 2, 2)}, embedding=torch.zeros(2, 4)))
+    probes = (
+        Features(layers={1: torch.zeros(2, 3, 2, 2)}),
+        Features(layers={2: torch.zeros(2, 4, 2, 2)}, embedding=torch.zeros(2, 4)),
+    )
     with pytest.raises(UsageError, match="both run the student"):
-        Objective({"hidden": Hidden(HiddenConfig(), *probes), "runner": _AnotherRunner(HiddenConfig(), *probes)},
-                  {"hidden": 1.0, "runner": 1.0})
+        Objective(
+            {"hidden": Hidden(HiddenConfig(), *probes), "runner": _AnotherRunner(HiddenConfig(), *probes)},
+            {"hidden": 1.0, "runner": 1.0},
+        )

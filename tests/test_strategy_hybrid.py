@@ -18,7 +18,12 @@ from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.hybrid import (
-    HybridConfig, default_layer_pairs, keep_indices, mask_ratio_at, redundancy_scores, to_grid,
+    HybridConfig,
+    default_layer_pairs,
+    keep_indices,
+    mask_ratio_at,
+    redundancy_scores,
+    to_grid,
 )
 from distillkit.teachers import InputConfig, Teacher, load_teacher, prepare_input
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
@@ -31,8 +36,17 @@ STUDENT_INPUT = InputConfig((32, 32), *IMAGENET)
 
 def tiny_vit(depth: int, width: int, heads: int, seed: int, **kwargs):
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                             depth=depth, embed_dim=width, num_heads=heads, **kwargs).eval()
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=depth,
+        embed_dim=width,
+        num_heads=heads,
+        **kwargs,
+    ).eval()
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +54,12 @@ def teachers():
     """A CL teacher with a class token (4 blocks, 2 heads) and a MIM teacher without (6 blocks, 3 heads)."""
     return {
         "teacher": Teacher("cl", tiny_vit(4, 48, 2, 0), InputConfig((32, 32), *IMAGENET), "random"),
-        "mim": Teacher("mim", tiny_vit(6, 48, 3, 1, class_token=False, global_pool="avg"),
-                       InputConfig((32, 32), *IMAGENET), "random"),
+        "mim": Teacher(
+            "mim",
+            tiny_vit(6, 48, 3, 1, class_token=False, global_pool="avg"),
+            InputConfig((32, 32), *IMAGENET),
+            "random",
+        ),
     }
 
 
@@ -73,7 +91,7 @@ def naive_blocks(model, tokens: torch.Tensor, upto: int) -> tuple[torch.Tensor, 
     normed = F.layer_norm(tokens, tokens.shape[-1:], block.norm1.weight, block.norm1.bias, block.norm1.eps)
     qkv = normed @ block.attn.qkv.weight.T + block.attn.qkv.bias
     width = qkv.shape[-1] // 3
-    return tokens, qkv[..., :width], qkv[..., width:2 * width]
+    return tokens, qkv[..., :width], qkv[..., width : 2 * width]
 
 
 def embed(model, x: torch.Tensor) -> torch.Tensor:
@@ -106,8 +124,9 @@ def test_loss_matches_a_float64_computation_from_the_formula(teachers):
     features = objective.student_features(student, prepare_input(x, STUDENT_INPUT, False), by_role, request, 1.0)
     keep = features.keep_index
     assert keep.shape == (6, 8)  # 16 patches, half dropped
-    _, terms = objective(StepInputs([by_role["teacher"]], [features], None, 1.0,
-                                    other_teachers={"mim": [by_role["mim"]]}))
+    _, terms = objective(
+        StepInputs([by_role["teacher"]], [features], None, 1.0, other_teachers={"mim": [by_role["mim"]]})
+    )
 
     with torch.no_grad():
         rows = torch.arange(6)[:, None]
@@ -200,8 +219,9 @@ def test_a_cnn_student_sees_the_dropped_patches_blanked(teachers):
     inputs = []
     handle = student.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
     student.forward_intermediates = _recording(student.forward_intermediates, inputs)
-    features = objective.student_features(student, x, teacher_features(objective, teachers, student, images()),
-                                          request, 1.0)
+    features = objective.student_features(
+        student, x, teacher_features(objective, teachers, student, images()), request, 1.0
+    )
     handle.remove()
     seen = inputs[-1]
     cells = torch.zeros(6, 16)
@@ -215,16 +235,19 @@ def _recording(method, inputs):
     def wrapper(x, *args, **kwargs):
         inputs.append(x)
         return method(x, *args, **kwargs)
+
     return wrapper
 
 
 @pytest.mark.parametrize("kind", ["vit", "cnn"])
 def test_gradients_reach_the_student_and_its_heads_and_the_loss_falls(teachers, kind):
     torch.manual_seed(4)
-    student = (tiny_vit(3, 64, 4, 2) if kind == "vit"
-               else timm.create_model("test_efficientnet", pretrained=False, num_classes=0)).train()
-    objective, request = build({"mask_ratio": 0.5, "mask_schedule": "constant", "gumbel_scale": 0.0}, teachers,
-                               student)
+    student = (
+        tiny_vit(3, 64, 4, 2)
+        if kind == "vit"
+        else timm.create_model("test_efficientnet", pretrained=False, num_classes=0)
+    ).train()
+    objective, request = build({"mask_ratio": 0.5, "mask_schedule": "constant", "gumbel_scale": 0.0}, teachers, student)
     x = images(8)
     by_role = teacher_features(objective, teachers, student, x)
     params = list(student.parameters()) + list(objective.parameters())
@@ -233,8 +256,9 @@ def test_gradients_reach_the_student_and_its_heads_and_the_loss_falls(teachers, 
     losses = []
     for step in range(12):
         features = objective.student_features(student, prepare_input(x, STUDENT_INPUT, False), by_role, request, 1.0)
-        loss, _ = objective(StepInputs([by_role["teacher"]], [features], None, 1.0,
-                                       other_teachers={"mim": [by_role["mim"]]}))
+        loss, _ = objective(
+            StepInputs([by_role["teacher"]], [features], None, 1.0, other_teachers={"mim": [by_role["mim"]]})
+        )
         optimizer.zero_grad()
         loss.backward()
         if step == 0:
@@ -305,17 +329,32 @@ def test_bad_settings_are_rejected_with_the_key(teachers):
 
 def test_compress_with_two_teachers_from_the_command_line_options(tmp_path):
     spec = tmp_path / "vit.yaml"
-    spec.write_text("timm: vit_tiny_patch16_224\ninput_size: 64\n"
-                    "model_args: {patch_size: 16, depth: 2, embed_dim: 64, num_heads: 2}\n")
+    spec.write_text(
+        "timm: vit_tiny_patch16_224\ninput_size: 64\n"
+        "model_args: {patch_size: 16, depth: 2, embed_dim: 64, num_heads: 2}\n"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = distillkit.compress(
-            teacher="timm:vit_tiny_patch16_224", teacher_weights=RANDOM_WEIGHTS, student=str(spec), strategy="hybrid",
-            limit=16, batch_size=8, max_steps=2, out=tmp_path / "run", quiet=True,
-            set=["teachers.mim.name=timm:vit_tiny_patch16_224", f"teachers.mim.weights={RANDOM_WEIGHTS}",
-                 "eval.enabled=false", "eval.latency_runs=1"])
+            teacher="timm:vit_tiny_patch16_224",
+            teacher_weights=RANDOM_WEIGHTS,
+            student=str(spec),
+            strategy="hybrid",
+            limit=16,
+            batch_size=8,
+            max_steps=2,
+            out=tmp_path / "run",
+            quiet=True,
+            set=[
+                "teachers.mim.name=timm:vit_tiny_patch16_224",
+                f"teachers.mim.weights={RANDOM_WEIGHTS}",
+                "eval.enabled=false",
+                "eval.latency_runs=1",
+            ],
+        )
     assert result.steps == 2
     assert "mim:" in (tmp_path / "run" / "recipe.yaml").read_text()
     import json
+
     card = json.loads((result.student_dir / "config.json").read_text())
     assert card["distillkit"]["other_teachers"]["mim"]["name"] == "timm:vit_tiny_patch16_224"

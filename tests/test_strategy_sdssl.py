@@ -30,8 +30,17 @@ TINY = {"projector_hidden_dim": 32, "final_projector_hidden_dim": 48, "predictor
 
 def tiny_vit(depth: int, width: int, seed: int, **kwargs) -> nn.Module:
     torch.manual_seed(seed)
-    return timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, img_size=32, patch_size=8,
-                             depth=depth, embed_dim=width, num_heads=2, **kwargs)
+    return timm.create_model(
+        "vit_tiny_patch16_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=32,
+        patch_size=8,
+        depth=depth,
+        embed_dim=width,
+        num_heads=2,
+        **kwargs,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +48,9 @@ def teacher():
     """A random 2-block ViT teacher (48-d) with a projection head to 24 dims, like a MoCo teacher."""
     model = tiny_vit(2, 48, 0).eval()
     torch.manual_seed(9)
-    return Teacher("tiny-vit", model, InputConfig((32, 32), *IMAGENET), "random, test only",
-                   projection_head=nn.Linear(48, 24))
+    return Teacher(
+        "tiny-vit", model, InputConfig((32, 32), *IMAGENET), "random, test only", projection_head=nn.Linear(48, 24)
+    )
 
 
 def cnn_student() -> nn.Module:
@@ -65,7 +75,9 @@ def step_inputs(objective, request, teacher, student, progress: float, n: int = 
     return StepInputs(
         teacher_views=[teacher(v, teacher_request) for v in views],
         student_views=[extract_features(student, prepare_input(v, student_input, False), request) for v in views],
-        labels=None, progress=progress)
+        labels=None,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------- the loss, from the formula
@@ -89,15 +101,19 @@ def test_loss_matches_the_sdssl_formula(views, predictor):
     torch.manual_seed(0)
     n, tau, progress = 6, 0.2, 0.5
     config = SdsslConfig(views=views, predictor=predictor, ramp_max=0.8, **TINY)
-    student_probe = Features(embedding=torch.randn(2, 20), block_embeddings={0: torch.randn(2, 12),
-                                                                            1: torch.randn(2, 16),
-                                                                            2: torch.randn(2, 20)})
+    student_probe = Features(
+        embedding=torch.randn(2, 20),
+        block_embeddings={0: torch.randn(2, 12), 1: torch.randn(2, 16), 2: torch.randn(2, 20)},
+    )
     strategy = Sdssl(config, Features(embedding=torch.randn(2, 10)), student_probe)
     assert strategy.blocks == [0, 1] and len(strategy.projectors) == 3  # block 2 is the last: the output term
-    student = [Features(embedding=torch.randn(n, 20), block_embeddings={0: torch.randn(n, 12),
-                                                                        1: torch.randn(n, 16),
-                                                                        2: torch.randn(n, 20)})
-               for _ in range(views)]
+    student = [
+        Features(
+            embedding=torch.randn(n, 20),
+            block_embeddings={0: torch.randn(n, 12), 1: torch.randn(n, 16), 2: torch.randn(n, 20)},
+        )
+        for _ in range(views)
+    ]
     teacher = [Features(embedding=torch.randn(n, 10)) for _ in range(views)]
     terms = strategy(StepInputs(teacher, student, None, progress))
 
@@ -123,9 +139,11 @@ def test_loss_matches_the_sdssl_formula(views, predictor):
 
 
 def test_heads_are_sdssl_mlps():
-    strategy = Sdssl(SdsslConfig(**TINY), Features(embedding=torch.randn(2, 10)),
-                     Features(embedding=torch.randn(2, 20), block_embeddings={0: torch.randn(2, 12),
-                                                                              1: torch.randn(2, 20)}))
+    strategy = Sdssl(
+        SdsslConfig(**TINY),
+        Features(embedding=torch.randn(2, 10)),
+        Features(embedding=torch.randn(2, 20), block_embeddings={0: torch.randn(2, 12), 1: torch.randn(2, 20)}),
+    )
     kinds = [type(m).__name__ for m in strategy.projectors[0]]
     assert kinds == ["Linear", "BatchNorm1d", "ReLU"] * 2 + ["Linear", "BatchNorm1d"]
     assert [m.out_features for m in strategy.projectors[0] if isinstance(m, nn.Linear)] == [32, 32, 10]
@@ -156,9 +174,15 @@ print(offset, info_nce(z[3 * rank:3 * rank + 3], keys, offset, 0.2).item())
 
 def test_two_processes_contrast_with_the_keys_of_both(tmp_path):
     """Rank r's rows are B*r.. of the gathered keys: the two halves' mean loss is the one-process loss."""
-    runs = [subprocess.Popen([sys.executable, "-c", HALF_BATCH, str(r), str(tmp_path / "store")],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            for r in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HALF_BATCH, str(r), str(tmp_path / "store")],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for r in range(2)
+    ]
     answers = [run.communicate(timeout=120)[0].split() for run in runs]
     assert [int(a[0]) for a in answers] == [0, 3]
     z, t = torch.randn(12, 5, generator=torch.Generator().manual_seed(0)).split(6)
@@ -168,11 +192,14 @@ def test_two_processes_contrast_with_the_keys_of_both(tmp_path):
 # ----------------------------------------------------------------------------- the ramp
 
 
-@pytest.mark.parametrize("shape, expected", [
-    ("cosine", [0.0, 0.4, 0.8]),
-    ("linear", [0.0, 0.4, 0.8]),
-    ("constant", [0.8, 0.8, 0.8]),
-])
+@pytest.mark.parametrize(
+    "shape, expected",
+    [
+        ("cosine", [0.0, 0.4, 0.8]),
+        ("linear", [0.0, 0.4, 0.8]),
+        ("constant", [0.8, 0.8, 0.8]),
+    ],
+)
 def test_ramp_at_the_start_middle_and_end(shape, expected):
     assert [ramp(shape, 0.8, p) for p in (0.0, 0.5, 1.0)] == pytest.approx(expected, abs=1e-12)
 
@@ -264,23 +291,29 @@ def test_a_few_steps_lower_the_loss(teacher):
 # ----------------------------------------------------------------------------- checks before any forward
 
 
-@pytest.mark.parametrize("settings, message", [
-    ({"views": 3}, "strategy.sdssl.views = 3 is not allowed"),
-    ({"temperature": 0}, "strategy.sdssl.temperature must be positive"),
-    ({"ramp": "step"}, "strategy.sdssl.ramp = 'step' is not allowed"),
-    ({"ramp_max": -1}, "strategy.sdssl.ramp_max must be 0 or more"),
-    ({"projector_hidden_dim": 0}, "strategy.sdssl.projector_hidden_dim must be positive"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"views": 3}, "strategy.sdssl.views = 3 is not allowed"),
+        ({"temperature": 0}, "strategy.sdssl.temperature must be positive"),
+        ({"ramp": "step"}, "strategy.sdssl.ramp = 'step' is not allowed"),
+        ({"ramp_max": -1}, "strategy.sdssl.ramp_max must be 0 or more"),
+        ({"projector_hidden_dim": 0}, "strategy.sdssl.projector_hidden_dim must be positive"),
+    ],
+)
 def test_bad_settings_are_rejected_with_the_recipe(settings, message):
     with pytest.raises(UsageError, match=message):
         resolve_recipe({"strategy": {"sdssl": settings}})
 
 
-@pytest.mark.parametrize("settings, student, message", [
-    ({"blocks": [5]}, "vit", "sdssl distils the student's blocks \\[5\\], but layer index 5 is out of range"),
-    ({"blocks": [1.5]}, "cnn", "relative layer depth 1.5 must be in"),
-    ({"embed_dim": 256}, "vit", "embed_dim = 256, but the teacher embedding SDSSL contrasts with has 24 dims"),
-])
+@pytest.mark.parametrize(
+    "settings, student, message",
+    [
+        ({"blocks": [5]}, "vit", "sdssl distils the student's blocks \\[5\\], but layer index 5 is out of range"),
+        ({"blocks": [1.5]}, "cnn", "relative layer depth 1.5 must be in"),
+        ({"embed_dim": 256}, "vit", "embed_dim = 256, but the teacher embedding SDSSL contrasts with has 24 dims"),
+    ],
+)
 def test_bad_recipes_are_rejected_before_training(settings, student, message, teacher):
     with pytest.raises(UsageError, match=message):
         build({**TINY, **settings}, teacher, tiny_vit(3, 32, 2) if student == "vit" else cnn_student())

@@ -43,12 +43,12 @@ def reference_nt_xent(za: torch.Tensor, zb: torch.Tensor, tau: float) -> float:
     n = za.shape[0]
     z = [v / v.norm() for v in torch.cat([za, zb]).double()]
 
-    def l(i: int, j: int) -> float:
+    def pair_loss(i: int, j: int) -> float:
         numerator = math.exp(float(z[i] @ z[j]) / tau)
         denominator = sum(math.exp(float(z[i] @ z[k]) / tau) for k in range(2 * n) if k != i)
         return -math.log(numerator / denominator)
 
-    return sum(l(k, k + n) + l(k + n, k) for k in range(n)) / n
+    return sum(pair_loss(k, k + n) + pair_loss(k + n, k) for k in range(n)) / n
 
 
 @pytest.mark.parametrize("n, tau", [(5, 0.5), (4, 0.1), (1, 0.5)])
@@ -89,9 +89,15 @@ def test_two_processes_contrast_with_both_halves_and_send_gradients_back(tmp_pat
     """Each process contrasts its 3 images with the 6 of both, and the backward sums both processes'
     gradients of its rows: the mean of the two losses is the one-process loss, and each process's
     gradient is twice the one-process one (DDP's mean over 2 processes then gives the same update)."""
-    runs = [subprocess.Popen([sys.executable, "-c", HALF_BATCH, str(r), str(tmp_path / "store")],
-                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-            for r in range(2)]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", HALF_BATCH, str(r), str(tmp_path / "store")],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": "1"},
+        )
+        for r in range(2)
+    ]
     answers = [[float(v) for v in run.communicate(timeout=120)[0].split()] for run in runs]
     za, zb = torch.randn(2, 6, 5, generator=torch.Generator().manual_seed(0)).unbind(0)
     whole = [z.clone().requires_grad_() for z in (za, zb)]
@@ -99,7 +105,7 @@ def test_two_processes_contrast_with_both_halves_and_send_gradients_back(tmp_pat
     loss.backward()
     assert (answers[0][0] + answers[1][0]) / 2 == pytest.approx(loss.item(), rel=1e-5)
     for rank, answer in enumerate(answers):
-        expected = torch.stack([2 * z.grad[3 * rank:3 * rank + 3] for z in whole])
+        expected = torch.stack([2 * z.grad[3 * rank : 3 * rank + 3] for z in whole])
         assert torch.allclose(torch.tensor(answer[1:]).view(2, 3, 5), expected, atol=1e-6)
 
 
@@ -200,12 +206,27 @@ def test_compress_trains_the_student_without_ever_running_the_teacher(tmp_path, 
     train = api.train
     monkeypatch.setattr(Teacher, "_extract", guarded)
     monkeypatch.setattr(api, "train", training)
-    overrides = ["teacher.input_size=32", "student.input_size=32", "eval.max_train=48", "eval.max_test=32",
-                 "eval.probe_steps=5", "eval.latency_runs=1", "eval.online_images=0"]
+    overrides = [
+        "teacher.input_size=32",
+        "student.input_size=32",
+        "eval.max_train=48",
+        "eval.max_test=32",
+        "eval.probe_steps=5",
+        "eval.latency_runs=1",
+        "eval.online_images=0",
+    ]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        result = distillkit.compress("simclr-cnn", student="mobilenetv3-small", limit=64, batch_size=16,
-                                     max_steps=2, out=tmp_path / "run", set=overrides, quiet=True)
+        result = distillkit.compress(
+            "simclr-cnn",
+            student="mobilenetv3-small",
+            limit=64,
+            batch_size=16,
+            max_steps=2,
+            out=tmp_path / "run",
+            set=overrides,
+            quiet=True,
+        )
     assert result.steps == 2 and calls["train"] == 0
     assert calls["eval"] > 0 and "knn_top1" in result.metrics["teacher"]  # the teacher row is still there
     lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]

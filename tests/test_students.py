@@ -6,8 +6,14 @@ import pytest
 import torch
 
 from distillkit.errors import UsageError
-from distillkit.student import (StudentSpec, create_student, list_students, model_args_for, student_spec,
-                                uses_channels_last)
+from distillkit.student import (
+    StudentSpec,
+    create_student,
+    list_students,
+    model_args_for,
+    student_spec,
+    uses_channels_last,
+)
 
 SHIPPED = {
     # name: (timm architecture, channels_last) as written in students/*.yaml
@@ -102,8 +108,10 @@ def test_unknown_student_lists_choices():
 
 def test_user_spec_file(tmp_path):
     path = tmp_path / "my-student.yaml"
-    path.write_text("timm: resnet18\ninput_size: 48\nchannels_last: false\ndescription: mine\n"
-                    "model_args:\n  drop_rate: 0.1\n", encoding="utf-8")
+    path.write_text(
+        "timm: resnet18\ninput_size: 48\nchannels_last: false\ndescription: mine\nmodel_args:\n  drop_rate: 0.1\n",
+        encoding="utf-8",
+    )
     spec = student_spec(str(path))
     assert spec.name == "my-student"  # the file's stem
     assert spec.timm == "resnet18"

@@ -11,29 +11,46 @@ import pytest
 import torch
 
 import distillkit
+from distillkit.data.views import DEFAULT_CACHE_SLOTS, view_slots
 from distillkit.errors import UsageError
 from distillkit.features import Features
 from distillkit.teachers.base import Teacher
-from distillkit.data.views import DEFAULT_CACHE_SLOTS, view_slots
-from distillkit.train import loop, step
+from distillkit.train import step
 from distillkit.train.cache import TeacherCache, image_hashes
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
-TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=false", "train.deterministic=true",
-        "data.cache_dtype=float32"]
+TINY = [
+    "teacher.input_size=32",
+    "strategy.seed.queue_size=64",
+    "eval.enabled=false",
+    "train.deterministic=true",
+    "data.cache_dtype=float32",
+]
 
 
 def run(out: Path, cache: Path | None, epochs: int = 2, extra: list[str] = (), **kwargs):
     """`cache` None: no teacher cache at all (not the automatic one)."""
-    return distillkit.compress(student="mobilenetv3-small", data="builtin:fashion-mnist", limit=64, batch_size=32,
-                               epochs=epochs, out=out, quiet=True, teacher_cache=False if cache is None else cache,
-                               set=TINY + ["data.view_slots=1"] + list(extra), **kwargs)
+    return distillkit.compress(
+        student="mobilenetv3-small",
+        data="builtin:fashion-mnist",
+        limit=64,
+        batch_size=32,
+        epochs=epochs,
+        out=out,
+        quiet=True,
+        teacher_cache=False if cache is None else cache,
+        set=TINY + ["data.view_slots=1"] + list(extra),
+        **kwargs,
+    )
 
 
 def losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if '"step"' in line and "epoch_end" not in line]
+    return [
+        json.loads(line)["loss"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if '"step"' in line and "epoch_end" not in line
+    ]
 
 
 class Calls(list):
@@ -67,11 +84,20 @@ def test_views_are_rendered_shared_per_network_or_at_view_size(tmp_path, teacher
         return original(self, views, *args)
 
     monkeypatch.setattr(step.DistillModule, "forward", recording)
-    run(tmp_path / "own", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32",
-                                                 "data.render=per_network"])
+    run(
+        tmp_path / "own",
+        None,
+        epochs=1,
+        extra=["teacher.input_size=48", "student.input_size=32", "data.render=per_network"],
+    )
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(32, 32)}
     teacher_calls.sizes.clear(), student_sizes.clear()
-    run(tmp_path / "shared", None, epochs=1, extra=["teacher.input_size=48", "student.input_size=32", "data.render=shared"])
+    run(
+        tmp_path / "shared",
+        None,
+        epochs=1,
+        extra=["teacher.input_size=48", "student.input_size=32", "data.render=shared"],
+    )
     assert set(teacher_calls.sizes[-2:]) == {(48, 48)} and set(student_sizes) == {(48, 48)}
     teacher_calls.sizes.clear(), student_sizes.clear()
     run(tmp_path / "fixed", None, epochs=1, extra=["teacher.input_size=48", "data.view_size=40"])
@@ -118,8 +144,14 @@ def test_other_views_or_another_teacher_open_another_entry(tmp_path):
     assert len({json.dumps(k["input"]) for k in keys}) == 2 and len({json.dumps(k["views"]) for k in keys}) == 2
 
 
-AUGMENT = ["data.augment.jitter=0.8", "data.augment.brightness=0.4", "data.augment.contrast=0.4",
-           "data.augment.grayscale=0.2", "data.augment.blur=0.5", "data.augment.solarize=0.2"]
+AUGMENT = [
+    "data.augment.jitter=0.8",
+    "data.augment.brightness=0.4",
+    "data.augment.contrast=0.4",
+    "data.augment.grayscale=0.2",
+    "data.augment.blur=0.5",
+    "data.augment.solarize=0.2",
+]
 
 
 def test_augmented_views_replay_from_the_cache_and_key_their_entry(tmp_path, teacher_calls):
@@ -161,19 +193,30 @@ def test_changed_weights_change_the_key(tmp_path):
 
 
 def probe() -> Features:
-    return Features(embedding=torch.zeros(1, 4), layers={2: torch.zeros(1, 3, 2, 2)},
-                    relations={1: torch.zeros(2, 1, 2, 5, 4)}, prefix_tokens=1)
+    return Features(
+        embedding=torch.zeros(1, 4),
+        layers={2: torch.zeros(1, 3, 2, 2)},
+        relations={1: torch.zeros(2, 1, 2, 5, 4)},
+        prefix_tokens=1,
+    )
 
 
 def test_a_changed_image_is_refused(tmp_path):
     cache = TeacherCache(tmp_path, {"k": 1}, probe(), num_images=10, slots=2, views=1, dtype="float32", create=True)
     images = torch.randint(0, 255, (2, 1, 8, 8), dtype=torch.uint8)
     indices = torch.tensor([3, 7])
-    outputs = [Features(embedding=torch.randn(2, 4), layers={2: torch.randn(2, 3, 2, 2)},
-                        relations={1: torch.randn(2, 2, 2, 5, 4)}, prefix_tokens=1)]
+    outputs = [
+        Features(
+            embedding=torch.randn(2, 4),
+            layers={2: torch.randn(2, 3, 2, 2)},
+            relations={1: torch.randn(2, 2, 2, 5, 4)},
+            prefix_tokens=1,
+        )
+    ]
     cache.features(indices, images, 0, lambda: outputs, torch.device("cpu"))
-    read = cache.features(indices, images, 0, lambda: pytest.fail("the teacher ran for cached views"),
-                          torch.device("cpu"))
+    read = cache.features(
+        indices, images, 0, lambda: pytest.fail("the teacher ran for cached views"), torch.device("cpu")
+    )
     for name, tensor in outputs[0].named().items():
         torch.testing.assert_close(read[0].named()[name], tensor)
     changed = images.clone()

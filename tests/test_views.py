@@ -30,7 +30,7 @@ def reference_uniform(seed: int, epoch: int, index: int, view: int, draw: int) -
     x = lowbias32(x ^ index)
     x = lowbias32(x ^ view)
     x = lowbias32(x ^ draw)
-    return (x >> 8) / 2 ** 24
+    return (x >> 8) / 2**24
 
 
 def test_lowbias32_reference_known_values():
@@ -39,9 +39,9 @@ def test_lowbias32_reference_known_values():
     assert lowbias32(1) not in (0, 1)
 
 
-@pytest.mark.parametrize("seed, epoch, view", [(0, 0, 0), (1, 2, 1), (12345, 7, 3), (2 ** 32 + 5, 1, 0)])
+@pytest.mark.parametrize("seed, epoch, view", [(0, 0, 0), (1, 2, 1), (12345, 7, 3), (2**32 + 5, 1, 0)])
 def test_hash_uniform_matches_reference(seed, epoch, view):
-    indices = torch.tensor([0, 1, 2, 99, 2 ** 31 + 3])
+    indices = torch.tensor([0, 1, 2, 99, 2**31 + 3])
     got = hash_uniform(seed, epoch, indices, view, 3)
     assert got.shape == (5, 3)
     assert got.dtype == torch.float64
@@ -60,7 +60,7 @@ def test_hash_uniform_range_and_mean():
     counts = torch.histc(u.float(), bins=10, min=0.0, max=1.0)
     assert counts.min() > 850 and counts.max() < 1150
     # values are multiples of 2**-24
-    assert torch.equal(u * 2 ** 24, torch.floor(u * 2 ** 24))
+    assert torch.equal(u * 2**24, torch.floor(u * 2**24))
 
 
 def test_hash_uniform_draws_are_independent_columns():
@@ -110,8 +110,7 @@ def test_params_change_with_epoch_view_seed(change):
 
 def test_params_are_shard_invariant():
     whole = params(range(8), seed=11, epoch=4, view=1)
-    shards = torch.cat([params(range(0, 4), seed=11, epoch=4, view=1),
-                        params(range(4, 8), seed=11, epoch=4, view=1)])
+    shards = torch.cat([params(range(0, 4), seed=11, epoch=4, view=1), params(range(4, 8), seed=11, epoch=4, view=1)])
     assert torch.equal(whole, shards)
     # any order, any subset: each image's view depends only on its own index
     picked = params([5, 2, 7], seed=11, epoch=4, view=1)
@@ -119,8 +118,9 @@ def test_params_are_shard_invariant():
     assert torch.equal(params([6], seed=11, epoch=4, view=1)[0], whole[6])
 
 
-@pytest.mark.parametrize("h, w, scale", [(48, 64, (0.2, 1.0)), (64, 48, (0.08, 0.5)), (28, 28, (0.3, 1.0)),
-                                         (20, 60, (0.2, 1.0))])
+@pytest.mark.parametrize(
+    "h, w, scale", [(48, 64, (0.2, 1.0)), (64, 48, (0.08, 0.5)), (28, 28, (0.3, 1.0)), (20, 60, (0.2, 1.0))]
+)
 def test_boxes_inside_image_and_within_scale(h, w, scale):
     config = ViewConfig(crop_scale=scale)
     p = params(range(2000), h=h, w=w, config=config, seed=1)
@@ -296,7 +296,7 @@ def test_rendering_is_per_image():
     p = params(range(4), h=28, w=28, config=ViewConfig(), seed=9)
     together = render_views(images, p, 20)
     for i in range(4):
-        torch.testing.assert_close(together[i:i + 1], render_views(images[i:i + 1], p[i:i + 1], 20))
+        torch.testing.assert_close(together[i : i + 1], render_views(images[i : i + 1], p[i : i + 1], 20))
 
 
 # ----------------------------------------------------------------------------- BatchViews

@@ -24,9 +24,9 @@ from distillkit.cli import app
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe
-from distillkit.teachers.zoo import RANDOM_WEIGHTS
 from distillkit.teachers import TEACHERS
 from distillkit.teachers.download import fetch_weights
+from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -103,18 +103,36 @@ def _args() -> argparse.Namespace:
 # ----------------------------------------------------------------------------- MAE
 
 
-@pytest.mark.parametrize("name,arch,size", [("mae-vitb", "vit_base_patch16_224", 32),
-                                            ("mae-vitl", "vit_large_patch16_224", 32),
-                                            ("mae-vith", "vit_huge_patch14_224", 28)])
+@pytest.mark.parametrize(
+    "name,arch,size",
+    [
+        ("mae-vitb", "vit_base_patch16_224", 32),
+        ("mae-vitl", "vit_large_patch16_224", 32),
+        ("mae-vith", "vit_huge_patch14_224", 28),
+    ],
+)
 def test_mae_pretrain_and_full_checkpoints(tmp_path, name, arch, size):
     reference = _vit(arch, seed=1, size=size)
     encoder = reference.state_dict()
     torch.save({"model": encoder}, tmp_path / "mae_pretrain.pth")
-    decoder = {"mask_token": torch.randn(1, 1, 32), "decoder_embed.weight": torch.randn(32, 64),
-               "decoder_pos_embed": torch.randn(1, 5, 32), "decoder_blocks.0.norm1.weight": torch.randn(32),
-               "decoder_norm.weight": torch.randn(32), "decoder_pred.weight": torch.randn(768, 32)}
-    torch.save({"model": {**encoder, **decoder}, "optimizer": {"state": {}, "param_groups": []}, "epoch": 799,
-                "scaler": {"scale": 65536.0}, "args": _args()}, tmp_path / "mae_visualize.pth")
+    decoder = {
+        "mask_token": torch.randn(1, 1, 32),
+        "decoder_embed.weight": torch.randn(32, 64),
+        "decoder_pos_embed": torch.randn(1, 5, 32),
+        "decoder_blocks.0.norm1.weight": torch.randn(32),
+        "decoder_norm.weight": torch.randn(32),
+        "decoder_pred.weight": torch.randn(768, 32),
+    }
+    torch.save(
+        {
+            "model": {**encoder, **decoder},
+            "optimizer": {"state": {}, "param_groups": []},
+            "epoch": 799,
+            "scaler": {"scale": 65536.0},
+            "args": _args(),
+        },
+        tmp_path / "mae_visualize.pth",
+    )
     views = _views(size)
     for file in ("mae_pretrain.pth", "mae_visualize.pth"):
         teacher = load_teacher(name, weights=tmp_path / file, input_size=size, model_kwargs=SMALL_VIT)
@@ -133,9 +151,14 @@ def test_moco_v2_checkpoint_with_projection_head_and_momentum_encoder(tmp_path):
     head_q = _mlp([256, 256, 32], bias=True, bn=False, last_bn=False, seed=4)
     head_k = _mlp([256, 256, 32], bias=True, bn=False, last_bn=False, seed=5)
     assert [type(m) for m in head_q] == [nn.Linear, nn.ReLU, nn.Linear]  # fc.0, fc.1 (ReLU), fc.2
-    state = {**_prefixed("module.encoder_q.", query.state_dict()), **_prefixed("module.encoder_q.fc.", head_q.state_dict()),
-             **_prefixed("module.encoder_k.", key.state_dict()), **_prefixed("module.encoder_k.fc.", head_k.state_dict()),
-             "module.queue": torch.randn(32, 64), "module.queue_ptr": torch.zeros(1, dtype=torch.long)}
+    state = {
+        **_prefixed("module.encoder_q.", query.state_dict()),
+        **_prefixed("module.encoder_q.fc.", head_q.state_dict()),
+        **_prefixed("module.encoder_k.", key.state_dict()),
+        **_prefixed("module.encoder_k.fc.", head_k.state_dict()),
+        "module.queue": torch.randn(32, 64),
+        "module.queue_ptr": torch.zeros(1, dtype=torch.long),
+    }
     optimizer = torch.optim.SGD(query.parameters(), lr=0.03, momentum=0.9).state_dict()
     path = tmp_path / "moco_v2_800ep_pretrain.pth.tar"
     torch.save({"epoch": 800, "arch": "resnet50", "state_dict": state, "optimizer": optimizer}, path)
@@ -154,15 +177,25 @@ def test_moco_v2_checkpoint_with_projection_head_and_momentum_encoder(tmp_path):
 
 
 def _moco_v3_file(tmp_path, base, momentum, head_b, head_m, head_prefix):
-    state = {**_prefixed("module.base_encoder.", base.state_dict()),
-             **_prefixed(f"module.base_encoder.{head_prefix}", head_b.state_dict()),
-             **_prefixed("module.momentum_encoder.", momentum.state_dict()),
-             **_prefixed(f"module.momentum_encoder.{head_prefix}", head_m.state_dict()),
-             "module.predictor.0.weight": torch.randn(16, 16), "module.predictor.1.running_mean": torch.zeros(16)}
+    state = {
+        **_prefixed("module.base_encoder.", base.state_dict()),
+        **_prefixed(f"module.base_encoder.{head_prefix}", head_b.state_dict()),
+        **_prefixed("module.momentum_encoder.", momentum.state_dict()),
+        **_prefixed(f"module.momentum_encoder.{head_prefix}", head_m.state_dict()),
+        "module.predictor.0.weight": torch.randn(16, 16),
+        "module.predictor.1.running_mean": torch.zeros(16),
+    }
     path = tmp_path / "moco-v3.pth.tar"
-    torch.save({"epoch": 300, "arch": "vit_small", "state_dict": state,
-                "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1.5e-4, "params": [0]}]},
-                "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0}}, path)
+    torch.save(
+        {
+            "epoch": 300,
+            "arch": "vit_small",
+            "state_dict": state,
+            "optimizer": {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1.5e-4, "params": [0]}]},
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0, "_growth_tracker": 0},
+        },
+        path,
+    )
     return path
 
 
@@ -177,8 +210,7 @@ def test_moco_v3_vits_has_12_heads_and_its_3_layer_projector(tmp_path):
     path = _moco_v3_file(tmp_path, base, momentum, head_b, head_m, "head.")
     views = _views()
     for variant, backbone, head in ((None, base, head_b), ("momentum", momentum, head_m)):
-        teacher = load_teacher("moco-v3-vits", weights=path, input_size=32, variant=variant,
-                               model_kwargs=dict(depth=1))
+        teacher = load_teacher("moco-v3-vits", weights=path, input_size=32, variant=variant, model_kwargs=dict(depth=1))
         out = teacher(views, FeatureRequest(embedding=True, projection=True))
         embedding = _expected(backbone, views)
         assert _close(out.embedding, embedding)
@@ -217,22 +249,38 @@ def test_moco_v3_vitb_and_r50(tmp_path):
 # ----------------------------------------------------------------------------- DINO
 
 
-@pytest.mark.parametrize("name,arch", [("dino-vits16", "vit_small_patch16_224"),
-                                       ("dino-vitb16", "vit_base_patch16_224"),
-                                       ("dino-vitb8", "vit_base_patch8_224")])
+@pytest.mark.parametrize(
+    "name,arch",
+    [
+        ("dino-vits16", "vit_small_patch16_224"),
+        ("dino-vitb16", "vit_base_patch16_224"),
+        ("dino-vitb8", "vit_base_patch8_224"),
+    ],
+)
 def test_dino_backbone_and_full_checkpoints(tmp_path, name, arch):
     teacher_net, student_net = _vit(arch, seed=16), _vit(arch, seed=17)
     torch.save(teacher_net.state_dict(), tmp_path / "backbone.pth")
-    dino_head = {"head.mlp.0.weight": torch.randn(32, 64), "head.last_layer.weight_g": torch.randn(128, 1),
-                 "head.last_layer.weight_v": torch.randn(128, 32)}
-    full = {"student": {**_prefixed("module.backbone.", student_net.state_dict()), **_prefixed("module.", dino_head)},
-            "teacher": {**_prefixed("backbone.", teacher_net.state_dict()), **dino_head},
-            "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "weight_decay": np.float64(0.04)}]},
-            "epoch": 100, "args": _args(), "dino_loss": {"center": torch.randn(1, 128)}, "fp16_scaler": None}
+    dino_head = {
+        "head.mlp.0.weight": torch.randn(32, 64),
+        "head.last_layer.weight_g": torch.randn(128, 1),
+        "head.last_layer.weight_v": torch.randn(128, 32),
+    }
+    full = {
+        "student": {**_prefixed("module.backbone.", student_net.state_dict()), **_prefixed("module.", dino_head)},
+        "teacher": {**_prefixed("backbone.", teacher_net.state_dict()), **dino_head},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 5e-4, "weight_decay": np.float64(0.04)}]},
+        "epoch": 100,
+        "args": _args(),
+        "dino_loss": {"center": torch.randn(1, 128)},
+        "fp16_scaler": None,
+    }
     torch.save(full, tmp_path / "full_checkpoint.pth")
     views = _views()
-    for file, variant, network in (("backbone.pth", None, teacher_net), ("full_checkpoint.pth", None, teacher_net),
-                                   ("full_checkpoint.pth", "student", student_net)):
+    for file, variant, network in (
+        ("backbone.pth", None, teacher_net),
+        ("full_checkpoint.pth", None, teacher_net),
+        ("full_checkpoint.pth", "student", student_net),
+    ):
         teacher = load_teacher(name, weights=tmp_path / file, input_size=32, variant=variant, model_kwargs=SMALL_VIT)
         out = teacher(views, FeatureRequest(embedding=True, layers=(0,)))
         assert _close(out.embedding, _expected(network, views)), (file, variant)
@@ -251,17 +299,31 @@ def _gap_vit(seed: int) -> nn.Module:
 def test_bootleg_takes_ijepa_layout_and_plain_state_dicts(tmp_path):
     target, context = _gap_vit(18), _gap_vit(19)
     assert target.cls_token is None and "cls_token" not in target.state_dict()
-    torch.save({"encoder": _prefixed("module.", context.state_dict()),
-                "predictor": {"module.predictor_embed.weight": torch.randn(32, 64)},
-                "target_encoder": _prefixed("module.", target.state_dict()),
-                "opt": {"state": {}, "param_groups": []}, "scaler": None, "epoch": 300, "loss": np.float32(0.25),
-                "batch_size": 64, "world_size": 8, "lr": 1e-3}, tmp_path / "ijepa.pth.tar")
+    torch.save(
+        {
+            "encoder": _prefixed("module.", context.state_dict()),
+            "predictor": {"module.predictor_embed.weight": torch.randn(32, 64)},
+            "target_encoder": _prefixed("module.", target.state_dict()),
+            "opt": {"state": {}, "param_groups": []},
+            "scaler": None,
+            "epoch": 300,
+            "loss": np.float32(0.25),
+            "batch_size": 64,
+            "world_size": 8,
+            "lr": 1e-3,
+        },
+        tmp_path / "ijepa.pth.tar",
+    )
     save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(tmp_path / "plain.safetensors"))
     views = _views()
-    for file, variant, network in (("ijepa.pth.tar", None, target), ("ijepa.pth.tar", "encoder", context),
-                                   ("plain.safetensors", None, target)):
-        teacher = load_teacher("bootleg-vits", weights=tmp_path / file, input_size=32, variant=variant,
-                               model_kwargs=SMALL_VIT)
+    for file, variant, network in (
+        ("ijepa.pth.tar", None, target),
+        ("ijepa.pth.tar", "encoder", context),
+        ("plain.safetensors", None, target),
+    ):
+        teacher = load_teacher(
+            "bootleg-vits", weights=tmp_path / file, input_size=32, variant=variant, model_kwargs=SMALL_VIT
+        )
         out = teacher(views, FeatureRequest(embedding=True))
         assert _close(out.embedding, _expected(network, views)), (file, variant)
         with torch.no_grad():  # average of the normed patch tokens: no class token
@@ -339,8 +401,14 @@ def test_training_checkpoint_with_code_is_refused(tmp_path):
     network = _vit("vit_small_patch16_224", seed=22, depth=1, embed_dim=384, num_heads=6)
     marker = tmp_path / "hacked"
     path = tmp_path / "dino_full_evil.pth"
-    torch.save({"teacher": _prefixed("backbone.", network.state_dict()), "student": {},
-                "args": RunsCodeWhenUnpickled(str(marker))}, path)
+    torch.save(
+        {
+            "teacher": _prefixed("backbone.", network.state_dict()),
+            "student": {},
+            "args": RunsCodeWhenUnpickled(str(marker)),
+        },
+        path,
+    )
     with pytest.raises(UsageError, match="refused") as info:
         load_teacher("dino-vits16", weights=path, model_kwargs=dict(depth=1))
     assert str(path) in str(info.value)
@@ -351,8 +419,11 @@ def test_numpy_1_scalars_in_a_checkpoint_load(tmp_path):
     """Files written under numpy 1.x name `numpy.core.multiarray.scalar`; both spellings are allowed."""
     network = _vit("vit_small_patch16_224", seed=23, depth=1, embed_dim=384, num_heads=6)
     buffer = io.BytesIO()
-    torch.save({"model": network.state_dict(), "epoch": np.int64(3), "loss": np.float64(0.5)}, buffer,
-               _use_new_zipfile_serialization=False)
+    torch.save(
+        {"model": network.state_dict(), "epoch": np.int64(3), "loss": np.float64(0.5)},
+        buffer,
+        _use_new_zipfile_serialization=False,
+    )
     data = buffer.getvalue()
     assert b"numpy._core.multiarray\nscalar" in data
     path = tmp_path / "numpy1.pth"
@@ -386,13 +457,16 @@ def test_wrong_architecture_report_names_format_and_the_right_teacher(tmp_path):
     assert "ViT-B/16" in message and "--teacher dino-vitb16" in message
 
 
-@pytest.mark.parametrize("writer,loaded_as,guess", [
-    ("moco_v3_vits", "dino-vits16", "moco-v3-vits"),
-    ("moco_v2", "mae-vitb", "moco-v2-r50"),
-    ("ijepa_vits", "dino-vits16", "bootleg-vits"),
-    ("dino_full_vits", "moco-v3-vits", "dino-vits16"),
-    ("mae_full_vitb", "dino-vitb16", "mae-vitb"),
-])
+@pytest.mark.parametrize(
+    "writer,loaded_as,guess",
+    [
+        ("moco_v3_vits", "dino-vits16", "moco-v3-vits"),
+        ("moco_v2", "mae-vitb", "moco-v2-r50"),
+        ("ijepa_vits", "dino-vits16", "bootleg-vits"),
+        ("dino_full_vits", "moco-v3-vits", "dino-vits16"),
+        ("mae_full_vitb", "dino-vitb16", "mae-vitb"),
+    ],
+)
 def test_wrong_format_report_guesses_the_teacher(tmp_path, writer, loaded_as, guess):
     path = tmp_path / f"{writer}.pth"
     if writer == "moco_v3_vits":
@@ -402,8 +476,15 @@ def test_wrong_format_report_guesses_the_teacher(tmp_path, writer, loaded_as, gu
         state = _prefixed("module.encoder_q.", timm.create_model("resnet50", num_classes=0).state_dict())
         torch.save({"epoch": 200, "arch": "resnet50", "state_dict": {**state, "module.queue": torch.zeros(2, 2)}}, path)
     elif writer == "ijepa_vits":
-        net = timm.create_model("vit_small_patch16_224", num_classes=0, depth=1, img_size=32, class_token=False,
-                                global_pool="avg", fc_norm=False)
+        net = timm.create_model(
+            "vit_small_patch16_224",
+            num_classes=0,
+            depth=1,
+            img_size=32,
+            class_token=False,
+            global_pool="avg",
+            fc_norm=False,
+        )
         torch.save({"encoder": {}, "predictor": {}, "target_encoder": _prefixed("module.", net.state_dict())}, path)
     elif writer == "dino_full_vits":
         net = _vit("vit_small_patch16_224", seed=28, depth=1, embed_dim=384, num_heads=6)
@@ -478,14 +559,27 @@ def test_list_teachers_shows_the_zoo():
 
 
 def test_arch_option_and_variant_reach_the_recipe_and_are_checked_before_loading(tmp_path):
-    recipe = resolve_recipe(None, {"teacher": "file:x.pth", "arch": "vit_small_patch16_224"},
-                            overrides=["teacher.variant=student"])
+    recipe = resolve_recipe(
+        None, {"teacher": "file:x.pth", "arch": "vit_small_patch16_224"}, overrides=["teacher.variant=student"]
+    )
     assert recipe.teacher.arch == "vit_small_patch16_224" and recipe.teacher.variant == "student"
-    result = CliRunner().invoke(app, ["compress", "--teacher", f"file:{tmp_path / 'missing.pth'}", "--arch",
-                                      "resnet18", "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "compress",
+            "--teacher",
+            f"file:{tmp_path / 'missing.pth'}",
+            "--arch",
+            "resnet18",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+    )
     assert result.exit_code == 2 and "does not exist" in result.output
-    result = CliRunner().invoke(app, ["compress", "--teacher", "moco-v3-vits", "--set", "teacher.variant=studnet",
-                                      "--out", str(tmp_path / "run")])
+    result = CliRunner().invoke(
+        app,
+        ["compress", "--teacher", "moco-v3-vits", "--set", "teacher.variant=studnet", "--out", str(tmp_path / "run")],
+    )
     assert result.exit_code == 2 and "teacher.variant" in result.output
     assert not (tmp_path / "run").exists()
 

@@ -61,12 +61,15 @@ def sample_augment_params(indices: Tensor, config: AugmentConfig, *, seed: int, 
     u = hash_uniform(seed, epoch, indices, view ^ AUGMENT_STREAM, NUM_PARAMS)
     params = torch.zeros_like(u)
     params[:, JITTER] = (u[:, JITTER] < config.jitter).double()
-    for column, strength in ((BRIGHTNESS, config.brightness), (CONTRAST, config.contrast),
-                             (SATURATION, config.saturation)):
+    for column, strength in (
+        (BRIGHTNESS, config.brightness),
+        (CONTRAST, config.contrast),
+        (SATURATION, config.saturation),
+    ):
         low = max(0.0, 1.0 - strength)
         params[:, column] = low + (1.0 + strength - low) * u[:, column]
     params[:, HUE] = config.hue * (2.0 * u[:, HUE] - 1.0)
-    params[:, ORDER:ORDER + JITTER_OPS] = u[:, ORDER:ORDER + JITTER_OPS].argsort(dim=1).double()
+    params[:, ORDER : ORDER + JITTER_OPS] = u[:, ORDER : ORDER + JITTER_OPS].argsort(dim=1).double()
     params[:, GRAYSCALE] = (u[:, GRAYSCALE] < config.grayscale).double()
     params[:, BLUR] = (u[:, BLUR] < config.blur).double()
     low, high = config.blur_sigma
@@ -80,8 +83,12 @@ def is_active(config: AugmentConfig | None) -> bool:
     if config is None:
         return False
     strengths = (config.brightness, config.contrast, config.saturation, config.hue)
-    return (config.jitter > 0 and any(s > 0 for s in strengths)) or config.grayscale > 0 or config.blur > 0 \
+    return (
+        (config.jitter > 0 and any(s > 0 for s in strengths))
+        or config.grayscale > 0
+        or config.blur > 0
         or config.solarize > 0
+    )
 
 
 # ----------------------------------------------------------------------------- application
@@ -114,8 +121,12 @@ def apply_augment(views: Tensor, params: Tensor, config: AugmentConfig | None) -
 def _color_jitter(x: Tensor, params: Tensor, config: AugmentConfig) -> None:
     """In place: at each of the four positions, every image with jitter on gets the op its ORDER column
     names there, with its own factor. An op of strength 0 is skipped, as torchvision's ColorJitter."""
-    ops = [(adjust_brightness, config.brightness), (adjust_contrast, config.contrast),
-           (adjust_saturation, config.saturation), (adjust_hue, config.hue)]
+    ops = [
+        (adjust_brightness, config.brightness),
+        (adjust_contrast, config.contrast),
+        (adjust_saturation, config.saturation),
+        (adjust_hue, config.hue),
+    ]
     jitter_on = params[:, JITTER] > 0
     for position in range(JITTER_OPS):
         for op_index, (op, strength) in enumerate(ops):
@@ -195,8 +206,11 @@ def _rgb_to_hsv(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     gray = chroma == 0
     saturation = chroma / torch.where(gray, torch.ones_like(value), value)
     safe_chroma = torch.where(gray, torch.ones_like(chroma), chroma)
-    sector = torch.where(value == r, (g - b) / safe_chroma,
-                         torch.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma))
+    sector = torch.where(
+        value == r,
+        (g - b) / safe_chroma,
+        torch.where(value == g, 2.0 + (b - r) / safe_chroma, 4.0 + (r - g) / safe_chroma),
+    )
     hue = torch.where(gray, torch.zeros_like(sector), sector / 6.0) % 1.0
     return hue, saturation, value
 
@@ -226,7 +240,7 @@ def gaussian_kernels(sigma: Tensor, side: int) -> Tensor:
     radius = (blur_kernel_sizes(sigma, side) - 1) // 2
     widest = int(radius.max())
     t = torch.arange(-widest, widest + 1, dtype=torch.float64)
-    weights = torch.exp(-t ** 2 / (2 * sigma.double().unsqueeze(1) ** 2))
+    weights = torch.exp(-(t**2) / (2 * sigma.double().unsqueeze(1) ** 2))
     weights = weights * (t.abs() <= radius.unsqueeze(1))
     return weights / weights.sum(dim=1, keepdim=True)
 
@@ -237,8 +251,9 @@ def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
     height, width = x.shape[-2:]
     sigma = sigma.cpu()
     x = _blur_last_axis(x, gaussian_kernels(blur_sigma_pixels(sigma, width), width))
-    return _blur_last_axis(x.transpose(-1, -2), gaussian_kernels(blur_sigma_pixels(sigma, height), height)) \
-        .transpose(-1, -2)
+    return _blur_last_axis(x.transpose(-1, -2), gaussian_kernels(blur_sigma_pixels(sigma, height), height)).transpose(
+        -1, -2
+    )
 
 
 def _blur_last_axis(x: Tensor, kernels: Tensor) -> Tensor:
@@ -250,5 +265,13 @@ def _blur_last_axis(x: Tensor, kernels: Tensor) -> Tensor:
     return F.conv2d(padded, weight, groups=n * channels).view(n, channels, height, width)
 
 
-__all__ = ["AUGMENT_STREAM", "NUM_PARAMS", "apply_augment", "blur_kernel_sizes", "blur_sigma_pixels",
-           "gaussian_blur", "is_active", "sample_augment_params"]
+__all__ = [
+    "AUGMENT_STREAM",
+    "NUM_PARAMS",
+    "apply_augment",
+    "blur_kernel_sizes",
+    "blur_sigma_pixels",
+    "gaussian_blur",
+    "is_active",
+    "sample_augment_params",
+]

@@ -31,8 +31,18 @@ from ..registry import did_you_mean
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HELD_OUT_FOLDERS = ("val", "test", "valid", "validation")
 BUNDLED_DIR = Path(__file__).resolve().parent / "bundled"
-FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
-                         "Bag", "Ankle boot")
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
 
 
 @dataclass
@@ -95,18 +105,62 @@ class FolderImages(Dataset):
 
         try:
             with Image.open(self.paths[index]) as img:
-                img = img.convert("RGB")
+                img = as_rgb(img)
                 img = TF.resize(img, self.size, antialias=True)
                 img = TF.center_crop(img, [self.size, self.size])
                 tensor = TF.pil_to_tensor(img)
+        except Image.DecompressionBombError as e:  # not an OSError: PIL's refusal of a > 178 M pixel image
+            return BadImage(str(self.paths[index]), f"decompression bomb: {str(e).splitlines()[0][:160]}")
         except (OSError, ValueError, SyntaxError) as e:
             return BadImage(str(self.paths[index]), str(e).splitlines()[0][:200] or type(e).__name__)
         label = self.labels[index] if self.labels is not None else -1
         return tensor, label, index
 
 
+def as_rgb(img):
+    """Any PIL image as 8-bit RGB. 16- and 32-bit integer images (PNG / TIFF "I;16", "I") are scaled by
+    1/256 (their 0..65535 range to 0..255), float images ("F") from 0..1 when they lie in it, else clipped
+    to 0..255; PIL's own convert("RGB") would clip 16-bit values, turning most of an image white. Palette,
+    CMYK, gray + alpha and RGBA images take PIL's conversion (alpha dropped)."""
+    from PIL import Image
+
+    if img.mode.startswith("I") or img.mode == "F":
+        values = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":
+            values = values * 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else values
+        else:
+            values = np.floor(np.clip(values, 0, 65535) / 256.0)
+        img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
+class ReplacingBad(Dataset):
+    """Training items where an unreadable image's place is taken by the next readable one (index + 1, + 2,
+    ...), which carries its own index (so its views and cached teacher outputs are its own) and the bad
+    files met on the way. Every batch then stays full: under several processes the strategies' gathers see
+    equal batch sizes on every process. Evaluation reads the plain dataset, where bad items are skipped."""
+
+    def __init__(self, base: Dataset):
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        bad = []
+        for step in range(len(self.base)):
+            item = self.base[(index + step) % len(self.base)]
+            if not isinstance(item, BadImage):
+                return (*item, bad)
+            bad.append(item)
+        return bad[0]  # not a single readable image
+
+
 def collate_skipping_bad(items) -> Batch:
+    """Stack the readable items; unreadable ones (`BadImage`, or those a `ReplacingBad` item met) are
+    reported in `Batch.bad`."""
     bad = [item for item in items if isinstance(item, BadImage)]
+    bad += [b for item in items if not isinstance(item, BadImage) and len(item) == 4 for b in item[3]]
     good = [item for item in items if not isinstance(item, BadImage)]
     if not good:
         return Batch(None, None, None, bad)
@@ -137,10 +191,11 @@ BUILTINS = ("fashion-mnist",)
 
 def open_data(source: str, *, limit: int | None, seed: int, val_fraction: float, load_size: int) -> ImageData:
     if source.startswith("builtin:"):
-        name = source[len("builtin:"):]
+        name = source[len("builtin:") :]
         if name not in BUILTINS:
-            raise UsageError(f"unknown builtin dataset {source!r}: "
-                             f"{did_you_mean(name, list(BUILTINS))} (e.g. builtin:fashion-mnist)")
+            raise UsageError(
+                f"unknown builtin dataset {source!r}: {did_you_mean(name, list(BUILTINS))} (e.g. builtin:fashion-mnist)"
+            )
         train, test, where = load_fashion_mnist()
         num_classes = 10
     else:
@@ -155,13 +210,15 @@ def open_data(source: str, *, limit: int | None, seed: int, val_fraction: float,
 def check_data_source(source: str) -> None:
     """Cheap checks before anything loads: a known builtin, or an existing folder."""
     if source.startswith("builtin:"):
-        name = source[len("builtin:"):]
+        name = source[len("builtin:") :]
         if name not in BUILTINS:
             raise UsageError(f"unknown builtin dataset {source!r}: {did_you_mean(name, list(BUILTINS))}")
         return
     path = Path(source).expanduser()
     if not path.exists():
-        raise UsageError(f"data folder {path} does not exist; pass --data with an image folder or builtin:fashion-mnist")
+        raise UsageError(
+            f"data folder {path} does not exist; pass --data with an image folder or builtin:fashion-mnist"
+        )
     if not path.is_dir():
         raise UsageError(f"--data {path} is a file; pass a folder of images (optionally one subfolder per class)")
 
@@ -192,8 +249,14 @@ def load_fashion_mnist() -> tuple[TensorImages, TensorImages, str]:
     bundle = read_bundled_fashion_mnist()
     train = _tensor_images(bundle["train_images"], bundle["train_labels"])
     test = _tensor_images(bundle["test_images"], bundle["test_labels"])
-    return train, test, (f"Fashion-MNIST (bundled subset: {len(train):,} train / {len(test):,} test; for the full set run "
-                         "`apt-get install dataset-fashion-mnist` or connect to the internet)")
+    return (
+        train,
+        test,
+        (
+            f"Fashion-MNIST (bundled subset: {len(train):,} train / {len(test):,} test; for the full set run "
+            "`apt-get install dataset-fashion-mnist` or connect to the internet)"
+        ),
+    )
 
 
 def read_bundled_fashion_mnist() -> dict[str, np.ndarray]:
@@ -241,7 +304,7 @@ def read_idx(path: Path) -> np.ndarray:
     ndim = raw[3]
     if len(raw) < 4 + 4 * ndim:
         raise UsageError(f"{path} is truncated: its header is incomplete")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
     data = np.frombuffer(raw, np.uint8, offset=4 + 4 * ndim)
     if data.size != math.prod(dims):
         raise UsageError(f"{path} is truncated: expected {math.prod(dims)} values, found {data.size}")
@@ -277,10 +340,11 @@ def _download_fashion_mnist() -> tuple[TensorImages, TensorImages] | None:
 def load_folder(root: Path, val_fraction: float, seed: int, size: int):
     check_data_source(str(root))
     held_out = next((root / n for n in HELD_OUT_FOLDERS if (root / n).is_dir()), None)
-    if (root / "train").is_dir() and held_out is not None:
-        train_paths, train_labels, classes = scan_folder(root / "train")
+    if held_out is not None and ((root / "train").is_dir() or _class_folders(root, exclude=held_out.name)):
+        train_root = root / "train" if (root / "train").is_dir() else root
+        train_paths, train_labels, classes = scan_folder(train_root, exclude=(held_out.name,))
         test_paths, test_labels, test_classes = scan_folder(held_out, classes)
-        where = f"image folder {root} (train/ and {held_out.name}/)"
+        where = f"image folder {root} ({'train/ and ' if train_root != root else 'class folders and '}{held_out.name}/)"
     else:
         if (root / "train").is_dir():  # train/ alone: split it
             root = root / "train"
@@ -298,10 +362,23 @@ def load_folder(root: Path, val_fraction: float, seed: int, size: int):
     return train, test, (len(classes) if train_labels is not None else None), where
 
 
-def scan_folder(root: Path, classes: list[str] | None = None):
-    """Class subfolders -> labelled images; loose image files -> unlabelled. Fails on an empty folder."""
-    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    loose = sorted(p for p in root.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+def _class_folders(root: Path, exclude: str) -> list[Path]:
+    return [
+        d
+        for d in root.iterdir()
+        if d.is_dir()
+        and not d.name.startswith(".")
+        and d.name != exclude
+        and d.name not in HELD_OUT_FOLDERS
+        and _images_in(d)
+    ]
+
+
+def scan_folder(root: Path, classes: list[str] | None = None, exclude: tuple[str, ...] = ()):
+    """Class subfolders -> labelled images; loose image files -> unlabelled. Fails on an empty folder.
+    `exclude`: subfolder names that are not classes (the held-out split beside them)."""
+    subdirs = sorted(d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and d.name not in exclude)
+    loose = sorted(p for p in root.iterdir() if _is_image_file(p))
     class_images = {d.name: _images_in(d) for d in subdirs}
     class_images = {k: v for k, v in class_images.items() if v}
     if classes is None and len(class_images) >= 2:
@@ -328,4 +405,14 @@ def scan_folder(root: Path, classes: list[str] | None = None):
 
 
 def _images_in(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    """Image files anywhere under `folder`, except hidden ones and those inside hidden folders (macOS'
+    `._name` AppleDouble files, `.ipynb_checkpoints/`, `.git/`)."""
+    return sorted(
+        p
+        for p in folder.rglob("*")
+        if _is_image_file(p) and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+
+
+def _is_image_file(path: Path) -> bool:
+    return path.is_file() and not path.name.startswith(".") and path.suffix.lower() in IMAGE_EXTENSIONS

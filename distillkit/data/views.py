@@ -4,7 +4,8 @@ A view of image `i` is a random resized crop plus an optional horizontal flip. I
 come from a counter-based hash of (seed, epoch, image index, view index), not from a stateful RNG,
 so the same image gets the same view however the data is sharded across processes, after a resume,
 or when a teacher-output cache replays it. `render_views` turns parameters into pixels with one
-batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling averages) on uint8 images scaled to [0, 1].
+batched `roi_align` (bilinear crop + resize, adaptive sampling so downscaling averages) on uint8 images
+scaled to [0, 1].
 
 Parameters per view: (x0, y0, x1, y1, flip) in pixel coordinates of the source image. Photometric
 augmentation (colour jitter, grayscale, blur, solarize) has its own parameters from an independent hash
@@ -46,15 +47,16 @@ class ViewConfig:
     augment: AugmentConfig | None = None
 
 
-def sample_view_params(indices: Tensor, height: int, width: int, config: ViewConfig, *, seed: int, epoch: int,
-                       view: int) -> Tensor:
+def sample_view_params(
+    indices: Tensor, height: int, width: int, config: ViewConfig, *, seed: int, epoch: int, view: int
+) -> Tensor:
     """(B, 5) float64 view parameters for images `indices` of size height x width."""
     indices = indices.to(torch.int64).cpu()
     u = hash_uniform(seed, epoch, indices, view, 4 * ATTEMPTS + 1)
     area = height * width
     scale = config.crop_scale[0] + (config.crop_scale[1] - config.crop_scale[0]) * u[:, :ATTEMPTS]
     log_lo, log_hi = math.log(config.crop_ratio[0]), math.log(config.crop_ratio[1])
-    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, ATTEMPTS:2 * ATTEMPTS])
+    ratio = torch.exp(log_lo + (log_hi - log_lo) * u[:, ATTEMPTS : 2 * ATTEMPTS])
     w = torch.sqrt(scale * area * ratio).round()
     h = torch.sqrt(scale * area / ratio).round()
     fits = (w >= 1) & (h >= 1) & (w <= width) & (h <= height)
@@ -62,8 +64,8 @@ def sample_view_params(indices: Tensor, height: int, width: int, config: ViewCon
     rows = torch.arange(indices.shape[0])
     pick = first.clamp(min=0)
     w, h = w[rows, pick], h[rows, pick]
-    x_pos = u[:, 2 * ATTEMPTS:3 * ATTEMPTS][rows, pick]
-    y_pos = u[:, 3 * ATTEMPTS:4 * ATTEMPTS][rows, pick]
+    x_pos = u[:, 2 * ATTEMPTS : 3 * ATTEMPTS][rows, pick]
+    y_pos = u[:, 3 * ATTEMPTS : 4 * ATTEMPTS][rows, pick]
     x0 = torch.floor(x_pos * (width - w + 1)).clamp(max=width - w)
     y0 = torch.floor(y_pos * (height - h + 1)).clamp(max=height - h)
     # No proposal fitted: a centre crop at the aspect ratio clamped into crop_ratio (as torchvision).
@@ -97,8 +99,9 @@ def render_views(images: Tensor, params: Tensor, size: int | tuple[int, int]) ->
     size = (size, size) if isinstance(size, int) else tuple(size)
     x = as_views(images)
     params = params.to(x.device)
-    boxes = torch.cat([torch.arange(x.shape[0], device=x.device, dtype=x.dtype).unsqueeze(1),
-                       params[:, :4].to(x.dtype)], dim=1)
+    boxes = torch.cat(
+        [torch.arange(x.shape[0], device=x.device, dtype=x.dtype).unsqueeze(1), params[:, :4].to(x.dtype)], dim=1
+    )
     out = roi_align(x, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
     flip = params[:, 4].to(torch.bool)
     if flip.any():
@@ -112,8 +115,14 @@ class BatchViews:
     `augment.sample_augment_params`, applied with the same parameters at every size), then passed through
     `expand` (a strategy's derived views, e.g. rotations); each size is rendered once."""
 
-    def __init__(self, images: Tensor, params: list[Tensor], expand: Callable[[list[Tensor]], list[Tensor]],
-                 augment: list[Tensor] | None = None, augment_config: AugmentConfig | None = None):
+    def __init__(
+        self,
+        images: Tensor,
+        params: list[Tensor],
+        expand: Callable[[list[Tensor]], list[Tensor]],
+        augment: list[Tensor] | None = None,
+        augment_config: AugmentConfig | None = None,
+    ):
         if augment is not None and len(augment) != len(params):
             raise ValueError(f"{len(augment)} augmentation parameter sets for {len(params)} views")
         if augment is not None and augment_config is None:
@@ -135,25 +144,42 @@ class BatchViews:
         return self._rendered[size]
 
 
-def batch_views(images: Tensor, indices: Tensor, config: ViewConfig, *, seed: int, epoch: int, num_views: int,
-                expand: Callable[[list[Tensor]], list[Tensor]]) -> BatchViews:
+def batch_views(
+    images: Tensor,
+    indices: Tensor,
+    config: ViewConfig,
+    *,
+    seed: int,
+    epoch: int,
+    num_views: int,
+    expand: Callable[[list[Tensor]], list[Tensor]],
+) -> BatchViews:
     """The `num_views` views of each image of a batch for `epoch` (or view slot): crops, flips and the
     photometric augmentation, all drawn from (seed, epoch, image index, view)."""
     height, width = images.shape[-2:]
-    params = [sample_view_params(indices, height, width, config, seed=seed, epoch=epoch, view=v)
-              for v in range(num_views)]
+    params = [
+        sample_view_params(indices, height, width, config, seed=seed, epoch=epoch, view=v) for v in range(num_views)
+    ]
     augment = config.augment if is_active(config.augment) else None
     if augment is None:
         return BatchViews(images, params, expand)
-    return BatchViews(images, params, expand, augment_config=augment,
-                      augment=[sample_augment_params(indices, augment, seed=seed, epoch=epoch, view=v)
-                               for v in range(num_views)])
+    return BatchViews(
+        images,
+        params,
+        expand,
+        augment_config=augment,
+        augment=[sample_augment_params(indices, augment, seed=seed, epoch=epoch, view=v) for v in range(num_views)],
+    )
 
 
 def view_config(data: DataConfig) -> ViewConfig:
     """The recipe's crop, flip and augmentation settings (an augmentation that changes no pixel is none)."""
-    return ViewConfig(crop_scale=data.crop_scale, crop_ratio=data.crop_ratio, flip=data.flip,
-                      augment=data.augment if is_active(data.augment) else None)
+    return ViewConfig(
+        crop_scale=data.crop_scale,
+        crop_ratio=data.crop_ratio,
+        flip=data.flip,
+        augment=data.augment if is_active(data.augment) else None,
+    )
 
 
 def view_seed(data: DataConfig, train_seed: int) -> int:
@@ -182,17 +208,20 @@ def plan_sizes(data: DataConfig, teacher_sizes: dict[str, tuple[int, int]], stud
             return data.view_size, data.view_size
         return (largest, largest) if data.render == "shared" else tuple(size)
 
-    return SizePlan(student=render_size(student_size),
-                    teachers={role: render_size(size) for role, size in teacher_sizes.items()},
-                    load_size=data.load_size or int(round((data.view_size or largest) * 1.15)))
+    return SizePlan(
+        student=render_size(student_size),
+        teachers={role: render_size(size) for role, size in teacher_sizes.items()},
+        load_size=data.load_size or int(round((data.view_size or largest) * 1.15)),
+    )
 
 
 DEFAULT_CACHE_SLOTS = 4  # views per image a teacher cache stores when data.view_slots is not set
 AUTO_SLOTS_SHARE = 8  # view_slots auto: the teacher renders 1 / AUTO_SLOTS_SHARE of the images seen
 
 
-def view_slots(data: DataConfig, images_seen: int | None = None, epochs: int | None = None,
-               num_images: int | None = None) -> int | None:
+def view_slots(
+    data: DataConfig, images_seen: int | None = None, epochs: int | None = None, num_images: int | None = None
+) -> int | None:
     """How many distinct views per image (and view index) the run cycles through; None = new ones every epoch.
     A cache folder given explicitly without `data.view_slots` gets DEFAULT_CACHE_SLOTS. `auto` sizes K to the
     data: enough fixed views for the teacher to render an eighth of the images the run sees (one slot for a

@@ -85,8 +85,9 @@ class Strategy(nn.Module):
         return cls.reads
 
     @classmethod
-    def teacher_requests(cls, config: Any, teachers: Mapping[str, Any],
-                         student: nn.Module) -> dict[str, FeatureRequest]:
+    def teacher_requests(
+        cls, config: Any, teachers: Mapping[str, Any], student: nn.Module
+    ) -> dict[str, FeatureRequest]:
         raise NotImplementedError
 
     @classmethod
@@ -102,8 +103,14 @@ class Strategy(nn.Module):
         """Raise `UsageError` when the student model cannot give what this strategy needs."""
 
     @classmethod
-    def build(cls, config: Any, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Strategy":
+    def build(
+        cls,
+        config: Any,
+        teachers: Mapping[str, Any],
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Strategy":
         """Construct from the teachers and the student and their probe Features (dry-forward outputs)."""
         raise NotImplementedError
 
@@ -132,6 +139,7 @@ class Strategy(nn.Module):
     def expand_views(self, views: list[Tensor]) -> list[Tensor]:
         return views
 
-    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
-                         request: FeatureRequest, progress: float) -> Features | None:
+    def student_features(
+        self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features], request: FeatureRequest, progress: float
+    ) -> Features | None:
         return None

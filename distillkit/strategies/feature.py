@@ -59,8 +59,8 @@ class FeatureConfig:
 class RunningMoments(nn.Module):
     """Per-dimension mean and variance of a stream of (B, D) batches: a bias-corrected moving average.
 
-        m_t = a m_{t-1} + (1 - a) mean_b(x),  s_t = a s_{t-1} + (1 - a) mean_b(x^2)
-        mu = m_t / (1 - a^t),  var = s_t / (1 - a^t) - mu^2
+    m_t = a m_{t-1} + (1 - a) mean_b(x),  s_t = a s_{t-1} + (1 - a) mean_b(x^2)
+    mu = m_t / (1 - a^t),  var = s_t / (1 - a^t) - mu^2
     """
 
     def __init__(self, dim: int, momentum: float):
@@ -119,13 +119,20 @@ class Feature(Strategy):
         self.target_moments = RunningMoments(teacher_dim, config.target_momentum)
 
     @classmethod
-    def build(cls, config: FeatureConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Feature":
+    def build(
+        cls,
+        config: FeatureConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Feature":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
-    def teacher_requests(cls, config: FeatureConfig, teachers: Mapping,
-                         student: nn.Module) -> dict[str, FeatureRequest]:
+    def teacher_requests(
+        cls, config: FeatureConfig, teachers: Mapping, student: nn.Module
+    ) -> dict[str, FeatureRequest]:
         return {PRIMARY_TEACHER: embedding_request(config.teacher_embed, teachers[PRIMARY_TEACHER])}
 
     @classmethod

@@ -54,14 +54,30 @@ from timm.models.vision_transformer import Block
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import (FeatureRequest, Features, forward_kept_tokens, is_token_model, num_layers, patch_grid,
-                        resolve_layers, runs_on_kept_tokens)
+from ..features import (
+    FeatureRequest,
+    Features,
+    forward_kept_tokens,
+    is_token_model,
+    num_layers,
+    patch_grid,
+    resolve_layers,
+    runs_on_kept_tokens,
+)
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .masks import check_mask_grid, sample_block_masks
 from .registry import register_strategy
-from .toolbox import (as_map, check_non_negative, check_positive, fp32, gather_tokens, generator_from_global_rng,
-                      peer_features, regression_loss)
+from .toolbox import (
+    as_map,
+    check_non_negative,
+    check_positive,
+    fp32,
+    gather_tokens,
+    generator_from_global_rng,
+    peer_features,
+    regression_loss,
+)
 
 TARGET_NORM_EPS = 1e-5  # I-JEPA's F.layer_norm default
 
@@ -84,13 +100,18 @@ class HiddenConfig:
 
     def __post_init__(self):
         check_non_negative("hidden", self, ("pooled_weight",))
-        check_positive("hidden", self, ("beta", "predictor_depth", "predictor_width", "predictor_heads",
-                                        "num_targets", "mask_min_keep"))
+        check_positive(
+            "hidden",
+            self,
+            ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"),
+        )
         if not self.layers:
             raise UsageError("strategy.hidden.layers must name at least one teacher layer, e.g. [0.5, 1.0]")
         if self.predictor_width % self.predictor_heads or self.predictor_width % 4:
-            raise UsageError(f"strategy.hidden.predictor_width ({self.predictor_width}) must be a multiple of 4 "
-                             f"and of predictor_heads ({self.predictor_heads})")
+            raise UsageError(
+                f"strategy.hidden.predictor_width ({self.predictor_width}) must be a multiple of 4 "
+                f"and of predictor_heads ({self.predictor_heads})"
+            )
         for key in ("target_scale", "context_scale"):
             low, high = getattr(self, key)
             if not 0.0 < low <= high <= 1.0:
@@ -123,8 +144,9 @@ def normalised_targets(layers: list[Tensor], grid: tuple[int, int]) -> Tensor:
 
 def sincos_2d(grid: tuple[int, int], dim: int) -> Tensor:
     """Fixed 2-D sin-cos position embeddings (MAE / I-JEPA `get_2d_sincos_pos_embed`): (H*W, dim)."""
-    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64),
-                                torch.arange(grid[1], dtype=torch.float64), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64), indexing="ij"
+    )
 
     def encode(positions: Tensor, d: int) -> Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
@@ -143,8 +165,9 @@ class Predictor(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.register_buffer("pos_embed", sincos_2d(grid, width)[None], persistent=False)
         norm = partial(nn.LayerNorm, eps=1e-6)
-        self.blocks = nn.Sequential(*[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm)
-                                      for _ in range(depth)])
+        self.blocks = nn.Sequential(
+            *[Block(width, heads, mlp_ratio=4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)]
+        )
         self.norm = norm(width)
         self.proj = nn.Linear(width, out_dim)
         self.apply(_init_weights)
@@ -188,29 +211,44 @@ def _square_grid(tokens: int, what: str) -> tuple[int, int]:
 class Hidden(Strategy):
     name = "hidden"
     Config = HiddenConfig
-    summary = ("multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "
-               "context + predictor for ViT students")
+    summary = (
+        "multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "
+        "context + predictor for ViT students"
+    )
 
     def __init__(self, config: HiddenConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)
         self.teacher_layers = sorted(teacher_probe.layers)
-        teacher_maps = [as_map(teacher_probe.layers[i], "a teacher layer of strategy hidden")
-                        for i in self.teacher_layers]
+        teacher_maps = [
+            as_map(teacher_probe.layers[i], "a teacher layer of strategy hidden") for i in self.teacher_layers
+        ]
         self.target_dim = sum(m.shape[1] for m in teacher_maps)
-        (self.student_layer, student_layer), = student_probe.layers.items()
+        ((self.student_layer, student_layer),) = student_probe.layers.items()
         self.masked = student_layer.dim() == 3  # tokens: a ViT student
         if self.masked:
             self.grid = _square_grid(student_layer.shape[1], "the student's last block")
-            self.predictor = Predictor(student_layer.shape[2], self.target_dim, self.grid, config.predictor_width,
-                                       config.predictor_depth, config.predictor_heads)
+            self.predictor = Predictor(
+                student_layer.shape[2],
+                self.target_dim,
+                self.grid,
+                config.predictor_width,
+                config.predictor_depth,
+                config.predictor_heads,
+            )
         else:
             self.grid = tuple(teacher_maps[-1].shape[-2:])  # the deepest requested teacher layer's grid
             self.proj = nn.Conv2d(student_layer.shape[1], self.target_dim, kernel_size=1)
             self.pooled_head = nn.Linear(student_probe.embedding.shape[1], self.target_dim)
 
     @classmethod
-    def build(cls, config: HiddenConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Hidden":
+    def build(
+        cls,
+        config: HiddenConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Hidden":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
@@ -229,8 +267,10 @@ class Hidden(Strategy):
         try:
             resolve_layers(tuple(config.layers), teachers[PRIMARY_TEACHER].num_layers)
         except UsageError as e:
-            raise UsageError(f"strategy hidden regresses the teacher's hidden layers {list(config.layers)}, "
-                             f"but {e}; change strategy.hidden.layers") from None
+            raise UsageError(
+                f"strategy hidden regresses the teacher's hidden layers {list(config.layers)}, "
+                f"but {e}; change strategy.hidden.layers"
+            ) from None
 
     @classmethod
     def check_student(cls, config: HiddenConfig, student: nn.Module) -> None:
@@ -251,20 +291,28 @@ class Hidden(Strategy):
         except UsageError as e:
             raise UsageError(f"strategy hidden regresses from the student's last feature map, but {e}") from None
 
-    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
-                         request: FeatureRequest, progress: float) -> Features | None:
+    def student_features(
+        self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features], request: FeatureRequest, progress: float
+    ) -> Features | None:
         if not self.masked:
             return None  # the generic extraction gives the last feature map
         masks = sample_block_masks(
-            x.shape[0], self.grid, generator_from_global_rng(), num_targets=self.config.num_targets,
-            target_scale=self.config.target_scale, target_aspect=self.config.target_aspect,
-            context_scale=self.config.context_scale, min_keep=self.config.mask_min_keep)
+            x.shape[0],
+            self.grid,
+            generator_from_global_rng(),
+            num_targets=self.config.num_targets,
+            target_scale=self.config.target_scale,
+            target_aspect=self.config.target_aspect,
+            context_scale=self.config.context_scale,
+            min_keep=self.config.mask_min_keep,
+        )
         context_index, target_index = masks.context.to(x.device), masks.targets.to(x.device)
         # Other strategies of the objective get their features from a full forward.
         shared = peer_features(student, x, self.peer_request)
         context_tokens, _ = forward_kept_tokens(student, x, context_index)
-        return MaskedFeatures(**shared, context_tokens=context_tokens, context_index=context_index,
-                              target_index=target_index)
+        return MaskedFeatures(
+            **shared, context_tokens=context_tokens, context_index=context_index, target_index=target_index
+        )
 
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         targets = normalised_targets([step.teacher.layers[i] for i in self.teacher_layers], self.grid)
@@ -275,12 +323,18 @@ class Hidden(Strategy):
                 prediction = F.adaptive_avg_pool2d(prediction, self.grid)
             prediction = prediction.flatten(2).transpose(1, 2)
             pooled = self.pooled_head(student.embedding)
-            return {self.name: regression_loss(prediction, targets, self.config.loss, self.config.beta),
-                    "pooled": regression_loss(pooled, targets.mean(1), self.config.loss, self.config.beta)}
+            return {
+                self.name: regression_loss(prediction, targets, self.config.loss, self.config.beta),
+                "pooled": regression_loss(pooled, targets.mean(1), self.config.loss, self.config.beta),
+            }
         if not isinstance(student, MaskedFeatures) or student.context_tokens is None:
-            raise UsageError("strategy hidden with a ViT student needs the masked student forward "
-                             "(its student_features hook); got plain features")
+            raise UsageError(
+                "strategy hidden with a ViT student needs the masked student forward "
+                "(its student_features hook); got plain features"
+            )
         predictions = self.predictor(student.context_tokens, student.context_index, student.target_index)
-        losses = [regression_loss(p, gather_tokens(targets, index), self.config.loss, self.config.beta)
-                  for p, index in zip(predictions, student.target_index)]
+        losses = [
+            regression_loss(p, gather_tokens(targets, index), self.config.loss, self.config.beta)
+            for p, index in zip(predictions, student.target_index)
+        ]
         return {self.name: torch.stack(losses).mean()}

@@ -50,14 +50,34 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import (FeatureRequest, Features, attention_width, extract_features, forward_kept_tokens,
-                        is_token_model, layer_channels, num_layers, patch_grid, resolve_layers, runs_on_kept_tokens)
+from ..features import (
+    FeatureRequest,
+    Features,
+    attention_width,
+    extract_features,
+    forward_kept_tokens,
+    is_token_model,
+    layer_channels,
+    num_layers,
+    patch_grid,
+    resolve_layers,
+    runs_on_kept_tokens,
+)
 from ..relations import relation_maps
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .toolbox import (as_map, check_fraction, check_non_negative, check_positive, fp32, gather_tokens,
-                      generator_from_global_rng, peer_features, regression_loss)
+from .toolbox import (
+    as_map,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    fp32,
+    gather_tokens,
+    generator_from_global_rng,
+    peer_features,
+    regression_loss,
+)
 
 
 @dataclass
@@ -88,8 +108,9 @@ class HybridConfig:
         check_fraction("hybrid", self, ("mask_ramp",))
         check_non_negative("hybrid", self, ("feature_weight", "relation_weight", "gumbel_scale"))
         check_positive("hybrid", self, ("beta", "cnn_head_dim", "relation_heads", "grid"))
-        if self.teacher_layers is not None and (self.student_layers is None
-                                                or len(self.teacher_layers) != len(self.student_layers)):
+        if self.teacher_layers is not None and (
+            self.student_layers is None or len(self.teacher_layers) != len(self.student_layers)
+        ):
             raise UsageError("strategy.hybrid.teacher_layers pairs with student_layers: give both, of the same length")
         if self.student_layers is not None and not self.student_layers:
             raise UsageError("strategy.hybrid.student_layers must name at least one layer, or be null")
@@ -163,16 +184,19 @@ def default_relation_heads(student_heads: int, student_width: int, teacher_heads
 
 def default_layer_pairs(student_total: int, teacher_total: int) -> list[tuple[int, int]]:
     """Every student block but the last, each with teacher block round((l_s + 1) L_t / L_s) - 1."""
-    return [(s, max(0, math.floor((s + 1) * teacher_total / student_total + 0.5) - 1))
-            for s in range(student_total - 1)]
+    return [
+        (s, max(0, math.floor((s + 1) * teacher_total / student_total + 0.5) - 1)) for s in range(student_total - 1)
+    ]
 
 
 def layer_pairs(config: HybridConfig, student: nn.Module, relation_teacher) -> list[tuple[int, int]]:
     student_total, teacher_total = num_layers(student), relation_teacher.num_layers
     if config.student_layers is None:
         if student_total < 2:
-            raise UsageError("strategy hybrid distils relations at every student layer but the last, and this "
-                             "student has one; set strategy.hybrid.student_layers")
+            raise UsageError(
+                "strategy hybrid distils relations at every student layer but the last, and this "
+                "student has one; set strategy.hybrid.student_layers"
+            )
         return default_layer_pairs(student_total, teacher_total)
     students = [resolve_layers((d,), student_total)[0] for d in config.student_layers]
     if config.teacher_layers is not None:
@@ -199,8 +223,10 @@ class Hybrid(Strategy):
     name = "hybrid"
     Config = HybridConfig
     reads = (HybridConfig.feature_teacher, HybridConfig.relation_teacher)  # by default; the config names them
-    summary = ("Hybrid Distill: a MIM teacher's token relations at intermediate layers + a CL teacher's final "
-               "features, with progressive redundant-token masking (two teachers)")
+    summary = (
+        "Hybrid Distill: a MIM teacher's token relations at intermediate layers + a CL teacher's final "
+        "features, with progressive redundant-token masking (two teachers)"
+    )
 
     @classmethod
     def teacher_roles(cls, config: HybridConfig) -> tuple[str, ...]:
@@ -224,13 +250,17 @@ class Hybrid(Strategy):
     def check_teachers(cls, config: HybridConfig, teachers: Mapping) -> None:
         relation, feature = teachers[config.relation_teacher], teachers[config.feature_teacher]
         if not relation.is_vit:
-            raise UsageError(f"strategy hybrid imitates the token relations (attention q.k) of its relation teacher "
-                             f"(role {config.relation_teacher!r}), but {relation.name} is a conv net; use a ViT "
-                             "MIM teacher such as mae-vitb")
+            raise UsageError(
+                f"strategy hybrid imitates the token relations (attention q.k) of its relation teacher "
+                f"(role {config.relation_teacher!r}), but {relation.name} is a conv net; use a ViT "
+                "MIM teacher such as mae-vitb"
+            )
         if config.mask_score == "cls_attention" and config.mask_ratio > 0 and not feature.is_vit:
-            raise UsageError(f"strategy hybrid ranks tokens by the [CLS] attention of its feature teacher (role "
-                             f"{config.feature_teacher!r}), but {feature.name} is a conv net without attention; "
-                             "use a ViT feature teacher, strategy.hybrid.mask_score=random, or mask_ratio=0")
+            raise UsageError(
+                f"strategy hybrid ranks tokens by the [CLS] attention of its feature teacher (role "
+                f"{config.feature_teacher!r}), but {feature.name} is a conv net without attention; "
+                "use a ViT feature teacher, strategy.hybrid.mask_score=random, or mask_ratio=0"
+            )
         if config.teacher_layers is not None:
             try:
                 resolve_layers(tuple(config.teacher_layers), relation.num_layers)
@@ -240,8 +270,10 @@ class Hybrid(Strategy):
     @classmethod
     def check_student(cls, config: HybridConfig, student: nn.Module) -> None:
         if is_token_model(student) and not runs_on_kept_tokens(student):
-            raise UsageError(f"strategy hybrid drops tokens from a ViT student and needs a timm VisionTransformer; "
-                             f"{type(student).__name__} is another kind of token model; use one or a CNN")
+            raise UsageError(
+                f"strategy hybrid drops tokens from a ViT student and needs a timm VisionTransformer; "
+                f"{type(student).__name__} is another kind of token model; use one or a CNN"
+            )
         try:
             total = num_layers(student)
             if config.student_layers is not None:
@@ -250,13 +282,30 @@ class Hybrid(Strategy):
             raise UsageError(f"strategy hybrid distils relations at student layers: {e}") from None
 
     @classmethod
-    def build(cls, config: HybridConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Hybrid":
-        return cls(config, teacher_probes[config.feature_teacher], teacher_probes[config.relation_teacher],
-                   student, layer_pairs(config, student, teachers[config.relation_teacher]))
+    def build(
+        cls,
+        config: HybridConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Hybrid":
+        return cls(
+            config,
+            teacher_probes[config.feature_teacher],
+            teacher_probes[config.relation_teacher],
+            student,
+            layer_pairs(config, student, teachers[config.relation_teacher]),
+        )
 
-    def __init__(self, config: HybridConfig, feature_probe: Features, relation_probe: Features, student: nn.Module,
-                 pairs: list[tuple[int, int]]):
+    def __init__(
+        self,
+        config: HybridConfig,
+        feature_probe: Features,
+        relation_probe: Features,
+        student: nn.Module,
+        pairs: list[tuple[int, int]],
+    ):
         super().__init__(config)
         self.pairs = pairs
         self.feature_layer = max(feature_probe.layers)
@@ -268,15 +317,17 @@ class Hybrid(Strategy):
         if self.vit:
             self.grid = patch_grid(student)[0]
             self.relation_heads = config.relation_heads or default_relation_heads(
-                *attention_width(student), teacher_heads, teacher_heads * qk.shape[4])
+                *attention_width(student), teacher_heads, teacher_heads * qk.shape[4]
+            )
             self.feature_head = nn.Linear(channels[-1], feature_dim)
         else:
             self.grid = config.grid or math.isqrt(teacher_patches)
             self.relation_heads = config.relation_heads or teacher_heads
             self.feature_head = nn.Conv2d(channels[-1], feature_dim, kernel_size=1)
             heads = 1 if config.head_mode == "average" else self.relation_heads
-            self.query_key = nn.ModuleDict({str(s): nn.Conv2d(channels[s], 2 * heads * config.cnn_head_dim, 1)
-                                            for s, _ in pairs})
+            self.query_key = nn.ModuleDict(
+                {str(s): nn.Conv2d(channels[s], 2 * heads * config.cnn_head_dim, 1) for s, _ in pairs}
+            )
         if config.head_mode == "split":
             self._check_heads(student, qk)
 
@@ -286,15 +337,18 @@ class Hybrid(Strategy):
             widths["the student"] = attention_width(student)[1]
         for who, width in widths.items():
             if width % self.relation_heads:
-                raise UsageError(f"strategy hybrid: {who}'s {width} attention channels do not split into "
-                                 f"{self.relation_heads} relation heads; set strategy.hybrid.relation_heads to a "
-                                 "divisor of both widths, or head_mode=average")
+                raise UsageError(
+                    f"strategy hybrid: {who}'s {width} attention channels do not split into "
+                    f"{self.relation_heads} relation heads; set strategy.hybrid.relation_heads to a "
+                    "divisor of both widths, or head_mode=average"
+                )
 
     def term_weights(self) -> dict[str, float]:
         return {"feature": self.config.feature_weight, "relation": self.config.relation_weight}
 
-    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
-                         request: FeatureRequest, progress: float) -> Features | None:
+    def student_features(
+        self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features], request: FeatureRequest, progress: float
+    ) -> Features | None:
         batch, tokens = x.shape[0], self.grid * self.grid
         keep_count = max(1, tokens - round(mask_ratio_at(self.config, progress) * tokens))
         keep = self._choose_tokens(teachers[self.config.feature_teacher], batch, keep_count).to(x.device)
@@ -303,9 +357,11 @@ class Hybrid(Strategy):
         student_layers = tuple(sorted({s for s, _ in self.pairs}))
         if self.vit:
             final_tokens, kept = forward_kept_tokens(student, x, keep, student_layers, student_layers)
-            return KeptFeatures(**shared | {"layers": kept.layers, "relations": kept.relations,
-                                            "prefix_tokens": kept.prefix_tokens},
-                                keep_index=keep, final_tokens=final_tokens)
+            return KeptFeatures(
+                **shared | {"layers": kept.layers, "relations": kept.relations, "prefix_tokens": kept.prefix_tokens},
+                keep_index=keep,
+                final_tokens=final_tokens,
+            )
         masked = x * self._pixel_mask(keep, batch, x).to(x.dtype)
         maps = extract_features(student, masked, FeatureRequest(layers=tuple(student_layers) + (-1,))).layers
         return KeptFeatures(**shared | {"layers": maps}, keep_index=keep)
@@ -343,8 +399,9 @@ class Hybrid(Strategy):
             feature = regression_loss(prediction, target, self.config.feature_loss, self.config.beta)
             losses = []
             for student_layer, teacher_layer in self.pairs:
-                teacher_qk = qk_to_grid(relation_teacher.relations[teacher_layer], relation_teacher.prefix_tokens,
-                                        self.grid)
+                teacher_qk = qk_to_grid(
+                    relation_teacher.relations[teacher_layer], relation_teacher.prefix_tokens, self.grid
+                )
                 teacher_maps = relations(teacher_qk, self.config.head_mode, self.relation_heads, keep)
                 student_maps = self._student_relations(student, student_layer, keep)
                 losses.append(relation_loss(student_maps, teacher_maps, self.config.relation_loss, self.config.beta))
@@ -357,7 +414,7 @@ class Hybrid(Strategy):
 
     def _student_relations(self, student: KeptFeatures, layer: int, keep: Tensor) -> Tensor:
         if self.vit:
-            qk = student.relations[layer][:, :, :, student.prefix_tokens:]
+            qk = student.relations[layer][:, :, :, student.prefix_tokens :]
             return relations(qk, self.config.head_mode, self.relation_heads)
         heads = 1 if self.config.head_mode == "average" else self.relation_heads
         projected = gather_tokens(to_grid(self.query_key[str(layer)](student.layers[layer]), self.grid), keep)

@@ -52,8 +52,20 @@ from ..features import FeatureRequest, Features, num_layers, resolve_layer
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .toolbox import (TeacherEmbed, as_map, check_fraction, check_non_negative, check_positive, check_teacher_embed,
-                      embedding_request, fp32, kd_loss, labelled_ce, mlp_head, teacher_vector)
+from .toolbox import (
+    TeacherEmbed,
+    as_map,
+    check_fraction,
+    check_non_negative,
+    check_positive,
+    check_teacher_embed,
+    embedding_request,
+    fp32,
+    kd_loss,
+    labelled_ce,
+    mlp_head,
+    teacher_vector,
+)
 
 ROTATIONS = (1, 2, 3)  # quarter turns appended after the upright view
 
@@ -126,8 +138,10 @@ def feature_map_cosine(student_map: Tensor, teacher_map: Tensor) -> Tensor:
 class Kdss(Strategy):
     name = "kdss"
     Config = KdssConfig
-    summary = ("KDSS/SSKD: KD on upright and rotated images, rotation similarity transfer, feature-map "
-               "cosine (4 rotations per view)")
+    summary = (
+        "KDSS/SSKD: KD on upright and rotated images, rotation similarity transfer, feature-map "
+        "cosine (4 rotations per view)"
+    )
 
     def __init__(self, config: KdssConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)
@@ -135,14 +149,18 @@ class Kdss(Strategy):
         student_dim = student_probe.embedding.shape[1]
         has_logits = teacher_probe.logits is not None
         if not has_logits and (config.w_kl > 0 or config.w_tf > 0):
-            warnings.warn("strategy kdss: the teacher has no class logits, so L_kd and L_tf (the KL terms) are "
-                          "off; set w_kl and w_tf to 0 to silence this", stacklevel=2)
+            warnings.warn(
+                "strategy kdss: the teacher has no class logits, so L_kd and L_tf (the KL terms) are "
+                "off; set w_kl and w_tf to 0 to silence this",
+                stacklevel=2,
+            )
         self.kd_on = has_logits and config.w_kl > 0
         self.tf_on = has_logits and config.w_tf > 0
         self.ce_on = config.w_ce > 0 and (config.ce_classes is not None or has_logits)
         shared_ce = self.ce_on and config.ce_classes is None
-        self.classifier = (nn.Linear(student_dim, teacher_probe.logits.shape[1])
-                           if self.kd_on or self.tf_on or shared_ce else None)
+        self.classifier = (
+            nn.Linear(student_dim, teacher_probe.logits.shape[1]) if self.kd_on or self.tf_on or shared_ce else None
+        )
         self.ce_head = nn.Linear(student_dim, config.ce_classes) if self.ce_on and not shared_ce else None
 
         self.use_projection = teacher_probe.projection is not None
@@ -153,8 +171,8 @@ class Kdss(Strategy):
 
         self.feat_proj = None
         if config.w_feat > 0:
-            (self.teacher_layer, teacher_map), = teacher_probe.layers.items()
-            (self.student_layer, student_map), = student_probe.layers.items()
+            ((self.teacher_layer, teacher_map),) = teacher_probe.layers.items()
+            ((self.student_layer, student_map),) = student_probe.layers.items()
             teacher_channels = as_map(teacher_map, "the teacher layer of kdss.feat").shape[1]
             if student_map.dim() == 4:  # conv map: 1x1 conv
                 self.feat_proj = nn.Conv2d(student_map.shape[1], teacher_channels, kernel_size=1)
@@ -163,24 +181,39 @@ class Kdss(Strategy):
                 self.feat_proj = nn.Linear(student_map.shape[2], teacher_channels)
         self.rot_head = nn.Linear(student_dim, len(ROTATIONS) + 1) if config.w_rot > 0 else None
         if not any(self.active_terms().values()):
-            raise UsageError("strategy kdss has no active term: every weight is 0, or the KL terms are the only "
-                             "ones left and the teacher has no logits")
+            raise UsageError(
+                "strategy kdss has no active term: every weight is 0, or the KL terms are the only "
+                "ones left and the teacher has no logits"
+            )
 
     def active_terms(self) -> dict[str, bool]:
         c = self.config
-        return {"kd": self.kd_on, "tf": self.tf_on, "ss": c.w_ss > 0, "feat": c.w_feat > 0, "rot": c.w_rot > 0,
-                "ce": self.ce_on}
+        return {
+            "kd": self.kd_on,
+            "tf": self.tf_on,
+            "ss": c.w_ss > 0,
+            "feat": c.w_feat > 0,
+            "rot": c.w_rot > 0,
+            "ce": self.ce_on,
+        }
 
     @classmethod
-    def build(cls, config: KdssConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Kdss":
+    def build(
+        cls,
+        config: KdssConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Kdss":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
     def teacher_requests(cls, config: KdssConfig, teachers: Mapping, student: nn.Module) -> dict[str, FeatureRequest]:
         teacher = teachers[PRIMARY_TEACHER]
-        wants_logits = teacher.has_logits and (config.w_kl > 0 or config.w_tf > 0
-                                               or (config.w_ce > 0 and config.ce_classes is None))
+        wants_logits = teacher.has_logits and (
+            config.w_kl > 0 or config.w_tf > 0 or (config.w_ce > 0 and config.ce_classes is None)
+        )
         request = FeatureRequest(layers=(config.feat_teacher_layer,) if config.w_feat > 0 else (), logits=wants_logits)
         if config.w_ss > 0:
             request = request.merge(embedding_request(config.teacher_embed, teacher))
@@ -214,8 +247,10 @@ class Kdss(Strategy):
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         start = self._rotation_start
         if len(step.student_views) < start + len(ROTATIONS):
-            raise UsageError(f"strategy kdss needs the upright view and its 3 rotations (expand_views), got "
-                             f"{len(step.student_views)} views")
+            raise UsageError(
+                f"strategy kdss needs the upright view and its 3 rotations (expand_views), got "
+                f"{len(step.student_views)} views"
+            )
         views = [0] + list(range(start, start + len(ROTATIONS)))
         teacher = [step.teacher_views[v] for v in views]
         student = [step.student_views[v] for v in views]
@@ -268,5 +303,7 @@ def _check_layer(side: str, count_layers: Callable[[], int], layer: int | float,
     try:
         resolve_layer(layer, count_layers())
     except UsageError as e:
-        raise UsageError(f"strategy kdss: the feature-map term (w_feat > 0) taps a {side} layer, but {e}; "
-                         f"choose another strategy.kdss.{key}, or set strategy.kdss.w_feat=0") from None
+        raise UsageError(
+            f"strategy kdss: the feature-map term (w_feat > 0) taps a {side} layer, but {e}; "
+            f"choose another strategy.kdss.{key}, or set strategy.kdss.w_feat=0"
+        ) from None

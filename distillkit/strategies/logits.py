@@ -54,15 +54,24 @@ class Logits(Strategy):
         if teacher_probe.logits is None:
             raise UsageError("strategy 'logits' needs the teacher's class logits, and the teacher gave none")
         student_dim = student_probe.embedding.shape[1]
-        self.ce_head = (nn.Linear(student_dim, config.ce_classes)
-                        if config.ce_weight > 0 and config.ce_classes is not None else None)
+        self.ce_head = (
+            nn.Linear(student_dim, config.ce_classes)
+            if config.ce_weight > 0 and config.ce_classes is not None
+            else None
+        )
         # No unused heads: DDP wants a gradient for every parameter in every step.
         uses_classifier = config.kd_weight > 0 or (config.ce_weight > 0 and self.ce_head is None)
         self.classifier = nn.Linear(student_dim, teacher_probe.logits.shape[1]) if uses_classifier else None
 
     @classmethod
-    def build(cls, config: LogitsConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Logits":
+    def build(
+        cls,
+        config: LogitsConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Logits":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod

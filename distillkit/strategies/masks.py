@@ -49,8 +49,9 @@ class BlockMasks:
     targets: Tensor
 
 
-def block_size(grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float],
-               u: float) -> tuple[int, int]:
+def block_size(
+    grid: tuple[int, int], scale: tuple[float, float], aspect: tuple[float, float], u: float
+) -> tuple[int, int]:
     """I-JEPA `_sample_block_size` for the uniform draw `u`: (h, w), each side in [1, grid side - 1]."""
     height, width = grid
     mask_scale = scale[0] + u * (scale[1] - scale[0])
@@ -67,8 +68,10 @@ def check_mask_grid(grid: tuple[int, int], context_scale: tuple[float, float], m
     """Raise `UsageError` when even an unconstrained context block has fewer than `min_keep` patches."""
     height, width = grid
     if height < 2 or width < 2:
-        raise UsageError(f"a {height}x{width} patch grid is too small for block masks; use a larger input "
-                         "size or a smaller patch size")
+        raise UsageError(
+            f"a {height}x{width} patch grid is too small for block masks; use a larger input "
+            "size or a smaller patch size"
+        )
     smallest = block_size(grid, context_scale, (1.0, 1.0), 0.0)
     if smallest[0] * smallest[1] < min_keep:
         raise UsageError(
@@ -85,7 +88,7 @@ def _block(grid: tuple[int, int], size: tuple[int, int], generator: torch.Genera
     top = int(torch.randint(0, height - h + 1, (1,), generator=generator))
     left = int(torch.randint(0, width - w + 1, (1,), generator=generator))
     mask = torch.zeros(height, width, dtype=torch.bool)
-    mask[top:top + h, left:left + w] = True
+    mask[top : top + h, left : left + w] = True
     return mask
 
 
@@ -123,5 +126,4 @@ def sample_block_masks(
                 relaxed, tries = min(relaxed + 1, num_targets), 0
         contexts.append(context.flatten().nonzero().squeeze(1))
     keep = min(len(c) for c in contexts)
-    return BlockMasks(context=torch.stack([c[:keep] for c in contexts]),
-                      targets=torch.stack(targets, dim=1))
+    return BlockMasks(context=torch.stack([c[:keep] for c in contexts]), targets=torch.stack(targets, dim=1))

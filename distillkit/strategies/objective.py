@@ -36,8 +36,9 @@ class Objective(nn.Module):
                 strategy.peer_request = peers
 
     @classmethod
-    def build(cls, strategy_configs: Mapping[str, Any], teachers: Mapping[str, Any], student: nn.Module,
-              student_size: int) -> "Objective":
+    def build(
+        cls, strategy_configs: Mapping[str, Any], teachers: Mapping[str, Any], student: nn.Module, student_size: int
+    ) -> "Objective":
         """Instantiate the strategies (`strategy_configs`: name -> its Config), sized by dry forwards of the
         teachers and the student.
 
@@ -48,8 +49,7 @@ class Objective(nn.Module):
         if not isinstance(teachers, Mapping):
             teachers = {PRIMARY_TEACHER: teachers}
         classes = {name: STRATEGIES.get(name) for name in strategy_configs}
-        check_roles({name: classes[name].teacher_roles(config) for name, config in strategy_configs.items()},
-                    teachers)
+        check_roles({name: classes[name].teacher_roles(config) for name, config in strategy_configs.items()}, teachers)
         for name, config in strategy_configs.items():
             classes[name].check_teachers(config, teachers)
             classes[name].check_student(config, student)
@@ -57,8 +57,10 @@ class Objective(nn.Module):
         strategies = {}
         for name, config in strategy_configs.items():
             strategy_cls = classes[name]
-            probes = {role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
-                      for role, request in strategy_cls.teacher_requests(config, teachers, student).items()}
+            probes = {
+                role: teachers[role](torch.zeros(2, 3, *teachers[role].input_config.size), request)
+                for role, request in strategy_cls.teacher_requests(config, teachers, student).items()
+            }
             student_probe = probe_features(student, strategy_cls.student_request(config), (student_size, student_size))
             strategies[name] = strategy_cls.build(config, teachers, probes, student, student_probe)
         return cls(strategies, {name: config.weight for name, config in strategy_configs.items()})
@@ -102,8 +104,9 @@ class Objective(nn.Module):
                 merged[role] = merged.get(role, FeatureRequest()).merge(request)
         return merged
 
-    def student_features(self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features],
-                         request: FeatureRequest, progress: float) -> Features | None:
+    def student_features(
+        self, student: nn.Module, x: Tensor, teachers: Mapping[str, Features], request: FeatureRequest, progress: float
+    ) -> Features | None:
         """The one strategy that runs the student itself, if any (checked when composing)."""
         for strategy in self.strategies.values():
             features = strategy.student_features(student, x, teachers, request, progress)
@@ -118,14 +121,18 @@ def check_roles(roles: Mapping[str, tuple[str, ...]], teachers: Mapping[str, Any
     for name, read in roles.items():
         for role in read:
             if role not in teachers:
-                raise UsageError(f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
-                                 f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) "
-                                 "or point the strategy at another role")
+                raise UsageError(
+                    f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "
+                    f"teachers.{role} section; add one (e.g. --set teachers.{role}.name=mae-vitb) "
+                    "or point the strategy at another role"
+                )
     read_roles = {role for read in roles.values() for role in read}
     unread = [role for role in teachers if role not in read_roles and role != PRIMARY_TEACHER]
     if unread:
-        raise UsageError(f"teachers.{unread[0]} is read by no strategy of this recipe "
-                         f"({', '.join(roles)}); remove it or configure a strategy to use it")
+        raise UsageError(
+            f"teachers.{unread[0]} is read by no strategy of this recipe "
+            f"({', '.join(roles)}); remove it or configure a strategy to use it"
+        )
 
 
 def check_composable(strategies: dict[str, type[Strategy]]) -> None:

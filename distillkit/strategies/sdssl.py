@@ -51,8 +51,16 @@ from ..features import FeatureRequest, Features, num_layers, pools_blocks, resol
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
-from .toolbox import (TeacherEmbed, all_gather, check_non_negative, check_positive, check_teacher_embed,
-                      embedding_request, fp32, teacher_vector)
+from .toolbox import (
+    TeacherEmbed,
+    all_gather,
+    check_non_negative,
+    check_positive,
+    check_teacher_embed,
+    embedding_request,
+    fp32,
+    teacher_vector,
+)
 
 
 @dataclass
@@ -71,8 +79,11 @@ class SdsslConfig:
     teacher_embed: TeacherEmbed = "auto"  # auto = projection if any
 
     def __post_init__(self):  # runs while the recipe is validated, before anything loads
-        check_positive("sdssl", self, ("temperature", "projector_hidden_dim", "final_projector_hidden_dim",
-                                       "embed_dim", "predictor_hidden_dim"))
+        check_positive(
+            "sdssl",
+            self,
+            ("temperature", "projector_hidden_dim", "final_projector_hidden_dim", "embed_dim", "predictor_hidden_dim"),
+        )
         check_non_negative("sdssl", self, ("ramp_max",))
 
 
@@ -109,8 +120,10 @@ def ramp(shape: str, maximum: float, progress: float) -> float:
 class Sdssl(Strategy):
     name = "sdssl"
     Config = SdsslConfig
-    summary = ("SDSSL: every student block, through its own projector, contrasts with the teacher's final "
-               "embedding (InfoNCE); intermediate blocks ramp in")
+    summary = (
+        "SDSSL: every student block, through its own projector, contrasts with the teacher's final "
+        "embedding (InfoNCE); intermediate blocks ramp in"
+    )
 
     def __init__(self, config: SdsslConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)
@@ -118,21 +131,34 @@ class Sdssl(Strategy):
         self.use_projection = teacher_probe.projection is not None
         teacher_dim = teacher_vector(teacher_probe, self.use_projection).shape[1]
         if config.embed_dim is not None and config.embed_dim != teacher_dim:
-            raise UsageError(f"strategy.sdssl.embed_dim = {config.embed_dim}, but the teacher embedding SDSSL "
-                             f"contrasts with has {teacher_dim} dims; set it to {teacher_dim} or null")
+            raise UsageError(
+                f"strategy.sdssl.embed_dim = {config.embed_dim}, but the teacher embedding SDSSL "
+                f"contrasts with has {teacher_dim} dims; set it to {teacher_dim} or null"
+            )
         self.blocks = sorted(student_probe.block_embeddings)[:-1]  # the last block is the output term
         inputs = [student_probe.block_embeddings[i] for i in self.blocks] + [student_probe.embedding]
         if any(f.dim() != 2 for f in inputs):
-            raise UsageError("strategy sdssl needs one embedding per image from each student block, but the "
-                             "student pools to tokens (a ViT with global_pool=''); use global_pool 'token' or 'avg'")
+            raise UsageError(
+                "strategy sdssl needs one embedding per image from each student block, but the "
+                "student pools to tokens (a ViT with global_pool=''); use global_pool 'token' or 'avg'"
+            )
         hidden = [config.projector_hidden_dim] * len(self.blocks) + [config.final_projector_hidden_dim]
         self.projectors = nn.ModuleList(sdssl_mlp(3, f.shape[1], h, teacher_dim) for f, h in zip(inputs, hidden))
-        self.predictors = (nn.ModuleList(sdssl_mlp(2, teacher_dim, config.predictor_hidden_dim, teacher_dim)
-                                         for _ in inputs) if config.predictor else None)
+        self.predictors = (
+            nn.ModuleList(sdssl_mlp(2, teacher_dim, config.predictor_hidden_dim, teacher_dim) for _ in inputs)
+            if config.predictor
+            else None
+        )
 
     @classmethod
-    def build(cls, config: SdsslConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Sdssl":
+    def build(
+        cls,
+        config: SdsslConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Sdssl":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
@@ -155,11 +181,14 @@ class Sdssl(Strategy):
             resolve_layers(tuple(config.blocks or ()), total)
         except UsageError as e:
             blocks = "all" if config.blocks is None else list(config.blocks)
-            raise UsageError(f"strategy sdssl distils the student's blocks {blocks}, but {e}; "
-                             "change strategy.sdssl.blocks") from None
+            raise UsageError(
+                f"strategy sdssl distils the student's blocks {blocks}, but {e}; change strategy.sdssl.blocks"
+            ) from None
         if not pools_blocks(student):
-            raise UsageError(f"strategy sdssl reads each block's class token, but {type(student).__name__}."
-                             "forward_intermediates cannot return prefix tokens; use a timm VisionTransformer")
+            raise UsageError(
+                f"strategy sdssl reads each block's class token, but {type(student).__name__}."
+                "forward_intermediates cannot return prefix tokens; use a timm VisionTransformer"
+            )
 
     def term_weights(self) -> dict[str, float]:
         weights = {"out": 1.0}
@@ -182,8 +211,9 @@ class Sdssl(Strategy):
             inputs = [student.block_embeddings[i] for i in self.blocks] + [student.embedding]
             z = [project(f) for project, f in zip(self.projectors, inputs)]
             if self.predictors is not None:
-                pred = pred + sum(info_nce(p(zl.detach()), keys, offset, c.temperature)
-                                  for p, zl in zip(self.predictors, z))
+                pred = pred + sum(
+                    info_nce(p(zl.detach()), keys, offset, c.temperature) for p, zl in zip(self.predictors, z)
+                )
                 z = [p(zl) for p, zl in zip(self.predictors, z)]
             losses = [info_nce(zl, keys, offset, c.temperature) for zl in z]
             out = out + losses[-1]

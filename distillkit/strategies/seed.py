@@ -27,8 +27,15 @@ from ..features import FeatureRequest, Features
 from ..roles import PRIMARY_TEACHER
 from .base import Gather, StepInputs, Strategy
 from .registry import register_strategy
-from .toolbox import (TeacherEmbed, check_positive, check_teacher_embed, embedding_request, fp32, mlp_head,
-                      teacher_vector)
+from .toolbox import (
+    TeacherEmbed,
+    check_positive,
+    check_teacher_embed,
+    embedding_request,
+    fp32,
+    mlp_head,
+    teacher_vector,
+)
 
 
 @dataclass
@@ -45,8 +52,9 @@ class SeedConfig:
         check_positive("seed", self, ("queue_size", "tau_student", "tau_teacher", "embed_dim", "head_hidden_dim"))
 
 
-def seed_loss(student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float,
-              tau_teacher: float) -> Tensor:
+def seed_loss(
+    student_embed: Tensor, teacher_embed: Tensor, queue: Tensor, tau_student: float, tau_teacher: float
+) -> Tensor:
     """The SEED soft cross-entropy for l2-normalised (B, D) embeddings and a (K, D) queue."""
     with torch.autocast(device_type=student_embed.device.type, enabled=False):  # fp32 even under autocast
         z_s, z_t, queue = fp32(student_embed), fp32(teacher_embed), fp32(queue)
@@ -97,8 +105,14 @@ class Seed(Strategy):
         self.queue = EmbeddingQueue(config.queue_size, teacher_dim)
 
     @classmethod
-    def build(cls, config: SeedConfig, teachers: Mapping, teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Seed":
+    def build(
+        cls,
+        config: SeedConfig,
+        teachers: Mapping,
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Seed":
         return cls(config, teacher_probes[PRIMARY_TEACHER], student_probe)
 
     @classmethod
@@ -117,10 +131,14 @@ class Seed(Strategy):
         if config.queue_size <= largest:
             return config, None
         if largest < 1:
-            raise UsageError(f"strategy.seed needs more training images than one batch ({num_images} images, "
-                             f"batch {batch_size}); use more images or a smaller --batch-size")
-        note = (f"strategy.seed.queue_size {config.queue_size} is more than the {num_images} training images "
-                f"minus one batch; using {largest}")
+            raise UsageError(
+                f"strategy.seed needs more training images than one batch ({num_images} images, "
+                f"batch {batch_size}); use more images or a smaller --batch-size"
+            )
+        note = (
+            f"strategy.seed.queue_size {config.queue_size} is more than the {num_images} training images "
+            f"minus one batch; using {largest}"
+        )
         return replace(config, queue_size=largest), note
 
     @classmethod

@@ -95,21 +95,34 @@ class Simclr(Strategy):
         embedding = student_probe.embedding
         if embedding is None or embedding.dim() != 2:
             shape = None if embedding is None else tuple(embedding.shape)
-            raise UsageError(f"strategy simclr needs one pooled embedding per image from the student, got {shape}; "
-                             "use a student that pools (for a ViT: global_pool 'token' or 'avg')")
+            raise UsageError(
+                f"strategy simclr needs one pooled embedding per image from the student, got {shape}; "
+                "use a student that pools (for a ViT: global_pool 'token' or 'avg')"
+            )
         width = embedding.shape[1]
         hidden = config.projection_hidden_dim or width
-        self.head = nn.Sequential(nn.Linear(width, hidden, bias=False), nn.BatchNorm1d(hidden),
-                                  nn.ReLU(inplace=True), nn.Linear(hidden, config.projection_dim))
+        self.head = nn.Sequential(
+            nn.Linear(width, hidden, bias=False),
+            nn.BatchNorm1d(hidden),
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, config.projection_dim),
+        )
 
     @classmethod
-    def build(cls, config: SimclrConfig, teachers: Mapping[str, Any], teacher_probes: Mapping[str, Features],
-              student: nn.Module, student_probe: Features) -> "Simclr":
+    def build(
+        cls,
+        config: SimclrConfig,
+        teachers: Mapping[str, Any],
+        teacher_probes: Mapping[str, Features],
+        student: nn.Module,
+        student_probe: Features,
+    ) -> "Simclr":
         return cls(config, student_probe)
 
     @classmethod
-    def teacher_requests(cls, config: SimclrConfig, teachers: Mapping[str, Any],
-                         student: nn.Module) -> dict[str, FeatureRequest]:
+    def teacher_requests(
+        cls, config: SimclrConfig, teachers: Mapping[str, Any], student: nn.Module
+    ) -> dict[str, FeatureRequest]:
         return {}
 
     @classmethod

@@ -72,7 +72,7 @@ class _AllGather(torch.autograd.Function):
     def backward(ctx, grad: Tensor) -> Tensor:
         grad = grad.contiguous()
         dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
 
 
 def all_gather(x: Tensor) -> tuple[Tensor, int]:
@@ -123,7 +123,7 @@ def teacher_vector(features: Features, use_projection: bool) -> Tensor:
 def kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """Hinton KD (Hinton, Vinyals, Dean 2014, arXiv 1503.02531), in fp32:
 
-        L = T^2 * (1/B) sum_b KL(softmax(t_b / T) || softmax(s_b / T))   (summed over classes)"""
+    L = T^2 * (1/B) sum_b KL(softmax(t_b / T) || softmax(s_b / T))   (summed over classes)"""
     with torch.autocast(device_type=student_logits.device.type, enabled=False):
         log_p_student = F.log_softmax(fp32(student_logits) / temperature, dim=1)
         p_teacher = F.softmax(fp32(teacher_logits) / temperature, dim=1)
@@ -186,8 +186,9 @@ def as_map(features: Tensor, what: str) -> Tensor:
         return features
     side = math.isqrt(features.shape[1]) if features.dim() == 3 else 0
     if side == 0 or side * side != features.shape[1]:
-        raise UsageError(f"{what} has shape {tuple(features.shape)}; expected (B, C, H, W) maps or the tokens "
-                         "of a square patch grid")
+        raise UsageError(
+            f"{what} has shape {tuple(features.shape)}; expected (B, C, H, W) maps or the tokens of a square patch grid"
+        )
     return features.transpose(1, 2).reshape(features.shape[0], features.shape[2], side, side)
 
 

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import copy
 import itertools
+
 import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..inputs import InputConfig, prepare_input
 from ..features import Extractor, FeatureRequest, Features, is_token_model, num_layers, resolve_layers
+from ..inputs import InputConfig, prepare_input
 
 
 class Teacher(nn.Module):
@@ -53,7 +54,8 @@ class Teacher(nn.Module):
         On CPUs auto stays fp32: without bf16 hardware (AVX512-BF16 / AMX) bf16 is slower there. The
         features handed to strategies are fp32 either way (see `forward`)."""
         bf16 = self.precision == "bf16" or (
-            self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported())
+            self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train(self, mode: bool = True) -> "Teacher":
@@ -127,12 +129,16 @@ class Teacher(nn.Module):
         if self.pruned_to is not None:
             self._check_within_pruned(request)
             # absolute indices, so relative depths keep meaning the whole network's blocks
-            request = FeatureRequest(layers=resolve_layers(request.layers, self.num_layers),
-                                     relations=resolve_layers(request.relations, self.num_layers))
+            request = FeatureRequest(
+                layers=resolve_layers(request.layers, self.num_layers),
+                relations=resolve_layers(request.relations, self.num_layers),
+            )
         with torch.inference_mode(), self.autocast(views.device):
             x = prepare_input(views, self.input_config, self.channels_last)
             wanted = FeatureRequest(
-                embedding=request.embedding or request.projection, layers=request.layers, logits=request.logits,
+                embedding=request.embedding or request.projection,
+                layers=request.layers,
+                logits=request.logits,
                 relations=request.relations,
             )
             features = extractor(self.model, x, wanted)
@@ -151,9 +157,11 @@ class Teacher(nn.Module):
     def _check_within_pruned(self, request: FeatureRequest) -> None:
         deepest = max(resolve_layers(request.layers + request.relations, self.num_layers), default=-1)
         if request.needs_head or deepest >= self.pruned_to:
-            raise UsageError(f"teacher {self.name} was pruned to its first {self.pruned_to} layers for training and "
-                             "cannot give the embedding, projection, logits or deeper layers; call "
-                             "teacher.unprune() first")
+            raise UsageError(
+                f"teacher {self.name} was pruned to its first {self.pruned_to} layers for training and "
+                "cannot give the embedding, projection, logits or deeper layers; call "
+                "teacher.unprune() first"
+            )
 
     def describe(self) -> dict:
         model = self.full_model

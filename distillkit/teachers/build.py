@@ -33,8 +33,9 @@ def fit_input_size(model: nn.Module, input_size: int | None) -> None:
         model.set_input_size(img_size=(input_size, input_size))
 
 
-def random_model(arch: str, input_size: int | None = None, is_vit: bool = False,
-                 kwargs: Mapping[str, Any] | None = None) -> nn.Module:
+def random_model(
+    arch: str, input_size: int | None = None, is_vit: bool = False, kwargs: Mapping[str, Any] | None = None
+) -> nn.Module:
     """A randomly initialised backbone, with a warning: for smoke tests only."""
     warnings.warn(f"teacher {arch} uses random weights: fine for smoke tests, useless for distillation")
     return create_backbone(arch, input_size, is_vit, kwargs or {})
@@ -55,8 +56,10 @@ def fit_pos_embed(state: StateDict, model: nn.Module) -> StateDict:
     if side * side != pos.shape[1] - prefix:
         return state
     grid = list(model.patch_embed.grid_size)
-    return {**state, "pos_embed": resample_abs_pos_embed(pos, new_size=grid, old_size=[side, side],
-                                                         num_prefix_tokens=prefix)}
+    return {
+        **state,
+        "pos_embed": resample_abs_pos_embed(pos, new_size=grid, old_size=[side, side], num_prefix_tokens=prefix),
+    }
 
 
 def load_backbone(model: nn.Module, extracted: Extracted, source: str, teacher: str, fallback_hint: str) -> None:

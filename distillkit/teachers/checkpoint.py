@@ -32,8 +32,12 @@ def _safe_extras() -> list:
 
     core = getattr(np, "_core", None) or np.core
     scalar = core.multiarray.scalar
-    extras: list = [argparse.Namespace, np.dtype, (scalar, "numpy.core.multiarray.scalar"),
-                    (scalar, "numpy._core.multiarray.scalar")]
+    extras: list = [
+        argparse.Namespace,
+        np.dtype,
+        (scalar, "numpy.core.multiarray.scalar"),
+        (scalar, "numpy._core.multiarray.scalar"),
+    ]
     codes = np.typecodes["AllInteger"] + np.typecodes["AllFloat"] + "?"
     extras += list(dict.fromkeys(type(np.dtype(code)) for code in codes))
     return extras
@@ -58,8 +62,9 @@ def read_checkpoint(path: str | Path) -> Any:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError, ValueError) as e:
-            raise UsageError(f"checkpoint {path} is not a readable safetensors file ({e}); "
-                             "it may be truncated: download it again") from None
+            raise UsageError(
+                f"checkpoint {path} is not a readable safetensors file ({e}); it may be truncated: download it again"
+            ) from None
     try:
         with torch.serialization.safe_globals(SAFE_EXTRAS):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -89,7 +94,7 @@ def unwrap_state_dict(checkpoint: Any, path: str | Path = "checkpoint") -> State
     for key, value in node.items():
         for prefix in ("module.", "_orig_mod."):
             if key.startswith(prefix):
-                key = key[len(prefix):]
+                key = key[len(prefix) :]
         out[key] = value
     return out
 
@@ -116,8 +121,7 @@ def load_exact(model: nn.Module, state_dict: StateDict, source: str, hint: str =
     ]
     if missing or unexpected or shapes:
         lines = [f"{source} does not fit {type(model).__name__} exactly:"]
-        for label, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                             ("shape mismatches", shapes)):
+        for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)):
             if items:
                 lines.append(f"  {label} ({len(items)}): " + ", ".join(items[:5]) + (" ..." if len(items) > 5 else ""))
         if file_format:

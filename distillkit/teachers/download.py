@@ -35,8 +35,9 @@ def fetch_weights(url: str, what: str) -> Path:
     host = urlparse(url).hostname or url
     manual = f"Download it on a machine with internet and pass it with --teacher-weights FILE (or copy it to {path})"
     if not hub.network_available(host):
-        raise UsageError(f"{what}: its weights are the file {url}, and {host} cannot be reached from this "
-                         f"machine. {manual}")
+        raise UsageError(
+            f"{what}: its weights are the file {url}, and {host} cannot be reached from this machine. {manual}"
+        )
     import torch
 
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,13 +34,19 @@ FORMAT_NAMES = {
 
 # kind -> {variant: (what it selects, key prefix inside the checkpoint)}; the first entry is the default.
 VARIANTS: dict[str, dict[str, tuple[str, str]]] = {
-    "moco-v2": {"query": ("the query encoder", "module.encoder_q."),
-                "momentum": ("the momentum (key) encoder", "module.encoder_k.")},
-    "moco-v3": {"base": ("the base encoder", "module.base_encoder."),
-                "momentum": ("the momentum encoder", "module.momentum_encoder.")},
+    "moco-v2": {
+        "query": ("the query encoder", "module.encoder_q."),
+        "momentum": ("the momentum (key) encoder", "module.encoder_k."),
+    },
+    "moco-v3": {
+        "base": ("the base encoder", "module.base_encoder."),
+        "momentum": ("the momentum encoder", "module.momentum_encoder."),
+    },
     "dino-full": {"teacher": ("the EMA teacher", "teacher"), "student": ("the student", "student")},
-    "ijepa": {"target_encoder": ("the EMA target encoder", "target_encoder"),
-              "encoder": ("the context encoder", "encoder")},
+    "ijepa": {
+        "target_encoder": ("the EMA target encoder", "target_encoder"),
+        "encoder": ("the context encoder", "encoder"),
+    },
 }
 
 
@@ -85,8 +91,7 @@ def _training_state(checkpoint: dict) -> dict:
     return node
 
 
-def extract(checkpoint: Any, path: str | Path, variant: str | None = None,
-            head_prefix: str | None = None) -> Extracted:
+def extract(checkpoint: Any, path: str | Path, variant: str | None = None, head_prefix: str | None = None) -> Extracted:
     """Take the backbone (and projection head) selected by `variant` out of `checkpoint`.
 
     `head_prefix` ("fc." or "head.") splits a projection head off a plain state dict too (MoCo weights
@@ -98,24 +103,27 @@ def extract(checkpoint: Any, path: str | Path, variant: str | None = None,
         prefix = VARIANTS[kind][variant][1]
         state = _tensors(_training_state(checkpoint), path)
         if not any(k.startswith(prefix) for k in state):
-            prefix = prefix[len("module."):]  # saved without DistributedDataParallel
-        network = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            prefix = prefix[len("module.") :]  # saved without DistributedDataParallel
+        network = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
         if not network:
-            raise UsageError(f"{path} is a {FORMAT_NAMES[kind]} but holds no '{prefix}' tensors; "
-                             "it is incomplete: download it again")
+            raise UsageError(
+                f"{path} is a {FORMAT_NAMES[kind]} but holds no '{prefix}' tensors; it is incomplete: download it again"
+            )
         head_prefix = "fc." if any(k.startswith("fc.") for k in network) else "head."
         backbone, head = split_head(network, head_prefix)
         return Extracted(kind, backbone, head, variant)
     if kind == "dino-full":
         network = _strip(_tensors(checkpoint[variant], f"{path} ['{variant}']"), "module.")
-        backbone = {k[len("backbone."):]: v for k, v in network.items() if k.startswith("backbone.")}
+        backbone = {k[len("backbone.") :]: v for k, v in network.items() if k.startswith("backbone.")}
         # the DINO head (MLP + weight-normed prototypes) is a training device, not a projection head
         backbone.update({k: v for k, v in network.items() if not k.startswith(("backbone.", "head."))})
         return Extracted(kind, backbone, {}, variant)
     if kind == "ijepa":
         if not isinstance(checkpoint.get(variant), dict):
-            raise UsageError(f"{path} is an {FORMAT_NAMES[kind]} without a '{variant}' entry "
-                             f"(top-level keys: {', '.join(map(str, checkpoint))})")
+            raise UsageError(
+                f"{path} is an {FORMAT_NAMES[kind]} without a '{variant}' entry "
+                f"(top-level keys: {', '.join(map(str, checkpoint))})"
+            )
         return Extracted(kind, _strip(_tensors(checkpoint[variant], f"{path} ['{variant}']"), "module."), {}, variant)
     if kind == "mae-full":
         state = _strip(_tensors(checkpoint.get("model", checkpoint), path), "module.")
@@ -130,16 +138,17 @@ def extract(checkpoint: Any, path: str | Path, variant: str | None = None,
 
 def split_head(state: StateDict, head_prefix: str) -> tuple[StateDict, StateDict]:
     """{'fc.0.weight': ..., 'conv1.weight': ...} -> ({'conv1.weight': ...}, {'0.weight': ...})."""
-    head = {k[len(head_prefix):]: v for k, v in state.items() if k.startswith(head_prefix)}
+    head = {k[len(head_prefix) :]: v for k, v in state.items() if k.startswith(head_prefix)}
     backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix)}
     return backbone, head
 
 
 def describe_variants(kind: str) -> str:
-    """"'base' (the base encoder, the default), 'momentum' (the momentum encoder)"."""
+    """ "'base' (the base encoder, the default), 'momentum' (the momentum encoder)"."""
     choices = list(VARIANTS.get(kind, {}).items())
-    return ", ".join(f"{name!r} ({what}{', the default' if i == 0 else ''})"
-                     for i, (name, (what, _)) in enumerate(choices))
+    return ", ".join(
+        f"{name!r} ({what}{', the default' if i == 0 else ''})" for i, (name, (what, _)) in enumerate(choices)
+    )
 
 
 def _check_variant(kind: str, variant: str | None, path: str | Path) -> str | None:
@@ -149,13 +158,16 @@ def _check_variant(kind: str, variant: str | None, path: str | Path) -> str | No
             raise UsageError(
                 f"teacher.variant {variant!r} picks one network of a training checkpoint that holds several "
                 f"(MoCo, DINO full, I-JEPA), but {path} is a {FORMAT_NAMES[kind]} holding one network: "
-                "drop teacher.variant, or pass the full training checkpoint")
+                "drop teacher.variant, or pass the full training checkpoint"
+            )
         return None
     if variant is None:
         return next(iter(choices))
     if variant not in choices:
-        raise UsageError(f"teacher.variant {variant!r} does not exist in {path}, a {FORMAT_NAMES[kind]}; "
-                         f"choose one of {describe_variants(kind)}")
+        raise UsageError(
+            f"teacher.variant {variant!r} does not exist in {path}, a {FORMAT_NAMES[kind]}; "
+            f"choose one of {describe_variants(kind)}"
+        )
     return variant
 
 
@@ -166,8 +178,8 @@ def _tensors(node: Any, where: str | Path) -> StateDict:
 
 
 def _strip(state: StateDict, prefix: str) -> StateDict:
-    return {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in state.items()}
+    return {(k[len(prefix) :] if k.startswith(prefix) else k): v for k, v in state.items()}
 
 
 def _strip_module(key: str) -> str:
-    return key[len("module."):] if key.startswith("module.") else key
+    return key[len("module.") :] if key.startswith("module.") else key

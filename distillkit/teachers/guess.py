@@ -38,8 +38,13 @@ _ZOO = {
     (None, "vit-l/16 gap"): "bootleg-vitl",
 }
 
-_LAYOUT_NAMES = {"moco-v2": "MoCo v2", "moco-v3": "MoCo v3", "dino-full": "DINO", "mae-full": "MAE",
-                 "ijepa": "I-JEPA / Bootleg"}
+_LAYOUT_NAMES = {
+    "moco-v2": "MoCo v2",
+    "moco-v3": "MoCo v3",
+    "dino-full": "DINO",
+    "mae-full": "MAE",
+    "ijepa": "I-JEPA / Bootleg",
+}
 _VIT_SIZES = {192: "t", 384: "s", 768: "b", 1024: "l", 1280: "h"}
 
 
@@ -61,8 +66,12 @@ def describe_network(state: StateDict) -> Network | None:
         size = _VIT_SIZES.get(width)
         gap = "cls_token" not in state
         label = f"vit-{size}/{patch}" + (" gap" if gap else "") if size else f"vit-{width}d/{patch}"
-        words = (f"ViT-{size.upper() if size else f'{width}d'}/{patch} ({width}-d, {depth} block{'' if depth == 1 else 's'}, "
-                 + ("no class token, average-pooled" if gap else "class token") + ")")
+        words = (
+            f"ViT-{size.upper() if size else f'{width}d'}/{patch} "
+            f"({width}-d, {depth} block{'' if depth == 1 else 's'}, "
+            + ("no class token, average-pooled" if gap else "class token")
+            + ")"
+        )
         arch = _timm_vit(size, patch)
         return Network(label, words, arch)
     if "conv1.weight" in state and "layer4.0.conv1.weight" in state:

@@ -27,8 +27,10 @@ def mlp_head(state: StateDict, source: str | Path) -> nn.Sequential:
     for key, tensor in state.items():
         index, _, name = key.partition(".")
         if not index.isdigit() or not name:
-            raise UsageError(f"{source}: projection-head tensor {key!r} is not '<layer index>.<name>'; "
-                             "only MLP projectors (Linear / BatchNorm1d / ReLU) are supported")
+            raise UsageError(
+                f"{source}: projection-head tensor {key!r} is not '<layer index>.<name>'; "
+                "only MLP projectors (Linear / BatchNorm1d / ReLU) are supported"
+            )
         layers.setdefault(int(index), {})[name] = tensor
     modules: list[nn.Module] = []
     for index in range(max(layers) + 1 if layers else 0):
@@ -42,8 +44,10 @@ def mlp_head(state: StateDict, source: str | Path) -> nn.Sequential:
             out_dim, in_dim = params["weight"].shape
             modules.append(nn.Linear(in_dim, out_dim, bias="bias" in params))
         else:
-            raise UsageError(f"{source}: projection-head layer {index} holds {', '.join(sorted(params))}, "
-                             "neither a Linear nor a BatchNorm1d")
+            raise UsageError(
+                f"{source}: projection-head layer {index} holds {', '.join(sorted(params))}, "
+                "neither a Linear nor a BatchNorm1d"
+            )
     head = nn.Sequential(*modules)
     load_exact(head, state, f"{source} (projection head)")
     return head.eval()

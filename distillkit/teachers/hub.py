@@ -38,7 +38,8 @@ def create_pretrained(timm_name: str, what: str, manual_hint: str, **kwargs) -> 
         if "No pretrained weights exist" in str(e):
             raise UsageError(
                 f"{what}: timm has no pretrained weights for {timm_name!r}; add a pretrained tag "
-                f"(e.g. timm:{timm_name}.<tag>, see timm.list_pretrained('{timm_name}*')) or pass --teacher-weights FILE"
+                f"(e.g. timm:{timm_name}.<tag>, see timm.list_pretrained('{timm_name}*')) "
+                "or pass --teacher-weights FILE"
             ) from None
         raise
     except OSError as e:  # huggingface_hub's offline / not-found errors are OSErrors

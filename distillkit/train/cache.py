@@ -59,8 +59,9 @@ def image_hashes(images: Tensor) -> np.ndarray:
     """A 63-bit hash of each uint8 image's pixels and shape: (B,) int64, never 0 (0 = not written)."""
     out = np.empty(images.shape[0], dtype=np.int64)
     for i, image in enumerate(images.cpu()):
-        digest = hashlib.blake2b(image.contiguous().numpy().tobytes(), digest_size=8,
-                                 person=str(tuple(image.shape)).encode()[:16]).digest()
+        digest = hashlib.blake2b(
+            image.contiguous().numpy().tobytes(), digest_size=8, person=str(tuple(image.shape)).encode()[:16]
+        ).digest()
         out[i] = (int.from_bytes(digest, "little") >> 1) or 1
     return out
 
@@ -68,19 +69,34 @@ def image_hashes(images: Tensor) -> np.ndarray:
 class TeacherCache:
     """One teacher's outputs for `slots` x `views` views of `num_images` images, memory-mapped."""
 
-    def __init__(self, root: Path, key: dict[str, Any], probe: Features, num_images: int, slots: int, views: int,
-                 dtype: str, create: bool):
+    def __init__(
+        self,
+        root: Path,
+        key: dict[str, Any],
+        probe: Features,
+        num_images: int,
+        slots: int,
+        views: int,
+        dtype: str,
+        create: bool,
+    ):
         self.key = key
         self.slots, self.views = slots, views
         self.np_dtype, self.torch_dtype = DTYPES[dtype]
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
         self.folder = Path(root) / digest
         # a probe is one image (batch 1): the per-image shape is the probe's without its batch dimension
-        self.shapes = {name: tuple(t.shape[1:]) if not name.startswith("relations") else
-                       (t.shape[0],) + tuple(t.shape[2:]) for name, t in probe.named().items()}
+        self.shapes = {
+            name: tuple(t.shape[1:]) if not name.startswith("relations") else (t.shape[0],) + tuple(t.shape[2:])
+            for name, t in probe.named().items()
+        }
         self.prefix_tokens = probe.prefix_tokens
-        meta = {"key": key, "num_images": num_images, "shapes": {k: list(v) for k, v in self.shapes.items()},
-                "prefix_tokens": self.prefix_tokens}
+        meta = {
+            "key": key,
+            "num_images": num_images,
+            "shapes": {k: list(v) for k, v in self.shapes.items()},
+            "prefix_tokens": self.prefix_tokens,
+        }
         if create:
             self._create(meta)
         self._open(meta)
@@ -92,8 +108,9 @@ class TeacherCache:
         self.folder.mkdir(parents=True, exist_ok=True)
         n = meta["num_images"]
         for name, shape in self.shapes.items():
-            np.memmap(self.folder / f"{name}.bin", dtype=self.np_dtype, mode="w+",
-                      shape=(n, self.slots, self.views, *shape)).flush()
+            np.memmap(
+                self.folder / f"{name}.bin", dtype=self.np_dtype, mode="w+", shape=(n, self.slots, self.views, *shape)
+            ).flush()
         np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="w+", shape=(n, self.slots)).flush()
         np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="w+", shape=(n,)).flush()
         write_json(path, meta)  # last: an entry without meta.json is incomplete and gets rebuilt
@@ -104,23 +121,32 @@ class TeacherCache:
         except (OSError, ValueError) as e:
             raise UsageError(f"teacher cache {self.folder} is unreadable ({e}); delete that folder") from None
         if stored != json.loads(json.dumps(meta)):
-            different = sorted(k for k in set(stored.get("key", {})) | set(meta["key"])
-                               if stored.get("key", {}).get(k) != meta["key"].get(k))
-            raise UsageError(f"teacher cache {self.folder} does not match this run (different: "
-                             f"{', '.join(different) or 'stored shapes'}); delete that folder or use another "
-                             "--teacher-cache")
+            different = sorted(
+                k
+                for k in set(stored.get("key", {})) | set(meta["key"])
+                if stored.get("key", {}).get(k) != meta["key"].get(k)
+            )
+            raise UsageError(
+                f"teacher cache {self.folder} does not match this run (different: "
+                f"{', '.join(different) or 'stored shapes'}); delete that folder or use another "
+                "--teacher-cache"
+            )
         n = meta["num_images"]
-        self.arrays = {name: np.memmap(self.folder / f"{name}.bin", dtype=self.np_dtype, mode="r+",
-                                       shape=(n, self.slots, self.views, *shape))
-                       for name, shape in self.shapes.items()}
+        self.arrays = {
+            name: np.memmap(
+                self.folder / f"{name}.bin", dtype=self.np_dtype, mode="r+", shape=(n, self.slots, self.views, *shape)
+            )
+            for name, shape in self.shapes.items()
+        }
         self.filled = np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="r+", shape=(n, self.slots))
         self.image_hash = np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="r+", shape=(n,))
 
     def filled_fraction(self) -> float:
         return float(self.filled.mean())
 
-    def features(self, indices: Tensor, images: Tensor, slot: int, compute: Callable[[], list[Features]],
-                 device: torch.device) -> list[Features]:
+    def features(
+        self, indices: Tensor, images: Tensor, slot: int, compute: Callable[[], list[Features]], device: torch.device
+    ) -> list[Features]:
         """The teacher's Features of each view of this batch: read when every row is cached, else computed
         by `compute()` and written. Images whose pixels changed since they were written are refused."""
         rows = indices.cpu().numpy()
@@ -128,13 +154,19 @@ class TeacherCache:
         stored = self.image_hash[rows]
         changed = (stored != 0) & (stored != hashes)
         if changed.any():
-            raise UsageError(f"teacher cache {self.folder}: image {int(rows[changed.argmax()])} is not the image its "
-                             "cached teacher outputs came from (the data changed); delete that folder or use "
-                             "another --teacher-cache")
+            raise UsageError(
+                f"teacher cache {self.folder}: image {int(rows[changed.argmax()])} is not the image its "
+                "cached teacher outputs came from (the data changed); delete that folder or use "
+                "another --teacher-cache"
+            )
         if self.filled[rows, slot].all():
-            return [Features.from_named({name: self._read(name, array, rows, slot, v, device)
-                                         for name, array in self.arrays.items()}, self.prefix_tokens)
-                    for v in range(self.views)]
+            return [
+                Features.from_named(
+                    {name: self._read(name, array, rows, slot, v, device) for name, array in self.arrays.items()},
+                    self.prefix_tokens,
+                )
+                for v in range(self.views)
+            ]
         computed = compute()
         if len(computed) != self.views:
             raise RuntimeError(f"teacher cache expects {self.views} views per step, got {len(computed)}")
@@ -157,21 +189,39 @@ class TeacherCache:
             array.flush()
 
 
-def cache_key(teacher, request: FeatureRequest, view_config, render_size: tuple[int, int], seed: int, slots: int,
-              views: int, dtype: str, expand: str) -> dict[str, Any]:
+def cache_key(
+    teacher,
+    request: FeatureRequest,
+    view_config,
+    render_size: tuple[int, int],
+    seed: int,
+    slots: int,
+    views: int,
+    dtype: str,
+    expand: str,
+) -> dict[str, Any]:
     """Everything the cached outputs depend on."""
     return {
         "teacher": teacher.name,
-        "weights_sha256": weights_hash(teacher.full_model) + (
-            weights_hash(teacher.projection_head) if teacher.projection_head is not None else ""),
-        "input": {"size": list(teacher.input_config.size), "mean": list(teacher.input_config.mean),
-                  "std": list(teacher.input_config.std), "channels_last": teacher.channels_last,
-                  "precision": teacher.precision},
-        "request": {f.name: list(v) if isinstance(v := getattr(request, f.name), tuple) else v
-                    for f in fields(request)},
+        "weights_sha256": weights_hash(teacher.full_model)
+        + (weights_hash(teacher.projection_head) if teacher.projection_head is not None else ""),
+        "input": {
+            "size": list(teacher.input_config.size),
+            "mean": list(teacher.input_config.mean),
+            "std": list(teacher.input_config.std),
+            "channels_last": teacher.channels_last,
+            "precision": teacher.precision,
+        },
+        "request": {
+            f.name: list(v) if isinstance(v := getattr(request, f.name), tuple) else v for f in fields(request)
+        },
         "views": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(view_config).items()}
-                 | {"size": list(render_size)},
-        "seed": seed, "slots": slots, "views_per_step": views, "expand_views": expand, "dtype": dtype,
+        | {"size": list(render_size)},
+        "seed": seed,
+        "slots": slots,
+        "views_per_step": views,
+        "expand_views": expand,
+        "dtype": dtype,
     }
 
 
@@ -200,8 +250,9 @@ class CacheSetup:
     slots: int | None  # None: new views every epoch, nothing to cache
 
 
-def open_caches(recipe: Recipe, accelerator, setup: CacheSetup, epochs: int,
-                say: Callable[[str], None]) -> tuple[dict[str, TeacherCache], Path | None]:
+def open_caches(
+    recipe: Recipe, accelerator, setup: CacheSetup, epochs: int, say: Callable[[str], None]
+) -> tuple[dict[str, TeacherCache], Path | None]:
     """One cache entry per teacher role, created by the main process, announced by `say`, and where they
     are (None: no cache). When the disk lacks the room for what the run would write, an automatic cache
     ("auto") is skipped with a message (the teacher is recomputed every epoch); an explicit folder is refused."""
@@ -227,38 +278,73 @@ def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, cr
         teacher, size = setup.teachers[role], setup.sizes[role]
         views = objective.expand_views([torch.zeros(1, 3, *size) for _ in range(objective.num_views)])
         probe = teacher(views[0].to(accelerator.device), request)
-        key = cache_key(teacher, request, view_config(recipe.data), size, view_seed(recipe.data, recipe.train.seed),
-                        setup.slots, len(views), recipe.data.cache_dtype, expand) | {"role": role}
-        caches[role] = TeacherCache(root, key, probe, index_space(setup.train_set), setup.slots, len(views),
-                                    recipe.data.cache_dtype, create=create)
+        key = cache_key(
+            teacher,
+            request,
+            view_config(recipe.data),
+            size,
+            view_seed(recipe.data, recipe.train.seed),
+            setup.slots,
+            len(views),
+            recipe.data.cache_dtype,
+            expand,
+        ) | {"role": role}
+        caches[role] = TeacherCache(
+            root,
+            key,
+            probe,
+            index_space(setup.train_set),
+            setup.slots,
+            len(views),
+            recipe.data.cache_dtype,
+            create=create,
+        )
     return caches
 
 
-def _fits(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, slots_used: int,
-          say: Callable[[str], None]) -> bool:
+def _fits(
+    recipe: Recipe, accelerator, setup: CacheSetup, root: Path, slots_used: int, say: Callable[[str], None]
+) -> bool:
     """Whether the disk under `root` has room for what the run writes (`slots_used` slots of every image)."""
     objective = setup.objective
     views_per_step = len(objective.expand_views([torch.zeros(1, 3, 1, 1) for _ in range(objective.num_views)]))
-    needed = sum(_cache_bytes(setup.teachers[role], request, views_per_step, setup.sizes[role],
-                              recipe.data.cache_dtype, accelerator.device)
-                 for role, request in setup.requests.items()) * len(setup.train_set) * slots_used
+    needed = (
+        sum(
+            _cache_bytes(
+                setup.teachers[role],
+                request,
+                views_per_step,
+                setup.sizes[role],
+                recipe.data.cache_dtype,
+                accelerator.device,
+            )
+            for role, request in setup.requests.items()
+        )
+        * len(setup.train_set)
+        * slots_used
+    )
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
     where = f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view slots)"
     if needed * 1.05 + (256 << 20) <= free:
-        say(f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
-            "instead of running them (--no-teacher-cache to turn it off)")
+        say(
+            f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
+            "instead of running them (--no-teacher-cache to turn it off)"
+        )
         return True
     if recipe.data.teacher_cache == "auto":
-        say(f"[yellow]teacher cache skipped: {where} needs more than the {_gb(free)} free there; the teacher "
-            "runs every epoch (free space, or set data.teacher_cache to a folder with room)[/]")
+        say(
+            f"[yellow]teacher cache skipped: {where} needs more than the {_gb(free)} free there; the teacher "
+            "runs every epoch (free space, or set data.teacher_cache to a folder with room)[/]"
+        )
         return False
-    raise UsageError(f"--teacher-cache {where} needs more than the {_gb(free)} free there; free space, choose "
-                     "another folder or pass --no-teacher-cache")
+    raise UsageError(
+        f"--teacher-cache {where} needs more than the {_gb(free)} free there; free space, choose "
+        "another folder or pass --no-teacher-cache"
+    )
 
 
-def _cache_bytes(teacher, request: FeatureRequest, views: int, size: tuple[int, int], dtype: str,
-                 device) -> int:
+def _cache_bytes(teacher, request: FeatureRequest, views: int, size: tuple[int, int], dtype: str, device) -> int:
     """Bytes one image's cached outputs take for one view slot: every stored tensor, every view."""
     probe = teacher(torch.zeros(1, 3, *size, device=device), request)
     itemsize = 2 if dtype == "float16" else 4

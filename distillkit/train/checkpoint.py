@@ -32,8 +32,9 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last"
 
 
-def save_checkpoint(run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                    recipe: dict[str, Any]) -> Path:
+def save_checkpoint(
+    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], recipe: dict[str, Any]
+) -> Path:
     final = checkpoint_dir(run_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix="last.", suffix=".tmp", dir=final.parent))
@@ -85,8 +86,10 @@ def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimi
         raise UsageError(f"the checkpoint in {path} is damaged ({e}); delete it to start the run afresh") from None
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
-        raise UsageError(f"the checkpoint in {path} does not match this run's student and strategy "
-                         f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise UsageError(
+            f"the checkpoint in {path} does not match this run's student and strategy "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
     optimizer.load_state_dict(state.pop("optimizer"))
     _set_rng_state(state.pop("rng"))
     return state
@@ -121,8 +124,11 @@ def resume_point(run_dir: Path, recipe: dict[str, Any], force: bool) -> tuple[Pa
         raise UsageError(f"--resume: no checkpoint in {run_dir / 'checkpoints'}; start the run without --resume")
     changes = recipe_changes(saved_recipe(checkpoint), recipe)
     if changes and not force:
-        raise UsageError("cannot resume: the recipe differs from the run's:\n  " + "\n  ".join(changes)
-                         + "\nundo the changes, or pass --force-resume to continue with the new recipe")
+        raise UsageError(
+            "cannot resume: the recipe differs from the run's:\n  "
+            + "\n  ".join(changes)
+            + "\nundo the changes, or pass --force-resume to continue with the new recipe"
+        )
     return checkpoint, changes
 
 

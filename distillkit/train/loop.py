@@ -23,10 +23,12 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..conv_taps import cropped_taps
 from ..data import collate_skipping_bad
+from ..data.sources import ReplacingBad
 from ..data.views import view_config, view_seed, view_slots
 from ..errors import RunError, UsageError
 from ..recipe import Recipe
 from ..roles import PRIMARY_TEACHER
+from .bad_images import BadImageTally
 from .budget import plan_budget
 from .cache import CacheSetup, open_caches
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
@@ -73,8 +75,7 @@ def build_optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     for param in module.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr, momentum=recipe.train.momentum)
     return torch.optim.AdamW(groups, lr=recipe.train.lr)
@@ -132,11 +133,15 @@ def make_accelerator(recipe: Recipe):
     GradientState._reset_state()
     try:
         # cpu=True when there is no GPU: that is what makes Accelerate set up gloo under torchrun on CPUs
-        accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=recipe.train.grad_accum,
-                                  cpu=not torch.cuda.is_available())
+        accelerator = Accelerator(
+            mixed_precision=mixed,
+            gradient_accumulation_steps=recipe.train.grad_accum,
+            cpu=not torch.cuda.is_available(),
+        )
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--precision {recipe.train.precision} is not available on this machine ({e}); "
-                         "use fp32, or bf16 on a CPU") from None
+        raise UsageError(
+            f"--precision {recipe.train.precision} is not available on this machine ({e}); use fp32, or bf16 on a CPU"
+        ) from None
     if recipe.train.sync_bn and accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         raise UsageError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU processes")
     if recipe.train.deterministic:
@@ -153,8 +158,9 @@ class Position:
     batch: int = 0
 
 
-def train(run: "Run", progress, resume: bool = False, force_resume: bool = False,
-          online_knn: OnlineKnn | None = None) -> TrainResult:
+def train(
+    run: "Run", progress, resume: bool = False, force_resume: bool = False, online_knn: OnlineKnn | None = None
+) -> TrainResult:
     """Train `run`'s student in place, checkpointing every `train.checkpoint_every` steps and every epoch;
     `resume` continues from the run folder's last checkpoint. `online_knn`: scored on the main process at
     every epoch's end into that epoch's metrics.jsonl line, its time left out of the speed."""
@@ -182,36 +188,61 @@ class _Training:
         self.recipe, self.accelerator, self.run_dir, self.train_set = recipe, accelerator, run.run_dir, run.images.train
         _check_batch(recipe, accelerator.num_processes, len(self.train_set))
         module = DistillModule(run.student, run.objective)
-        module, optimizer, self.loader = accelerator.prepare(module, build_optimizer(module, recipe),
-                                                             _loader(recipe, self.train_set, accelerator.num_processes))
+        module, optimizer, self.loader = accelerator.prepare(
+            module, build_optimizer(module, recipe), _loader(recipe, self.train_set, accelerator.num_processes)
+        )
         for teacher in run.teachers.values():
             teacher.to(accelerator.device)
         self.inner: DistillModule = accelerator.unwrap_model(module)
         self.micro_batches = len(self.loader)
         self.budget = budget = plan_budget(recipe.train, self.micro_batches)
         self.recipe_dict = recipe.to_dict()
-        self.position = _resume(run.run_dir, self.recipe_dict, self.inner, optimizer, force_resume) if resume \
-            else Position()
+        self.position = (
+            _resume(run.run_dir, self.recipe_dict, self.inner, optimizer, force_resume) if resume else Position()
+        )
         self.resumed_from = self.position.step
         self.resume = resume
         requests = run.objective.teacher_requests(run.teachers, run.student.model)
         # auto sizes the views a teacher cache replays: a run that reads no teacher (simclr) keeps fresh views
         seen = budget.total_steps * recipe.train.batch_size * recipe.train.grad_accum
-        self.slots = view_slots(recipe.data, seen, budget.epochs, len(self.train_set)) \
-            if requests or recipe.data.view_slots != "auto" else None
+        self.slots = (
+            view_slots(recipe.data, seen, budget.epochs, len(self.train_set))
+            if requests or recipe.data.view_slots != "auto"
+            else None
+        )
         say = progress.console.print if accelerator.is_main_process else (lambda *a, **k: None)
-        self.caches, self.cache_root = open_caches(recipe, accelerator, CacheSetup(
-            run.teachers, requests, run.objective, run.sizes.teachers, self.train_set, self.slots),
-            budget.epochs, say)
+        self.caches, self.cache_root = open_caches(
+            recipe,
+            accelerator,
+            CacheSetup(run.teachers, requests, run.objective, run.sizes.teachers, self.train_set, self.slots),
+            budget.epochs,
+            say,
+        )
         warmup = int(recipe.train.warmup_fraction * budget.total_steps)
-        self.ctx = StepContext(accelerator, module, optimizer, run.teachers, requests, self.caches, run.sizes,
-                               view_config(recipe.data), view_seed(recipe.data, recipe.train.seed),
-                               lambda step: recipe.train.lr * lr_factor(step, budget.total_steps, warmup),
-                               recipe.train.clip_grad)
+        self.ctx = StepContext(
+            accelerator,
+            module,
+            optimizer,
+            run.teachers,
+            requests,
+            self.caches,
+            run.sizes,
+            view_config(recipe.data),
+            view_seed(recipe.data, recipe.train.seed),
+            lambda step: recipe.train.lr * lr_factor(step, budget.total_steps, warmup),
+            recipe.train.clip_grad,
+        )
         self.teacher = run.teachers[PRIMARY_TEACHER]
-        self.log = StepLog(accelerator, progress, run.run_dir / "metrics.jsonl", budget.total_steps,
-                           recipe.train.log_every, self.position.step)
-        self.skipped, self.nonfinite_run, self.bad_seen, self.reference_seconds = 0, 0, [], 0.0
+        self.log = StepLog(
+            accelerator,
+            progress,
+            run.run_dir / "metrics.jsonl",
+            budget.total_steps,
+            recipe.train.log_every,
+            self.position.step,
+        )
+        self.bad_images = BadImageTally(accelerator, len(self.train_set), recipe.data.max_bad_fraction)
+        self.skipped, self.nonfinite_run, self.reference_seconds = 0, 0, 0.0
 
     def start(self, online_knn: OnlineKnn | None) -> None:
         """Before the first step: a resume drops the log records after its checkpoint; a new run records the
@@ -234,10 +265,9 @@ class _Training:
 
     def step(self, batch) -> bool:
         """One micro-batch; True when it completed an optimiser step."""
-        position, recipe = self.position, self.recipe
+        position = self.position
         position.batch += 1
-        self.bad_seen += batch.bad
-        _check_bad_images(self.bad_seen, len(self.train_set), recipe.data.max_bad_fraction)
+        self.bad_images.add(batch.bad)
         if batch.images is None:
             return False
         view_epoch = position.epoch % self.slots if self.slots else position.epoch  # the views this epoch renders
@@ -250,8 +280,9 @@ class _Training:
         if not self.accelerator.sync_gradients:
             return False
         position.step += 1
-        self.log.step(position.step, position.epoch, outcome.loss, outcome.terms,
-                      self.ctx.optimizer.param_groups[0]["lr"])
+        self.log.step(
+            position.step, position.epoch, outcome.loss, outcome.terms, self.ctx.optimizer.param_groups[0]["lr"]
+        )
         return True
 
     def after_step(self, signals: "StopSignals") -> bool:
@@ -261,8 +292,10 @@ class _Training:
         if (every and step % every == 0) or stop:
             self.checkpoint()
         if stop:
-            raise RunError(f"stopped by signal {signals.received} at step {step}; the run is saved. "
-                           f"Resume it with: distillkit compress --out {self.run_dir} --resume")
+            raise RunError(
+                f"stopped by signal {signals.received} at step {step}; the run is saved. "
+                f"Resume it with: distillkit compress --out {self.run_dir} --resume"
+            )
         return step >= self.budget.total_steps
 
     def _skip(self, loss) -> None:
@@ -270,11 +303,14 @@ class _Training:
         self.nonfinite_run += 1
         warnings.warn(f"step {self.position.step}: the loss is not finite ({loss.item()}); step skipped")
         if self.nonfinite_run >= self.recipe.train.max_nonfinite_steps:
-            raise RunError(f"{self.nonfinite_run} steps in a row had a non-finite loss; stopping. The last good "
-                           f"checkpoint is in {self.run_dir / 'checkpoints'}; lower --lr, clip gradients "
-                           "(--set train.clip_grad=1.0) or use --precision fp32")
+            raise RunError(
+                f"{self.nonfinite_run} steps in a row had a non-finite loss; stopping. The last good "
+                f"checkpoint is in {self.run_dir / 'checkpoints'}; lower --lr, clip gradients "
+                "(--set train.clip_grad=1.0) or use --precision fp32"
+            )
 
     def end_epoch(self, seconds: float, online_knn: OnlineKnn | None) -> None:
+        self.bad_images.merge()  # every process has met every image once: the union of their bad files
         extra = {}
         if online_knn is not None and self.accelerator.is_main_process:
             extra = online_knn(self.inner.io)
@@ -292,45 +328,52 @@ class _Training:
 
     def result(self) -> TrainResult:
         seconds, train = self.log.seconds, self.recipe.train
-        if self.bad_seen:
-            warnings.warn(f"{len(self.bad_seen)} unreadable images were skipped, e.g. "
-                          + "; ".join(f"{b.path} ({b.reason})" for b in self.bad_seen[:3]))
-        return TrainResult(steps=self.position.step, epochs=self.position.epoch, seconds=seconds,
-                           images_per_second=self.log.speed, resumed_from_step=self.resumed_from,
-                           final_terms=self.log.terms_mean, skipped_steps=self.skipped, bad_images=len(self.bad_seen),
-                           online_eval_seconds=self.log.paused_seconds + self.reference_seconds,
-                           images_seen=self.position.step * train.batch_size * train.grad_accum,
-                           teacher_cache=str(self.cache_root) if self.caches else None)
+        self.bad_images.merge()
+        if self.bad_images.summary():
+            warnings.warn(self.bad_images.summary())
+        return TrainResult(
+            steps=self.position.step,
+            epochs=self.position.epoch,
+            seconds=seconds,
+            images_per_second=self.log.speed,
+            resumed_from_step=self.resumed_from,
+            final_terms=self.log.terms_mean,
+            skipped_steps=self.skipped,
+            bad_images=len(self.bad_images.found),
+            online_eval_seconds=self.log.paused_seconds + self.reference_seconds,
+            images_seen=self.position.step * train.batch_size * train.grad_accum,
+            teacher_cache=str(self.cache_root) if self.caches else None,
+        )
 
 
 def _check_batch(recipe: Recipe, world: int, num_images: int) -> None:
     if recipe.train.batch_size % world:
-        raise UsageError(f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over "
-                         f"{world} processes")
+        raise UsageError(
+            f"train.batch_size {recipe.train.batch_size} is global and must divide evenly over {world} processes"
+        )
     if num_images < recipe.train.batch_size:
-        raise UsageError(f"only {num_images} training images, fewer than one batch of "
-                         f"{recipe.train.batch_size}; lower --batch-size or use more images")
+        raise UsageError(
+            f"only {num_images} training images, fewer than one batch of "
+            f"{recipe.train.batch_size}; lower --batch-size or use more images"
+        )
 
 
 def _loader(recipe: Recipe, train_set, world: int) -> DataLoader:
-    return DataLoader(train_set, batch_size=recipe.train.batch_size // world,
-                      sampler=EpochSampler(len(train_set), recipe.train.seed), drop_last=True,
-                      num_workers=recipe.data.num_workers, collate_fn=collate_skipping_bad,
-                      persistent_workers=recipe.data.num_workers > 0)
+    return DataLoader(
+        ReplacingBad(train_set),
+        batch_size=recipe.train.batch_size // world,
+        sampler=EpochSampler(len(train_set), recipe.train.seed),
+        drop_last=True,
+        num_workers=recipe.data.num_workers,
+        collate_fn=collate_skipping_bad,
+        persistent_workers=recipe.data.num_workers > 0,
+    )
 
 
 def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:
     checkpoint, _ = resume_point(run_dir, recipe_dict, force)
     state = load_checkpoint(checkpoint, inner, optimizer)
     return Position(step=state["step"], epoch=state["epoch"], batch=state.get("batch", 0))
-
-
-def _check_bad_images(bad: list, dataset_size: int, max_fraction: float) -> None:
-    if bad and len(bad) > max_fraction * dataset_size:
-        examples = "; ".join(f"{b.path} ({b.reason})" for b in bad[:3])
-        raise RunError(f"{len(bad)} of {dataset_size} training images are unreadable, more than "
-                       f"data.max_bad_fraction = {max_fraction}; e.g. {examples}. Remove or fix them, or "
-                       "raise data.max_bad_fraction")
 
 
 @contextmanager
@@ -346,5 +389,7 @@ def explain_out_of_memory():
         raise RunError(_OOM_ADVICE) from e
 
 
-_OOM_ADVICE = ("the batch does not fit in memory; lower --batch-size (or use --set train.grad_accum=N with a "
-               "smaller batch), or lower the input sizes")
+_OOM_ADVICE = (
+    "the batch does not fit in memory; lower --batch-size (or use --set train.grad_accum=N with a "
+    "smaller batch), or lower the input sizes"
+)

@@ -27,13 +27,18 @@ class OnlineKnn:
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, images) -> "OnlineKnn | None":
-        """The recipe's online k-NN on `images` (an ImageData); None when off or the data has no labelled held-out split."""
+        """The recipe's online k-NN on `images` (an ImageData); None when off or the data has no labelled
+        held-out split."""
         n = recipe.eval.online_images
         if not (recipe.eval.enabled and n and images.test is not None and images.num_classes):
             return None
-        return cls(bank=eval_subset(images.train_all, n, recipe.train.seed),
-                   test=eval_subset(images.test, n // 2, recipe.train.seed),
-                   k=recipe.eval.knn_k, temperature=recipe.eval.knn_temperature, num_workers=recipe.data.num_workers)
+        return cls(
+            bank=eval_subset(images.train_all, n, recipe.train.seed),
+            test=eval_subset(images.test, n // 2, recipe.train.seed),
+            k=recipe.eval.knn_k,
+            temperature=recipe.eval.knn_temperature,
+            num_workers=recipe.data.num_workers,
+        )
 
     def __call__(self, student: Student) -> dict[str, float]:
         """{"online_knn_top1": accuracy, "online_knn_seconds": time it took}."""

@@ -34,19 +34,25 @@ class DistillModule(nn.Module):
         self.io = student
         self.student_request = objective.student_request()
 
-    def forward(self, views: list[Tensor], teachers: dict[str, list[Features]], labels: Tensor | None,
-                progress: float) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
+    def forward(
+        self, views: list[Tensor], teachers: dict[str, list[Features]], labels: Tensor | None, progress: float
+    ) -> tuple[Tensor, dict[str, Tensor], StepInputs]:
         """`teachers`: role -> that teacher's Features of each view (the primary role first)."""
         student_views = []
         for v, view in enumerate(views):
             x = self.io.prepare(view)
             of_view = {role: features[v] for role, features in teachers.items()}
             features = self.objective.student_features(self.student, x, of_view, self.student_request, progress)
-            student_views.append(features if features is not None
-                                 else self.io.extractor(self.student, x, self.student_request))
-        step = StepInputs(teacher_views=teachers.get(PRIMARY_TEACHER, []), student_views=student_views,
-                          labels=labels, progress=progress,
-                          other_teachers={role: f for role, f in teachers.items() if role != PRIMARY_TEACHER})
+            student_views.append(
+                features if features is not None else self.io.extractor(self.student, x, self.student_request)
+            )
+        step = StepInputs(
+            teacher_views=teachers.get(PRIMARY_TEACHER, []),
+            student_views=student_views,
+            labels=labels,
+            progress=progress,
+            other_teachers={role: f for role, f in teachers.items() if role != PRIMARY_TEACHER},
+        )
         loss, terms = self.objective(step)
         return loss, terms, step
 
@@ -84,8 +90,15 @@ def train_step(ctx: StepContext, batch: Batch, view_epoch: int, step: int, progr
     """One micro-batch: forward, and when the loss is finite on every process, backward, the optimiser step
     (Accelerate holds it back until the last micro-batch of an accumulation) and the strategies' updates."""
     accelerator, objective = ctx.accelerator, ctx.objective
-    views = batch_views(batch.images, batch.indices, ctx.views, seed=ctx.view_seed, epoch=view_epoch,
-                        num_views=objective.num_views, expand=objective.expand_views)
+    views = batch_views(
+        batch.images,
+        batch.indices,
+        ctx.views,
+        seed=ctx.view_seed,
+        epoch=view_epoch,
+        num_views=objective.num_views,
+        expand=objective.expand_views,
+    )
     with accelerator.accumulate(ctx.module):
         with accelerator.autocast():
             teachers = teacher_features(ctx, views, batch, view_epoch)
@@ -114,6 +127,9 @@ def teacher_features(ctx: StepContext, views: BatchViews, batch: Batch, view_epo
             return [teacher(v, request) for v in views.at(size)]
 
         cache = ctx.caches.get(role)
-        out[role] = (cache.features(batch.indices, batch.images, view_epoch, compute, ctx.accelerator.device)
-                     if cache is not None else compute())
+        out[role] = (
+            cache.features(batch.indices, batch.images, view_epoch, compute, ctx.accelerator.device)
+            if cache is not None
+            else compute()
+        )
     return out

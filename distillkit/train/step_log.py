@@ -26,8 +26,11 @@ class StepLog:
         self.images_seen = 0  # by all processes, since this start (a resume counts from its own start)
         self.paused_seconds = 0.0  # online evaluation inside the loop: not training time
         self.started = time.perf_counter()
-        self.task = progress.add_task("distilling", total=total_steps, completed=start_step, terms="",
-                                      speed="") if self.main else None
+        self.task = (
+            progress.add_task("distilling", total=total_steps, completed=start_step, terms="", speed="")
+            if self.main
+            else None
+        )
 
     @property
     def seconds(self) -> float:
@@ -48,20 +51,31 @@ class StepLog:
             return
         self._draw(step, epoch)
         if log_now:
-            append_record(self.metrics_path, {"step": step, "epoch": epoch, **values, "lr": lr,
-                                              "images_per_s": round(self.speed, 1)})
+            append_record(
+                self.metrics_path,
+                {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)},
+            )
 
     def epoch_end(self, epoch: int, step: int, seconds: float, extra: dict | None = None) -> None:
         """The record of a finished epoch (`epoch` counted from 1), with e.g. its online k-NN."""
         if self.main:
-            append_record(self.metrics_path, {"epoch_end": epoch, "step": step, "seconds": round(seconds, 2),
-                                              **{k: round(v, 6) for k, v in self.terms_mean.items()},
-                                              **(extra or {})})
+            append_record(
+                self.metrics_path,
+                {
+                    "epoch_end": epoch,
+                    "step": step,
+                    "seconds": round(seconds, 2),
+                    **{k: round(v, 6) for k, v in self.terms_mean.items()},
+                    **(extra or {}),
+                },
+            )
 
     def _draw(self, step: int, epoch: int) -> None:
         text = " ".join(f"{k} {v:.4f}" for k, v in self.terms_mean.items())
         self.progress.update(self.task, completed=step, speed=f"{self.speed:.0f} img/s", terms=text)
-        if not self.progress.console.is_terminal and (step % max(1, self.total_steps // 10) == 0
-                                                      or step == self.total_steps):
-            self.progress.console.print(f"step {step}/{self.total_steps} epoch {epoch + 1} {text} "
-                                        f"{self.speed:.0f} img/s", highlight=False)
+        if not self.progress.console.is_terminal and (
+            step % max(1, self.total_steps // 10) == 0 or step == self.total_steps
+        ):
+            self.progress.console.print(
+                f"step {step}/{self.total_steps} epoch {epoch + 1} {text} {self.speed:.0f} img/s", highlight=False
+            )

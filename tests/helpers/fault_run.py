@@ -20,7 +20,7 @@ from distillkit.train import loop  # noqa: E402
 
 args = sys.argv[1:]
 fault = args[:2] if args[:1] in (["--kill-after-checkpoint"], ["--term-at-step"]) else []
-compress_args = args[len(fault):]
+compress_args = args[len(fault) :]
 if compress_args[:1] == ["--"]:  # optional separator (torchrun swallows it)
     compress_args = compress_args[1:]
 options = fault

@@ -54,6 +54,8 @@ class Cosine(Strategy):
         return cls(config, student_probe.embedding.shape[1], teacher_probes["teacher"].embedding.shape[1])
 
     def forward(self, step: StepInputs):
-        losses = [1 - F.cosine_similarity(fp32(self.head(s.embedding)), fp32(t.embedding), dim=1).mean()
-                  for s, t in zip(step.student_views, step.teacher_views)]
+        losses = [
+            1 - F.cosine_similarity(fp32(self.head(s.embedding)), fp32(t.embedding), dim=1).mean()
+            for s, t in zip(step.student_views, step.teacher_views)
+        ]
         return {"cosine": sum(losses) / len(losses)}
