@@ -113,3 +113,49 @@ def test_every_recipe_runs_a_few_steps_end_to_end(name, tmp_path):
     exported = load_file(result.student_dir / "model.safetensors")
     assert exported and all(torch.isfinite(t).all() for t in exported.values() if t.is_floating_point())
     assert not any(key.startswith(("classifier", "predictor", "ss_head")) for key in exported)  # heads stay behind
+
+
+# one recipe per strategy; the ViT ones draw masks (hidden), token drops (hybrid) or crops from the RNG
+RESUME_RECIPES = [
+    "seed-hidden",
+    "hidden-vit",
+    "hybrid-vit",
+    "sdssl-vit",
+    "kdss-cnn",
+    "feature-cnn",
+    "logits-cnn",
+    "simclr-cnn",
+]
+
+
+@pytest.mark.parametrize("name", RESUME_RECIPES)
+def test_a_mid_epoch_resume_trains_bit_identically(name, tmp_path, monkeypatch):
+    """A run that crashes right after its mid-epoch checkpoint (step 3 of an epoch's 6) and is resumed ends
+    with exactly the weights of one that ran its 5 steps straight: masks and token drops included."""
+    from distillkit.train import loop
+
+    kwargs, overrides = shrink(name, tmp_path)
+    batch = 4 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 8
+    options = dict(limit=6 * batch, batch_size=batch, max_steps=5, quiet=True, **kwargs)
+    overrides = overrides + ["train.deterministic=true", "data.teacher_cache=null", "train.checkpoint_every=3"]
+    real_save = loop.save_checkpoint
+
+    def crash_after_step_3(run_dir, module, optimizer, position, *args, **kw):
+        real_save(run_dir, module, optimizer, position, *args, **kw)
+        if position["step"] == 3:
+            raise KeyboardInterrupt("simulated crash after the mid-epoch checkpoint")
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        straight = distillkit.compress(name, out=tmp_path / "straight", set=overrides, **options)
+        monkeypatch.setattr(loop, "save_checkpoint", crash_after_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            distillkit.compress(name, out=tmp_path / "crashed", set=overrides, **options)
+        monkeypatch.setattr(loop, "save_checkpoint", real_save)
+        resumed = distillkit.compress(name, out=tmp_path / "crashed", set=overrides, resume=True, **options)
+    assert resumed.steps == straight.steps == 5
+    a = load_file(tmp_path / "straight" / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(tmp_path / "crashed" / "checkpoints" / "last" / "model.safetensors")
+    assert a.keys() == b.keys()
+    different = [key for key in a if not torch.equal(a[key], b[key])]
+    assert not different, different[:5]

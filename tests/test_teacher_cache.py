@@ -4,6 +4,8 @@ teacher is not run for cached views, and a changed teacher, image or augmentatio
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -257,3 +259,103 @@ def test_view_slots_cycle_the_views():
     assert view_slots(distillkit.recipe.resolve_recipe({"data": {"teacher_cache": None}}).data) is None
     with pytest.raises(UsageError, match="view_slots"):
         distillkit.recipe.resolve_recipe({"data": {"view_slots": 0}})
+
+
+# ----------------------------------------------------------------------------- safe to share (issue 15, item 5)
+
+
+def outputs_of(batch: int, fill: float | None = None) -> list[Features]:
+    out = Features(
+        embedding=torch.randn(batch, 4),
+        layers={2: torch.randn(batch, 3, 2, 2)},
+        relations={1: torch.randn(2, batch, 2, 5, 4)},
+        prefix_tokens=1,
+    )
+    if fill is not None:
+        out.embedding[1, 0] = fill
+    return [out]
+
+
+@pytest.mark.parametrize("missing", ["embedding.bin", "filled.bin"])
+def test_a_damaged_entry_is_reported_with_what_to_delete(tmp_path, missing):
+    TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float32", create=True)
+    (entry,) = tmp_path.iterdir()
+    (entry / missing).unlink()
+    with pytest.raises(UsageError, match=rf"teacher cache entry {entry} is damaged .*{missing}.*delete that folder"):
+        TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float32", create=True)
+    (entry / missing).write_bytes(b"\0" * 8)  # present but truncated
+    with pytest.raises(UsageError, match=rf"teacher cache entry {entry} is damaged"):
+        TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float32", create=True)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_teacher_outputs_are_never_stored(tmp_path, bad):
+    """A row with a NaN or inf output is handed to training as computed but not written, so the next epoch
+    computes it again; the finite rows of the same batch are cached."""
+    cache = TeacherCache(tmp_path, {"k": 1}, probe(), num_images=4, slots=1, views=1, dtype="float32", create=True)
+    images = torch.randint(0, 255, (2, 1, 8, 8), dtype=torch.uint8)
+    indices = torch.tensor([0, 3])
+    first = outputs_of(2, fill=bad)
+    got = cache.features(indices, images, 0, lambda: first, torch.device("cpu"))
+    assert got is first
+    assert cache.filled[:, 0].tolist() == [1, 0, 0, 0]  # image 3's row (batch row 1) held the bad value
+    again = outputs_of(2)
+    got = cache.features(indices, images, 0, lambda: again, torch.device("cpu"))
+    assert got is again  # not every row was cached: computed again, and now stored
+    assert cache.filled[:, 0].tolist() == [1, 0, 0, 1]
+
+
+def test_the_key_holds_the_resolved_precision_and_the_load_size_of_folder_images(tmp_path):
+    from distillkit.data.views import ViewConfig
+    from distillkit.features import FeatureRequest
+    from distillkit.teachers import load_teacher
+    from distillkit.train.cache import cache_key
+
+    teacher = load_teacher("efficientnet-lite0", None, 32)
+    request = FeatureRequest(embedding=True)
+    args = (teacher, request, ViewConfig(), (32, 32), 0, 1, 1, "float32", "")
+    auto = cache_key(*args, device=torch.device("cpu"), load_size=None)
+    assert auto["input"]["precision"] == "fp32"  # auto, resolved on this CPU
+    teacher.precision = "fp32"
+    assert cache_key(*args, device=torch.device("cpu"), load_size=None) == auto  # the same outputs, one entry
+    assert cache_key(*args, device=torch.device("cpu"), load_size=40)["load_size"] == 40
+    assert cache_key(*args, device=torch.device("cpu"), load_size=40) != cache_key(
+        *args, device=torch.device("cpu"), load_size=48
+    )
+
+
+def test_two_runs_at_once_share_one_entry(tmp_path, teacher_calls):
+    """Two processes create and fill the same entry at the same time (under the entry's lock): both finish,
+    one entry exists, and a third run reads every view from it without running the teacher."""
+    helper = Path(__file__).parent / "helpers" / "fault_run.py"
+    cache = tmp_path / "cache"
+    args = [
+        "--student",
+        "mobilenetv3-small",
+        "--limit",
+        "64",
+        "--batch-size",
+        "32",
+        "--epochs",
+        "1",
+        "--teacher-cache",
+        str(cache),
+        "--quiet",
+        "--set",
+        "data.view_slots=1",
+        *sum((["--set", s] for s in TINY), []),
+    ]
+    runs = [
+        subprocess.Popen(
+            [sys.executable, str(helper), "--", *args, "--out", str(tmp_path / f"run{i}")],
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for process in runs:
+        assert process.wait(timeout=300) == 0, process.stderr.read()[-3000:]
+    (entry,) = cache.iterdir()
+    assert np.fromfile(entry / "filled.bin", dtype=np.uint8).sum() == 64
+    run(tmp_path / "reader", cache, epochs=1)  # the same recipe, in this process
+    assert teacher_calls.count(32) == 0

@@ -48,14 +48,16 @@ class Teacher(nn.Module):
         self.requires_grad_(False)
         super().train(False)
 
-    def autocast(self, device: torch.device):
-        """bf16 autocast for `precision` bf16, or auto on a GPU that supports bf16; fp32 otherwise.
+    def resolved_precision(self, device: torch.device) -> str:
+        """What `precision` runs as on `device`: bf16 for bf16, or for auto on a GPU that supports bf16; fp32
+        otherwise. On CPUs auto stays fp32: without bf16 hardware (AVX512-BF16 / AMX) bf16 is slower there."""
+        auto_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+        return "bf16" if self.precision == "bf16" or (self.precision == "auto" and auto_bf16) else "fp32"
 
-        On CPUs auto stays fp32: without bf16 hardware (AVX512-BF16 / AMX) bf16 is slower there. The
-        features handed to strategies are fp32 either way (see `forward`)."""
-        bf16 = self.precision == "bf16" or (
-            self.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported()
-        )
+    def autocast(self, device: torch.device):
+        """The teacher's own autocast (`resolved_precision`). The features handed to strategies are fp32
+        either way (see `forward`)."""
+        bf16 = self.resolved_precision(device) == "bf16"
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
     def train(self, mode: bool = True) -> "Teacher":

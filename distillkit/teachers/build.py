@@ -8,6 +8,7 @@ import warnings
 from typing import Any, Mapping
 
 import timm
+import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
@@ -36,9 +37,13 @@ def fit_input_size(model: nn.Module, input_size: int | None) -> None:
 def random_model(
     arch: str, input_size: int | None = None, is_vit: bool = False, kwargs: Mapping[str, Any] | None = None
 ) -> nn.Module:
-    """A randomly initialised backbone, with a warning: for smoke tests only."""
+    """A randomly initialised backbone, with a warning: for smoke tests only. Always the same weights for
+    the same arguments (seeded apart from the global RNG), so a run with a random teacher is repeatable
+    and its resume meets the teacher it started with."""
     warnings.warn(f"teacher {arch} uses random weights: fine for smoke tests, useless for distillation")
-    return create_backbone(arch, input_size, is_vit, kwargs or {})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_backbone(arch, input_size, is_vit, kwargs or {})
 
 
 def fit_pos_embed(state: StateDict, model: nn.Module) -> StateDict:

@@ -55,6 +55,7 @@ def read_checkpoint(path: str | Path) -> Any:
         raise UsageError(f"checkpoint {path} is not a file")
     if path.stat().st_size == 0:
         raise UsageError(f"checkpoint {path} is empty (0 bytes); download it again")
+    _refuse_non_checkpoints(path)
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file
@@ -69,16 +70,43 @@ def read_checkpoint(path: str | Path) -> Any:
         with torch.serialization.safe_globals(SAFE_EXTRAS):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        refused = [line for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
         raise UsageError(
             f"refused to load {path}: it holds Python objects that safe loading does not allow "
-            f"({str(e).splitlines()[0][:200]}). distillkit never runs code from a checkpoint. If you "
-            "trust the file, re-save only its tensors, e.g. as safetensors, and pass that file"
+            f"({(refused or [str(e).splitlines()[0]])[0].strip()[:200]}). distillkit never runs code from a "
+            "checkpoint. If you trust the file, re-save only its tensors, e.g. as safetensors, and pass that file"
         ) from None
-    except (RuntimeError, EOFError, OSError) as e:
+    except Exception as e:  # noqa: BLE001 - a damaged file fails deep in the unpickler, in any way
+        first = (str(e).splitlines() or [""])[0][:200] or type(e).__name__
         raise UsageError(
-            f"checkpoint {path} could not be read ({str(e).splitlines()[0][:200]}); it is truncated "
-            "or not a PyTorch checkpoint: download it again or pass a .safetensors file"
+            f"checkpoint {path} could not be read ({first}); it is truncated or not a PyTorch checkpoint: "
+            "download it again or pass a .safetensors file"
         ) from None
+
+
+def _refuse_non_checkpoints(path: Path) -> None:
+    """Files that are plainly something else, named for what they are: an HTML page saved in place of the
+    download (an error or login page), a Git LFS pointer (the repository was cloned without `git lfs`),
+    or any other text."""
+    with open(path, "rb") as f:
+        head = f.read(512)
+    start = head.lstrip().lower()
+    if start.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head")):
+        raise UsageError(
+            f"checkpoint {path} is an HTML page, not a checkpoint: probably an error or login page saved in place "
+            "of the file; download it again (check the URL)"
+        )
+    if head.startswith(b"version https://git-lfs.github.com/spec/"):
+        raise UsageError(
+            f"checkpoint {path} is a Git LFS pointer ({path.stat().st_size} bytes standing in for the file), not "
+            "the checkpoint: run `git lfs pull` in its repository, or download the file itself"
+        )
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return
+    if text and all(c.isprintable() or c in "\n\r\t" for c in text):
+        raise UsageError(f"checkpoint {path} is a text file, not a checkpoint (it begins {text[:60]!r})")
 
 
 def unwrap_state_dict(checkpoint: Any, path: str | Path = "checkpoint") -> StateDict:

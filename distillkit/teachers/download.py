@@ -1,16 +1,30 @@
 """Official checkpoint files: cached downloads when the network allows, one clear message when not.
 
 Files land in `<distillkit cache>/weights/<file name>` (the cache is `~/.cache/distillkit`, or
-`$DISTILLKIT_CACHE`); a file already there is used without touching the network.
+`$DISTILLKIT_CACHE`). A download goes to `<name>.part` first, resumes from where a dropped one stopped
+(HTTP Range), times out instead of hanging, and is checked against its sha256 when the zoo knows it; the
+hash of what arrived is recorded beside the file (`<name>.sha256`), so a cached file that changed later
+is refused. Several processes on one machine download once: the others wait on a lock, then read it.
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import os
+import shutil
+import socket
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
 from . import hub
+
+TIMEOUT_S = 60.0  # seconds without a byte from the server before a download gives up
+CHUNK = 1 << 20
 
 
 def weights_cache_dir() -> Path:
@@ -23,26 +37,101 @@ def cached_path(url: str) -> Path:
     return weights_cache_dir() / Path(urlparse(url).path).name
 
 
-def fetch_weights(url: str, what: str) -> Path:
-    """The local path of `url`'s file, downloading it into the cache first if needed.
-
-    Offline, raises `UsageError` naming the file to download and the flag to pass, after one quick
-    connection check (no retries, no timeouts to wait out).
-    """
+def fetch_weights(url: str, what: str, sha256: str | None = None) -> Path:
+    """The local path of `url`'s file, downloading it into the cache first if needed (`sha256`: its known
+    hash, checked). Offline, raises `UsageError` naming the file to download and the flag to pass, after one
+    quick connection check (no retries, no timeouts to wait out)."""
     path = cached_path(url)
-    if path.is_file() and path.stat().st_size > 0:
-        return path
-    host = urlparse(url).hostname or url
     manual = f"Download it on a machine with internet and pass it with --teacher-weights FILE (or copy it to {path})"
-    if not hub.network_available(host):
-        raise UsageError(
-            f"{what}: its weights are the file {url}, and {host} cannot be reached from this machine. {manual}"
-        )
-    import torch
-
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        torch.hub.download_url_to_file(url, str(path), progress=True)
-    except Exception as e:  # urllib's HTTP/URL errors, timeouts, a full disk
-        raise UsageError(f"{what}: downloading its weights from {url} failed ({e}). {manual}") from None
+    with _download_lock(path):  # the first process downloads; the others find the file when they get the lock
+        if path.is_file() and path.stat().st_size > 0:
+            _check_cached(path, sha256)
+            return path
+        parsed = urlparse(url)
+        host = parsed.hostname or url
+        if parsed.scheme in ("http", "https") and not hub.network_available(host, port=_port(parsed)):
+            raise UsageError(
+                f"{what}: its weights are the file {url}, and {host} cannot be reached from this machine. {manual}"
+            )
+        try:
+            _download(url, path, sha256)
+        except UsageError as e:
+            raise UsageError(f"{what}: {e}. {manual}") from None
     return path
+
+
+def _port(parsed) -> int:
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def _download(url: str, path: Path, sha256: str | None) -> None:
+    """`url` into `path` through `<path>.part`, resuming a partial file; verified, then renamed."""
+    part = path.with_name(path.name + ".part")
+    done = part.stat().st_size if part.exists() else 0
+    request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
+    try:
+        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+            resumed = done and getattr(response, "status", 200) == 206
+            expected = response.headers.get("Content-Length")
+            expected = int(expected) + (done if resumed else 0) if expected is not None else None
+            with open(part, "ab" if resumed else "wb") as out:
+                shutil.copyfileobj(response, out, CHUNK)
+    except (TimeoutError, socket.timeout):
+        raise UsageError(f"downloading {url} timed out ({TIMEOUT_S:.0f} s without data); run again to resume") from None
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        if "timed out" in str(e):
+            raise UsageError(
+                f"downloading {url} timed out ({TIMEOUT_S:.0f} s without data); run again to resume"
+            ) from None
+        raise UsageError(f"downloading {url} failed ({e}); run again to resume") from None
+    size = part.stat().st_size
+    if expected is not None and size < expected:
+        raise UsageError(f"the download of {url} is incomplete ({size:,} of {expected:,} bytes); run again to resume")
+    digest = _sha256(part)
+    if sha256 is not None and digest != sha256.lower():
+        part.unlink()
+        raise UsageError(
+            f"the sha256 of {url} ({digest}) does not match the known one ({sha256}): it was damaged "
+            "or replaced on the way; the file was not kept"
+        )
+    (path.with_name(path.name + ".sha256")).write_text(digest + "\n", encoding="utf-8")
+    os.replace(part, path)
+
+
+def _check_cached(path: Path, sha256: str | None) -> None:
+    """A cached file must still be what was downloaded (its recorded hash) and, when known, the official file.
+    A file copied there by hand has no record and is used as it is."""
+    record = path.with_name(path.name + ".sha256")
+    recorded = record.read_text(encoding="utf-8").strip() if record.is_file() else None
+    if recorded is None and sha256 is None:
+        return
+    digest = _sha256(path)
+    if recorded is not None and digest != recorded:
+        raise UsageError(
+            f"{path} changed since it was downloaded (sha256 {digest}, recorded {recorded}); "
+            "delete it and run again to download it afresh"
+        )
+    if sha256 is not None and digest != sha256.lower():
+        raise UsageError(
+            f"{path} is not the official file (sha256 {digest}, expected {sha256}); delete it and run "
+            "again, or pass your own file with --teacher-weights"
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(CHUNK), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@contextmanager
+def _download_lock(path: Path):
+    with open(path.with_name(path.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -92,7 +92,7 @@ def _official_file(spec: TeacherSpec) -> Path:
             f"teacher {spec.name}: no public checkpoint is known (the Bootleg paper, arXiv 2603.15553, released "
             f"none). Pass your own with --teacher-weights FILE: {spec.layout}"
         )
-    return fetch_weights(spec.url, f"teacher {spec.name}")
+    return fetch_weights(spec.url, f"teacher {spec.name}", sha256=spec.sha256)
 
 
 def _wrong_format(spec: TeacherSpec, path: Path, extracted: Extracted) -> str:

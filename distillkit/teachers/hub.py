@@ -13,9 +13,9 @@ from ..errors import UsageError
 HUB_HOST = "huggingface.co"
 
 
-def network_available(host: str = HUB_HOST, timeout: float = 3.0) -> bool:
+def network_available(host: str = HUB_HOST, timeout: float = 3.0, port: int = 443) -> bool:
     try:
-        with socket.create_connection((host, 443), timeout=timeout):
+        with socket.create_connection((host, port), timeout=timeout):
             return True
     except OSError:
         return False

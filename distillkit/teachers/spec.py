@@ -52,6 +52,7 @@ class TeacherSpec:
     embed_dim: int | None = None  # pooled embedding width
     projection_dim: int | None = None  # projection-head output width, when the teacher keeps its head
     url: str | None = None  # the official checkpoint file, downloaded when no weights are given
+    sha256: str | None = None  # the official file's hash, checked after a download when known (none published yet)
     license: str | None = None  # of the weights
     input_size: int = 224  # pixels
     mean: tuple[float, float, float] = IMAGENET_MEAN

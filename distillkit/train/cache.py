@@ -22,9 +22,11 @@ meta.json that does not match its folder (a hash collision or a hand edit) is re
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import shutil
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -97,9 +99,10 @@ class TeacherCache:
             "shapes": {k: list(v) for k, v in self.shapes.items()},
             "prefix_tokens": self.prefix_tokens,
         }
-        if create:
-            self._create(meta)
-        self._open(meta)
+        with _entry_lock(self.folder):  # two runs creating one entry at once: one creates, the other opens it
+            if create:
+                self._create(meta)
+            self._open(meta)
 
     def _create(self, meta: dict) -> None:
         path = self.folder / "meta.json"
@@ -133,13 +136,26 @@ class TeacherCache:
             )
         n = meta["num_images"]
         self.arrays = {
-            name: np.memmap(
-                self.folder / f"{name}.bin", dtype=self.np_dtype, mode="r+", shape=(n, self.slots, self.views, *shape)
-            )
+            name: self._map(f"{name}.bin", self.np_dtype, (n, self.slots, self.views, *shape))
             for name, shape in self.shapes.items()
         }
-        self.filled = np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="r+", shape=(n, self.slots))
-        self.image_hash = np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="r+", shape=(n,))
+        self.filled = self._map("filled.bin", np.uint8, (n, self.slots))
+        self.image_hash = self._map("image_hash.bin", np.int64, (n,))
+
+    def _map(self, name: str, dtype, shape: tuple[int, ...]) -> np.memmap:
+        """One of the entry's arrays; a missing or truncated file is a damaged entry, named."""
+        path = self.folder / name
+        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        try:
+            size = path.stat().st_size
+            if size != expected:
+                raise ValueError(f"{size} bytes instead of {expected}")
+            return np.memmap(path, dtype=dtype, mode="r+", shape=shape)
+        except (OSError, ValueError) as e:
+            raise UsageError(
+                f"teacher cache entry {self.folder} is damaged ({name}: {getattr(e, 'strerror', None) or e}); "
+                f"delete that folder (rm -r {self.folder}) and run again: it is rebuilt"
+            ) from None
 
     def filled_fraction(self) -> float:
         return float(self.filled.mean())
@@ -170,13 +186,21 @@ class TeacherCache:
         computed = compute()
         if len(computed) != self.views:
             raise RuntimeError(f"teacher cache expects {self.views} views per step, got {len(computed)}")
+        per_row = [
+            [t.transpose(0, 1) if name.startswith("relations") else t for name, t in features.named().items()]
+            for features in computed  # relations (2, B, ...) -> (B, 2, ...): rows first, as stored
+        ]
+        finite = torch.ones(len(rows), dtype=torch.bool)
+        for tensors in per_row:
+            for tensor in tensors:
+                finite &= torch.isfinite(tensor.detach()).flatten(1).all(1).cpu()
+        keep = finite.numpy()  # a row with a NaN / inf output is used as computed but never stored
         for v, features in enumerate(computed):
-            for name, tensor in features.named().items():
-                if name.startswith("relations"):  # (2, B, ...) -> (B, 2, ...)
-                    tensor = tensor.transpose(0, 1)
-                self.arrays[name][rows, slot, v] = tensor.detach().float().cpu().numpy().astype(self.np_dtype)
-        self.image_hash[rows] = hashes
-        self.filled[rows, slot] = 1
+            for (name, _), tensor in zip(features.named().items(), per_row[v]):
+                values = tensor.detach().float().cpu().numpy().astype(self.np_dtype)
+                self.arrays[name][rows[keep], slot, v] = values[keep]
+        self.image_hash[rows[keep]] = hashes[keep]
+        self.filled[rows[keep], slot] = 1
         return computed
 
     @staticmethod
@@ -189,6 +213,19 @@ class TeacherCache:
             array.flush()
 
 
+@contextmanager
+def _entry_lock(folder: Path):
+    """An exclusive lock on the entry's `.lock` file (fcntl, released when the process dies), around creating
+    and opening the entry, so two runs starting on one entry never both create its files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def cache_key(
     teacher,
     request: FeatureRequest,
@@ -199,8 +236,12 @@ def cache_key(
     views: int,
     dtype: str,
     expand: str,
+    *,
+    device: torch.device,
+    load_size: int | None,
 ) -> dict[str, Any]:
-    """Everything the cached outputs depend on."""
+    """Everything the cached outputs depend on: the teacher (weights, input, precision as it runs on `device`),
+    the request, the views, and `load_size`, the size folder images are loaded at (None for in-memory data)."""
     return {
         "teacher": teacher.name,
         "weights_sha256": weights_hash(teacher.full_model)
@@ -210,7 +251,7 @@ def cache_key(
             "mean": list(teacher.input_config.mean),
             "std": list(teacher.input_config.std),
             "channels_last": teacher.channels_last,
-            "precision": teacher.precision,
+            "precision": teacher.resolved_precision(device),
         },
         "request": {
             f.name: list(v) if isinstance(v := getattr(request, f.name), tuple) else v for f in fields(request)
@@ -222,6 +263,7 @@ def cache_key(
         "views_per_step": views,
         "expand_views": expand,
         "dtype": dtype,
+        "load_size": load_size,
     }
 
 
@@ -248,6 +290,7 @@ class CacheSetup:
     sizes: dict[str, tuple[int, int]]  # role -> render size
     train_set: Dataset
     slots: int | None  # None: new views every epoch, nothing to cache
+    load_size: int | None = None  # the size folder images load at (they are hashed at it); None: in-memory data
 
 
 def open_caches(
@@ -288,6 +331,8 @@ def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, cr
             len(views),
             recipe.data.cache_dtype,
             expand,
+            device=accelerator.device,
+            load_size=setup.load_size,
         ) | {"role": role}
         caches[role] = TeacherCache(
             root,

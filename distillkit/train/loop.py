@@ -214,7 +214,15 @@ class _Training:
         self.caches, self.cache_root = open_caches(
             recipe,
             accelerator,
-            CacheSetup(run.teachers, requests, run.objective, run.sizes.teachers, self.train_set, self.slots),
+            CacheSetup(
+                run.teachers,
+                requests,
+                run.objective,
+                run.sizes.teachers,
+                self.train_set,
+                self.slots,
+                load_size=None if recipe.data.source.startswith("builtin:") else run.sizes.load_size,
+            ),
             budget.epochs,
             say,
         )
@@ -261,7 +269,7 @@ class _Training:
         """This epoch's batches from where the position stands (a mid-epoch resume skips the ones done)."""
         self.loader.set_epoch(self.position.epoch)  # through Accelerate's loader: it re-sets the sampler's epoch
         batch = self.position.batch
-        return self.accelerator.skip_first_batches(self.loader, batch) if batch else self.loader
+        return _apart_from_the_rng(self.accelerator.skip_first_batches(self.loader, batch) if batch else self.loader)
 
     def step(self, batch) -> bool:
         """One micro-batch; True when it completed an optimiser step."""
@@ -344,6 +352,20 @@ class _Training:
             images_seen=self.position.step * train.batch_size * train.grad_accum,
             teacher_cache=str(self.cache_root) if self.caches else None,
         )
+
+
+def _apart_from_the_rng(loader):
+    """The loader's batches, fetched without moving the global CPU random state that training draws from
+    (masks, token drops, dropout): a DataLoader draws a seed from it for every new iterator, and a resumed
+    run makes its iterator at another point of the stream than the run it continues."""
+    batches = iter(loader)
+    while True:
+        with torch.random.fork_rng(devices=[]):
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+        yield batch
 
 
 def _check_batch(recipe: Recipe, world: int, num_images: int) -> None:
