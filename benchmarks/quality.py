@@ -48,8 +48,7 @@ import torch
 
 import distillkit
 from distillkit.data.sources import load_fashion_mnist
-from distillkit.evaluate import embed_dataset, score_embeddings
-from distillkit.evaluate_model import evaluate_student
+from distillkit.evaluate import embed_dataset, evaluate_student, score_embeddings
 from distillkit.io import cache_dir
 from distillkit.recipe import StudentConfig
 from distillkit.student import Student

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from . import __version__
 from .data import check_data_source
 from .errors import UsageError
-from .evaluate import evaluate_run
+from .evaluate import OnlineKnn, evaluate_run
 from .export import export_student
 from .io import cache_dir, write_json, write_text
 from .recipe import Recipe, parse_set, recipe_to_yaml, resolve_recipe
@@ -29,7 +29,6 @@ from .summary import print_results, results_table  # noqa: F401 - results_table:
 from .teachers import check_teacher_name
 from .train.checkpoint import find_checkpoint, resume_point
 from .train.loop import explain_out_of_memory, make_accelerator, train
-from .train.online import OnlineKnn
 
 
 @dataclass
@@ -50,6 +49,24 @@ class CompressResult:
         out["run_dir"], out["student_dir"] = str(self.run_dir), str(self.student_dir)
         out["recipe"] = self.recipe.to_dict()
         return out
+
+
+RECIPE_OPTIONS = (
+    "teacher",
+    "teacher_weights",
+    "arch",
+    "student",
+    "data",
+    "epochs",
+    "max_steps",
+    "limit",
+    "batch_size",
+    "lr",
+    "out",
+    "seed",
+    "precision",
+    "teacher_cache",
+)
 
 
 def compress(
@@ -87,32 +104,10 @@ def compress(
     if teacher_cache is False:
         set = {**parse_set(set), "data.teacher_cache": None}  # noqa: A001 - wins over the recipe, like --set
         teacher_cache = None
+    # the options that set recipe keys, by the API's names (strategy, set and the run flags are separate)
+    options = {name: value for name, value in locals().items() if name in RECIPE_OPTIONS}
     with explain_out_of_memory():
-        return _compress(
-            recipe,
-            dict(
-                teacher=teacher,
-                teacher_weights=teacher_weights,
-                arch=arch,
-                student=student,
-                data=data,
-                epochs=epochs,
-                max_steps=max_steps,
-                limit=limit,
-                batch_size=batch_size,
-                lr=lr,
-                out=out,
-                seed=seed,
-                precision=precision,
-                teacher_cache=teacher_cache,
-            ),
-            strategy,
-            set,
-            resume,
-            force_resume,
-            overwrite,
-            quiet,
-        )
+        return _compress(recipe, options, strategy, set, resume, force_resume, overwrite, quiet)
 
 
 def _compress(
@@ -288,5 +283,5 @@ def _default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{stamp}-{safe(recipe.teacher.name)}-{safe(recipe.student.name)}-{'+'.join(recipe.strategy)}"
 
 
-# `distillkit eval` lives in evaluate_model.py; importable from here as before.
-from .evaluate_model import evaluate_student  # noqa: E402, F401
+# `distillkit eval` lives in evaluate/exported.py; importable from here as before.
+from .evaluate import evaluate_student  # noqa: E402, F401

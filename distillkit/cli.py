@@ -52,52 +52,60 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+COMPRESS_HELP = {
+    "teacher": "Teacher: a zoo name (see `distillkit list teachers`), timm:<model> or file:<path>.",
+    "teacher_weights": "Local teacher checkpoint (.safetensors/.pth); works offline.",
+    "arch": "timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224.",
+    "student": "Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>.",
+    "strategy": "Strategy name, or several joined by '+' (see `distillkit list strategies`).",
+    "data": "Image folder (class subfolders or flat) or builtin:fashion-mnist.",
+    "epochs": "Training epochs.",
+    "max_steps": "Stop after this many optimiser steps.",
+    "limit": "Use only N training images (quick runs).",
+    "batch_size": "Global batch size, summed over all processes.",
+    "lr": "Peak learning rate.",
+    "out": "Run folder (default runs/<time>-<teacher>-<student>-<strategy>).",
+    "recipe": "Recipe: a YAML file or a shipped name (see `distillkit list recipes`).",
+    "set": "Override a recipe key: --set train.lr=0.1 (repeatable).",
+    "resume": "Continue the run in --out from its last checkpoint.",
+    "force_resume": "With --resume: continue even though the recipe changed.",
+    "overwrite": "Replace a run already in --out.",
+    "seed": "Random seed (data order, views, initialisation).",
+    "precision": "Numeric precision of the training step.",
+    "teacher_cache": "Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 "
+    "when the recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the "
+    "user cache, whenever the run has more epochs than view slots.",
+    "no_teacher_cache": "Never cache the teacher's outputs: run the teacher on every step.",
+    "quiet": "Print nothing but errors.",
+}
+H = COMPRESS_HELP
+
+
 @app.command()
 @reports_errors
 def compress(
-    teacher: Optional[str] = typer.Option(
-        None, help="Teacher: a zoo name (see `distillkit list teachers`), timm:<model> or file:<path>."
-    ),
-    teacher_weights: Optional[Path] = typer.Option(
-        None, help="Local teacher checkpoint (.safetensors/.pth); works offline."
-    ),
-    arch: Optional[str] = typer.Option(
-        None, help="timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224."
-    ),
-    student: Optional[str] = typer.Option(
-        None, help="Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>."
-    ),
-    strategy: Optional[str] = typer.Option(
-        None, help="Strategy name, or several joined by '+' (see `distillkit list strategies`)."
-    ),
-    data: Optional[str] = typer.Option(None, help="Image folder (class subfolders or flat) or builtin:fashion-mnist."),
-    epochs: Optional[int] = typer.Option(None, help="Training epochs."),
-    max_steps: Optional[int] = typer.Option(None, help="Stop after this many optimiser steps."),
-    limit: Optional[int] = typer.Option(None, help="Use only N training images (quick runs)."),
-    batch_size: Optional[int] = typer.Option(None, help="Global batch size, summed over all processes."),
-    lr: Optional[float] = typer.Option(None, help="Peak learning rate."),
-    out: Optional[Path] = typer.Option(None, help="Run folder (default runs/<time>-<teacher>-<student>-<strategy>)."),
-    recipe: Optional[str] = typer.Option(
-        None, help="Recipe: a YAML file or a shipped name (see `distillkit list recipes`)."
-    ),
-    set_: Optional[List[str]] = typer.Option(
-        None, "--set", help="Override a recipe key: --set train.lr=0.1 (repeatable)."
-    ),
-    resume: bool = typer.Option(False, help="Continue the run in --out from its last checkpoint."),
-    force_resume: bool = typer.Option(False, help="With --resume: continue even though the recipe changed."),
-    overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
-    seed: Optional[int] = typer.Option(None, help="Random seed (data order, views, initialisation)."),
-    precision: Optional[Precision] = typer.Option(None, help="Numeric precision of the training step."),
-    teacher_cache: Optional[Path] = typer.Option(
-        None,
-        help="Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 when the "
-        "recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the user "
-        "cache, whenever the run has more epochs than view slots.",
-    ),
-    no_teacher_cache: bool = typer.Option(
-        False, "--no-teacher-cache", help="Never cache the teacher's outputs: run the teacher on every step."
-    ),
-    quiet: bool = typer.Option(False, help="Print nothing but errors."),
+    teacher: Optional[str] = typer.Option(None, help=H["teacher"]),
+    teacher_weights: Optional[Path] = typer.Option(None, help=H["teacher_weights"]),
+    arch: Optional[str] = typer.Option(None, help=H["arch"]),
+    student: Optional[str] = typer.Option(None, help=H["student"]),
+    strategy: Optional[str] = typer.Option(None, help=H["strategy"]),
+    data: Optional[str] = typer.Option(None, help=H["data"]),
+    epochs: Optional[int] = typer.Option(None, help=H["epochs"]),
+    max_steps: Optional[int] = typer.Option(None, help=H["max_steps"]),
+    limit: Optional[int] = typer.Option(None, help=H["limit"]),
+    batch_size: Optional[int] = typer.Option(None, help=H["batch_size"]),
+    lr: Optional[float] = typer.Option(None, help=H["lr"]),
+    out: Optional[Path] = typer.Option(None, help=H["out"]),
+    recipe: Optional[str] = typer.Option(None, help=H["recipe"]),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=H["set"]),
+    resume: bool = typer.Option(False, help=H["resume"]),
+    force_resume: bool = typer.Option(False, help=H["force_resume"]),
+    overwrite: bool = typer.Option(False, help=H["overwrite"]),
+    seed: Optional[int] = typer.Option(None, help=H["seed"]),
+    precision: Optional[Precision] = typer.Option(None, help=H["precision"]),
+    teacher_cache: Optional[Path] = typer.Option(None, help=H["teacher_cache"]),
+    no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help=H["no_teacher_cache"]),
+    quiet: bool = typer.Option(False, help=H["quiet"]),
 ) -> None:
     """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
 
@@ -107,30 +115,12 @@ def compress(
 
     if no_teacher_cache and teacher_cache is not None:
         raise UsageError("--teacher-cache and --no-teacher-cache contradict each other; pass one of them")
-
-    run_compress(
-        recipe,
-        teacher=teacher,
-        teacher_weights=teacher_weights,
-        arch=arch,
-        student=student,
-        strategy=strategy,
-        data=data,
-        epochs=epochs,
-        max_steps=max_steps,
-        limit=limit,
-        batch_size=batch_size,
-        lr=lr,
-        out=out,
-        set=set_,
-        resume=resume,
-        force_resume=force_resume,
-        overwrite=overwrite,
-        seed=seed,
-        precision=precision.value if precision else None,
-        teacher_cache=False if no_teacher_cache else teacher_cache,
-        quiet=quiet,
-    )
+    # every other option has the API's name and meaning
+    options = {k: v for k, v in locals().items() if k in COMPRESS_HELP and k not in ("recipe", "precision")}
+    options |= {"set": set_, "precision": precision.value if precision else None}
+    options["teacher_cache"] = False if no_teacher_cache else teacher_cache
+    options.pop("no_teacher_cache")
+    run_compress(recipe, **options)
 
 
 class ListWhat(str, Enum):
@@ -203,7 +193,7 @@ def eval_(
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
-    from .evaluate_model import evaluate_student
+    from .evaluate import evaluate_student
     from .summary import results_table
 
     metrics = evaluate_student(

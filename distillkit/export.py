@@ -285,6 +285,26 @@ class ExportResult:
     max_abs_diff: float  # the written model vs the PyTorch model, on random batches of 2 and 3 images
 
 
+def _export_folder(source: Path, format: str, block: int | None, out: str | Path | None) -> Path:  # noqa: A002
+    """`out`, or `<student folder>-<format>[-exit<block>]` beside the student; never the student itself."""
+    suffix = f"-{format}" + ("" if block is None else f"-exit{block}")
+    out_dir = Path(out).expanduser() if out else source.parent / f"{source.name}{suffix}"
+    if out_dir.resolve() == source.resolve():
+        raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
+    return out_dir
+
+
+def _write_format(exported: nn.Module, out_dir: Path, format: str, size: tuple[int, int], meta: dict):  # noqa: A002
+    """Write `exported` in `format` with its config.json and model card; (files written, a runner of the file)."""
+    if format == "safetensors":
+        return export_student(exported, out_dir, **meta), load_student(out_dir)
+    file_name, write, runner = RUNTIME_FORMATS[format]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write(exported, out_dir / file_name, size)
+    card = write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta)
+    return {"model": out_dir / file_name, **card}, runner(out_dir / file_name)
+
+
 def export(
     run_dir: str | Path,
     format: str = "safetensors",
@@ -311,14 +331,7 @@ def export(
             "timm cannot rebuild a CNN cut inside its stages from config.json. Use --format onnx or "
             "--format torchscript"
         )
-    out_dir = (
-        Path(out).expanduser()
-        if out
-        else source.parent / (f"{source.name}-{format}" + ("" if block is None else f"-exit{block}"))
-    )
-    if out_dir.resolve() == source.resolve():
-        raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
-
+    out_dir = _export_folder(source, format, block, out)
     prepare_export_folder(out_dir)
     exported = model if block is None else truncate(model, block)
     model_args = dict(config.get("model_args") or {})
@@ -337,17 +350,6 @@ def export(
         std=tuple(cfg["std"]),
         provenance={**(config.get("distillkit") or {}), "export": info},
     )
-    if format == "safetensors":
-        files = export_student(exported, out_dir, **meta)
-        run = load_student(out_dir)
-    else:
-        file_name, write, runner = RUNTIME_FORMATS[format]
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write(exported, out_dir / file_name, size)
-        files = {
-            "model": out_dir / file_name,
-            **write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta),
-        }
-        run = runner(out_dir / file_name)
+    files, run = _write_format(exported, out_dir, format, size, meta)
     diff = max_abs_diff(exported, run, size, f"the exported {format} model in {out_dir}")
     return ExportResult(out_dir=out_dir, format=format, files=files, exit_at=block, max_abs_diff=diff)

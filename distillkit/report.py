@@ -310,72 +310,79 @@ def _summary(run: Run) -> list[list[str]]:
 
 
 def _results(run: Run) -> str:
-    parts = []
-    rows = _model_rows(run)
-    judged = _verdict(run)
-    if rows:
-        parts.append(
-            _table(
-                [
-                    [
-                        MODELS[name],
-                        _pct(row.get("knn_top1")),
-                        _pct(row.get("probe_top1")),
-                        _gap(judged["gap"]) if name == "student" and judged else "-",
-                        f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
-                        f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-",
-                    ]
-                    for name, row in rows.items()
-                ],
-                [
-                    "model",
-                    "k-NN top-1",
-                    "linear probe top-1",
-                    "gap recovered (k\u2011NN / probe)",
-                    "params",
-                    "CPU latency (1 image)",
-                ],
-            )
-        )
-        split = (run.result or {}).get("metrics", {}).get("eval_split")
-        if split:
-            parts.append(
-                f"<p>held-out evaluation: k-NN bank / probe training set of {_count(split['train_images'])} "
-                f"images, {_count(split['test_images'])} held-out images scored.</p>"
-            )
-    else:
-        parts.append(
-            f'<p class="missing">teacher / student comparison: '
-            f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>"
-        )
+    """The comparison table, the last logged step, and the online k-NN per epoch (folded when long)."""
+    parts = [_comparison(run)]
     if run.steps:
         last = run.steps[-1]
         terms = [k for k, v in last.items() if k not in _NOT_TERMS and isinstance(v, (int, float))]
         parts.append(f"<p>last logged step ({last['step']}):</p>" + _table([[f"{last[k]:.4f}" for k in terms]], terms))
     scored = [line for line in run.epochs if "online_knn_top1" in line]
     if scored:
-        references = [
-            f"{label} {_pct(value)}"
-            for label, value in (
-                ("teacher", _number(run.reference.get("teacher_knn_top1"))),
-                ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))),
-            )
-            if value is not None
-        ]
-        parts.append(
-            "<p>online k-NN at each epoch's end (a small held-out split)"
-            + (f"; on the same split: {_e(', '.join(references))}" if references else "")
-            + ":</p>"
-        )
-        table = _table(
-            [
-                [str(line["epoch_end"]), _pct(line["online_knn_top1"]), f"{line.get('online_knn_seconds', 0):.2f}"]
-                for line in scored
-            ],
-            ["epoch", "online k-NN top-1", "online eval seconds"],
-        )
-        parts.append(_fold(table, len(scored), f"{len(scored)} epochs: show the table"))
+        parts.append(_online_knn(run, scored))
     return "\n".join(parts)
+
+
+RESULT_COLUMNS = [
+    "model",
+    "k-NN top-1",
+    "linear probe top-1",
+    "gap recovered (k\u2011NN / probe)",
+    "params",
+    "CPU latency (1 image)",
+]
+
+
+def _comparison(run: Run) -> str:
+    """Teacher / student / random init, with the evaluation split they were scored on."""
+    rows, judged = _model_rows(run), _verdict(run)
+    if not rows:
+        return (
+            f'<p class="missing">teacher / student comparison: '
+            f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>"
+        )
+    table = _table(
+        [
+            [
+                MODELS[name],
+                _pct(row.get("knn_top1")),
+                _pct(row.get("probe_top1")),
+                _gap(judged["gap"]) if name == "student" and judged else "-",
+                f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
+                f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-",
+            ]
+            for name, row in rows.items()
+        ],
+        RESULT_COLUMNS,
+    )
+    split = (run.result or {}).get("metrics", {}).get("eval_split")
+    if split:
+        table += (
+            f"\n<p>held-out evaluation: k-NN bank / probe training set of {_count(split['train_images'])} "
+            f"images, {_count(split['test_images'])} held-out images scored.</p>"
+        )
+    return table
+
+
+def _online_knn(run: Run, scored: list[dict]) -> str:
+    references = [
+        f"{label} {_pct(value)}"
+        for label, value in (
+            ("teacher", _number(run.reference.get("teacher_knn_top1"))),
+            ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))),
+        )
+        if value is not None
+    ]
+    intro = (
+        "<p>online k-NN at each epoch's end (a small held-out split)"
+        + (f"; on the same split: {_e(', '.join(references))}" if references else "")
+        + ":</p>"
+    )
+    rows = [
+        [str(line["epoch_end"]), _pct(line["online_knn_top1"]), f"{line.get('online_knn_seconds', 0):.2f}"]
+        for line in scored
+    ]
+    table = _table(rows, ["epoch", "online k-NN top-1", "online eval seconds"])
+    return intro + "\n" + _fold(table, len(scored), f"{len(scored)} epochs: show the table")
 
 
 def _fold(table: str, rows: int, summary: str) -> str:

@@ -29,6 +29,8 @@ def test_budget_in_images_decides_the_steps_and_epochs():
     # grad_accum: an optimiser step sees batch x accum images
     budget = plan_budget(TrainConfig(images=1000, batch_size=32, grad_accum=2), micro_batches=10)
     assert (budget.total_steps, budget.epochs, budget.steps_per_epoch) == (16, 4, 5)
+    # 10 micro-batches with grad_accum 3: Accelerate also steps at the epoch's end (3 + 3 + 3 + 1)
+    assert plan_budget(TrainConfig(epochs=3, grad_accum=3), micro_batches=10).total_steps == 12
     # without images, epochs decide; max_steps caps either
     assert plan_budget(TrainConfig(epochs=3), micro_batches=10).total_steps == 30
     budget = plan_budget(TrainConfig(images=1000, batch_size=32, max_steps=12), micro_batches=10)
@@ -125,3 +127,12 @@ def test_view_slots_auto_gives_the_teacher_an_eighth_of_the_images_seen():
     assert view_slots(short.data, budget.total_steps * 128, budget.epochs, 1280) == 1  # never more than the epochs
     with pytest.raises(UsageError, match="view_slots"):
         resolve_recipe({"data": {"view_slots": "many"}})
+
+
+def test_grad_accum_trains_exactly_the_epochs_asked_for(tmp_path):
+    """10 micro-batches an epoch with grad_accum 3 make 4 optimiser steps (Accelerate steps at the epoch's end
+    too): --epochs 3 trains 3 whole epochs (12 steps), not 9 steps in 2.25 epochs."""
+    result = run(tmp_path / "run", extra=["train.grad_accum=3"], limit=160, batch_size=16, epochs=3)
+    lines = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch_end"] for line in lines if "epoch_end" in line] == [1, 2, 3]
+    assert result.steps == 12

@@ -70,6 +70,27 @@ def run_args(out: Path, strategy: str, cache: bool = False) -> list[str]:
     return args
 
 
+def two_processes(args: list[str]) -> subprocess.CompletedProcess:
+    """`compress` (through fault_run.py) under torchrun: 2 CPU processes on this machine."""
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(free_port()),
+        str(FAULT_RUN),
+        "--",
+        *args,
+    ]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+
 def losses(run: Path) -> list[float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [line["loss"] for line in lines if "loss" in line and "epoch_end" not in line]
@@ -86,27 +107,7 @@ def test_two_processes_match_one_process(tmp_path, strategy, cache):
         timeout=300,
     )
     assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(FAULT_RUN),
-            "--",
-            *run_args(tmp_path / "two", strategy, cache),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    two = two_processes(run_args(tmp_path / "two", strategy, cache))
     assert two.returncode == 0, two.stderr[-3000:]
 
     a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
@@ -159,29 +160,8 @@ def test_bad_images_are_added_up_over_processes(tmp_path):
         "strategy.seed.queue_size=32",
         "eval.enabled=false",
         "data.max_bad_fraction=0.005",
-        "data.val_fraction=0.05",
     ):
         args += ["--set", item]
-    two = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--nnodes",
-            "1",
-            "--nproc_per_node",
-            "2",
-            "--master_addr",
-            "127.0.0.1",
-            "--master_port",
-            str(free_port()),
-            str(FAULT_RUN),
-            "--",
-            *args,
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    two = two_processes(args)
     assert two.returncode != 0
     assert two.stderr.count("2 of 96 training images are unreadable") == 2, two.stderr[-3000:]  # both processes

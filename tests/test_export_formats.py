@@ -21,7 +21,7 @@ from torch import nn
 
 import distillkit
 from distillkit.errors import UsageError
-from distillkit.evaluate_model import evaluate_student
+from distillkit.evaluate import evaluate_student
 from distillkit.export import export_student
 
 pytestmark = [

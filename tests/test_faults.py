@@ -94,6 +94,28 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert logged(tmp_path / "killed")[-1][0] == 16
 
 
+@pytest.mark.parametrize("phase", ["written", "between-renames", "swapped"])
+def test_a_sigkill_at_each_phase_of_a_save_leaves_a_checkpoint_to_resume_from(tmp_path, phase):
+    """A real SIGKILL inside step 6's save (checkpoints every 3 steps): after the new files are complete,
+    between the two renames, or after the swap. A complete checkpoint is always there (step 3's or step 6's),
+    and --resume ends with the weights of a run that was never killed."""
+    whole = fault_run([], cli_args(tmp_path / "whole", "--no-teacher-cache"))
+    assert whole.returncode == 0, whole.stderr
+    killed = fault_run(["--kill-in-save", phase, "6"], cli_args(tmp_path / "killed", "--no-teacher-cache"))
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
+    from distillkit.train.checkpoint import find_checkpoint
+
+    left = find_checkpoint(tmp_path / "killed")
+    assert left is not None
+    step = torch.load(left / "train_state.pt", weights_only=True)["step"]
+    assert step == (6 if phase == "swapped" else 3)
+    resumed = fault_run([], cli_args(tmp_path / "killed", "--resume", "--no-teacher-cache"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
+    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["last"]  # nothing stale
+
+
 def test_sigterm_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     stopped = fault_run(["--term-at-step", "4"], cli_args(tmp_path / "run"))
     assert stopped.returncode == 1

@@ -45,7 +45,7 @@ def test_default_recipe_matches_default_yaml():
     assert recipe.data.limit is None
     assert recipe.data.crop_scale == (0.3, 1.0)
     assert recipe.data.view_slots == "auto" and recipe.data.teacher_cache == "auto"
-    assert recipe.train.images == 480000
+    assert recipe.train.images == 420000
     assert recipe.train.batch_size == 128
     assert recipe.train.optimizer == "sgd"
     assert recipe.train.lr == 0.15

@@ -23,10 +23,10 @@ from distillkit import api
 from distillkit.cli import app
 from distillkit.data.sources import ImageData, TensorImages
 from distillkit.errors import UsageError
+from distillkit.evaluate import OnlineKnn
 from distillkit.recipe import Recipe, resolve_recipe
 from distillkit.student import Student
 from distillkit.teachers import InputConfig
-from distillkit.train.online import OnlineKnn
 from distillkit.verdict import gap_recovered, verdict
 
 report_module = importlib.import_module("distillkit.report")  # distillkit.report is the function

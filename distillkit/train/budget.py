@@ -22,10 +22,11 @@ class Budget:
 
 
 def plan_budget(train: TrainConfig, micro_batches: int) -> Budget:
-    """`micro_batches`: the loader's batches per epoch (per process)."""
-    steps_per_epoch = micro_batches // train.grad_accum
-    if steps_per_epoch < 1:
+    """`micro_batches`: the loader's batches per epoch (per process). With `train.grad_accum` k an optimiser
+    step takes k micro-batches, and Accelerate also steps at an epoch's end: ceil(micro_batches / k) steps."""
+    if micro_batches < train.grad_accum:
         raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum {train.grad_accum}")
+    steps_per_epoch = math.ceil(micro_batches / train.grad_accum)
     if train.images is not None:
         total_steps = math.ceil(train.images / (train.batch_size * train.grad_accum))
         epochs = math.ceil(total_steps / steps_per_epoch)

@@ -37,6 +37,8 @@ def save_checkpoint(
 ) -> Path:
     final = checkpoint_dir(run_dir)
     final.parent.mkdir(parents=True, exist_ok=True)
+    for stale in final.parent.glob("last.*.tmp"):  # a save killed before its swap: never a good checkpoint
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix="last.", suffix=".tmp", dir=final.parent))
     tmp.chmod(permissions(directory=True))  # mkdtemp's 0700 would hide the checkpoint from everyone else
     try:

@@ -26,6 +26,7 @@ from ..data import collate_skipping_bad
 from ..data.sources import ReplacingBad
 from ..data.views import view_config, view_seed, view_slots
 from ..errors import RunError, UsageError
+from ..evaluate.online import OnlineKnn
 from ..recipe import Recipe
 from ..roles import PRIMARY_TEACHER
 from .bad_images import BadImageTally
@@ -33,7 +34,6 @@ from .budget import plan_budget
 from .cache import CacheSetup, open_caches
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
 from .metrics_log import append_record, trim_to_step
-from .online import OnlineKnn
 from .step import DistillModule, StepContext, train_step
 from .step_log import StepLog
 from .sync import agreed
@@ -203,43 +203,12 @@ class _Training:
         self.resumed_from = self.position.step
         self.resume = resume
         requests = run.objective.teacher_requests(run.teachers, run.student.model)
-        # auto sizes the views a teacher cache replays: a run that reads no teacher (simclr) keeps fresh views
-        seen = budget.total_steps * recipe.train.batch_size * recipe.train.grad_accum
-        self.slots = (
-            view_slots(recipe.data, seen, budget.epochs, len(self.train_set))
-            if requests or recipe.data.view_slots != "auto"
-            else None
-        )
-        say = progress.console.print if accelerator.is_main_process else (lambda *a, **k: None)
-        self.caches, self.cache_root = open_caches(
-            recipe,
-            accelerator,
-            CacheSetup(
-                run.teachers,
-                requests,
-                run.objective,
-                run.sizes.teachers,
-                self.train_set,
-                self.slots,
-                load_size=None if recipe.data.source.startswith("builtin:") else run.sizes.load_size,
-            ),
-            budget.epochs,
-            say,
-        )
+        self.caches = self._open_caches(run, requests, progress)
         warmup = int(recipe.train.warmup_fraction * budget.total_steps)
-        self.ctx = StepContext(
-            accelerator,
-            module,
-            optimizer,
-            run.teachers,
-            requests,
-            self.caches,
-            run.sizes,
-            view_config(recipe.data),
-            view_seed(recipe.data, recipe.train.seed),
-            lambda step: recipe.train.lr * lr_factor(step, budget.total_steps, warmup),
-            recipe.train.clip_grad,
-        )
+        schedule = lambda step: recipe.train.lr * lr_factor(step, budget.total_steps, warmup)  # noqa: E731
+        self.ctx = StepContext(accelerator, module, optimizer, run.teachers, requests, self.caches, run.sizes,
+                               view_config(recipe.data), view_seed(recipe.data, recipe.train.seed), schedule,
+                               recipe.train.clip_grad)  # fmt: skip
         self.teacher = run.teachers[PRIMARY_TEACHER]
         self.log = StepLog(
             accelerator,
@@ -251,6 +220,23 @@ class _Training:
         )
         self.bad_images = BadImageTally(accelerator, len(self.train_set), recipe.data.max_bad_fraction)
         self.skipped, self.nonfinite_run, self.reference_seconds = 0, 0, 0.0
+
+    def _open_caches(self, run: "Run", requests: dict, progress) -> dict:
+        """The view slots (auto sizes the views a teacher cache replays; a run that reads no teacher, simclr,
+        keeps fresh views) and the teachers' caches when they pay."""
+        recipe, budget = self.recipe, self.budget
+        seen = budget.total_steps * recipe.train.batch_size * recipe.train.grad_accum
+        self.slots = (
+            view_slots(recipe.data, seen, budget.epochs, len(self.train_set))
+            if requests or recipe.data.view_slots != "auto"
+            else None
+        )
+        say = progress.console.print if self.accelerator.is_main_process else (lambda *a, **k: None)
+        load_size = None if recipe.data.source.startswith("builtin:") else run.sizes.load_size
+        setup = CacheSetup(run.teachers, requests, run.objective, run.sizes.teachers, self.train_set, self.slots,
+                           load_size=load_size)  # fmt: skip
+        caches, self.cache_root = open_caches(recipe, self.accelerator, setup, budget.epochs, say)
+        return caches
 
     def start(self, online_knn: OnlineKnn | None) -> None:
         """Before the first step: a resume drops the log records after its checkpoint; a new run records the

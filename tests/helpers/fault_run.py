@@ -2,6 +2,9 @@
 
     python fault_run.py --kill-after-checkpoint N -- <compress options>   SIGKILL right after step N's checkpoint
     python fault_run.py --term-at-step N -- <compress options>            SIGTERM while step N runs
+    python fault_run.py --kill-in-save PHASE N -- <compress options>      SIGKILL inside step N's checkpoint save:
+        PHASE written (files complete in the temporary folder), between-renames (last -> last.old done,
+        the new one not yet in place) or swapped (the new one in place, last.old not yet removed)
     python fault_run.py -- <compress options>                             no fault
 
 One CPU thread, so runs in different processes compute bit-identical results.
@@ -19,7 +22,13 @@ from distillkit import cli  # noqa: E402
 from distillkit.train import loop  # noqa: E402
 
 args = sys.argv[1:]
-fault = args[:2] if args[:1] in (["--kill-after-checkpoint"], ["--term-at-step"]) else []
+fault = (
+    args[:3]
+    if args[:1] == ["--kill-in-save"]
+    else args[:2]
+    if args[:1] in (["--kill-after-checkpoint"], ["--term-at-step"])
+    else []
+)
 compress_args = args[len(fault) :]
 if compress_args[:1] == ["--"]:  # optional separator (torchrun swallows it)
     compress_args = compress_args[1:]
@@ -36,6 +45,36 @@ if options[:1] == ["--kill-after-checkpoint"]:
         return path
 
     loop.save_checkpoint = save_then_die
+elif options[:1] == ["--kill-in-save"]:
+    from pathlib import Path
+
+    from distillkit.train import checkpoint
+
+    phase, kill_step = options[1], int(options[2])
+    real_save_checkpoint, real_rename, real_write_text = checkpoint.save_checkpoint, Path.rename, checkpoint.write_text
+    saving = {"step": None}
+
+    def save_marking_the_step(run_dir, module, optimizer, state, recipe):
+        saving["step"] = state["step"]
+        return real_save_checkpoint(run_dir, module, optimizer, state, recipe)
+
+    def die_if(now: str) -> None:
+        if now == phase and saving["step"] == kill_step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def write_text_then_maybe_die(path, text):
+        real_write_text(path, text)
+        if Path(path).name == checkpoint.RECIPE_FILE:  # the last file of the temporary folder
+            die_if("written")
+
+    def rename_then_maybe_die(self, target):
+        result = real_rename(self, target)
+        die_if({"last.old": "between-renames", "last": "swapped"}.get(Path(target).name, ""))
+        return result
+
+    loop.save_checkpoint = save_marking_the_step
+    checkpoint.write_text = write_text_then_maybe_die
+    Path.rename = rename_then_maybe_die
 elif options[:1] == ["--term-at-step"]:
     term_step = int(options[1])
     real_factor = loop.lr_factor

@@ -11,9 +11,15 @@ from typing import Any
 import timm
 from torch import Tensor, nn
 
-from .data import check_data_source, open_data
-from .errors import UsageError
-from .evaluate import (
+from ..data import check_data_source, open_data
+from ..errors import UsageError
+from ..exits import block_embeddings
+from ..export import WEIGHTS_FILE, load_student, read_config, student_folder
+from ..features import is_token_model, num_layers
+from ..inputs import InputConfig, prepare_input
+from ..registry import did_you_mean
+from ..runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
+from .metrics import (
     count_params,
     cpu_latency_ms,
     embed_outputs,
@@ -22,12 +28,6 @@ from .evaluate import (
     runner_latency_ms,
     score_embeddings,
 )
-from .exits import block_embeddings
-from .export import WEIGHTS_FILE, load_student, read_config, student_folder
-from .features import is_token_model, num_layers
-from .inputs import InputConfig, prepare_input
-from .registry import did_you_mean
-from .runtimes import ONNX_FILE, TORCHSCRIPT_FILE, onnx_params, require_onnx, run_onnx, run_torchscript
 
 
 def evaluate_student(
@@ -75,36 +75,31 @@ def evaluate_student(
 
     train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed))
     test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed))
-    metrics: dict[str, Any] = score_embeddings(
-        (train["embedding"], train_labels),
-        (test["embedding"], test_labels),
-        knn_k,
-        knn_temperature,
-        probe_steps,
-        seed=seed,
-    )
+    bank, queries = (train["embedding"], train_labels), (test["embedding"], test_labels)
+    metrics: dict[str, Any] = score_embeddings(bank, queries, knn_k, knn_temperature, probe_steps, seed=seed)
     if head_skipped is None:
         metrics["top1"] = (test["logits"].argmax(1) == test_labels).float().mean().item()
     else:
         metrics["top1_skipped"] = head_skipped
     if per_block:
-        metrics["per_block"] = [
-            {
-                "block": i,
-                "knn_top1": knn_accuracy(
-                    train[f"block{i}"],
-                    train_labels,
-                    test[f"block{i}"],
-                    test_labels,
-                    k=knn_k,
-                    temperature=knn_temperature,
-                ),
-            }
-            for i in range(num_layers(model))
-        ]
+        metrics["per_block"] = _per_block(model, (train, train_labels), (test, test_labels), knn_k, knn_temperature)
     metrics["params"] = count_params(model)
     metrics["latency_ms"] = round(cpu_latency_ms(model, input_config.size, channels_last), 3)
     return metrics
+
+
+def _per_block(model: nn.Module, train, test, k: int, temperature: float) -> list[dict[str, Any]]:
+    """k-NN top-1 of each block's pooled representation (what `distillkit export --exit-at` would keep)."""
+    (bank, bank_labels), (queries, query_labels) = train, test
+    return [
+        {
+            "block": i,
+            "knn_top1": knn_accuracy(
+                bank[f"block{i}"], bank_labels, queries[f"block{i}"], query_labels, k=k, temperature=temperature
+            ),
+        }
+        for i in range(num_layers(model))
+    ]
 
 
 def open_model(student: str, weights: str | Path | None) -> tuple[nn.Module, InputConfig]:
@@ -174,14 +169,8 @@ def _evaluate_file(
     embed = lambda views: {"embedding": run(prepare_input(views, input_config, False).contiguous())}  # noqa: E731
     train, train_labels = embed_outputs(embed, eval_subset(images.train_all, max_train, seed))
     test, test_labels = embed_outputs(embed, eval_subset(images.test, max_test, seed))
-    metrics: dict[str, Any] = score_embeddings(
-        (train["embedding"], train_labels),
-        (test["embedding"], test_labels),
-        knn_k,
-        knn_temperature,
-        probe_steps,
-        seed=seed,
-    )
+    bank, queries = (train["embedding"], train_labels), (test["embedding"], test_labels)
+    metrics: dict[str, Any] = score_embeddings(bank, queries, knn_k, knn_temperature, probe_steps, seed=seed)
     metrics["top1_skipped"] = f"{path.name} returns the embedding only (exports carry no classifier head)"
     metrics["params"] = params
     metrics["latency_ms"] = round(runner_latency_ms(run, input_config.size), 3)
@@ -189,8 +178,8 @@ def _evaluate_file(
 
 
 def _timm_model(name: str, weights: str | Path | None) -> nn.Module:
-    from .teachers.checkpoint import load_exact, read_checkpoint, unwrap_state_dict
-    from .teachers.hub import create_pretrained
+    from ..teachers.checkpoint import load_exact, read_checkpoint, unwrap_state_dict
+    from ..teachers.hub import create_pretrained
 
     if not name or not timm.is_model(name):
         raise UsageError(f"unknown timm model {name!r}: {did_you_mean(name, timm.list_models())}")

@@ -1,5 +1,4 @@
-"""Evaluating embeddings: weighted k-NN and linear-probe accuracy, parameter counts, CPU latency, and a
-finished run's teacher / student / random-init comparison (`evaluate_run`).
+"""Evaluating embeddings: weighted k-NN and linear-probe accuracy, parameter counts, CPU latency.
 
 k-NN follows DINO (Caron et al. 2021, eval_knn.py): cosine similarity of l2-normalised
 embeddings, the k nearest training images vote for their class with weight exp(sim / T).
@@ -11,16 +10,15 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from .data.sources import Subset, collate_skipping_bad
-from .data.views import as_views
-from .verdict import gap_recovered
+from ..data.sources import Subset, collate_skipping_bad
+from ..data.views import as_views
 
 Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
@@ -172,42 +170,3 @@ def score_embeddings(
         "knn_top1": knn_accuracy(*train, *test, k=k, temperature=temperature),
         "probe_top1": linear_probe_accuracy(*train, *test, steps=probe_steps, seed=seed),
     }
-
-
-def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
-    """k-NN / probe accuracy, parameters and CPU latency of the teacher, the trained student and the same
-    student at its random init (`student.at_random_init`), and the share of the teacher-minus-random-init
-    gap the student recovered (`verdict.gap_recovered`). `teacher` and `student` embed raw views with
-    `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped)."""
-    random_init = student.at_random_init(recipe.train.seed)
-    networks = {"teacher": (teacher.embed, teacher.model, teacher.input_config.size, teacher.channels_last)}
-    for name, network in (("student", student), ("student_random_init", random_init)):
-        networks[name] = (network.embed, network.model, network.input_config.size, network.channels_last)
-    metrics: dict[str, Any] = {}
-    labelled = recipe.eval.enabled and images.test is not None and images.num_classes
-    if labelled:
-        bank = eval_subset(images.train_all, recipe.eval.max_train, recipe.train.seed)
-        test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
-        metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
-    for name, (embed, model, size, channels_last) in networks.items():
-        row: dict[str, Any] = {}
-        if labelled:
-            train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
-            test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
-            row.update(
-                score_embeddings(
-                    train_set,
-                    test_set,
-                    recipe.eval.knn_k,
-                    recipe.eval.knn_temperature,
-                    recipe.eval.probe_steps,
-                    seed=recipe.train.seed,
-                )
-            )
-        row["params"] = count_params(model)
-        row["latency_ms"] = round(cpu_latency_ms(model, size, channels_last, recipe.eval.latency_runs), 3)
-        metrics[name] = row
-    gap = gap_recovered(metrics)
-    if gap:
-        metrics["gap_recovered"] = gap
-    return metrics

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.data import Dataset
 
-from ..evaluate import embed_dataset, eval_subset, knn_accuracy
 from ..recipe import Recipe
 from ..student import Student
+from .metrics import embed_dataset, eval_subset, knn_accuracy
 
 
 @dataclass

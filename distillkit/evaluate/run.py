@@ -1,0 +1,47 @@
+"""A finished run's comparison: its teacher, its trained student and the same student at random init."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..verdict import gap_recovered
+from .metrics import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
+
+
+def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
+    """k-NN / probe accuracy, parameters and CPU latency of the teacher, the trained student and the same
+    student at its random init (`student.at_random_init`), and the share of the teacher-minus-random-init
+    gap the student recovered (`verdict.gap_recovered`). `teacher` and `student` embed raw views with
+    `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped)."""
+    random_init = student.at_random_init(recipe.train.seed)
+    networks = {"teacher": (teacher.embed, teacher.model, teacher.input_config.size, teacher.channels_last)}
+    for name, network in (("student", student), ("student_random_init", random_init)):
+        networks[name] = (network.embed, network.model, network.input_config.size, network.channels_last)
+    metrics: dict[str, Any] = {}
+    labelled = recipe.eval.enabled and images.test is not None and images.num_classes
+    if labelled:
+        bank = eval_subset(images.train_all, recipe.eval.max_train, recipe.train.seed)
+        test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
+        metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
+    for name, (embed, model, size, channels_last) in networks.items():
+        row: dict[str, Any] = {}
+        if labelled:
+            train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
+            test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
+            row.update(
+                score_embeddings(
+                    train_set,
+                    test_set,
+                    recipe.eval.knn_k,
+                    recipe.eval.knn_temperature,
+                    recipe.eval.probe_steps,
+                    seed=recipe.train.seed,
+                )
+            )
+        row["params"] = count_params(model)
+        row["latency_ms"] = round(cpu_latency_ms(model, size, channels_last, recipe.eval.latency_runs), 3)
+        metrics[name] = row
+    gap = gap_recovered(metrics)
+    if gap:
+        metrics["gap_recovered"] = gap
+    return metrics
