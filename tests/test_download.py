@@ -123,7 +123,7 @@ def test_several_processes_download_the_file_once(tmp_path):
         results = multiprocessing.get_context("spawn").Queue()
         workers = [
             multiprocessing.get_context("spawn").Process(target=_fetch, args=(server.url, str(tmp_path), results))
-            for _ in range(3)
+            for _ in range(2)
         ]
         for worker in workers:
             worker.start()

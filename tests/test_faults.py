@@ -94,25 +94,34 @@ def test_sigkill_mid_epoch_then_resume_ends_with_the_uninterrupted_weights(tmp_p
     assert logged(tmp_path / "killed")[-1][0] == 16
 
 
+def in_process(out: Path, **kwargs):
+    """`cli_args`' run (no teacher cache), in this process: one thread, so it computes what fault_run.py does."""
+    return distillkit.compress(
+        student="mobilenetv3-small", limit=128, batch_size=16, epochs=2, out=out, quiet=True,
+        teacher_cache=False, set=["train.checkpoint_every=3", *TINY], **kwargs,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def never_killed(tmp_path_factory) -> dict[str, torch.Tensor]:
+    return final_weights(in_process(tmp_path_factory.mktemp("whole") / "run").run_dir)
+
+
 @pytest.mark.parametrize("phase", ["written", "between-renames", "swapped"])
-def test_a_sigkill_at_each_phase_of_a_save_leaves_a_checkpoint_to_resume_from(tmp_path, phase):
+def test_a_sigkill_at_each_phase_of_a_save_leaves_a_checkpoint_to_resume_from(tmp_path, phase, never_killed):
     """A real SIGKILL inside step 6's save (checkpoints every 3 steps): after the new files are complete,
     between the two renames, or after the swap. A complete checkpoint is always there (step 3's or step 6's),
     and --resume ends with the weights of a run that was never killed."""
-    whole = fault_run([], cli_args(tmp_path / "whole", "--no-teacher-cache"))
-    assert whole.returncode == 0, whole.stderr
-    killed = fault_run(["--kill-in-save", phase, "6"], cli_args(tmp_path / "killed", "--no-teacher-cache"))
-    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
     from distillkit.train.checkpoint import find_checkpoint
 
+    killed = fault_run(["--kill-in-save", phase, "6"], cli_args(tmp_path / "killed", "--no-teacher-cache"))
+    assert killed.returncode == -9, killed.stderr[-2000:]  # SIGKILL
     left = find_checkpoint(tmp_path / "killed")
     assert left is not None
-    step = torch.load(left / "train_state.pt", weights_only=True)["step"]
-    assert step == (6 if phase == "swapped" else 3)
-    resumed = fault_run([], cli_args(tmp_path / "killed", "--resume", "--no-teacher-cache"))
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    a, b = final_weights(tmp_path / "whole"), final_weights(tmp_path / "killed")
-    assert all(torch.equal(a[key], b[key]) for key in a)
+    assert torch.load(left / "train_state.pt", weights_only=True)["step"] == (6 if phase == "swapped" else 3)
+    in_process(tmp_path / "killed", resume=True)
+    resumed = final_weights(tmp_path / "killed")
+    assert all(torch.equal(never_killed[key], resumed[key]) for key in never_killed)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["last"]  # nothing stale
 
 
