@@ -40,14 +40,26 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         with open(tmp_path, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
-    except OSError as e:
+    except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if e.errno == errno.ENOSPC:
-            raise RunError(f"the disk is full: could not write {target}; free some space and retry") from None
+        if _disk_full(e):
+            raise RunError(
+                f"the disk is full (or a file-size or quota limit was reached): could not write {target}; "
+                "free some space and retry"
+            ) from None
         raise
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
+
+
+FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
+FULL_DISK_WORDS = ("No space left on device", "File too large", "FileTooLarge", "StorageFull", "Disk quota exceeded")
+
+
+def _disk_full(error: BaseException) -> bool:
+    """An OSError for a full disk (or a file-size / quota limit), or a library's own exception around one:
+    safetensors raises SafetensorError and torch.save RuntimeError, with the OS error only in the message."""
+    if isinstance(error, OSError):
+        return error.errno in FULL_DISK_ERRNOS
+    return isinstance(error, Exception) and any(word in str(error) for word in FULL_DISK_WORDS)
 
 
 def write_text(target: str | Path, text: str) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import stat
@@ -231,22 +230,26 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
     assert state["step"] == 2  # the last good step is kept
 
 
-def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
-    tiny(tmp_path / "run", max_steps=2)
+def test_a_real_write_limit_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """A real fault, not a patched exception: the resumed run may write files of at most 1 MB
+    (RLIMIT_FSIZE, SIGXFSZ ignored, so writes fail with EFBIG as on a full disk). safetensors raises its own
+    SafetensorError and torch.save a RuntimeError around the OS error; both must become one clear message,
+    exit code 1, and the previous checkpoint must survive untouched."""
+    in_process(tmp_path / "run", max_steps=3)
     before = final_weights(tmp_path / "run")
-
-    import safetensors.torch
-
-    def disk_full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
-    with pytest.raises(RunError, match="disk is full"):
-        tiny(tmp_path / "run", max_steps=4, resume=True)
+    limited = (
+        "import resource, signal, runpy, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20)); "
+        f"sys.argv = [{str(FAULT_RUN)!r}] + sys.argv[1:]; runpy.run_path({str(FAULT_RUN)!r}, run_name='__main__')"
+    )
+    args = cli_args(tmp_path / "run", "--resume", "--no-teacher-cache", "--max-steps", "6")
+    full = subprocess.run([sys.executable, "-c", limited, "--", *args], capture_output=True, text=True, timeout=300)
+    assert full.returncode == 1, full.stderr[-3000:]
+    message = " ".join(full.stderr.split())
+    assert "the disk is full" in message and "Traceback" not in full.stderr, full.stderr[-3000:]
     after = final_weights(tmp_path / "run")
     assert all(torch.equal(before[k], after[k]) for k in before)
-    leftovers = [p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name != "last"]
-    assert leftovers == []
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["last"]
 
 
 def test_out_of_memory_is_a_clear_error(tmp_path, monkeypatch):
