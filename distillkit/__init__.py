@@ -3,24 +3,41 @@
 import distillkit
 result = distillkit.compress(teacher="efficientnet-lite0", student="mobilenetv3", strategy="seed")
 model = distillkit.load_student(result.student_dir)
+
+`import distillkit` loads no torch: each public name is imported from its module on first use.
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
 
-from .api import CompressResult, compress  # noqa: E402
-from .errors import DistillkitError, RunError, UsageError  # noqa: E402
-from .export import export, load_student  # noqa: E402
-from .features import FeatureRequest, Features  # noqa: E402
-from .recipe import Recipe, list_recipes, resolve_recipe  # noqa: E402
-from .report import report  # noqa: E402
-from .strategies import STRATEGIES  # noqa: E402
-from .student import list_students  # noqa: E402
-from .teachers import Teacher, list_teachers, load_teacher  # noqa: E402
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING, Any
 
+__version__ = "0.1.0"  # the one source of the version: pyproject.toml reads it (hatch dynamic version)
 
-def list_strategies() -> list[str]:
-    return STRATEGIES.names()
-
+# public name -> the module (of this package) that defines it
+_EXPORTS = {
+    "CompressResult": "api",
+    "compress": "api",
+    "DistillkitError": "errors",
+    "RunError": "errors",
+    "UsageError": "errors",
+    "export": "export",
+    "load_student": "export",
+    "FeatureRequest": "features",
+    "Features": "features",
+    "push": "publish",
+    "Recipe": "recipe",
+    "list_recipes": "recipe",
+    "resolve_recipe": "recipe",
+    "report": "report",
+    "list_strategies": "strategies",
+    "list_students": "student",
+    "Teacher": "teachers",
+    "list_teachers": "teachers",
+    "load_teacher": "teachers",
+}
 
 __all__ = [
     "CompressResult",
@@ -39,7 +56,43 @@ __all__ = [
     "list_teachers",
     "load_student",
     "load_teacher",
+    "push",
     "report",
     "resolve_recipe",
     "__version__",
-]
+]  # = _EXPORTS and __version__
+
+if TYPE_CHECKING:  # what type checkers and IDEs see
+    from .api import CompressResult, compress
+    from .errors import DistillkitError, RunError, UsageError
+    from .export import export, load_student
+    from .features import FeatureRequest, Features
+    from .publish import push
+    from .recipe import Recipe, list_recipes, resolve_recipe
+    from .report import report
+    from .strategies import list_strategies
+    from .student import list_students
+    from .teachers import Teacher, list_teachers, load_teacher
+
+
+class _Package(types.ModuleType):
+    """distillkit's module type: public names load on first use, and `distillkit.export` / `distillkit.report`
+    stay the functions even after their submodules (export.py, report.py) are imported."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in _EXPORTS:
+            raise AttributeError(f"module 'distillkit' has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        super().__setattr__(name, value)
+        return value
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _EXPORTS and isinstance(value, types.ModuleType):
+            return  # the import system naming a submodule `export` or `report`: the function keeps the name
+        super().__setattr__(name, value)
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(super().__dir__()) | set(__all__))
+
+
+sys.modules[__name__].__class__ = _Package

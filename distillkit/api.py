@@ -4,13 +4,13 @@ over it, with the same option names and defaults (None = take the recipe's value
 from __future__ import annotations
 
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from . import __version__
@@ -19,16 +19,18 @@ from .errors import UsageError
 from .evaluate import OnlineKnn, evaluate_run
 from .export import export_student
 from .io import cache_dir, write_json, write_text
+from .messages import warn
 from .recipe import Recipe, parse_set, recipe_to_yaml, resolve_recipe
 from .report import report
 from .roles import PRIMARY_TEACHER
 from .run import Run
 from .run_folder import check_run_folder, claim, clear_run
-from .student import student_spec
+from .student import check_student_start, student_spec
 from .summary import print_results, results_table  # noqa: F401 - results_table: importable from here as before
 from .teachers import check_teacher_name
 from .train.checkpoint import find_checkpoint, resume_point
 from .train.loop import explain_out_of_memory, make_accelerator, train
+from .train.trackers import tracker_names
 
 
 @dataclass
@@ -56,6 +58,7 @@ RECIPE_OPTIONS = (
     "teacher_weights",
     "arch",
     "student",
+    "student_weights",
     "data",
     "epochs",
     "max_steps",
@@ -66,6 +69,7 @@ RECIPE_OPTIONS = (
     "seed",
     "precision",
     "teacher_cache",
+    "log_with",
 )
 
 
@@ -76,6 +80,7 @@ def compress(
     teacher_weights: str | Path | None = None,
     arch: str | None = None,
     student: str | None = None,
+    student_weights: str | Path | None = None,
     strategy: str | None = None,
     data: str | Path | None = None,
     epochs: int | None = None,
@@ -91,15 +96,20 @@ def compress(
     seed: int | None = None,
     precision: str | None = None,
     teacher_cache: str | Path | bool | None = None,
+    log_with: str | list[str] | None = None,
     quiet: bool = False,
 ) -> CompressResult:
     """Distil `teacher` into `student` with `strategy` on `data`; export and evaluate the student.
 
     `recipe` is a shipped recipe name, a YAML path, a dict or a `Recipe` (default: the embedded
     default recipe). Keyword options override it, then `set` ("train.lr=0.1" items) overrides those.
+    `student_weights`: a weights file the student starts from (`student.weights`; `student.pretrained: true`
+    starts it from timm's pretrained weights instead); the report then also scores that starting point.
     `resume` continues the run in `out` exactly where its last checkpoint left it; a changed recipe
     is refused unless `force_resume`. `teacher_cache`: a folder, False (never cache), or None = the recipe's
     `data.teacher_cache` ("auto": the user cache whenever the run has more epochs than view slots).
+    `log_with`: experiment trackers (`train.log_with`): "tensorboard", "wandb", "mlflow", several (a list or
+    comma-separated) or "all" (every one of them that is installed), logging what metrics.jsonl records.
     """
     if teacher_cache is False:
         set = {**parse_set(set), "data.teacher_cache": None}  # noqa: A001 - wins over the recipe, like --set
@@ -124,7 +134,7 @@ def _compress(
     resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy, overrides=overrides)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     clear_previous_run = validate_before_loading(resolved, run_dir, resume, overwrite)
-    accelerator = make_accelerator(resolved)
+    accelerator = make_accelerator(resolved, run_dir)
     main = accelerator.is_main_process
     if clear_previous_run:  # one process deletes; the others wait until it has
         if main:
@@ -132,8 +142,8 @@ def _compress(
         accelerator.wait_for_everyone()
     console = Console(quiet=quiet or not main)  # one process speaks
     console.print(
-        f"[bold]distillkit[/] {__version__}: {resolved.teacher.name} -> {resolved.student.name} with "
-        f"{' + '.join(resolved.strategy)}; run folder {run_dir}"
+        f"[bold]distillkit[/] {__version__}: {escape(resolved.teacher.name)} -> {escape(resolved.student.name)} with "
+        f"{' + '.join(resolved.strategy)}; run folder {escape(str(run_dir))}"
     )
     run = Run.from_recipe(resolved, run_dir, accelerator, say=console.print)
     _claim(run, resume, force_resume)
@@ -161,7 +171,8 @@ def _compress(
         write_json(run_dir / "result.json", final.to_dict())
         console.print(
             f"student exported to {final.student_dir} (timm: create_model('local-dir:{final.student_dir}', "
-            "pretrained=True))"
+            "pretrained=True))",
+            markup=False,
         )
         _write_report(run_dir, console)
     return final
@@ -173,7 +184,7 @@ def _claim(run: Run, resume: bool, force_resume: bool) -> None:
     if resume:
         _, changes = resume_point(run.run_dir, run.recipe.to_dict(), force_resume)
         if changes:
-            warnings.warn("resuming with a changed recipe: " + "; ".join(changes))
+            warn("resuming with a changed recipe: " + "; ".join(changes))
     if run.accelerator.is_main_process:
         claim(run.run_dir, __version__)
         write_text(run.run_dir / "recipe.yaml", recipe_to_yaml(run.recipe))
@@ -215,6 +226,7 @@ def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, 
             **({"other_teachers": others} if others else {}),
             "strategy": run.recipe.to_dict()["strategy"],
             "data": run.images.source,
+            "data_source": run.recipe.data.source,  # the recipe's value: the model card names a Hub dataset from it
             "steps": result.steps,
             "metrics": metrics,
         },
@@ -226,9 +238,9 @@ def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, 
 def _write_report(run_dir: Path, console: Console) -> None:
     """report.html and its plots; the run is already saved, so a failure here only warns."""
     try:
-        console.print(f"report: {report(run_dir)}")
+        console.print(f"report: {report(run_dir)}", markup=False)
     except Exception as e:  # noqa: BLE001 - any failure: the run must not be lost over its report
-        warnings.warn(
+        warn(
             f"the run is saved, but its report could not be written ({type(e).__name__}: {e}); "
             f"retry with: distillkit report {run_dir}"
         )
@@ -253,7 +265,9 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
         except UsageError as e:
             raise UsageError(f"teachers.{role}: {e}" if role != PRIMARY_TEACHER else str(e)) from None
     student_spec(recipe.student.name)
+    check_student_start(recipe.student)
     check_data_source(recipe.data.source)
+    tracker_names(recipe.train.log_with)  # a tracker asked for but not installed
     data_folder = None if recipe.data.source.startswith("builtin:") else Path(recipe.data.source).expanduser()
     clear = check_run_folder(run_dir, resume, overwrite, data_folder, cache_dir())
     if resume and find_checkpoint(run_dir) is None:

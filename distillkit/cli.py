@@ -6,6 +6,8 @@ Exit codes: 0 success, 2 bad input (a flag, a recipe value, a name, a path), 1 a
 from __future__ import annotations
 
 import functools
+import inspect
+import json
 import sys
 from enum import Enum
 from pathlib import Path
@@ -13,17 +15,35 @@ from typing import Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
+from . import __version__, messages
 from .errors import DistillkitError, UsageError
 
+# Heavy modules (torch, timm: seconds to import) load inside the commands that need them, so that --help,
+# --version, `list` and shell completion answer at once.
 app = typer.Typer(
-    add_completion=False,
     no_args_is_help=True,
     help="Compress frozen self-supervised teachers into small, deployable timm students.",
     rich_markup_mode="rich",
 )
 err_console = Console(stderr=True)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"distillkit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(
+        False, "--version", callback=_print_version, is_eager=True, help="Print distillkit's version and exit."
+    ),
+) -> None:
+    messages.show_on(err_console)  # distillkit's warnings: `warning: <message>` on stderr
 
 
 def reports_errors(command: Callable) -> Callable:
@@ -34,7 +54,7 @@ def reports_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except DistillkitError as e:
-            err_console.print(f"[bold red]error:[/] {e}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -57,6 +77,8 @@ COMPRESS_HELP = {
     "teacher_weights": "Local teacher checkpoint (.safetensors/.pth); works offline.",
     "arch": "timm architecture of a file:<path> teacher, e.g. vit_small_patch16_224.",
     "student": "Student: a spec name (see `distillkit list students`), a spec .yaml, or timm:<model>.",
+    "student_weights": "Weights file the student starts from instead of random init (a timm state dict of its "
+    "architecture); --set student.pretrained=true starts it from timm's pretrained weights.",
     "strategy": "Strategy name, or several joined by '+' (see `distillkit list strategies`).",
     "data": "Image folder (class subfolders or flat) or builtin:fashion-mnist.",
     "epochs": "Training epochs.",
@@ -76,18 +98,40 @@ COMPRESS_HELP = {
     "when the recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the "
     "user cache, whenever the run has more epochs than view slots.",
     "no_teacher_cache": "Never cache the teacher's outputs: run the teacher on every step.",
+    "log_with": "Experiment tracker: tensorboard, wandb, mlflow, or all (every one of them that is installed); "
+    "repeatable or comma-separated. Files under <run folder>/trackers; metrics.jsonl is written either way.",
     "quiet": "Print nothing but errors.",
 }
 H = COMPRESS_HELP
 
 
+def shows_recipe_defaults(command: Callable) -> Callable:
+    """In `--help`, each option that defaults to None ("the recipe decides") and sets a recipe key (its name in
+    recipe.OPTION_KEYS) shows the default recipe's value, e.g. `[default: recipe: 0.15]`: a new option gets this
+    by its OPTION_KEYS entry alone. Read from recipes/default.yaml and the schema, without importing torch."""
+    from .recipe import OPTION_KEYS, default_values
+
+    values = default_values([*OPTION_KEYS.values(), "train.images"])
+    for name, parameter in inspect.signature(command).parameters.items():
+        info = parameter.default
+        value = values.get(OPTION_KEYS.get(name, ""))
+        if isinstance(info, typer.models.OptionInfo) and info.default is None and value is not None:
+            if name == "epochs" and values["train.images"] is not None:
+                info.show_default = f"recipe: set by train.images={values['train.images']}"
+            else:
+                info.show_default = f"recipe: {value}"
+    return command
+
+
 @app.command()
+@shows_recipe_defaults
 @reports_errors
 def compress(
     teacher: Optional[str] = typer.Option(None, help=H["teacher"]),
     teacher_weights: Optional[Path] = typer.Option(None, help=H["teacher_weights"]),
     arch: Optional[str] = typer.Option(None, help=H["arch"]),
     student: Optional[str] = typer.Option(None, help=H["student"]),
+    student_weights: Optional[Path] = typer.Option(None, help=H["student_weights"]),
     strategy: Optional[str] = typer.Option(None, help=H["strategy"]),
     data: Optional[str] = typer.Option(None, help=H["data"]),
     epochs: Optional[int] = typer.Option(None, help=H["epochs"]),
@@ -105,6 +149,7 @@ def compress(
     precision: Optional[Precision] = typer.Option(None, help=H["precision"]),
     teacher_cache: Optional[Path] = typer.Option(None, help=H["teacher_cache"]),
     no_teacher_cache: bool = typer.Option(False, "--no-teacher-cache", help=H["no_teacher_cache"]),
+    log_with: Optional[List[str]] = typer.Option(None, help=H["log_with"]),
     quiet: bool = typer.Option(False, help=H["quiet"]),
 ) -> None:
     """Distil a frozen teacher into a student, evaluate it and export it as safetensors.
@@ -113,12 +158,14 @@ def compress(
     """
     from .api import compress as run_compress
 
+    messages.show_on(err_console, quiet=quiet)
     if no_teacher_cache and teacher_cache is not None:
         raise UsageError("--teacher-cache and --no-teacher-cache contradict each other; pass one of them")
     # every other option has the API's name and meaning
     options = {k: v for k, v in locals().items() if k in COMPRESS_HELP and k not in ("recipe", "precision")}
     options |= {"set": set_, "precision": precision.value if precision else None}
     options["teacher_cache"] = False if no_teacher_cache else teacher_cache
+    options["log_with"] = log_with or None  # not given: the recipe's train.log_with
     options.pop("no_teacher_cache")
     run_compress(recipe, **options)
 
@@ -132,45 +179,29 @@ class ListWhat(str, Enum):
 
 @app.command("list")
 @reports_errors
-def list_(what: ListWhat = typer.Argument(..., help="What to list.")) -> None:
+def list_(
+    what: ListWhat = typer.Argument(..., help="What to list."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list of objects, nothing else."),
+) -> None:
     """List teachers, students, strategies or recipes."""
+    from .listing import COLUMNS, ROWS
+
+    rows, columns = ROWS[what.value](), COLUMNS[what.value]
     console = Console()
-    table = Table(title=f"distillkit {what.value}")
-    if what is ListWhat.teachers:
-        from .teachers import TEACHERS
-
-        for column in ("name", "architecture", "embedding", "weights", "license"):
-            table.add_column(column, no_wrap=column == "name")
-        for name in TEACHERS:
-            spec = TEACHERS.get(name)
-            table.add_row(name, spec.architecture, spec.embedding_dims, spec.weights_source, spec.license or "-")
-        table.add_row("timm:<model name>", "any timm model", "-", "timm hub, or a file", "-")
-        table.add_row("file:<path>", "--arch <timm name>", "-", "the file", "-")
-    elif what is ListWhat.students:
-        from .student import _shipped_specs
-
-        for column in ("name", "timm model", "input size", "description"):
-            table.add_column(column)
-        for name, spec in _shipped_specs().items():
-            table.add_row(name, spec.timm, str(spec.input_size), spec.description)
-        table.add_row("timm:<model name>", "any timm model", "224", "or a spec .yaml file of your own")
-    elif what is ListWhat.strategies:
-        from .strategies import STRATEGIES
-
-        table.add_column("name")
-        table.add_column("what it does")
-        for name in STRATEGIES:
-            table.add_row(name, STRATEGIES.get(name).summary)
-    else:
-        from .recipe import find_recipe, list_recipes
-
-        table.add_column("name")
-        table.add_column("description")
-        for name in list_recipes():
-            lines = find_recipe(name).read_text(encoding="utf-8").splitlines()
-            first = next((line.lstrip("# ") for line in lines if line.startswith("#")), "")
-            table.add_row(name, first)
-    console.print(table)
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+    elif not console.is_terminal:  # piped: plain aligned columns, nothing wrapped or cut
+        cells = [list(columns.values())] + [[str(row[key]) for key in columns] for row in rows]
+        widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+        for line in cells:
+            typer.echo("  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
+    else:  # a terminal of any width: long cells wrap, long words fold; nothing is cut
+        table = Table(title=f"distillkit {what.value}")
+        for key, header in columns.items():  # names whole, the rest wrapped and folded as the width needs
+            table.add_column(header, overflow="fold", no_wrap=key == "name")
+        for row in rows:
+            table.add_row(*(escape(str(row[key])) for key in columns))
+        console.print(table)
 
 
 @app.command("eval")
@@ -191,6 +222,7 @@ def eval_(
     max_train: int = typer.Option(10000, min=1, help="Training images used as the k-NN bank / probe training set."),
     max_test: int = typer.Option(10000, min=1, help="Held-out images scored."),
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object, nothing else."),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
     from .evaluate import evaluate_student
@@ -199,12 +231,15 @@ def eval_(
     metrics = evaluate_student(
         student, data=data, max_train=max_train, max_test=max_test, seed=seed, weights=weights, per_block=per_block
     )
+    if as_json:
+        typer.echo(json.dumps(metrics, indent=2))
+        return
     console = Console()
     console.print(results_table({"student": metrics}))
     if "top1" in metrics:
         console.print(f"classifier head top-1: {metrics['top1']:.2%}")
     else:
-        console.print(f"classifier head top-1: skipped ({metrics['top1_skipped']})")
+        console.print(f"classifier head top-1: skipped ({escape(metrics['top1_skipped'])})")
     if per_block:
         table = Table(title="k-NN top-1 at each block (early exits)")
         table.add_column("block", justify="right")
@@ -239,7 +274,7 @@ def export_(
     result = export(run_dir, format=format_.value, out=out, exit_at=exit_at)
     what = "the whole student" if result.exit_at is None else f"the student cut after block {result.exit_at}"
     console = Console()
-    console.print(f"exported {what} as {result.format} to {result.out_dir}")
+    console.print(f"exported {what} as {result.format} to {escape(str(result.out_dir))}", highlight=False)
     console.print(f"max abs diff vs the PyTorch model (random batches of 2 and 3 images): {result.max_abs_diff:.3g}")
 
 
@@ -249,7 +284,24 @@ def report_(run_dir: Path = typer.Argument(..., help="A compress run folder.")) 
     """Write (again) a run's report.html and plots/*.png from its recipe.yaml, metrics.jsonl and result.json."""
     from .report import report
 
-    Console().print(f"report written to {report(run_dir)}", highlight=False)
+    Console().print(f"report written to {escape(str(report(run_dir)))}", highlight=False)
+
+
+@app.command("push")
+@reports_errors
+def push_(
+    run_dir: Path = typer.Argument(..., help="A compress run folder, or an exported (safetensors) student folder."),
+    repo_id: str = typer.Option(..., help="The Hub model repository: ORG/NAME (created when missing)."),
+    private: bool = typer.Option(False, help="Create the repository private (an existing one keeps its visibility)."),
+    token: Optional[str] = typer.Option(None, help="Token with write access (default: HF_TOKEN or `hf auth login`)."),
+) -> None:
+    """Upload a distilled student (model.safetensors, config.json, the model card) to the Hugging Face Hub."""
+    from .publish import push
+
+    result = push(run_dir, repo_id, private=private, token=token)
+    console = Console()
+    console.print(f"pushed {', '.join(result.files)} to {result.url}", highlight=False)
+    console.print(f"load it with timm.create_model('hf-hub:{result.repo_id}', pretrained=True)", highlight=False)
 
 
 def main() -> None:

@@ -5,14 +5,15 @@
     <dir>/model.safetensors   the student's state dict (no heads, no teacher)
     <dir>/config.json         timm's local-dir format: architecture, model_args, pretrained_cfg
                               (input size, mean/std), plus a `distillkit` section of provenance
-    <dir>/README.md           a short model card
+    <dir>/README.md           the model card (`distillkit.card`): Hub metadata, evaluation, how to load it
 
 Load it with `timm.create_model("local-dir:<dir>", pretrained=True)` or `distillkit.load_student(<dir>)`.
 
-`export` (`distillkit export`) re-exports such a folder as safetensors, ONNX (model.onnx) or TorchScript
-(model.pt), whole or cut at an early-exit block (`distillkit.exits`), and checks the written file
-against the PyTorch model. A CNN cut inside its stages is not a model timm can rebuild from config.json,
-so CNN exits are exported as ONNX or TorchScript only.
+`export` (`distillkit export`) re-exports such a folder as safetensors, ONNX (model.onnx, and
+model.onnx.data for weights over 1 GiB) or TorchScript (model.pt), whole or cut at an early-exit block
+(`distillkit.exits`), and checks the written file against the PyTorch model. A CNN cut inside its
+stages is not a model timm can rebuild from config.json, so CNN exits are exported as ONNX or
+TorchScript only.
 """
 
 from __future__ import annotations
@@ -25,11 +26,13 @@ from typing import Any
 import timm
 from torch import nn
 
+from .card import model_card
 from .errors import UsageError
 from .exits import exit_meaning, resolve_exit, truncate
 from .features import is_token_model, num_layers
 from .io import save_safetensors, write_json, write_text
 from .runtimes import (
+    ONNX_DATA_FILE,
     ONNX_FILE,
     TORCHSCRIPT_FILE,
     max_abs_diff,
@@ -39,7 +42,6 @@ from .runtimes import (
     write_onnx,
     write_torchscript,
 )
-from .verdict import verdict
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -113,103 +115,6 @@ def write_config_and_card(
     return {"config": out_dir / CONFIG_FILE, "card": out_dir / CARD_FILE}
 
 
-def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, provenance: dict[str, Any]) -> str:
-    export = provenance.get("export") or {"format": "safetensors", "exit_at": None}
-    exit_at = export.get("exit_at")
-    evaluation = _card_evaluation(provenance.get("metrics") or {}, cut=exit_at is not None)
-    if exit_at is None:
-        what = f"A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding)"
-        exit_line = "the whole student"
-    else:
-        what = (
-            f"A `timm` {architecture} backbone cut after block {exit_at} of {export.get('blocks')} (an early "
-            f"exit: `model(x)` returns {export.get('meaning')})"
-        )
-        exit_line = f"early exit after block {exit_at} (of {export.get('blocks')}, counted from 0)"
-    return f"""# {architecture}, distilled with distillkit
-
-{what}, distilled from a frozen teacher.
-
-- Teacher: {provenance.get("teacher", {}).get("name")} ({provenance.get("teacher", {}).get("source")})
-- Strategy: {", ".join(provenance.get("strategy", {}))}
-- Data: {provenance.get("data")}
-- Input: {input_size}x{input_size} RGB in [0, 1], normalised with mean {list(mean)} and std {list(std)}
-- Trained: {provenance.get("steps")} steps, distillkit {provenance.get("distillkit_version")}
-- Format: {export["format"]}, {exit_line}
-
-## Evaluation
-
-{evaluation}
-
-## Use
-
-{USAGE[export["format"]]}
-"""
-
-
-USAGE = {
-    "safetensors": """```python
-import timm
-model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()
-# or: import distillkit; model = distillkit.load_student("PATH/TO/THIS/FOLDER")
-```""",
-    "onnx": """```python
-import onnxruntime
-session = onnxruntime.InferenceSession("PATH/TO/THIS/FOLDER/model.onnx")
-embedding = session.run(None, {"images": images})[0]  # images: float32 (B, 3, H, W), normalised as above
-```""",
-    "torchscript": """```python
-import torch
-model = torch.jit.load("PATH/TO/THIS/FOLDER/model.pt").eval()
-embedding = model(images)  # images: float32 (B, 3, H, W), normalised as above
-```""",
-}
-
-
-CARD_MODELS = {"teacher": "teacher", "student": "student", "student_random_init": "student at random init"}
-CARD_COLUMNS = ("model", "k-NN top-1", "linear probe top-1", "params", "CPU latency (1 image)")
-
-
-def _card_evaluation(metrics: dict[str, Any], cut: bool) -> str:
-    """The card's evaluation section: the verdict, then one table row per model (teacher, student, the
-    student at its random init) with k-NN, probe, params and latency, then the held-out split."""
-    rows = {name: metrics[name] for name in CARD_MODELS if isinstance(metrics.get(name), dict)}
-    if not rows:
-        return "The student was not evaluated."
-    lines = ["Of the whole student, before it was cut:"] if cut else []
-    judged = verdict(rows)
-    if judged is not None:
-        lines.append(f"**Verdict ({judged['level']}):** {judged['text']}.")
-        if judged["level"] == "bad" and judged.get("advice"):
-            lines.append(f"> **Warning:** {judged['advice']}.")
-    if not any("knn_top1" in row or "probe_top1" in row for row in rows.values()):
-        lines.append("No labelled held-out data was available: k-NN and linear-probe accuracy were not measured.")
-    table = ["| " + " | ".join(CARD_COLUMNS) + " |", "|---|" + "---:|" * (len(CARD_COLUMNS) - 1)]
-    table += [
-        f"| {CARD_MODELS[name]} | {_fmt(row.get('knn_top1'))} | {_fmt(row.get('probe_top1'))} | "
-        f"{_count(row.get('params'))} | {_fmt(row.get('latency_ms'), ' ms', 2)} |"
-        for name, row in rows.items()
-    ]
-    lines.append("\n".join(table))
-    split = metrics.get("eval_split")
-    if isinstance(split, dict) and {"train_images", "test_images"} <= split.keys():
-        lines.append(
-            f"Accuracy on a held-out split: a k-NN bank / probe training set of {split['train_images']} "
-            f"images, {split['test_images']} held-out images scored."
-        )
-    return "\n\n".join(lines)
-
-
-def _fmt(value: Any, unit: str = "", digits: int = 4) -> str:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return "-" if value is None else str(value)
-    return f"{value:.{digits}f}{unit}"
-
-
-def _count(value: Any) -> str:
-    return f"{value:,} ({value / 1e6:.2f} M)" if isinstance(value, int) and not isinstance(value, bool) else _fmt(value)
-
-
 def student_folder(path: str | Path) -> Path:
     """The export folder behind `path`: the folder itself, its model.safetensors, or a run folder."""
     path = Path(path).expanduser()
@@ -244,7 +149,7 @@ def load_student(path: str | Path) -> nn.Module:
     return model.eval()
 
 
-EXPORT_FILES = (WEIGHTS_FILE, ONNX_FILE, TORCHSCRIPT_FILE, CONFIG_FILE, CARD_FILE)
+EXPORT_FILES = (WEIGHTS_FILE, ONNX_FILE, ONNX_DATA_FILE, TORCHSCRIPT_FILE, CONFIG_FILE, CARD_FILE)
 
 
 def is_export_folder(path: Path) -> bool:
@@ -301,8 +206,11 @@ def _write_format(exported: nn.Module, out_dir: Path, format: str, size: tuple[i
     file_name, write, runner = RUNTIME_FORMATS[format]
     out_dir.mkdir(parents=True, exist_ok=True)
     write(exported, out_dir / file_name, size)
+    files = {"model": out_dir / file_name}
+    if format == "onnx" and (out_dir / ONNX_DATA_FILE).is_file():  # a large model's weights, beside its graph
+        files["model_data"] = out_dir / ONNX_DATA_FILE
     card = write_config_and_card(out_dir, num_features=getattr(exported, "num_features", None), **meta)
-    return {"model": out_dir / file_name, **card}, runner(out_dir / file_name)
+    return {**files, **card}, runner(out_dir / file_name)
 
 
 def export(
@@ -320,7 +228,7 @@ def export(
     if format not in FORMATS:
         raise UsageError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
     if format == "onnx":
-        require_onnx()
+        require_onnx(writing=True)
     source = student_folder(run_dir)
     config = read_config(source)
     model = load_student(source)

@@ -42,7 +42,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         os.replace(tmp_path, target)
     except BaseException as e:
         tmp_path.unlink(missing_ok=True)
-        if _disk_full(e):
+        if disk_full(e):
             raise RunError(
                 f"the disk is full (or a file-size or quota limit was reached): could not write {target}; "
                 "free some space and retry"
@@ -54,7 +54,7 @@ FULL_DISK_ERRNOS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT}
 FULL_DISK_WORDS = ("No space left on device", "File too large", "FileTooLarge", "StorageFull", "Disk quota exceeded")
 
 
-def _disk_full(error: BaseException) -> bool:
+def disk_full(error: BaseException) -> bool:
     """An OSError for a full disk (or a file-size / quota limit), or a library's own exception around one:
     safetensors raises SafetensorError and torch.save RuntimeError, with the OS error only in the message."""
     if isinstance(error, OSError):

@@ -8,8 +8,13 @@ from __future__ import annotations
 import io
 from typing import Sequence
 
-MODEL_LABELS = {"teacher": "teacher", "student": "student", "student_random_init": "student\n(random init)"}
-_COLOURS = {"teacher": "#4c72b0", "student": "#dd8452", "student_random_init": "#8c8c8c"}
+MODEL_LABELS = {
+    "teacher": "teacher",
+    "student": "student",
+    "student_random_init": "student\n(random init)",
+    "student_start": "student\n(pretrained start)",
+}
+_COLOURS = {"teacher": "#4c72b0", "student": "#dd8452", "student_random_init": "#8c8c8c", "student_start": "#55a868"}
 
 
 def loss_curves(steps: Sequence[int], terms: dict[str, Sequence[float | None]]) -> bytes:

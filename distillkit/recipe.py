@@ -42,6 +42,8 @@ class StudentConfig:
     input_size: int | None = None  # pixels; None = the student spec's input size
     channels_last: bool | None = None  # None = the student spec's choice (True for conv nets)
     compile: bool = False  # run the student's forward through torch.compile while training
+    pretrained: bool = False  # start from timm's pretrained weights (its Hub copy) instead of random init
+    weights: str | None = None  # start from this weights file (a timm state dict of the student's architecture)
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,9 @@ class TrainConfig:
     deterministic: bool = False  # torch deterministic algorithms (exact resume / equivalence on CPU)
     sync_bn: bool = False  # synchronise BatchNorm statistics across processes (GPUs only)
     max_nonfinite_steps: int = 20  # consecutive non-finite losses before the run stops
+    # experiment trackers, through Accelerate: tensorboard, wandb, mlflow (one name, a list, or comma-separated),
+    # or all = every one of them that is installed; none by default. metrics.jsonl is written either way
+    log_with: list[str] | str | None = None
 
 
 @dataclass
@@ -249,17 +254,42 @@ def parse_set(items: list[str] | dict[str, Any] | None) -> dict[str, Any]:
     if items is None:
         return {}
     if isinstance(items, dict):
+        for key, value in items.items():
+            _check_full_path(str(key), str(value))
         return dict(items)
     parsed = {}
     for item in items:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise UsageError(f"--set {item!r} must look like key.path=value, e.g. train.lr=0.1")
+        _check_full_path(key.strip(), raw)
         try:
             parsed[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             parsed[key.strip()] = raw
     return parsed
+
+
+def _check_full_path(key: str, raw: str) -> None:
+    """`lr=0.1` names no section: when the schema has keys ending in it (train.lr), say which."""
+    if key.split(".")[0] in {f.name for f in fields(Recipe)}:
+        return
+    paths = _paths_ending_in(key, Recipe, "")
+    if paths:
+        hint = " or ".join(f"--set {path}={raw}" for path in paths)
+        raise UsageError(f"--set {key}={raw}: recipe keys are full paths from their section; did you mean {hint}?")
+
+
+def _paths_ending_in(key: str, cls: type, prefix: str) -> list[str]:
+    """The schema's dotted keys (of its sections, not of strategies or extra teachers) that end in `key`."""
+    hints, paths = typing.get_type_hints(cls), []
+    for f in fields(cls):
+        path = prefix + f.name
+        if path.endswith("." + key):
+            paths.append(path)
+        elif dataclasses.is_dataclass(hints[f.name]):
+            paths += _paths_ending_in(key, hints[f.name], path + ".")
+    return paths
 
 
 def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -285,8 +315,28 @@ def build_recipe(data: dict[str, Any]) -> Recipe:
     """Validate a nested dict against the schema and return a typed `Recipe`."""
     recipe = _build_dataclass(Recipe, data, "")
     recipe.strategy = _validate_strategies(recipe.strategy)
+    recipe.train.log_with = check_log_with(recipe.train.log_with)
     _check_teacher_roles(recipe.teachers)
     return recipe
+
+
+# the experiment trackers `train.log_with` may name; "all" means every one of them that is installed
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def check_log_with(value: list[str] | str | None) -> list[str]:
+    """`train.log_with` as a list of tracker names, each once: from one name, comma-separated names or a list."""
+    items = [] if value is None else [value] if isinstance(value, str) else value
+    names = []
+    for name in (part.strip() for item in items for part in item.split(",")):
+        if name and name not in TRACKERS + ("all",):
+            raise UsageError(
+                f"train.log_with: unknown tracker {name!r}: {did_you_mean(name, [*TRACKERS, 'all'])} "
+                "(all = every one of tensorboard, wandb and mlflow that is installed)"
+            )
+        if name and name not in names:
+            names.append(name)
+    return names
 
 
 def _check_teacher_roles(teachers: dict[str, TeacherConfig]) -> None:
@@ -471,6 +521,7 @@ OPTION_KEYS = {
     "teacher_weights": "teacher.weights",
     "arch": "teacher.arch",
     "student": "student.name",
+    "student_weights": "student.weights",
     "data": "data.source",
     "epochs": "train.epochs",
     "max_steps": "train.max_steps",
@@ -481,7 +532,21 @@ OPTION_KEYS = {
     "seed": "train.seed",
     "precision": "train.precision",
     "teacher_cache": "data.teacher_cache",
+    "log_with": "train.log_with",
 }
+
+
+def default_values(keys: list[str]) -> dict[str, Any]:
+    """Dotted key -> its value in the embedded default recipe (recipes/default.yaml, else the schema's default),
+    read without validating the recipe, which would import the strategies: for `distillkit compress --help`."""
+    recipe, schema, values = read_yaml(find_recipe("default")), Recipe(), {}
+    for key in keys:
+        node, default = recipe, schema
+        for part in key.split("."):
+            node = node.get(part, dataclasses.MISSING) if isinstance(node, dict) else dataclasses.MISSING
+            default = getattr(default, part, None)
+        values[key] = default if node is dataclasses.MISSING else node
+    return values
 
 
 def resolve_recipe(

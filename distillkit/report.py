@@ -24,7 +24,12 @@ from .verdict import GAP_METRICS, verdict
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
-MODELS = {"teacher": "teacher", "student": "student", "student_random_init": "student (random init)"}
+MODELS = {
+    "teacher": "teacher",
+    "student": "student",
+    "student_random_init": "student (random init)",
+    "student_start": "student (pretrained start)",
+}
 _NOT_TERMS = {"step", "epoch", "lr", "images_per_s"}  # the other numbers of a step line are loss terms
 _NO_RESULT = "not available: the run has no result.json (it stopped, or is still running, before its evaluation)"
 FOLD_ROWS = 8  # a table longer than this folds away in <details>

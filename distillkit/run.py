@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from rich.markup import escape
 from torch import nn
 
 from .data import ImageData, open_data
@@ -49,7 +50,7 @@ class Run:
         """Build the run `recipe` describes (validated, e.g. by `resolve_recipe`); `images` replaces the
         recipe's data source (e.g. images in memory); `say` hears what was adapted on the way (a queue shrunk
         to the data, a teacher pruned). Writes nothing."""
-        accelerator = accelerator or make_accelerator(recipe)
+        accelerator = accelerator or make_accelerator(recipe, Path(run_dir))
         teachers = {
             role: load_teacher(
                 t.name,
@@ -74,14 +75,14 @@ class Run:
             val_fraction=recipe.data.val_fraction,
             load_size=sizes.load_size,
         )
-        say(f"data: {images.source}; training on {len(images.train):,} images")
+        say(f"data: {escape(images.source)}; training on {len(images.train):,} images")
         for note in fit_to_data(recipe.strategy, len(images.train), recipe.train.batch_size):
-            say(f"[yellow]{note}[/]")
+            say(f"[yellow]{escape(note)}[/]")
         objective = Objective.build(recipe.strategy, teachers, student.model, student.size)
         for role, request in objective.teacher_requests(teachers, student.model).items():
             if teachers[role].prune(request):  # blocks no strategy reads
                 say(
-                    f"{role} {teachers[role].name}: training runs {teachers[role].pruned_to} of its "
+                    f"{role} {escape(teachers[role].name)}: training runs {teachers[role].pruned_to} of its "
                     f"{teachers[role].num_layers} layers, without the final norm and head"
                 )
         if recipe.train.sync_bn:

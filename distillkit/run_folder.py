@@ -16,8 +16,18 @@ from .errors import UsageError
 from .io import write_text
 
 MARKER = ".distillkit-run"
-# every entry a run writes into its folder: what --overwrite may remove
-RUN_ENTRIES = (MARKER, "recipe.yaml", "metrics.jsonl", "result.json", "report.html", "plots", "checkpoints", "student")
+# every entry a run writes into its folder: what --overwrite may remove (trackers: train.log_with's files)
+RUN_ENTRIES = (
+    MARKER,
+    "recipe.yaml",
+    "metrics.jsonl",
+    "result.json",
+    "report.html",
+    "plots",
+    "checkpoints",
+    "student",
+    "trackers",
+)
 
 
 def is_run_folder(path: Path) -> bool:

@@ -16,39 +16,24 @@ from typing import Any
 
 import timm
 import torch
-import yaml
 from torch import nn
 
 from .errors import UsageError
 from .features import Extractor, FeatureRequest, Features, is_token_model
+from .hub import create_pretrained
 from .inputs import InputConfig, prepare_input
-from .recipe import StudentConfig, _build_dataclass, _data_dir
+from .recipe import StudentConfig
 from .registry import did_you_mean
-
-
-@dataclass(frozen=True)
-class StudentSpec:
-    name: str
-    timm: str
-    description: str = ""
-    input_size: int = 224
-    channels_last: bool | None = None  # None = auto: conv nets yes, token models (ViTs) no
-    model_args: dict[str, Any] = field(default_factory=dict)
-
-
-def students_dir():
-    return _data_dir("students")
+from .student_specs import StudentSpec, parse_spec, shipped_specs, students_dir
+from .teachers.checkpoint import read_checkpoint, unwrap_state_dict
 
 
 def read_spec(path: Path) -> StudentSpec:
-    """Validate one student spec file against `StudentSpec`."""
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise UsageError(f"cannot read student spec {path}: {e}") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"student spec {path} must be a mapping with at least `timm: <model name>`")
-    spec = _build_dataclass(StudentSpec, {**data, "name": data.get("name", path.stem)}, f"student spec {path.name}")
+    """Validate one student spec file against `StudentSpec`, and its timm model name."""
+    return _checked(parse_spec(path), path)
+
+
+def _checked(spec: StudentSpec, path: Path) -> StudentSpec:
     if not timm.is_model(spec.timm):
         raise UsageError(
             f"student spec {path}: unknown timm model {spec.timm!r}: {did_you_mean(spec.timm, timm.list_models())}"
@@ -58,7 +43,7 @@ def read_spec(path: Path) -> StudentSpec:
 
 @lru_cache(maxsize=None)
 def _shipped_specs() -> dict[str, StudentSpec]:
-    return {path.stem: read_spec(path) for path in sorted(students_dir().glob("*.yaml"))}
+    return {name: _checked(spec, students_dir() / f"{name}.yaml") for name, spec in shipped_specs().items()}
 
 
 def list_students() -> list[str]:
@@ -100,6 +85,39 @@ def create_student(spec: StudentSpec, input_size: int, seed: int | None = None) 
         raise UsageError(f"cannot build student {spec.name!r} ({spec.timm}) at {input_size} px: {e}") from None
 
 
+def check_student_start(config: StudentConfig) -> None:
+    """Refuse contradictory or missing starting weights before anything loads."""
+    if config.pretrained and config.weights:
+        raise UsageError("student.pretrained and student.weights (--student-weights) are both set: choose one")
+    if config.weights and not Path(config.weights).expanduser().is_file():
+        raise UsageError(
+            f"student weights {config.weights} (--student-weights) do not exist or are not a file; check the path"
+        )
+
+
+def starting_student(spec: StudentSpec, input_size: int, config: StudentConfig) -> nn.Module | None:
+    """The student at the starting weights the recipe asks for (`student.pretrained`: timm's pretrained
+    weights; `student.weights`: a local file), None for random init. Both go through timm's pretrained
+    loading, so its per-architecture fixes apply (a ViT's position embeddings resampled to `input_size`, the
+    classifier dropped) and every backbone tensor must fit."""
+    check_student_start(config)
+    if not config.pretrained and not config.weights:
+        return None
+    args = {"num_classes": 0, **model_args_for(spec, input_size)}
+    if config.pretrained:
+        hint = "Download them on a machine with internet, save the state dict, and pass --student-weights FILE."
+        return create_pretrained(spec.timm, f"student {spec.name} (student.pretrained)", hint, **args)
+    path = Path(config.weights).expanduser()
+    state_dict = unwrap_state_dict(read_checkpoint(path), path)
+    try:
+        return timm.create_model(spec.timm, pretrained=True, pretrained_cfg_overlay={"state_dict": state_dict}, **args)
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise UsageError(
+            f"student weights {path} do not fit student {spec.name!r} (timm {spec.timm}, {input_size} px): "
+            f"{str(e).strip().splitlines()[0][:300]}; the file must be a state dict of that architecture"
+        ) from None
+
+
 def uses_channels_last(spec: StudentSpec, model: nn.Module, override: bool | None = None) -> bool:
     """The recipe's choice, else the spec's, else conv nets yes and token models no."""
     for choice in (override, spec.channels_last):
@@ -125,17 +143,30 @@ class Student:
     input_config: InputConfig
     channels_last: bool
     extractor: Extractor = field(default_factory=Extractor)
+    start: StudentConfig | None = None  # the recipe section it was created from, when it started pretrained
 
     @classmethod
     def create(cls, config: StudentConfig, seed: int | None = None) -> "Student":
         """A fresh student from the recipe's `student:` section (deterministic when `seed` is given)."""
         spec = student_spec(config.name)
         size = config.input_size or spec.input_size
-        model = create_student(spec, size, seed=seed)
+        model = create_student(spec, size, seed=seed)  # the random draws happen either way: seeds stay aligned
+        model = starting_student(spec, size, config) or model
         channels_last = uses_channels_last(spec, model, config.channels_last)
         if channels_last:
             model.to(memory_format=torch.channels_last)
-        return cls(model, spec, student_input_config(model, size), channels_last, Extractor(compile=config.compile))
+        start = config if config.pretrained or config.weights else None
+        return cls(model, spec, student_input_config(model, size), channels_last, Extractor(config.compile), start)
+
+    def at_start(self) -> "Student | None":
+        """The student at the pretrained weights it started from (None when it started at random init): the
+        second reference a trained student is compared with."""
+        if self.start is None:
+            return None
+        model = starting_student(self.spec, self.size, self.start).eval()
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return Student(model, self.spec, self.input_config, self.channels_last)
 
     def at_random_init(self, seed: int | None) -> "Student":
         """The same architecture, freshly initialised as `create` did: the reference a trained student is

@@ -5,9 +5,17 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .verdict import GAP_METRICS, gap_recovered, verdict
+
+ROWS = {
+    "teacher": "teacher",
+    "student": "student",
+    "student_start": "student at its pretrained start",
+    "student_random_init": "student random init",
+}
 
 
 def results_table(metrics: dict[str, Any]) -> Table:
@@ -18,12 +26,12 @@ def results_table(metrics: dict[str, Any]) -> Table:
         ("gap recovered (k-NN / probe)",) if gap else ()
     ):
         table.add_column(column, justify="right")
-    for name in ("teacher", "student", "student_random_init"):
+    for name, label in ROWS.items():
         row = metrics.get(name)
         if row is None:
             continue
         table.add_row(
-            name.replace("_", " "),
+            label,
             f"{row['knn_top1']:.2%}" if "knn_top1" in row else "-",
             f"{row['probe_top1']:.2%}" if "probe_top1" in row else "-",
             f"{row['params'] / 1e6:.2f} M",
@@ -46,6 +54,6 @@ def print_results(console: Console, metrics: dict[str, Any]) -> None:
     if said is None:
         return
     colour = {"good": "green", "fair": "yellow", "bad": "bold red"}[said["level"]]
-    console.print(f"[{colour}]{said['text']}[/]", highlight=False)
+    console.print(f"[{colour}]{escape(said['text'])}[/]", highlight=False)
     if said["advice"]:
-        console.print(f"[bold red]warning: {said['advice']}[/]", highlight=False)
+        console.print(f"[bold red]warning: {escape(said['advice'])}[/]", highlight=False)

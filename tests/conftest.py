@@ -1,4 +1,7 @@
+import contextlib
+import logging
 import os
+import re
 
 import pytest
 import torch
@@ -16,6 +19,22 @@ def private_user_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path_factory.mktemp("distillkit-cache")))
 
 
+@pytest.fixture
+def tells(caplog):
+    """`with tells(pattern):` checks that distillkit told its user (logger "distillkit", distillkit/messages.py)
+    a message matching `pattern` (re.search) while the block ran: what pytest.warns did for warnings."""
+
+    @contextlib.contextmanager
+    def check(pattern: str):
+        start = len(caplog.records)
+        with caplog.at_level(logging.WARNING, logger="distillkit"):
+            yield
+        said = [r.getMessage() for r in caplog.records[start:] if r.name == "distillkit"]
+        assert any(re.search(pattern, m) for m in said), f"no message matching {pattern!r} among {said}"
+
+    return check
+
+
 @pytest.fixture(scope="module")
 def one_cpu_thread():
     """Small models on a shared 2-core machine: one intra-op thread avoids OpenMP oversubscription
@@ -24,3 +43,25 @@ def one_cpu_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+CLOSED_PORT_PROXY = "http://127.0.0.1:9"  # the discard port: nothing listens, every connection is refused
+
+
+@pytest.fixture
+def no_network(monkeypatch, tmp_path_factory):
+    """A real network failure for urllib and huggingface_hub alike, whatever this machine's connection: every
+    request goes to a proxy on a closed local port. The Hugging Face cache is a fresh empty folder."""
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, CLOSED_PORT_PROXY)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("hf-cache")))
+    huggingface_hub.close_session()  # its client reads the proxy settings when it is created
+    yield
+    huggingface_hub.close_session()

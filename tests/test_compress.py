@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from huggingface_hub import ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from typer.testing import CliRunner
@@ -73,6 +74,14 @@ def test_api_run_writes_everything_and_exports_the_trained_student(tmp_path):
     assert config["pretrained_cfg"]["input_size"] == [3, 32, 32]
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(model(x), distillkit.load_student(result.run_dir)(x), atol=1e-6)
+
+    # The model card's Hub metadata names the data and carries the run's own accuracies
+    card = ModelCard.load(result.student_dir / "README.md").data
+    assert card.datasets == ["zalando-datasets/fashion_mnist"] and card.library_name == "timm"
+    assert {r.metric_name: r.metric_value for r in card.eval_results} == {
+        "k-NN top-1": round(result.metrics["student"]["knn_top1"], 4),
+        "linear probe top-1": round(result.metrics["student"]["probe_top1"], 4),
+    }
 
 
 def test_resume_after_a_crash_gives_the_uninterrupted_weights(tmp_path, monkeypatch):

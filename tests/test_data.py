@@ -452,10 +452,10 @@ def test_image_modes_become_rgb(tmp_path, mode, color, expected):
         assert torch.equal(image, torch.tensor(expected, dtype=torch.uint8).view(3, 1, 1).expand(3, 6, 6))
 
 
-def test_single_class_folder_is_unlabelled(tmp_path):
+def test_single_class_folder_is_unlabelled(tmp_path, tells):
     for i in range(3):
         write_png(tmp_path / "only" / f"{i}.png", (3, 3, 3))
-    with pytest.warns(UserWarning, match="single class"):
+    with tells("single class"):
         data = open_data(str(tmp_path), limit=None, seed=0, val_fraction=0.1, load_size=8)
     assert data.num_classes is None
     assert data.test is None

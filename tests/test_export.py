@@ -11,9 +11,8 @@ import torch
 
 import distillkit
 from distillkit.errors import RunError, UsageError
-from distillkit.export import export_student, load_student, model_card
+from distillkit.export import export_student, load_student
 from distillkit.io import atomic_path, write_json, write_text
-from distillkit.verdict import gap_recovered, verdict
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -161,69 +160,6 @@ def test_load_student_with_mismatched_weights(tmp_path, small_export):
     (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(UsageError, match=str(folder)):
         load_student(folder)
-
-
-# ----------------------------------------------------------------------------- the model card's evaluation
-
-ROWS = {
-    "teacher": {"knn_top1": 0.861, "probe_top1": 0.869, "params": 4_652_008, "latency_ms": 9.81},
-    "student": {"knn_top1": 0.855, "probe_top1": 0.866, "params": 1_517_856, "latency_ms": 2.47},
-    "student_random_init": {"knn_top1": 0.760, "probe_top1": 0.779, "params": 1_517_856, "latency_ms": 2.45},
-}
-HEADER = "| model | k-NN top-1 | linear probe top-1 | params | CPU latency (1 image) |"
-
-
-def card_for(metrics, export=None):
-    provenance = PROVENANCE | {"metrics": metrics} | ({"export": export} if export else {})
-    return model_card("mobilenetv3_small_100", 224, MEAN, STD, provenance)
-
-
-def table_of(card):
-    """The markdown table's lines: header, separator, rows."""
-    return [line for line in card.splitlines() if line.startswith("|")]
-
-
-def test_model_card_table_has_one_row_per_model_and_the_verdict():
-    metrics = {"eval_split": {"train_images": 5000, "test_images": 2000}, **ROWS, "gap_recovered": gap_recovered(ROWS)}
-    card = card_for(metrics)
-    header, separator, *rows = table_of(card)
-    assert header == HEADER
-    assert separator == "|---|---:|---:|---:|---:|"
-    assert rows == [
-        "| teacher | 0.8610 | 0.8690 | 4,652,008 (4.65 M) | 9.81 ms |",
-        "| student | 0.8550 | 0.8660 | 1,517,856 (1.52 M) | 2.47 ms |",
-        "| student at random init | 0.7600 | 0.7790 | 1,517,856 (1.52 M) | 2.45 ms |",
-    ]
-    assert all(row.count("|") == header.count("|") for row in rows)
-    assert f"**Verdict (good):** {verdict(ROWS)['text']}." in card and "Warning" not in card
-    assert "5000 images, 2000 held-out images" in card
-    assert "eval_split" not in card and "gap_recovered" not in card and "train_images" not in card
-    evaluation = card[card.index("## Evaluation") : card.index("## Use")]
-    assert evaluation.index("**Verdict") < evaluation.index(HEADER)
-
-
-def test_model_card_warns_about_a_bad_student_and_keeps_the_cut_note():
-    bad = ROWS | {"student": ROWS["student"] | {"knn_top1": 0.702, "probe_top1": 0.741}}
-    card = card_for(
-        bad | {"gap_recovered": {"knn_top1": 0.99, "probe_top1": 0.99}},  # a stored gap is not trusted
-        export={"format": "onnx", "exit_at": 3, "blocks": 6, "meaning": "the block's feature map"},
-    )
-    judged = verdict(bad)
-    assert f"**Verdict (bad):** {judged['text']}." in card
-    assert f"> **Warning:** {judged['advice']}." in card
-    assert "Of the whole student, before it was cut:" in card
-    assert len(table_of(card)) == 2 + 3
-
-
-def test_model_card_without_accuracies_or_metrics():
-    unlabelled = {name: {"params": row["params"], "latency_ms": row["latency_ms"]} for name, row in ROWS.items()}
-    card = card_for(unlabelled)
-    header, _, *rows = table_of(card)
-    assert header == HEADER and len(rows) == 3 and rows[0] == "| teacher | - | - | 4,652,008 (4.65 M) | 9.81 ms |"
-    assert "No labelled held-out data was available" in card and "Verdict" not in card
-    assert "The student was not evaluated." in card_for({}) and not table_of(card_for({}))
-    _, _, *rows = table_of(card_for(PROVENANCE["metrics"]))  # an old card's metrics: the student alone
-    assert rows == ["| student | 0.5000 | 0.6250 | - | - |"]
 
 
 # ----------------------------------------------------------------------------- atomic writes

@@ -69,6 +69,13 @@ def run(request, tmp_path_factory):
     return architecture, model, run_dir
 
 
+@pytest.fixture(scope="module")
+def onnx_export(run, tmp_path_factory):
+    """The student's ONNX export, shared by the tests that read it: the torch.export-based exporter takes
+    15-20 s per whole student here (one thread), so each student is exported once."""
+    return distillkit.export(run[2], format="onnx", out=tmp_path_factory.mktemp("onnx") / "export")
+
+
 def run_exported(result) -> "callable":
     """Run the written file with its own runtime."""
     if result.format == "safetensors":
@@ -111,10 +118,14 @@ def assert_matches(run_file, expected_of, batches=(1, 4)):
 
 
 @pytest.mark.parametrize("fmt", ["safetensors", "onnx", "torchscript"])
-def test_export_matches_the_model_with_any_batch_size(run, fmt, tmp_path):
+def test_export_matches_the_model_with_any_batch_size(run, fmt, tmp_path, request):
     _, model, run_dir = run
-    result = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
-    assert result.out_dir == tmp_path / fmt and result.exit_at is None
+    if fmt == "onnx":
+        result = request.getfixturevalue("onnx_export")
+    else:
+        result = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
+        assert result.out_dir == tmp_path / fmt
+    assert result.exit_at is None
     assert 0 <= result.max_abs_diff < 1e-4
     assert all(path.is_file() for path in result.files.values())
     assert_matches(run_exported(result), model)
@@ -124,6 +135,24 @@ def test_export_matches_the_model_with_any_batch_size(run, fmt, tmp_path):
     card = (result.out_dir / "README.md").read_text()
     for fact in ("efficientnet-lite0", "seed", "bundled", "0.6250", "32x32", str(list(STD)), f"Format: {fmt}"):
         assert fact in card, fact
+
+
+def test_onnx_export_uses_the_torch_export_based_exporter(onnx_export):
+    import onnx
+
+    path = onnx_export.out_dir / "model.onnx"
+    onnx.checker.check_model(str(path))
+    graph_model = onnx.load(str(path))
+    # only the torch.export-based exporter records the ExportedProgram it translated; the legacy one writes none
+    assert "pkg.torch.export.ExportedProgram.graph_signature" in {p.key for p in graph_model.graph.metadata_props}
+    assert [(o.domain, o.version) for o in graph_model.opset_import] == [("", 18)]
+    graph = graph_model.graph
+    assert [v.name for v in graph.input] == ["images"] and [v.name for v in graph.output] == ["embedding"]
+    for value in (graph.input[0], graph.output[0]):
+        assert value.type.tensor_type.shape.dim[0].dim_param == "batch"
+    # a small student stays one self-contained file
+    assert sorted(p.name for p in onnx_export.out_dir.iterdir()) == ["README.md", "config.json", "model.onnx"]
+    assert set(onnx_export.files) == {"model", "config", "card"}
 
 
 def test_eval_scores_the_safetensors_and_never_runs_a_file_dropped_beside_it(run, colours, tmp_path):
@@ -261,11 +290,7 @@ def test_eval_timm_model_with_local_weights(colours, tmp_path, classes):
     assert metrics["top1"] == pytest.approx(correct / len(test_images))
 
 
-def test_eval_timm_bad_input(run, colours, tmp_path, monkeypatch):
-    import distillkit.teachers.hub as hub
-
-    monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_eval_timm_bad_input(run, colours, tmp_path, no_network):
     with pytest.raises(UsageError, match="cannot be reached.*--weights FILE"):
         evaluate_student("timm:mobilenetv3_small_050", data=str(colours[0]))
     with pytest.raises(UsageError, match="unknown timm model 'mobilenetv3_smal'"):
@@ -280,10 +305,13 @@ def test_eval_timm_bad_input(run, colours, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_eval_runs_onnx_and_torchscript_exports_with_their_runtimes(run, colours, tmp_path, fmt):
+def test_eval_runs_onnx_and_torchscript_exports_with_their_runtimes(run, colours, tmp_path, fmt, request):
     _, model, run_dir = run
     reference = evaluate_student(run_dir, data=str(colours[0]), probe_steps=20)
-    exported = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
+    if fmt == "onnx":
+        exported = request.getfixturevalue("onnx_export")
+    else:
+        exported = distillkit.export(run_dir, format=fmt, out=tmp_path / fmt)
     model_file = exported.out_dir / ("model.onnx" if fmt == "onnx" else "model.pt")
     # a folder's runtime file runs only when named: a file dropped into a folder is never executed unasked
     with pytest.raises(UsageError, match=f"only when it is named: distillkit eval {model_file}"):

@@ -149,11 +149,11 @@ def tiny(out, **kwargs):
     return distillkit.compress(**options)
 
 
-def test_resume_with_a_changed_recipe_needs_force(tmp_path):
+def test_resume_with_a_changed_recipe_needs_force(tmp_path, tells):
     tiny(tmp_path / "run", max_steps=2)
     with pytest.raises(UsageError, match="--force-resume"):
         tiny(tmp_path / "run", max_steps=4, lr=0.01, resume=True)
-    with pytest.warns(UserWarning, match="changed recipe"):
+    with tells("changed recipe"):
         result = tiny(tmp_path / "run", max_steps=4, lr=0.01, resume=True, force_resume=True)
     assert result.steps == 4
 
@@ -169,9 +169,9 @@ def image_folder(root: Path, good: int, bad: int) -> Path:
     return root
 
 
-def test_a_few_bad_images_are_skipped_and_counted(tmp_path):
+def test_a_few_bad_images_are_skipped_and_counted(tmp_path, tells):
     data = image_folder(tmp_path / "images", good=60, bad=2)
-    with pytest.warns(UserWarning, match="unreadable images were skipped: .*broken"):
+    with tells("unreadable images were skipped: .*broken"):
         result = tiny(
             tmp_path / "run",
             data=str(data),
@@ -188,24 +188,24 @@ def test_too_many_bad_images_stop_the_run_with_examples(tmp_path):
         tiny(tmp_path / "run", data=str(data), limit=None, epochs=1, set=TINY + ["data.val_fraction=0.05"])
 
 
-def test_a_bad_image_is_counted_once_however_many_epochs_meet_it(tmp_path):
+def test_a_bad_image_is_counted_once_however_many_epochs_meet_it(tmp_path, tells):
     """One unreadable file among 81 (1.2 %, over the 1 % default) trains with a warning: a run tolerates at
     least one bad file, and a file met again every epoch is still one file."""
     data = image_folder(tmp_path / "images", good=80, bad=1)
-    with pytest.warns(UserWarning, match=r"^1 unreadable image was skipped: .*broken0.png"):
+    with tells(r"^1 unreadable image was skipped: .*broken0.png"):
         result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=3, set=TINY + ["data.val_fraction=0.05"])
     assert result.steps >= 3
 
 
-def test_two_bad_files_in_208_do_not_stop_a_two_epoch_run(tmp_path):
+def test_two_bad_files_in_208_do_not_stop_a_two_epoch_run(tmp_path, tells):
     """2 distinct files are within 1 % of 208 images; counted per epoch they were 4 and stopped the run."""
     data = image_folder(tmp_path / "images", good=206, bad=2)
-    with pytest.warns(UserWarning, match=r"^2 unreadable images were skipped"):
+    with tells(r"^2 unreadable images were skipped"):
         result = tiny(tmp_path / "run", data=str(data), limit=None, epochs=2, set=TINY + ["data.val_fraction=0.05"])
     assert result.steps >= 2
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
+def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, tells):
     real_forward = Seed.forward
     calls = {"n": 0}
 
@@ -218,13 +218,13 @@ def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch):
         return forward
 
     monkeypatch.setattr(Seed, "forward", nan_on_calls({2, 3}))
-    with pytest.warns(UserWarning, match="not finite"):
+    with tells("not finite"):
         result = tiny(tmp_path / "skips", max_steps=3)
     assert result.steps == 3  # two batches skipped, three good steps
 
     calls["n"] = 0
     monkeypatch.setattr(Seed, "forward", nan_on_calls(set(range(3, 100))))
-    with pytest.raises(RunError, match="3 steps in a row had a non-finite loss"), pytest.warns(UserWarning):
+    with tells("not finite"), pytest.raises(RunError, match="3 steps in a row had a non-finite loss"):
         tiny(tmp_path / "stops", epochs=3, set=TINY + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1"])
     state = torch.load(tmp_path / "stops" / "checkpoints" / "last" / "train_state.pt", weights_only=True)
     assert state["step"] == 2  # the last good step is kept

@@ -4,6 +4,7 @@ teacher is not run for cached views, and a changed teacher, image or augmentatio
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -359,3 +360,48 @@ def test_two_runs_at_once_share_one_entry(tmp_path, teacher_calls):
     assert np.fromfile(entry / "filled.bin", dtype=np.uint8).sum() == 64
     run(tmp_path / "reader", cache, epochs=1)  # the same recipe, in this process
     assert teacher_calls.count(32) == 0
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_disk_without_room_for_the_cache_skips_it_or_refuses_it(tmp_path, explicit):
+    """A real fault: files of at most 40 MB may be written (RLIMIT_FSIZE, SIGXFSZ ignored: writes fail with
+    EFBIG as on a full disk), and the entry's embedding array needs 82 MB. Its blocks are reserved before the
+    first epoch, so the run learns it at once: the automatic cache is skipped with a message and training goes
+    on; an explicit --teacher-cache is refused (exit 2). No half-made entry is left behind either way."""
+    helper = Path(__file__).parent / "helpers" / "fault_run.py"
+    cache = tmp_path / "cache"
+    limited = (
+        "import resource, signal, runpy, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (40 << 20, 40 << 20)); "
+        f"sys.argv = [{str(helper)!r}] + sys.argv[1:]; runpy.run_path({str(helper)!r}, run_name='__main__')"
+    )
+    args = ["--student", "mobilenetv3-small", "--limit", "4000", "--batch-size", "32", "--epochs", "3"]
+    args += ["--out", str(tmp_path / "run"), *sum((["--set", s] for s in TINY + ["data.view_slots=2"]), [])]
+    env = {**os.environ, "DISTILLKIT_CACHE": str(cache)}
+    if explicit:
+        args += ["--teacher-cache", str(cache / "explicit")]
+    else:
+        args += ["--max-steps", "2"]
+    done = subprocess.run(
+        [sys.executable, "-c", limited, "--", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+    message = " ".join(done.stderr.split()) + " ".join(done.stdout.split())
+    assert "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert "filled while reserving the cache" in message, message[-3000:]
+    if explicit:
+        assert done.returncode == 2 and "--no-teacher-cache" in message
+    else:
+        assert done.returncode == 0 and "teacher cache skipped" in message
+    entries = [p for p in cache.rglob("meta.json")] if cache.exists() else []
+    bins = [p for p in cache.rglob("*.bin")] if cache.exists() else []
+    assert entries == [] and bins == []
+
+
+def test_an_entrys_files_have_their_blocks_allocated_before_training(tmp_path):
+    """Sparse files would take their blocks only as the first epoch writes them, and a disk that fills
+    meanwhile kills the run with SIGBUS; the blocks of every array are reserved when the entry is made."""
+    run(tmp_path / "run", tmp_path / "cache", epochs=1, max_steps=1)
+    arrays = list((tmp_path / "cache").rglob("*.bin"))
+    assert len(arrays) >= 3
+    for path in arrays:
+        assert os.stat(path).st_blocks * 512 >= path.stat().st_size > 0, path

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-import distillkit.teachers.hub as hub
 from distillkit import load_teacher
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest, extract_features, resolve_layer
@@ -371,9 +370,7 @@ def test_pickle_that_runs_code_is_refused(tmp_path, zipped):
 # ----------------------------------------------------------------------------- names, offline
 
 
-def test_offline_download_fails_fast_with_a_hint(monkeypatch):
-    monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+def test_offline_download_fails_fast_with_a_hint(no_network):
     start = time.perf_counter()
     with pytest.raises(UsageError, match="--teacher-weights"):
         load_teacher("timm:resnet18.a1_in1k")

@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 from torch import nn
 from typer.testing import CliRunner
 
-import distillkit.teachers.hub as hub
 from distillkit import load_teacher
 from distillkit.cli import app
 from distillkit.errors import UsageError
@@ -517,8 +516,7 @@ def test_every_published_teacher_has_its_official_url():
 
 
 @pytest.mark.parametrize("name", URL_TEACHERS)
-def test_offline_without_weights_names_the_file_and_the_flag(monkeypatch, tmp_path, name):
-    monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
+def test_offline_without_weights_names_the_file_and_the_flag(no_network, monkeypatch, tmp_path, name):
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path))
     start = time.perf_counter()
     with pytest.raises(UsageError) as info:
@@ -535,12 +533,10 @@ def test_download_goes_to_the_cache_and_is_reused(monkeypatch, tmp_path):
     served.parent.mkdir()
     torch.save(network.state_dict(), served)
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(hub, "network_available", lambda *a, **k: True)
     path = fetch_weights(served.as_uri(), "teacher test")  # urllib reads file:// URLs like http ones
     assert path == tmp_path / "cache" / "weights" / served.name
     assert path.read_bytes() == served.read_bytes()
     # a cached file is used without the network, under the zoo name
-    monkeypatch.setattr(hub, "network_available", lambda *a, **k: False)
     teacher = load_teacher("dino-vits16", input_size=32, model_kwargs=dict(depth=1))
     views = _views()
     assert _close(teacher(views, FeatureRequest(embedding=True)).embedding, _expected(network, views))
@@ -595,9 +591,9 @@ def test_a_moco_checkpoint_nested_under_model_is_read_where_it_was_recognised(tm
     assert _close(teacher(_views(), FeatureRequest(embedding=True)).embedding, _expected(query, _views()))
 
 
-def test_random_lite0_takes_its_model_arguments():
+def test_random_lite0_takes_its_model_arguments(tells):
     """A random-weight Lite0 (smoke tests) is built with the model arguments it is given."""
-    with pytest.warns(UserWarning, match="random weights"):
+    with tells("random weights"):
         narrow = load_teacher("efficientnet-lite0", RANDOM_WEIGHTS, 64, model_kwargs={"drop_rate": 0.3})
         whole = load_teacher("efficientnet-lite0", RANDOM_WEIGHTS, 64)
     assert narrow.model.drop_rate == 0.3 and whole.model.drop_rate == 0.0

@@ -14,8 +14,6 @@ from __future__ import annotations
 import gzip
 import math
 import os
-import socket
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,8 @@ from torch.utils.data import Dataset
 
 from ..errors import UsageError
 from ..io import cache_dir
+from ..messages import warn
+from ..net import reachable
 from ..registry import did_you_mean
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -317,19 +317,17 @@ def _tensor_images(images: np.ndarray, labels: np.ndarray) -> TensorImages:
 
 
 def _download_fashion_mnist() -> tuple[TensorImages, TensorImages] | None:
-    host = "fashion-mnist.s3-website.eu-central-1.amazonaws.com"
-    try:
-        socket.create_connection((host, 80), timeout=3).close()
-    except OSError:
-        return None
     from torchvision.datasets import FashionMNIST
+
+    if not reachable(FashionMNIST.mirrors[0]):  # offline: the bundled subset, no download noise
+        return None
 
     root = cache_dir() / "fashion-mnist"
     try:
         FashionMNIST(str(root), train=True, download=True)
         FashionMNIST(str(root), train=False, download=True)
     except Exception as e:  # any download failure falls through to the bundled subset
-        warnings.warn(f"Fashion-MNIST download failed ({e}); using the bundled subset")
+        warn(f"Fashion-MNIST download failed ({e}); using the bundled subset")
         return None
     return _read_fashion_mnist_dir(root / "FashionMNIST" / "raw")
 
@@ -400,7 +398,7 @@ def scan_folder(root: Path, classes: list[str] | None = None, exclude: tuple[str
             "or one subfolder per class)"
         )
     if len(class_images) == 1:
-        warnings.warn(f"{root} has a single class folder: training without labels, so no k-NN / probe accuracy")
+        warn(f"{root} has a single class folder: training without labels, so no k-NN / probe accuracy")
     return paths, None, []
 
 

@@ -178,8 +178,8 @@ def _evaluate_file(
 
 
 def _timm_model(name: str, weights: str | Path | None) -> nn.Module:
+    from ..hub import create_pretrained
     from ..teachers.checkpoint import load_exact, read_checkpoint, unwrap_state_dict
-    from ..teachers.hub import create_pretrained
 
     if not name or not timm.is_model(name):
         raise UsageError(f"unknown timm model {name!r}: {did_you_mean(name, timm.list_models())}")

@@ -1,4 +1,5 @@
-"""A finished run's comparison: its teacher, its trained student and the same student at random init."""
+"""A finished run's comparison: its teacher, its trained student, the same student at random init and, when it
+started from pretrained weights, at those."""
 
 from __future__ import annotations
 
@@ -10,12 +11,16 @@ from .metrics import count_params, cpu_latency_ms, embed_dataset, eval_subset, s
 
 def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
     """k-NN / probe accuracy, parameters and CPU latency of the teacher, the trained student and the same
-    student at its random init (`student.at_random_init`), and the share of the teacher-minus-random-init
+    student at its random init (`student.at_random_init`) and at its pretrained start (`student_start`, when
+    `student.pretrained` / `student.weights` gave one), and the share of the teacher-minus-random-init
     gap the student recovered (`verdict.gap_recovered`). `teacher` and `student` embed raw views with
     `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped)."""
-    random_init = student.at_random_init(recipe.train.seed)
+    references = {"student": student, "student_random_init": student.at_random_init(recipe.train.seed)}
+    start = student.at_start()
+    if start is not None:
+        references["student_start"] = start
     networks = {"teacher": (teacher.embed, teacher.model, teacher.input_config.size, teacher.channels_last)}
-    for name, network in (("student", student), ("student_random_init", random_init)):
+    for name, network in references.items():
         networks[name] = (network.embed, network.model, network.input_config.size, network.channels_last)
     metrics: dict[str, Any] = {}
     labelled = recipe.eval.enabled and images.test is not None and images.num_classes

@@ -41,6 +41,7 @@ from ..features import FeatureRequest, Features
 from ..roles import PRIMARY_TEACHER
 from .base import Gather, StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import TeacherEmbed, check_fraction, check_teacher_embed, embedding_request, fp32, teacher_vector
 
 
@@ -109,7 +110,7 @@ def feature_loss(projected: Tensor, target: Tensor, loss: str) -> Tensor:
 class Feature(Strategy):
     name = "feature"
     Config = FeatureConfig
-    summary = "timm-style feature distillation: Linear(student embedding) -> teacher embedding, cosine or MSE"
+    summary = SUMMARIES["feature"]
 
     def __init__(self, config: FeatureConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)

@@ -68,6 +68,7 @@ from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .masks import check_mask_grid, sample_block_masks
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import (
     as_map,
     check_non_negative,
@@ -211,10 +212,7 @@ def _square_grid(tokens: int, what: str) -> tuple[int, int]:
 class Hidden(Strategy):
     name = "hidden"
     Config = HiddenConfig
-    summary = (
-        "multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "
-        "context + predictor for ViT students"
-    )
+    summary = SUMMARIES["hidden"]
 
     def __init__(self, config: HiddenConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)

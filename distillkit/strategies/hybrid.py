@@ -67,6 +67,7 @@ from ..relations import relation_maps
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import (
     as_map,
     check_fraction,
@@ -223,10 +224,7 @@ class Hybrid(Strategy):
     name = "hybrid"
     Config = HybridConfig
     reads = (HybridConfig.feature_teacher, HybridConfig.relation_teacher)  # by default; the config names them
-    summary = (
-        "Hybrid Distill: a MIM teacher's token relations at intermediate layers + a CL teacher's final "
-        "features, with progressive redundant-token masking (two teachers)"
-    )
+    summary = SUMMARIES["hybrid"]
 
     @classmethod
     def teacher_roles(cls, config: HybridConfig) -> tuple[str, ...]:

@@ -39,7 +39,6 @@ anyway); with keep_ratio_tf < 1, unlabelled rows count as rank 0.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable, Mapping
 
@@ -49,9 +48,11 @@ from torch import Tensor, nn
 
 from ..errors import UsageError
 from ..features import FeatureRequest, Features, num_layers, resolve_layer
+from ..messages import warn
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import (
     TeacherEmbed,
     as_map,
@@ -138,10 +139,7 @@ def feature_map_cosine(student_map: Tensor, teacher_map: Tensor) -> Tensor:
 class Kdss(Strategy):
     name = "kdss"
     Config = KdssConfig
-    summary = (
-        "KDSS/SSKD: KD on upright and rotated images, rotation similarity transfer, feature-map "
-        "cosine (4 rotations per view)"
-    )
+    summary = SUMMARIES["kdss"]
 
     def __init__(self, config: KdssConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)
@@ -149,10 +147,9 @@ class Kdss(Strategy):
         student_dim = student_probe.embedding.shape[1]
         has_logits = teacher_probe.logits is not None
         if not has_logits and (config.w_kl > 0 or config.w_tf > 0):
-            warnings.warn(
+            warn(
                 "strategy kdss: the teacher has no class logits, so L_kd and L_tf (the KL terms) are "
-                "off; set w_kl and w_tf to 0 to silence this",
-                stacklevel=2,
+                "off; set w_kl and w_tf to 0 to silence this"
             )
         self.kd_on = has_logits and config.w_kl > 0
         self.tf_on = has_logits and config.w_tf > 0

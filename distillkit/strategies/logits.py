@@ -27,6 +27,7 @@ from ..features import FeatureRequest, Features
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import check_non_negative, check_positive, kd_loss, labelled_ce
 
 
@@ -47,7 +48,7 @@ class LogitsConfig:
 class Logits(Strategy):
     name = "logits"
     Config = LogitsConfig
-    summary = "Hinton KD: T^2 KL between softened teacher and student class distributions (needs teacher logits)"
+    summary = SUMMARIES["logits"]
 
     def __init__(self, config: LogitsConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)

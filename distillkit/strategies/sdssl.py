@@ -51,6 +51,7 @@ from ..features import FeatureRequest, Features, num_layers, pools_blocks, resol
 from ..roles import PRIMARY_TEACHER
 from .base import StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import (
     TeacherEmbed,
     all_gather,
@@ -120,10 +121,7 @@ def ramp(shape: str, maximum: float, progress: float) -> float:
 class Sdssl(Strategy):
     name = "sdssl"
     Config = SdsslConfig
-    summary = (
-        "SDSSL: every student block, through its own projector, contrasts with the teacher's final "
-        "embedding (InfoNCE); intermediate blocks ramp in"
-    )
+    summary = SUMMARIES["sdssl"]
 
     def __init__(self, config: SdsslConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)

@@ -27,6 +27,7 @@ from ..features import FeatureRequest, Features
 from ..roles import PRIMARY_TEACHER
 from .base import Gather, StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import (
     TeacherEmbed,
     check_positive,
@@ -89,7 +90,7 @@ class EmbeddingQueue(nn.Module):
 class Seed(Strategy):
     name = "seed"
     Config = SeedConfig
-    summary = "SEED: match the teacher's similarity distribution over a queue of teacher embeddings"
+    summary = SUMMARIES["seed"]
 
     def __init__(self, config: SeedConfig, teacher_probe: Features, student_probe: Features):
         super().__init__(config)

@@ -48,6 +48,7 @@ from ..errors import UsageError
 from ..features import FeatureRequest, Features
 from .base import StepInputs, Strategy
 from .registry import register_strategy
+from .summaries import SUMMARIES
 from .toolbox import all_gather, check_positive, fp32
 
 
@@ -88,7 +89,7 @@ class Simclr(Strategy):
     Config = SimclrConfig
     num_views = 2
     reads = ()  # no teacher: the loop runs none for it
-    summary = "SimCLR: the student alone, NT-Xent between two views (no teacher; the self-supervised baseline)"
+    summary = SUMMARIES["simclr"]
 
     def __init__(self, config: SimclrConfig, student_probe: Features):
         super().__init__(config)

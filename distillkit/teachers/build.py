@@ -4,7 +4,6 @@ embeddings, load strictly, and explain a mismatch with the checkpoint's format a
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any, Mapping
 
 import timm
@@ -12,6 +11,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from ..messages import warn
 from .checkpoint import StateDict, load_exact
 from .formats import Extracted
 from .guess import guess_teacher
@@ -40,7 +40,7 @@ def random_model(
     """A randomly initialised backbone, with a warning: for smoke tests only. Always the same weights for
     the same arguments (seeded apart from the global RNG), so a run with a random teacher is repeatable
     and its resume meets the teacher it started with."""
-    warnings.warn(f"teacher {arch} uses random weights: fine for smoke tests, useless for distillation")
+    warn(f"teacher {arch} uses random weights: fine for smoke tests, useless for distillation")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         return create_backbone(arch, input_size, is_vit, kwargs or {})

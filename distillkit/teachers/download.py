@@ -21,7 +21,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from ..errors import UsageError
-from . import hub
+from ..net import no_connection
 
 TIMEOUT_S = 60.0  # seconds without a byte from the server before a download gives up
 CHUNK = 1 << 20
@@ -39,8 +39,8 @@ def cached_path(url: str) -> Path:
 
 def fetch_weights(url: str, what: str, sha256: str | None = None) -> Path:
     """The local path of `url`'s file, downloading it into the cache first if needed (`sha256`: its known
-    hash, checked). Offline, raises `UsageError` naming the file to download and the flag to pass, after one
-    quick connection check (no retries, no timeouts to wait out)."""
+    hash, checked). Offline, raises `UsageError` naming the file to download and the flag to pass, from
+    urllib's own connection error (no retries; proxies from `HTTPS_PROXY` / `HTTP_PROXY` apply)."""
     path = cached_path(url)
     manual = f"Download it on a machine with internet and pass it with --teacher-weights FILE (or copy it to {path})"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -48,21 +48,24 @@ def fetch_weights(url: str, what: str, sha256: str | None = None) -> Path:
         if path.is_file() and path.stat().st_size > 0:
             _check_cached(path, sha256)
             return path
-        parsed = urlparse(url)
-        host = parsed.hostname or url
-        if parsed.scheme in ("http", "https") and not hub.network_available(host, port=_port(parsed)):
-            raise UsageError(
-                f"{what}: its weights are the file {url}, and {host} cannot be reached from this machine. {manual}"
-            )
         try:
             _download(url, path, sha256)
+        except Unreachable as e:
+            raise UsageError(
+                f"{what}: its weights are the file {url}, and {e.host} cannot be reached from this machine "
+                f"({e.reason}). {manual}"
+            ) from None
         except UsageError as e:
             raise UsageError(f"{what}: {e}. {manual}") from None
     return path
 
 
-def _port(parsed) -> int:
-    return parsed.port or (443 if parsed.scheme == "https" else 80)
+class Unreachable(Exception):
+    """No connection to the server at all (DNS, refused, no route, the proxy): nothing was downloaded."""
+
+    def __init__(self, host: str, reason: object):
+        super().__init__(f"{host}: {reason}")
+        self.host, self.reason = host, reason
 
 
 def _download(url: str, path: Path, sha256: str | None) -> None:
@@ -71,7 +74,7 @@ def _download(url: str, path: Path, sha256: str | None) -> None:
     done = part.stat().st_size if part.exists() else 0
     request = urllib.request.Request(url, headers={"Range": f"bytes={done}-"} if done else {})
     try:
-        with urllib.request.urlopen(request, timeout=TIMEOUT_S) as response:
+        with urllib.request.build_opener().open(request, timeout=TIMEOUT_S) as response:  # proxies: as set now
             resumed = done and getattr(response, "status", 200) == 206
             expected = response.headers.get("Content-Length")
             expected = int(expected) + (done if resumed else 0) if expected is not None else None
@@ -79,7 +82,15 @@ def _download(url: str, path: Path, sha256: str | None) -> None:
                 shutil.copyfileobj(response, out, CHUNK)
     except (TimeoutError, socket.timeout):
         raise UsageError(f"downloading {url} timed out ({TIMEOUT_S:.0f} s without data); run again to resume") from None
-    except (urllib.error.URLError, OSError, ValueError) as e:
+    except urllib.error.URLError as e:
+        if no_connection(e):
+            raise Unreachable(urlparse(url).hostname or url, e.reason) from None
+        if "timed out" in str(e):
+            raise UsageError(
+                f"downloading {url} timed out ({TIMEOUT_S:.0f} s without data); run again to resume"
+            ) from None
+        raise UsageError(f"downloading {url} failed ({e}); run again to resume") from None
+    except (OSError, ValueError) as e:
         if "timed out" in str(e):
             raise UsageError(
                 f"downloading {url} timed out ({TIMEOUT_S:.0f} s without data); run again to resume"

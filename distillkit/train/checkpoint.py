@@ -101,8 +101,16 @@ def saved_recipe(path: Path) -> dict[str, Any]:
     return yaml.safe_load((path / RECIPE_FILE).read_text(encoding="utf-8")) or {}
 
 
-# Keys that may change between a run and its resumption: length, output and evaluation settings.
-RESUMABLE_CHANGES = ("train.epochs", "train.max_steps", "train.checkpoint_every", "train.log_every", "out", "eval.")
+# Keys that may change between a run and its resumption: length, output (logging, trackers) and evaluation settings.
+RESUMABLE_CHANGES = (
+    "train.epochs",
+    "train.max_steps",
+    "train.checkpoint_every",
+    "train.log_every",
+    "train.log_with",
+    "out",
+    "eval.",
+)
 
 
 def recipe_changes(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:

@@ -11,7 +11,6 @@ import math
 import signal
 import threading
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from ..data.sources import ReplacingBad
 from ..data.views import view_config, view_seed, view_slots
 from ..errors import RunError, UsageError
 from ..evaluate.online import OnlineKnn
+from ..messages import warn
 from ..recipe import Recipe
 from ..roles import PRIMARY_TEACHER
 from .bad_images import BadImageTally
@@ -37,6 +37,7 @@ from .metrics_log import append_record, trim_to_step
 from .step import DistillModule, StepContext, train_step
 from .step_log import StepLog
 from .sync import agreed
+from .trackers import accelerator_options, finish_trackers, start_trackers
 
 if TYPE_CHECKING:
     from ..run import Run
@@ -122,7 +123,9 @@ class StopSignals:
         self.received = signum
 
 
-def make_accelerator(recipe: Recipe):
+def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
+    """The run's Accelerator: precision, gradient accumulation, and the experiment trackers of `train.log_with`
+    (writing into `run_dir`; none without it)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
@@ -137,6 +140,7 @@ def make_accelerator(recipe: Recipe):
             mixed_precision=mixed,
             gradient_accumulation_steps=recipe.train.grad_accum,
             cpu=not torch.cuda.is_available(),
+            **accelerator_options(recipe.train.log_with, run_dir),
         )
     except (ValueError, RuntimeError) as e:
         raise UsageError(
@@ -166,16 +170,19 @@ def train(
     every epoch's end into that epoch's metrics.jsonl line, its time left out of the speed."""
     training = _Training(run, progress, resume, force_resume)
     position = training.position
-    with StopSignals() as signals, cropped_taps(training.inner):
-        training.start(online_knn)
-        while position.step < training.budget.total_steps and position.epoch < training.budget.epochs:
-            epoch_start = time.perf_counter()
-            for batch in training.epoch_batches():
-                if training.step(batch) and training.after_step(signals):
-                    break
-            if position.batch >= training.micro_batches:  # the epoch ran to its end
-                training.end_epoch(time.perf_counter() - epoch_start, online_knn)
-            training.checkpoint()  # after every epoch, and where max_steps stopped inside one
+    try:
+        with StopSignals() as signals, cropped_taps(training.inner):
+            training.start(online_knn)
+            while position.step < training.budget.total_steps and position.epoch < training.budget.epochs:
+                epoch_start = time.perf_counter()
+                for batch in training.epoch_batches():
+                    if training.step(batch) and training.after_step(signals):
+                        break
+                if position.batch >= training.micro_batches:  # the epoch ran to its end
+                    training.end_epoch(time.perf_counter() - epoch_start, online_knn)
+                training.checkpoint()  # after every epoch, and where max_steps stopped inside one
+    finally:  # the trackers are closed (flushed) on success and on failure alike
+        finish_trackers(run.accelerator)
     return training.result()
 
 
@@ -239,14 +246,17 @@ class _Training:
         return caches
 
     def start(self, online_knn: OnlineKnn | None) -> None:
-        """Before the first step: a resume drops the log records after its checkpoint; a new run records the
-        online k-NN's reference levels (teacher, random init)."""
+        """Before the first step: the trackers start; a resume drops the log records after its checkpoint; a new
+        run records the online k-NN's reference levels (teacher, random init), at step 0 for the trackers."""
         main, metrics_path = self.accelerator.is_main_process, self.run_dir / "metrics.jsonl"
+        start_trackers(self.accelerator, self.run_dir, self.recipe_dict, self.resumed_from)
         if self.resume and main:  # the steps logged after the checkpoint are trained (and logged) again
             trim_to_step(metrics_path, self.position.step)
         if online_knn is not None and self.position.step == 0 and main:
             tick = time.perf_counter()
-            append_record(metrics_path, online_knn.references(self.teacher, self.inner.io))
+            record = online_knn.references(self.teacher, self.inner.io)
+            append_record(metrics_path, record)
+            self.log.track(record, 0)
             self.reference_seconds = time.perf_counter() - tick
         self.log.started = time.perf_counter()
         self.ctx.module.train()
@@ -295,7 +305,7 @@ class _Training:
     def _skip(self, loss) -> None:
         self.skipped += 1
         self.nonfinite_run += 1
-        warnings.warn(f"step {self.position.step}: the loss is not finite ({loss.item()}); step skipped")
+        warn(f"step {self.position.step}: the loss is not finite ({loss.item()}); step skipped")
         if self.nonfinite_run >= self.recipe.train.max_nonfinite_steps:
             raise RunError(
                 f"{self.nonfinite_run} steps in a row had a non-finite loss; stopping. The last good "
@@ -324,7 +334,7 @@ class _Training:
         seconds, train = self.log.seconds, self.recipe.train
         self.bad_images.merge()
         if self.bad_images.summary():
-            warnings.warn(self.bad_images.summary())
+            warn(self.bad_images.summary())
         return TrainResult(
             steps=self.position.step,
             epochs=self.position.epoch,

@@ -1,5 +1,6 @@
 """What a run says while it trains: the smoothed loss terms on the progress bar, one metrics.jsonl record
-every `train.log_every` steps and at every epoch's end, and the speed (online evaluation time left out)."""
+every `train.log_every` steps and at every epoch's end, and the speed (online evaluation time left out). The
+experiment trackers (`train.log_with`) get the same numbers at the same steps."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor
 
 from .metrics_log import append_record
 from .sync import mean_over_processes
+from .trackers import numbers
 
 
 class StepLog:
@@ -51,10 +53,9 @@ class StepLog:
             return
         self._draw(step, epoch)
         if log_now:
-            append_record(
-                self.metrics_path,
-                {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)},
-            )
+            record = {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)}
+            append_record(self.metrics_path, record)
+            self.track(record, step)
 
     def epoch_end(self, epoch: int, step: int, seconds: float, extra: dict | None = None) -> None:
         """The record of a finished epoch (`epoch` counted from 1), with e.g. its online k-NN."""
@@ -69,6 +70,11 @@ class StepLog:
                     **(extra or {}),
                 },
             )
+            self.track({"epoch_seconds": round(seconds, 2), **(extra or {})}, step)
+
+    def track(self, record: dict, step: int) -> None:
+        """Log a record's numbers (its `step` left out) to the experiment trackers, at optimiser step `step`."""
+        self.accelerator.log(numbers(record), step=step)
 
     def _draw(self, step: int, epoch: int) -> None:
         text = " ".join(f"{k} {v:.4f}" for k, v in self.terms_mean.items())
