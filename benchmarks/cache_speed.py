@@ -1,9 +1,10 @@
 """What the teacher-output cache buys: prints one JSON line.
 
     python benchmarks/cache_speed.py [--limit 10000] [--batch 128] [--strategies feature seed]
-                                     [--render shared per_network]
+                                     [--render shared per_network] [--size 224] [--precision bf16]
 
-EfficientNet-Lite0 (64 px) -> MobileNetV3-Small (32 px), Fashion-MNIST (`--limit` training images),
+EfficientNet-Lite0 (64 px, or `--size`) -> MobileNetV3-Small (32 px, or `--size`), Fashion-MNIST (`--limit`
+training images), on the device Accelerate picks (a GPU when there is one), in `--precision` (default fp32),
 one epoch per run, evaluation off, the default float16 cache with `data.view_slots` 4, for each strategy
 (`feature`: Linear projection + cosine to the standardised embedding, the workload of
 shared/docs/benchmarking.md; `seed`: an MLP head + similarities to a 4096-entry queue):
@@ -41,6 +42,11 @@ import throughput  # noqa: E402  (the bare student-alone loop)
 SLOTS = 4
 
 
+def sizes(args) -> tuple[int, int]:
+    """(teacher px, student px): `--size` for both, else 64 and 32."""
+    return (args.size, args.size) if getattr(args, "size", None) else (64, 32)
+
+
 def epoch_speed(out: Path, args, strategy: str, cache: Path | None, render: str) -> float:
     queue = ["strategy.seed.queue_size=4096"] if strategy == "seed" else []
     result = distillkit.compress(
@@ -54,9 +60,10 @@ def epoch_speed(out: Path, args, strategy: str, cache: Path | None, render: str)
         out=out,
         quiet=True,
         teacher_cache=cache,
+        precision=getattr(args, "precision", "fp32"),
         set=[
-            "teacher.input_size=64",
-            "student.input_size=32",
+            f"teacher.input_size={sizes(args)[0]}",
+            f"student.input_size={sizes(args)[1]}",
             "eval.enabled=false",
             *queue,
             f"data.view_slots={SLOTS}",
@@ -68,10 +75,17 @@ def epoch_speed(out: Path, args, strategy: str, cache: Path | None, render: str)
 
 
 def student_alone_speed(args, strategy: str, render: str) -> float:
-    options = argparse.Namespace(steps=30, batch=args.batch, precision="fp32", vit_size=112, render=render)
+    options = argparse.Namespace(
+        steps=getattr(args, "alone_steps", 30),
+        batch=args.batch,
+        precision=getattr(args, "precision", "fp32"),
+        vit_size=112,
+        size=getattr(args, "size", None),
+        render=render,
+    )
     setup = throughput.Setup("lite0", options, strategy)
-    throughput.run_bare(setup, 2, with_teacher=False)
-    return min(
+    throughput.run_bare(setup, 3, with_teacher=False)
+    return max(
         options.steps * args.batch / throughput.run_bare(setup, options.steps, with_teacher=False) for _ in range(2)
     )
 
@@ -88,14 +102,18 @@ def main() -> None:
         choices=["shared", "per_network"],
         help="data.render settings to measure (the student alone renders as the runs do)",
     )
+    parser.add_argument("--size", type=int, default=None, help="teacher and student input (px); default 64 / 32")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     for render in args.render:
         for strategy in args.strategies:
-            measure(args, strategy, render)
+            print(json.dumps(measure(args, strategy, render)), flush=True)
 
 
-def measure(args, strategy: str, render: str) -> None:
+def measure(args, strategy: str, render: str) -> dict:
+    """One strategy and render setting: the uncached, filling and reusing epochs, the student alone, the
+    ratios, the cache's size."""
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         speeds = {
@@ -113,29 +131,27 @@ def measure(args, strategy: str, render: str) -> None:
     t_uncached, t_fill, t_reuse = (1 / speeds[k] for k in ("uncached", "fill", "reuse"))
     gain = t_uncached - t_reuse
     break_even = SLOTS + SLOTS * (t_fill - t_uncached) / gain if gain > 0 else None
-    print(
-        json.dumps(
-            {
-                "benchmark": "cache_speed",
-                "pair": "efficientnet-lite0 64px -> mobilenetv3-small 32px",
-                "strategy": strategy,
-                "render": render,
-                "images": args.limit,
-                "batch": args.batch,
-                "view_slots": SLOTS,
-                "cache_dtype": "float16",
-                **{f"{k}_img_per_s": round(v, 1) for k, v in speeds.items()},
-                "reuse_vs_alone": round(speeds["reuse"] / speeds["alone"], 3),
-                "reuse_vs_uncached": round(speeds["reuse"] / speeds["uncached"], 2),
-                "cache_bytes_per_image_view": per_view,
-                "cache_disk_bytes_after_fill": used,
-                "stored": shapes,
-                "break_even_epochs_one_run": round(break_even, 2) if break_even else None,
-                "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
-                f"{torch.get_num_threads()} threads",
-            }
-        )
-    )
+    teacher_px, student_px = sizes(args)
+    return {
+        "benchmark": "cache_speed",
+        "pair": f"efficientnet-lite0 {teacher_px}px -> mobilenetv3-small {student_px}px",
+        "precision": getattr(args, "precision", "fp32"),
+        "strategy": strategy,
+        "render": render,
+        "images": args.limit,
+        "batch": args.batch,
+        "view_slots": SLOTS,
+        "cache_dtype": "float16",
+        **{f"{k}_img_per_s": round(v, 1) for k, v in speeds.items()},
+        "reuse_vs_alone": round(speeds["reuse"] / speeds["alone"], 3),
+        "reuse_vs_uncached": round(speeds["reuse"] / speeds["uncached"], 2),
+        "cache_bytes_per_image_view": per_view,
+        "cache_disk_bytes_after_fill": used,
+        "stored": shapes,
+        "break_even_epochs_one_run": round(break_even, 2) if break_even else None,
+        "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads",
+    }
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from .student import check_student_start, student_spec
 from .summary import print_results, results_table  # noqa: F401 - results_table: importable from here as before
 from .teachers import check_teacher_name
 from .train.checkpoint import find_checkpoint, resume_point
+from .train.launch import resolve_launch
 from .train.loop import explain_out_of_memory, make_accelerator, train
 from .train.trackers import tracker_names
 
@@ -132,6 +133,7 @@ def _compress(
 ) -> CompressResult:
     started = time.perf_counter()
     resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy, overrides=overrides)
+    resolved = resolve_launch(resolved)  # precision and grad_accum as they run (accelerate launch's when left to it)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     clear_previous_run = validate_before_loading(resolved, run_dir, resume, overwrite)
     accelerator = make_accelerator(resolved, run_dir)
@@ -201,13 +203,17 @@ def _trained_line(result) -> str:
 
 
 def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, float]) -> dict[str, Any]:
-    """The main process scores teacher, student and random init on the CPU, then exports the student."""
+    """The main process scores teacher, student and random init on the training device (a GPU when training
+    ran on one; latency on the CPU), then exports the student."""
     student = run.student
-    student.model.float().cpu().eval()
+    student.model.float().eval()
     teacher = run.teachers[PRIMARY_TEACHER]
     teacher.unprune()  # evaluation embeds with the whole teacher
     tick = time.perf_counter()
-    metrics = evaluate_run(run.recipe, teacher.cpu(), student, run.images)
+    with _progress(console) as progress:
+        metrics = evaluate_run(run.recipe, teacher, student, run.images, run.accelerator.device, progress)
+    student.model.cpu()
+    teacher.cpu()
     print_results(console, metrics)
     timings["evaluate"] = time.perf_counter() - tick
     tick = time.perf_counter()

@@ -54,7 +54,7 @@ def reports_errors(command: Callable) -> Callable:
         try:
             return command(*args, **kwargs)
         except DistillkitError as e:
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(e.exit_code) from None
         except KeyboardInterrupt:
             err_console.print("[yellow]interrupted[/]")
@@ -67,6 +67,7 @@ def reports_errors(command: Callable) -> Callable:
 
 
 class Precision(str, Enum):
+    auto = "auto"
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
@@ -80,7 +81,8 @@ COMPRESS_HELP = {
     "student_weights": "Weights file the student starts from instead of random init (a timm state dict of its "
     "architecture); --set student.pretrained=true starts it from timm's pretrained weights.",
     "strategy": "Strategy name, or several joined by '+' (see `distillkit list strategies`).",
-    "data": "Image folder (class subfolders or flat) or builtin:fashion-mnist.",
+    "data": "Image folder (class subfolders or flat), webdataset shards ('dir/train-{000000..000009}.tar'), "
+    "hf:<dataset>[:split] or builtin:fashion-mnist.",
     "epochs": "Training epochs.",
     "max_steps": "Stop after this many optimiser steps.",
     "limit": "Use only N training images (quick runs).",
@@ -93,7 +95,7 @@ COMPRESS_HELP = {
     "force_resume": "With --resume: continue even though the recipe changed.",
     "overwrite": "Replace a run already in --out.",
     "seed": "Random seed (data order, views, initialisation).",
-    "precision": "Numeric precision of the training step.",
+    "precision": "Numeric precision of the training step; auto = accelerate launch's --mixed_precision, else fp32.",
     "teacher_cache": "Folder caching the teacher's outputs on a fixed set of views per image (data.view_slots; 4 "
     "when the recipe leaves it unset), reused across epochs and students. Default (data.teacher_cache auto): the "
     "user cache, whenever the run has more epochs than view slots.",
@@ -213,7 +215,9 @@ def eval_(
         "or timm:<model name>.",
     ),
     data: str = typer.Option(
-        "builtin:fashion-mnist", help="Labelled images: a folder with class subfolders or builtin:<name>."
+        "builtin:fashion-mnist",
+        help="Labelled images: a folder with class subfolders, .cls-labelled tar shards, hf:<dataset> or "
+        "builtin:<name>.",
     ),
     weights: Optional[Path] = typer.Option(
         None, help="With timm:<name>: a local state dict file instead of timm's hub weights."
@@ -223,13 +227,25 @@ def eval_(
     max_test: int = typer.Option(10000, min=1, help="Held-out images scored."),
     seed: int = typer.Option(0, help="Seed of the subsets and the held-out split."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as one JSON object, nothing else."),
+    device: Optional[str] = typer.Option(
+        None,
+        help="Where to embed and score: cpu, cuda, cuda:1, mps. Default: a GPU when there is one, else the CPU "
+        "(an ONNX file always runs on the CPU; latency is always the CPU's).",
+    ),
 ) -> None:
     """k-NN and linear-probe accuracy, classifier top-1, parameters and CPU latency of a student or timm model."""
     from .evaluate import evaluate_student
     from .summary import results_table
 
     metrics = evaluate_student(
-        student, data=data, max_train=max_train, max_test=max_test, seed=seed, weights=weights, per_block=per_block
+        student,
+        data=data,
+        max_train=max_train,
+        max_test=max_test,
+        seed=seed,
+        weights=weights,
+        per_block=per_block,
+        device=device,
     )
     if as_json:
         typer.echo(json.dumps(metrics, indent=2))
@@ -274,7 +290,9 @@ def export_(
     result = export(run_dir, format=format_.value, out=out, exit_at=exit_at)
     what = "the whole student" if result.exit_at is None else f"the student cut after block {result.exit_at}"
     console = Console()
-    console.print(f"exported {what} as {result.format} to {escape(str(result.out_dir))}", highlight=False)
+    console.print(
+        f"exported {what} as {result.format} to {escape(str(result.out_dir))}", highlight=False, soft_wrap=True
+    )
     console.print(f"max abs diff vs the PyTorch model (random batches of 2 and 3 images): {result.max_abs_diff:.3g}")
 
 
@@ -284,7 +302,7 @@ def report_(run_dir: Path = typer.Argument(..., help="A compress run folder.")) 
     """Write (again) a run's report.html and plots/*.png from its recipe.yaml, metrics.jsonl and result.json."""
     from .report import report
 
-    Console().print(f"report written to {escape(str(report(run_dir)))}", highlight=False)
+    Console().print(f"report written to {escape(str(report(run_dir)))}", highlight=False, soft_wrap=True)
 
 
 @app.command("push")
@@ -300,8 +318,10 @@ def push_(
 
     result = push(run_dir, repo_id, private=private, token=token)
     console = Console()
-    console.print(f"pushed {', '.join(result.files)} to {result.url}", highlight=False)
-    console.print(f"load it with timm.create_model('hf-hub:{result.repo_id}', pretrained=True)", highlight=False)
+    console.print(f"pushed {', '.join(result.files)} to {result.url}", highlight=False, soft_wrap=True)
+    console.print(
+        f"load it with timm.create_model('hf-hub:{result.repo_id}', pretrained=True)", highlight=False, soft_wrap=True
+    )
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ class ConsoleHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             level = record.levelname.lower()
-            self.console.print(f"[yellow]{level}:[/] {escape(record.getMessage())}", highlight=False)
+            self.console.print(f"[yellow]{level}:[/] {escape(record.getMessage())}", highlight=False, soft_wrap=True)
         except Exception:  # noqa: BLE001 - logging's contract: a handler never raises
             self.handleError(record)
 

@@ -85,7 +85,9 @@ class DataConfig:
     limit: int | None = None  # use only this many training images
     val_fraction: float = 0.1  # held-out share of an image folder that has no val/ or test/ folder
     load_size: int | None = None  # folder images are resized to this; None = 1.15 x the view size
-    num_workers: int = 0
+    # DataLoader worker processes decoding images; auto = min(8, this process's share of the cores - 1), 0 when
+    # that is below 1 and for in-memory builtin datasets (see data/loading.py); 0 = decode in the main process
+    num_workers: int | Literal["auto"] = "auto"
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop area range
     crop_ratio: tuple[float, float] = (0.75, 1.3333333)
     flip: float = 0.5  # horizontal flip probability
@@ -125,9 +127,13 @@ class TrainConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     warmup_fraction: float = 0.05  # share of the steps spent in linear warm-up
-    grad_accum: int = 1
+    # micro-batches per optimiser step; null = what `accelerate launch` / `accelerate config` set
+    # (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), else 1. An explicit value contradicting that is refused
+    grad_accum: int | None = None
     clip_grad: float | None = None  # max gradient norm; None = no clipping
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto = the mixed precision of `accelerate launch --mixed_precision` / `accelerate config`, else fp32;
+    # an explicit value (here or --precision) wins. The run records the resolved value
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     seed: int = 0
     log_every: int = 10  # steps between JSONL metric lines
     checkpoint_every: int | None = 200  # optimiser steps between checkpoints (and one every epoch); None = epochs only
@@ -466,7 +472,6 @@ def check_ranges(recipe: Recipe) -> None:
     positive = {
         "train.epochs": recipe.train.epochs,
         "train.batch_size": recipe.train.batch_size,
-        "train.grad_accum": recipe.train.grad_accum,
         "train.log_every": recipe.train.log_every,
         "train.max_nonfinite_steps": recipe.train.max_nonfinite_steps,
         "eval.knn_k": recipe.eval.knn_k,
@@ -482,6 +487,7 @@ def check_ranges(recipe: Recipe) -> None:
         "train.max_steps": recipe.train.max_steps,
         "train.images": recipe.train.images,
         "train.checkpoint_every": recipe.train.checkpoint_every,
+        "train.grad_accum": recipe.train.grad_accum,
         "data.limit": recipe.data.limit,
         **{f"teachers.{role}.input_size": t.input_size for role, t in recipe.teachers.items()},
         "teacher.input_size": recipe.teacher.input_size,
@@ -490,6 +496,8 @@ def check_ranges(recipe: Recipe) -> None:
         "data.view_slots": None if recipe.data.view_slots == "auto" else recipe.data.view_slots,
         "data.load_size": recipe.data.load_size,
     }
+    if recipe.data.num_workers != "auto" and recipe.data.num_workers < 0:
+        raise UsageError(f"data.num_workers must be auto or a whole number >= 0, got {recipe.data.num_workers}")
     for key, value in optional_positive.items():
         if value is not None and value < 1:
             raise UsageError(f"{key} must be a positive number or null, got {value}")

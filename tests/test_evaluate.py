@@ -152,3 +152,46 @@ def test_cpu_latency_ms_keeps_a_cuda_model_trainable():
     assert not any(p.is_inference() for p in net.parameters())
     net(torch.rand(2, 3, 8, 8, device="cuda")).sum().backward()
     assert all(p.grad is not None for p in net.parameters())
+
+
+# ----------------------------------------------------------------------------- on the training device
+
+
+def _images(n: int = 40, seed: int = 0):
+    from distillkit.data.sources import TensorImages
+
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, 3, 16, 16), dtype=torch.uint8, generator=generator)
+    return TensorImages(images, torch.arange(n) % 4)
+
+
+def test_batched_inference_mode_embedding_equals_one_image_at_a_time():
+    """The device path (batched, inference mode, outputs left on the device) against a plain loop over the
+    images, each embedded alone as `model(x)`: equal within float tolerance, and normal tensors the probe can
+    train on."""
+    from distillkit.data.views import as_views
+    from distillkit.evaluate import embed_dataset
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()).eval()
+    dataset, seen = _images(), []
+    features, labels = embed_dataset(model, dataset, batch_size=16, device="cpu", on_batch=seen.append)
+    with torch.no_grad():
+        expected = torch.cat([model(as_views(dataset[i][0][None])) for i in range(len(dataset))])
+    assert torch.allclose(features, expected, atol=1e-6)
+    assert torch.equal(labels, torch.arange(40) % 4)
+    assert seen == [16, 16, 8] and not features.is_inference()
+    assert 0.0 <= linear_probe_accuracy(features, labels, features, labels, steps=5) <= 1.0
+
+
+def test_a_device_that_is_not_there_is_refused():
+    from distillkit import UsageError
+    from distillkit.evaluate.exported import eval_device
+
+    assert eval_device("cpu") == torch.device("cpu")
+    if not torch.cuda.is_available():
+        assert eval_device(None) == torch.device("cpu") or eval_device(None).type == "mps"
+        with pytest.raises(UsageError, match="--device cuda:3: not usable on this machine"):
+            eval_device("cuda:3")
+    with pytest.raises(UsageError, match="--device toaster"):
+        eval_device("toaster")

@@ -61,7 +61,8 @@ def test_default_recipe_matches_default_yaml():
     assert seed.weight == 1.0
     assert seed.teacher_embed == "auto"
     # keys the YAML does not set keep the schema defaults
-    assert recipe.train.precision == "fp32"
+    assert recipe.train.precision == "auto"  # accelerate launch's mixed precision, else fp32
+    assert recipe.train.grad_accum is None  # accelerate launch's, else 1
     assert recipe.data.flip == 0.5
     assert recipe.out is None
 

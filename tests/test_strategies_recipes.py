@@ -140,8 +140,8 @@ def test_a_mid_epoch_resume_trains_bit_identically(name, tmp_path, monkeypatch):
     overrides = overrides + ["train.deterministic=true", "data.teacher_cache=null", "train.checkpoint_every=3"]
     real_save = loop.save_checkpoint
 
-    def crash_after_step_3(run_dir, module, optimizer, position, *args, **kw):
-        real_save(run_dir, module, optimizer, position, *args, **kw)
+    def crash_after_step_3(run_dir, accelerator, position, *args, **kw):
+        real_save(run_dir, accelerator, position, *args, **kw)
         if position["step"] == 3:
             raise KeyboardInterrupt("simulated crash after the mid-epoch checkpoint")
 

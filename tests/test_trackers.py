@@ -101,7 +101,7 @@ def crash_and_resume(run_dir: Path, monkeypatch, **options):
     saves, real_save = [], loop.save_checkpoint
 
     def crash_at_the_second_save(*args, **kwargs):
-        saves.append(args[3]["step"])
+        saves.append(args[2]["step"])
         if len(saves) == 2:
             raise RuntimeError("simulated crash before the step-4 checkpoint")
         return real_save(*args, **kwargs)

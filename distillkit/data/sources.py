@@ -1,4 +1,5 @@
-"""Where training images come from: `builtin:<name>` datasets and image folders.
+"""Where training images come from: `builtin:<name>` datasets, image folders, webdataset tar shards
+(shards.py) and Hugging Face datasets (`hf:`, hf.py).
 
 Every dataset yields `(image, label, index)`: a uint8 (C, H, W) tensor of fixed size, an int label
 (-1 when unlabelled) and the image's index, which keys its augmentation (see views.py).
@@ -27,6 +28,8 @@ from ..io import cache_dir
 from ..messages import warn
 from ..net import reachable
 from ..registry import did_you_mean
+from .decode import BadImage, as_rgb, error_reason, read_image  # noqa: F401 (as_rgb: re-exported, it lived here)
+from .shards import is_shard_source
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 HELD_OUT_FOLDERS = ("val", "test", "valid", "validation")
@@ -57,6 +60,8 @@ class ImageData:
 class TensorImages(Dataset):
     """Images held in memory as one uint8 tensor (N, C, H, W)."""
 
+    in_memory = True  # nothing to decode: `data.num_workers: auto` reads it in the main process
+
     def __init__(self, images: Tensor, labels: Tensor | None):
         self.images = images
         self.labels = labels
@@ -69,24 +74,32 @@ class TensorImages(Dataset):
         return self.images[index], label, index
 
 
-@dataclass(frozen=True)
-class BadImage:
-    """Stands in for an image file that could not be decoded."""
-
-    path: str
-    reason: str
-
-
 @dataclass
 class Batch:
     images: Tensor | None  # uint8 (B, C, H, W); None when every item was bad
     labels: Tensor | None
     indices: Tensor | None
     bad: list[BadImage]
+    host_images: Tensor | None = None  # after `to(device)`: the same images still on the host (hashed there)
+
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (what a DataLoader with pin_memory=True calls): faster copies to a GPU."""
+        pin = lambda t: t.pin_memory() if t is not None else None  # noqa: E731
+        return Batch(pin(self.images), pin(self.labels), pin(self.indices), self.bad)
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The images and labels on `device` (what Accelerate's prepared loader calls: without it a dataclass
+        stays on the CPU). The indices stay on the host, and the images too as `host_images`: views are drawn
+        and the teacher cache is read and checked (pixel hashes) there, and a copy back from a GPU would wait
+        for it every step."""
+        move = lambda t: t.to(device, non_blocking=non_blocking) if t is not None else None  # noqa: E731
+        host = self.images if self.images is None or self.images.device.type == "cpu" else self.host_images
+        return Batch(move(self.images), move(self.labels), self.indices, self.bad, host)
 
 
 class FolderImages(Dataset):
-    """Image files decoded on demand, resized (shorter side) and centre-cropped to `size` x `size`.
+    """Image files decoded on demand (`decode.read_image`: torchvision for JPEG / PNG / WebP, PIL for the rest),
+    resized (shorter side) and centre-cropped to `size` x `size`.
 
     An unreadable file yields a `BadImage`; `collate_skipping_bad` drops it and reports it.
     """
@@ -100,38 +113,15 @@ class FolderImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        from PIL import Image
-        from torchvision.transforms.v2 import functional as TF
-
+        path = self.paths[index]
         try:
-            with Image.open(self.paths[index]) as img:
-                img = as_rgb(img)
-                img = TF.resize(img, self.size, antialias=True)
-                img = TF.center_crop(img, [self.size, self.size])
-                tensor = TF.pil_to_tensor(img)
-        except Image.DecompressionBombError as e:  # not an OSError: PIL's refusal of a > 178 M pixel image
-            return BadImage(str(self.paths[index]), f"decompression bomb: {str(e).splitlines()[0][:160]}")
-        except (OSError, ValueError, SyntaxError) as e:
-            return BadImage(str(self.paths[index]), str(e).splitlines()[0][:200] or type(e).__name__)
-        label = self.labels[index] if self.labels is not None else -1
-        return tensor, label, index
-
-
-def as_rgb(img):
-    """Any PIL image as 8-bit RGB. 16- and 32-bit integer images (PNG / TIFF "I;16", "I") are scaled by
-    1/256 (their 0..65535 range to 0..255), float images ("F") from 0..1 when they lie in it, else clipped
-    to 0..255; PIL's own convert("RGB") would clip 16-bit values, turning most of an image white. Palette,
-    CMYK, gray + alpha and RGBA images take PIL's conversion (alpha dropped)."""
-    from PIL import Image
-
-    if img.mode.startswith("I") or img.mode == "F":
-        values = np.asarray(img, dtype=np.float64)
-        if img.mode == "F":
-            values = values * 255.0 if values.size and 0.0 <= values.min() and values.max() <= 1.0 else values
-        else:
-            values = np.floor(np.clip(values, 0, 65535) / 256.0)
-        img = Image.fromarray(np.clip(values, 0, 255).astype(np.uint8), mode="L")
-    return img.convert("RGB")
+            data = path.read_bytes()
+        except OSError as e:
+            return BadImage(str(path), error_reason(e))
+        image = read_image(data, str(path), self.size)
+        if isinstance(image, BadImage):
+            return image
+        return image, (self.labels[index] if self.labels is not None else -1), index
 
 
 class ReplacingBad(Dataset):
@@ -198,6 +188,14 @@ def open_data(source: str, *, limit: int | None, seed: int, val_fraction: float,
             )
         train, test, where = load_fashion_mnist()
         num_classes = 10
+    elif source.startswith("hf:"):
+        from .hf import load_hf
+
+        train, test, num_classes, where = load_hf(source, val_fraction, seed, load_size)
+    elif is_shard_source(source):
+        from .shards import load_shards
+
+        train, test, num_classes, where = load_shards(source, val_fraction, seed, load_size)
     else:
         train, test, num_classes, where = load_folder(Path(source).expanduser(), val_fraction, seed, load_size)
     train_limited = train
@@ -208,16 +206,26 @@ def open_data(source: str, *, limit: int | None, seed: int, val_fraction: float,
 
 
 def check_data_source(source: str) -> None:
-    """Cheap checks before anything loads: a known builtin, or an existing folder."""
+    """Cheap checks before anything loads: a known builtin, a Hugging Face dataset (`hf:`), existing tar shards,
+    or an existing folder; an optional source's library installed."""
     if source.startswith("builtin:"):
         name = source[len("builtin:") :]
         if name not in BUILTINS:
             raise UsageError(f"unknown builtin dataset {source!r}: {did_you_mean(name, list(BUILTINS))}")
         return
+    if source.startswith("hf:"):
+        from .hf import check_hf_source
+
+        return check_hf_source(source)
+    if is_shard_source(source):
+        from .shards import check_shards
+
+        return check_shards(source)
     path = Path(source).expanduser()
     if not path.exists():
         raise UsageError(
-            f"data folder {path} does not exist; pass --data with an image folder or builtin:fashion-mnist"
+            f"data folder {path} does not exist; pass --data with an image folder, webdataset shards "
+            "('dir/train-{000000..000009}.tar'), hf:<dataset> or builtin:fashion-mnist"
         )
     if not path.is_dir():
         raise UsageError(f"--data {path} is a file; pass a folder of images (optionally one subfolder per class)")

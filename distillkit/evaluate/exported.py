@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import timm
+import torch
 from torch import Tensor, nn
 
 from ..data import check_data_source, open_data
@@ -41,8 +42,10 @@ def evaluate_student(
     seed: int = 0,
     weights: str | Path | None = None,
     per_block: bool = False,
+    device: str | None = None,
 ) -> dict[str, Any]:
-    """Evaluate `student` on `data`'s held-out split.
+    """Evaluate `student` on `data`'s held-out split, on `device` (None: a GPU when there is one, else the CPU;
+    an ONNX file always runs on the CPU, in onnxruntime; latency is always the CPU's).
 
     `student` is an export folder (or its run folder) or `timm:<name>`: with timm's hub weights, or with
     `weights`, a local state dict file. Returns knn_top1, probe_top1, params, latency_ms; top1 of the
@@ -51,12 +54,15 @@ def evaluate_student(
     {"block", "knn_top1"} per block, each block's representation pooled as `distillkit export --exit-at` does.
     """
     check_data_source(data)
+    device = eval_device(device)
     deployed = _deployed_file(student)
     if deployed is not None:
         if weights is not None:
             raise UsageError("--weights is for timm:<name> models; an exported student carries its own weights")
-        return _evaluate_file(deployed, data, max_train, max_test, knn_k, knn_temperature, probe_steps, seed, per_block)
+        scoring = (knn_k, knn_temperature, probe_steps, seed)
+        return _evaluate_file(deployed, data, max_train, max_test, *scoring, per_block, device)
     model, input_config = open_model(str(student), weights)
+    model.to(device)
     images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
     if images.test is None or not images.num_classes:
         raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
@@ -73,8 +79,8 @@ def evaluate_student(
             out.update({f"block{i}": e for i, e in enumerate(block_embeddings(model, x))})
         return out
 
-    train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed))
-    test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed))
+    train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed), device=device)
+    test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed), device=device)
     bank, queries = (train["embedding"], train_labels), (test["embedding"], test_labels)
     metrics: dict[str, Any] = score_embeddings(bank, queries, knn_k, knn_temperature, probe_steps, seed=seed)
     if head_skipped is None:
@@ -148,8 +154,10 @@ def _evaluate_file(
     probe_steps: int,
     seed: int,
     per_block: bool,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """k-NN, probe, parameters and latency of an ONNX / TorchScript export, run by its own runtime."""
+    """k-NN, probe, parameters and latency of an ONNX / TorchScript export, run by its own runtime (ONNX on
+    the CPU; TorchScript on `device`)."""
     if per_block:
         raise UsageError(
             f"{path.name} returns the embedding only, so --per-block cannot tap its blocks; evaluate "
@@ -159,22 +167,40 @@ def _evaluate_file(
     input_config = InputConfig(size=tuple(cfg["input_size"][1:]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]))
     if path.name == ONNX_FILE:
         require_onnx()
-        run, params = run_onnx(path), onnx_params(path)
+        run, params, device = run_onnx(path), onnx_params(path), torch.device("cpu")
     else:
-        module = run_torchscript(path)
+        module = run_torchscript(path).to(device)
         run, params = module, count_params(module)
     images = open_data(data, limit=None, seed=seed, val_fraction=0.1, load_size=max(input_config.size))
     if images.test is None or not images.num_classes:
         raise UsageError(f"{data} has no labelled held-out images; evaluation needs class subfolders")
     embed = lambda views: {"embedding": run(prepare_input(views, input_config, False).contiguous())}  # noqa: E731
-    train, train_labels = embed_outputs(embed, eval_subset(images.train_all, max_train, seed))
-    test, test_labels = embed_outputs(embed, eval_subset(images.test, max_test, seed))
+    train, train_labels = embed_outputs(embed, eval_subset(images.train_all, max_train, seed), device=device)
+    test, test_labels = embed_outputs(embed, eval_subset(images.test, max_test, seed), device=device)
     bank, queries = (train["embedding"], train_labels), (test["embedding"], test_labels)
     metrics: dict[str, Any] = score_embeddings(bank, queries, knn_k, knn_temperature, probe_steps, seed=seed)
     metrics["top1_skipped"] = f"{path.name} returns the embedding only (exports carry no classifier head)"
     metrics["params"] = params
+    if path.name != ONNX_FILE:
+        module.cpu()
     metrics["latency_ms"] = round(runner_latency_ms(run, input_config.size), 3)
     return metrics
+
+
+def eval_device(name: str | None) -> torch.device:
+    """`--device`: None picks a GPU (CUDA, then Apple MPS) when there is one, else the CPU; a named device
+    must exist on this machine."""
+    if name is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError, AttributeError) as e:
+        raise UsageError(f"--device {name}: not usable on this machine ({str(e).splitlines()[0]}); use cpu") from None
+    return device
 
 
 def _timm_model(name: str, weights: str | Path | None) -> nn.Module:

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data.loading import loader_options
 from ..data.sources import Subset, collate_skipping_bad
 from ..data.views import as_views
 
@@ -24,31 +25,48 @@ Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
 
 def embed_dataset(
-    embed: Embed, dataset: Dataset, batch_size: int = 256, num_workers: int = 0, device: torch.device | str = "cpu"
+    embed: Embed,
+    dataset: Dataset,
+    batch_size: int = 256,
+    num_workers: int | str = 0,
+    device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Embeddings (N, D) float32 and labels (N,) of every image, each seen whole and unflipped."""
-    outputs, labels = embed_outputs(lambda views: {"embedding": embed(views)}, dataset, batch_size, num_workers, device)
+    """Embeddings (N, D) float32 and labels (N,) of every image, each seen whole and unflipped, on `device`."""
+    outputs, labels = embed_outputs(
+        lambda views: {"embedding": embed(views)}, dataset, batch_size, num_workers, device, on_batch
+    )
     return outputs["embedding"], labels
 
 
-@torch.no_grad()  # not inference_mode: the probe later needs autograd on these tensors
 def embed_outputs(
     embed: Callable[[Tensor], dict[str, Tensor]],
     dataset: Dataset,
     batch_size: int = 256,
-    num_workers: int = 0,
+    num_workers: int | str = 0,
     device: torch.device | str = "cpu",
+    on_batch: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """Several named outputs per image from one pass: name -> (N, D) float32, and labels (N,)."""
+    """Several named outputs per image from one pass, batched on `device` under inference mode: name -> (N, D)
+    float32 and labels (N,), both on `device` (normal tensors: the probe trains on them). `on_batch(n)` is
+    told the number of images of each batch (a progress bar)."""
     loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate_skipping_bad
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=collate_skipping_bad,
+        **loader_options(num_workers, dataset, device, persistent=False),  # workers ("auto" resolved), pinning
     )
     outputs, labels = [], []
     for batch in loader:
-        if batch.images is None:
-            continue
-        outputs.append({name: out.float().cpu() for name, out in embed(as_views(batch.images.to(device))).items()})
-        labels.append(batch.labels)
+        if batch.images is not None:
+            with torch.inference_mode():
+                views = as_views(batch.images.to(device, non_blocking=True))
+                outputs.append({name: out.float() for name, out in embed(views).items()})
+            labels.append(batch.labels.to(device))
+        if on_batch is not None:
+            on_batch(len(batch.bad) + (len(batch.labels) if batch.labels is not None else 0))
+    # torch.cat outside inference mode makes normal tensors
     return {name: torch.cat([out[name] for out in outputs]) for name in outputs[0]}, torch.cat(labels)
 
 
@@ -70,7 +88,7 @@ def knn_accuracy(
     for start in range(0, test.shape[0], chunk):
         similarity = test[start : start + chunk] @ train.T
         top_sim, top_idx = similarity.topk(k, dim=1)
-        votes = torch.zeros(top_sim.shape[0], num_classes)
+        votes = torch.zeros(top_sim.shape[0], num_classes, device=top_sim.device)
         votes.scatter_add_(1, train_labels[top_idx], (top_sim / temperature).exp())
         correct += (votes.argmax(1) == test_labels[start : start + chunk]).sum().item()
     return correct / test.shape[0]
@@ -95,8 +113,8 @@ def linear_probe_accuracy(
     # (classes, dims), nn.Linear's layout: the weight gradient is then grad^T @ x, which BLAS computes ~30x
     # faster on the CPU than x^T @ grad for (60000, 1280) embeddings and 10 classes
     weight = (torch.randn(x_train.shape[1], num_classes, generator=generator) * 0.01).T.contiguous()
-    weight.requires_grad_(True)
-    bias = torch.zeros(num_classes, requires_grad=True)
+    weight = weight.to(x_train.device).requires_grad_(True)  # drawn on the CPU: the same start on every device
+    bias = torch.zeros(num_classes, device=x_train.device, requires_grad=True)
     optimizer = torch.optim.LBFGS(
         [weight, bias], lr=1.0, max_iter=steps, history_size=20, line_search_fn="strong_wolfe"
     )

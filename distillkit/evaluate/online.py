@@ -23,7 +23,7 @@ class OnlineKnn:
     test: Dataset  # labelled held-out images scored
     k: int
     temperature: float
-    num_workers: int = 0
+    num_workers: int | str = 0  # data.num_workers: a number or "auto"
 
     @classmethod
     def from_recipe(cls, recipe: Recipe, images) -> "OnlineKnn | None":

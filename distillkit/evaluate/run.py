@@ -9,12 +9,16 @@ from ..verdict import gap_recovered
 from .metrics import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
 
 
-def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
+def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) -> dict[str, Any]:
     """k-NN / probe accuracy, parameters and CPU latency of the teacher, the trained student and the same
     student at its random init (`student.at_random_init`) and at its pretrained start (`student_start`, when
     `student.pretrained` / `student.weights` gave one), and the share of the teacher-minus-random-init
     gap the student recovered (`verdict.gap_recovered`). `teacher` and `student` embed raw views with
-    `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped)."""
+    `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped).
+
+    Embedding and scoring run on `device` (the training device: a GPU when training ran on one), batched,
+    under inference mode; latency is always measured on the CPU. `progress` (a rich Progress) shows the
+    images embedded."""
     references = {"student": student, "student_random_init": student.at_random_init(recipe.train.seed)}
     start = student.at_start()
     if start is not None:
@@ -28,15 +32,18 @@ def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
         bank = eval_subset(images.train_all, recipe.eval.max_train, recipe.train.seed)
         test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
         metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
+    advance = _progress_task(progress, len(networks) * (len(bank) + len(test)) if labelled else 0)
     for name, (embed, model, size, channels_last) in networks.items():
         row: dict[str, Any] = {}
         if labelled:
-            train_set = embed_dataset(embed, bank, num_workers=recipe.data.num_workers)
-            test_set = embed_dataset(embed, test, num_workers=recipe.data.num_workers)
+            model.to(device)
+            embedded = [
+                embed_dataset(embed, part, num_workers=recipe.data.num_workers, device=device, on_batch=advance)
+                for part in (bank, test)
+            ]
             row.update(
                 score_embeddings(
-                    train_set,
-                    test_set,
+                    *embedded,
                     recipe.eval.knn_k,
                     recipe.eval.knn_temperature,
                     recipe.eval.probe_steps,
@@ -50,3 +57,11 @@ def evaluate_run(recipe, teacher, student, images) -> dict[str, Any]:
     if gap:
         metrics["gap_recovered"] = gap
     return metrics
+
+
+def _progress_task(progress, total: int):
+    """A progress-bar task counting embedded images, and the function that advances it (None: no bar)."""
+    if progress is None or not total:
+        return None
+    task = progress.add_task("evaluating", total=total, terms="", speed="")
+    return lambda images: progress.advance(task, images)

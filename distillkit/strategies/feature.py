@@ -70,19 +70,29 @@ class RunningMoments(nn.Module):
         self.register_buffer("first", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("second", torch.zeros(dim, dtype=torch.float64))
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
+        self._host_updates: int | None = None  # `updates` as a number, read once (after a load), then counted
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_updates", None))
 
     @torch.no_grad()
     def update(self, batch: Tensor) -> None:
+        seen = self.count()
         batch = batch.detach().double()
         self.first.mul_(self.momentum).add_(batch.mean(0), alpha=1 - self.momentum)
         self.second.mul_(self.momentum).add_(batch.pow(2).mean(0), alpha=1 - self.momentum)
         self.updates.add_(1)
+        self._host_updates = seen + 1
+
+    def count(self) -> int:
+        """The number of updates, without reading the device in the training step."""
+        if self._host_updates is None:
+            self._host_updates = int(self.updates)
+        return self._host_updates
 
     def moments(self) -> tuple[Tensor, Tensor] | None:
         """(mu, var) as float32; None before the first update."""
-        if int(self.updates) == 0:
+        if self.count() == 0:
             return None
-        correction = 1 - self.momentum ** int(self.updates)
+        correction = 1 - self.momentum ** self.count()
         mean = self.first / correction
         return mean.float(), (self.second / correction - mean.pow(2)).clamp_min(0).float()
 

@@ -80,10 +80,10 @@ class EmbeddingQueue(nn.Module):
         if batch.shape[0] > size:  # only the newest `size` rows can stay
             self.pointer.add_(batch.shape[0] - size).remainder_(size)
             batch = batch[-size:]
-        start = int(self.pointer)
-        positions = (torch.arange(batch.shape[0], device=batch.device) + start) % size
-        self.embeddings[positions] = batch
-        self.pointer.fill_((start + batch.shape[0]) % size)
+        # the pointer stays on the device: no host read in the training step
+        positions = (torch.arange(batch.shape[0], device=batch.device) + self.pointer) % size
+        self.embeddings.index_copy_(0, positions, batch)
+        self.pointer.add_(batch.shape[0]).remainder_(size)
 
 
 @register_strategy

@@ -21,14 +21,16 @@ class Budget:
     epochs: int  # at most this many epochs; the run stops earlier once it has made total_steps steps
 
 
-def plan_budget(train: TrainConfig, micro_batches: int) -> Budget:
-    """`micro_batches`: the loader's batches per epoch (per process). With `train.grad_accum` k an optimiser
-    step takes k micro-batches, and Accelerate also steps at an epoch's end: ceil(micro_batches / k) steps."""
-    if micro_batches < train.grad_accum:
-        raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum {train.grad_accum}")
-    steps_per_epoch = math.ceil(micro_batches / train.grad_accum)
+def plan_budget(train: TrainConfig, micro_batches: int, grad_accum: int | None = None) -> Budget:
+    """`micro_batches`: the loader's batches per epoch (per process). `grad_accum`: the micro-batches k of an
+    optimiser step, as Accelerate counts them (`accelerator.gradient_accumulation_steps`; default
+    `train.grad_accum`, else 1). Accelerate also steps at an epoch's end: ceil(micro_batches / k) steps."""
+    k = grad_accum or train.grad_accum or 1
+    if micro_batches < k:
+        raise UsageError(f"an epoch has {micro_batches} batches, fewer than train.grad_accum {k}")
+    steps_per_epoch = math.ceil(micro_batches / k)
     if train.images is not None:
-        total_steps = math.ceil(train.images / (train.batch_size * train.grad_accum))
+        total_steps = math.ceil(train.images / (train.batch_size * k))
         epochs = math.ceil(total_steps / steps_per_epoch)
     else:
         epochs = train.epochs

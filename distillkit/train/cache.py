@@ -39,6 +39,7 @@ from rich.markup import escape
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from ..data.decode import DECODING
 from ..data.views import view_config, view_seed
 from ..errors import RunError, UsageError
 from ..features import FeatureRequest, Features
@@ -293,6 +294,7 @@ def cache_key(
         "expand_views": expand,
         "dtype": dtype,
         "load_size": load_size,
+        "decoding": DECODING if load_size is not None else None,  # file-backed data: how files become pixels
     }
 
 

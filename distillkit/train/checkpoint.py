@@ -1,18 +1,23 @@
 """Run checkpoints: everything needed to continue a run, written so a crash never loses the last one.
 
-    checkpoints/last/model.safetensors   the trainable module: student.* and objective.* (heads, queues)
-    checkpoints/last/train_state.pt      optimizer state, epoch, step, RNG states (torch.load weights_only)
-    checkpoints/last/recipe.yaml         the recipe that made it, to refuse resuming with another one
+    checkpoints/last/model.safetensors   the trainable module: student.* and objective.* (heads, queues)  } Accelerate's
+    checkpoints/last/optimizer.bin       the optimiser's state (scaler.pt: fp16's gradient scaler)         } save_state
+    checkpoints/last/random_states_*.pkl Accelerate's RNG states, one per process                          }
+    checkpoints/last/train_state.pt      epoch, step, micro-batch, RNG states (torch.load weights_only)
+    checkpoints/last/recipe.yaml         the recipe that made it (resolved), to refuse resuming with another
 
-A new checkpoint is written to a temporary folder and swapped in by renames; if a crash hits
-between the renames, `last.old` still holds the previous good checkpoint and is used.
+The model, optimiser and scaler go through `accelerator.save_state` / `load_state`, so FSDP and DeepSpeed
+write (and read) their sharded states their own way, from every process: instead of model.safetensors and
+optimizer.bin, FSDP writes pytorch_model_fsdp* and optimizer_* files, DeepSpeed a pytorch_model/ folder.
+A new checkpoint is written to a temporary folder and swapped in by renames; if a crash hits between the
+renames, `last.old` still holds the previous good checkpoint and is used. Checkpoints of distillkit before
+this layout (the optimiser inside train_state.pt) are still read.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +25,10 @@ import torch
 import yaml
 from torch import nn
 
-from ..errors import UsageError
-from ..io import atomic_path, permissions, save_safetensors, write_text
+from ..errors import RunError, UsageError
+from ..io import atomic_path, disk_full, permissions, write_text
 
-MODEL_FILE = "model.safetensors"
+MODEL_FILE = "model.safetensors"  # = Accelerate's SAFE_WEIGHTS_NAME
 STATE_FILE = "train_state.pt"
 RECIPE_FILE = "recipe.yaml"
 
@@ -32,33 +37,75 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last"
 
 
-def save_checkpoint(
-    run_dir: Path, module: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any], recipe: dict[str, Any]
-) -> Path:
-    final = checkpoint_dir(run_dir)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    for stale in final.parent.glob("last.*.tmp"):  # a save killed before its swap: never a good checkpoint
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix="last.", suffix=".tmp", dir=final.parent))
-    tmp.chmod(permissions(directory=True))  # mkdtemp's 0700 would hide the checkpoint from everyone else
+def save_checkpoint(run_dir: Path, accelerator, state: dict[str, Any], recipe: dict[str, Any]) -> Path:
+    """Save the prepared model and optimiser (`accelerator.save_state`), `state` (the position) and the RNG
+    states, and `recipe`, into `run_dir`'s `checkpoints/last`. Every process calls it; the main one swaps."""
+    final, main = checkpoint_dir(run_dir), accelerator.is_main_process
+    tmp = final.with_name(f"last.step-{state['step']}.tmp")  # one name every process agrees on
+    if main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in final.parent.glob("last.*.tmp"):  # a save killed before its swap: never a good checkpoint
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+    accelerator.wait_for_everyone()
     try:
-        save_safetensors(tmp / MODEL_FILE, module.state_dict())
-        payload = {"optimizer": optimizer.state_dict(), "rng": _rng_state(), **state}
-        with atomic_path(tmp / STATE_FILE) as path:
-            torch.save(payload, path)
-        write_text(tmp / RECIPE_FILE, yaml.safe_dump(recipe, sort_keys=False))
-        old = final.with_name("last.old")
-        if final.exists():  # else a crash between the renames left `old` as the only good one: keep it
-            if old.exists():
-                shutil.rmtree(old)
-            final.rename(old)
-        tmp.rename(final)
-        _fsync_dir(final.parent)
-        shutil.rmtree(old, ignore_errors=True)
+        _save_state(accelerator, tmp)
+        accelerator.wait_for_everyone()  # every process's share is written
+        if main:
+            with atomic_path(tmp / STATE_FILE) as path:
+                torch.save({"rng": _rng_state(), **state}, path)
+            write_text(tmp / RECIPE_FILE, yaml.safe_dump(recipe, sort_keys=False))  # the last file: complete
+            _fsync_tree(tmp)
+            _swap(tmp, final)
     finally:
-        if tmp.exists():
+        if main and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
     return final
+
+
+def _save_state(accelerator, folder: Path) -> None:
+    """`accelerator.save_state`, the plain model's weights under their own names (no DDP `module.` prefix), so
+    one process and several write the same model.safetensors; a full disk is one clear error."""
+
+    def unwrapped_weights(models, weights, output_dir) -> None:
+        if weights:  # FSDP and DeepSpeed save their models themselves and leave `weights` empty
+            weights[:] = [accelerator.unwrap_model(model).state_dict() for model in models]
+
+    handle = accelerator.register_save_state_pre_hook(unwrapped_weights)
+    try:
+        accelerator.save_state(str(folder))
+    except Exception as e:
+        if disk_full(e):
+            raise RunError(
+                f"the disk is full (or a file-size or quota limit was reached): could not write the checkpoint "
+                f"in {folder.parent}; free some space and retry"
+            ) from None
+        raise
+    finally:
+        handle.remove()
+
+
+def _swap(tmp: Path, final: Path) -> None:
+    old = final.with_name("last.old")
+    if final.exists():  # else a crash between the renames left `old` as the only good one: keep it
+        if old.exists():
+            shutil.rmtree(old)
+        final.rename(old)
+    tmp.rename(final)
+    _fsync_dir(final.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Make every file in `folder` durable before the swap (Accelerate's writers do not fsync), with the mode
+    the umask gives (safetensors writes 0600)."""
+    for path in sorted(folder.rglob("*")):
+        path.chmod(permissions(directory=path.is_dir()))
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(folder)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -73,28 +120,79 @@ def _fsync_dir(path: Path) -> None:
 def find_checkpoint(run_dir: Path) -> Path | None:
     final = checkpoint_dir(run_dir)
     for candidate in (final, final.with_name("last.old")):
-        if all((candidate / f).is_file() for f in (MODEL_FILE, STATE_FILE, RECIPE_FILE)):
+        if all((candidate / f).is_file() for f in (STATE_FILE, RECIPE_FILE)):
             return candidate
     return None
 
 
-def load_checkpoint(path: Path, module: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_checkpoint(path: Path, accelerator) -> dict[str, Any]:
+    """Load the checkpoint in `path` into the accelerator's prepared model and optimiser and set the RNG
+    states; returns the saved position. Every process calls it."""
+    try:
+        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged checkpoint: say which and what to do
+        raise _damaged(path, e) from None
+    if "optimizer" in state:  # the earlier layout: weights and optimiser saved by hand
+        _load_earlier_layout(path, accelerator, state.pop("optimizer"))
+    else:
+        _load_state(path, accelerator)
+    _set_rng_state(state.pop("rng"))  # the main process's, on every process, as the run was saved
+    return state
+
+
+def _load_state(path: Path, accelerator) -> None:
+    """`accelerator.load_state`, the plain model's weights read by `_load_weights` (its names, a clear message on
+    a mismatch); FSDP and DeepSpeed load theirs themselves."""
+
+    def load_weights(models, input_dir) -> None:
+        for model in list(models):
+            _load_weights(path, accelerator.unwrap_model(model))
+            models.remove(model)
+
+    handle = accelerator.register_load_state_pre_hook(load_weights)
+    try:
+        accelerator.load_state(str(path))
+    except UsageError:
+        raise
+    except Exception as e:
+        raise _damaged(path, e) from None
+    finally:
+        handle.remove()
+
+
+def _load_earlier_layout(path: Path, accelerator, optimizer_state: dict) -> None:
+    from accelerate.utils import DistributedType
+
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise UsageError(
+            f"the checkpoint in {path} was written by an earlier distillkit, which cannot resume under "
+            f"{accelerator.distributed_type.value}; resume it without FSDP / DeepSpeed"
+        )
+    (model,) = accelerator._models
+    _load_weights(path, accelerator.unwrap_model(model))
+    try:
+        accelerator._optimizers[0].load_state_dict(optimizer_state)
+    except Exception as e:
+        raise _damaged(path, e) from None
+
+
+def _load_weights(path: Path, module: nn.Module) -> None:
     from safetensors.torch import load_file
 
     try:
         weights = load_file(str(path / MODEL_FILE), device="cpu")
-        state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
-    except Exception as e:  # a damaged checkpoint: say which and what to do
-        raise UsageError(f"the checkpoint in {path} is damaged ({e}); delete it to start the run afresh") from None
+    except Exception as e:
+        raise _damaged(path, e) from None
     missing, unexpected = module.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise UsageError(
             f"the checkpoint in {path} does not match this run's student and strategy "
             f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
         )
-    optimizer.load_state_dict(state.pop("optimizer"))
-    _set_rng_state(state.pop("rng"))
-    return state
+
+
+def _damaged(path: Path, error: Exception) -> UsageError:
+    return UsageError(f"the checkpoint in {path} is damaged ({error}); delete it to start the run afresh")
 
 
 def saved_recipe(path: Path) -> dict[str, Any]:
@@ -108,6 +206,7 @@ RESUMABLE_CHANGES = (
     "train.checkpoint_every",
     "train.log_every",
     "train.log_with",
+    "data.num_workers",  # workers change no result (items depend only on their index)
     "out",
     "eval.",
 )
@@ -146,6 +245,10 @@ def _rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if hasattr(torch, "xpu") and torch.xpu.is_available():
+        state["xpu"] = torch.xpu.get_rng_state_all()
+    if torch.backends.mps.is_available():
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -153,3 +256,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "xpu" in state and hasattr(torch, "xpu") and torch.xpu.is_available():
+        torch.xpu.set_rng_state_all(state["xpu"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])

@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from ..conv_taps import cropped_taps
 from ..data import collate_skipping_bad
+from ..data.loading import loader_options
 from ..data.sources import ReplacingBad
 from ..data.views import view_config, view_seed, view_slots
 from ..errors import RunError, UsageError
@@ -33,6 +34,7 @@ from .bad_images import BadImageTally
 from .budget import plan_budget
 from .cache import CacheSetup, open_caches
 from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .launch import TO_ACCELERATE, cpu_processes, resolve_launch, warn_if_precision_overridden
 from .metrics_log import append_record, trim_to_step
 from .step import DistillModule, StepContext, train_step
 from .step_log import StepLog
@@ -123,28 +125,32 @@ class StopSignals:
         self.received = signum
 
 
+SIGNAL_CHECK_EVERY = 10  # optimiser steps between the processes' agreement on a stop signal
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
-    """The run's Accelerator: precision, gradient accumulation, and the experiment trackers of `train.log_with`
-    (writing into `run_dir`; none without it)."""
+    """The run's Accelerator: precision and gradient accumulation (the recipe's, or `accelerate launch`'s when
+    the recipe leaves them to it: `launch.resolve_launch`), the device Accelerate picks (CUDA, MPS, XPU, else the
+    CPU), and the experiment trackers of `train.log_with` (writing into `run_dir`; none without it)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
 
-    mixed = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[recipe.train.precision]
+    warn_if_precision_overridden(recipe.train.precision)
+    train_config = resolve_launch(recipe).train
     # Accelerate keeps its settings in process-wide singletons; a pipeline calling compress() twice
     # (say fp32, then bf16) must get the second run's settings. The process group (PartialState) stays.
     AcceleratorState._reset_state()
     GradientState._reset_state()
     try:
-        # cpu=True when there is no GPU: that is what makes Accelerate set up gloo under torchrun on CPUs
         accelerator = Accelerator(
-            mixed_precision=mixed,
-            gradient_accumulation_steps=recipe.train.grad_accum,
-            cpu=not torch.cuda.is_available(),
+            mixed_precision=TO_ACCELERATE[train_config.precision],
+            gradient_accumulation_steps=train_config.grad_accum,
+            cpu=cpu_processes(),  # several processes without GPUs: what makes Accelerate set up gloo
             **accelerator_options(recipe.train.log_with, run_dir),
         )
     except (ValueError, RuntimeError) as e:
         raise UsageError(
-            f"--precision {recipe.train.precision} is not available on this machine ({e}); use fp32, or bf16 on a CPU"
+            f"--precision {train_config.precision} is not available on this machine ({e}); use fp32, or bf16 on a CPU"
         ) from None
     if recipe.train.sync_bn and accelerator.device.type == "cpu" and accelerator.num_processes > 1:
         raise UsageError("train.sync_bn needs GPUs: torch's SyncBatchNorm does not run on CPU processes")
@@ -191,22 +197,21 @@ class _Training:
     the log and the counters of skipped steps and unreadable images. `train` drives it."""
 
     def __init__(self, run: "Run", progress, resume: bool, force_resume: bool):
-        recipe, accelerator = run.recipe, run.accelerator
+        recipe, accelerator = resolve_launch(run.recipe), run.accelerator  # the precision and grad_accum it runs
         self.recipe, self.accelerator, self.run_dir, self.train_set = recipe, accelerator, run.run_dir, run.images.train
         _check_batch(recipe, accelerator.num_processes, len(self.train_set))
         module = DistillModule(run.student, run.objective)
         module, optimizer, self.loader = accelerator.prepare(
-            module, build_optimizer(module, recipe), _loader(recipe, self.train_set, accelerator.num_processes)
+            module, build_optimizer(module, recipe), _loader(recipe, self.train_set, accelerator)
         )
         for teacher in run.teachers.values():
             teacher.to(accelerator.device)
         self.inner: DistillModule = accelerator.unwrap_model(module)
         self.micro_batches = len(self.loader)
-        self.budget = budget = plan_budget(recipe.train, self.micro_batches)
+        self.grad_accum = _accumulation(recipe, accelerator)
+        self.budget = budget = plan_budget(recipe.train, self.micro_batches, self.grad_accum)
         self.recipe_dict = recipe.to_dict()
-        self.position = (
-            _resume(run.run_dir, self.recipe_dict, self.inner, optimizer, force_resume) if resume else Position()
-        )
+        self.position = _resume(run.run_dir, self.recipe_dict, accelerator, force_resume) if resume else Position()
         self.resumed_from = self.position.step
         self.resume = resume
         requests = run.objective.teacher_requests(run.teachers, run.student.model)
@@ -232,7 +237,7 @@ class _Training:
         """The view slots (auto sizes the views a teacher cache replays; a run that reads no teacher, simclr,
         keeps fresh views) and the teachers' caches when they pay."""
         recipe, budget = self.recipe, self.budget
-        seen = budget.total_steps * recipe.train.batch_size * recipe.train.grad_accum
+        seen = budget.total_steps * recipe.train.batch_size * self.grad_accum
         self.slots = (
             view_slots(recipe.data, seen, budget.epochs, len(self.train_set))
             if requests or recipe.data.view_slots != "auto"
@@ -292,7 +297,7 @@ class _Training:
     def after_step(self, signals: "StopSignals") -> bool:
         """Checkpoint when due or asked to stop (a signal: saved, then RunError); True when the budget is done."""
         every, step = self.recipe.train.checkpoint_every, self.position.step
-        stop = agreed(self.accelerator, signals.received is not None)
+        stop = self._stop_requested(signals)
         if (every and step % every == 0) or stop:
             self.checkpoint()
         if stop:
@@ -301,6 +306,17 @@ class _Training:
                 f"Resume it with: distillkit compress --out {self.run_dir} --resume"
             )
         return step >= self.budget.total_steps
+
+    def _stop_requested(self, signals: "StopSignals") -> bool:
+        """Whether every process stops now. A signal may reach only some processes, so several processes agree
+        (one small all-gather, a wait for the device) every `SIGNAL_CHECK_EVERY` steps only: a signal waits at
+        most that many steps. One process answers at once, without touching the device."""
+        received = signals.received is not None
+        if self.accelerator.num_processes == 1:
+            return received
+        if self.position.step % SIGNAL_CHECK_EVERY:
+            return False
+        return agreed(self.accelerator, received)
 
     def _skip(self, loss) -> None:
         self.skipped += 1
@@ -324,11 +340,10 @@ class _Training:
         self.position.batch = 0
 
     def checkpoint(self) -> None:
+        """Every process saves (a sharded model or optimiser saves its shards); the teachers' caches first."""
         for cache in self.caches.values():
             cache.flush()
-        if self.accelerator.is_main_process:
-            save_checkpoint(self.run_dir, self.inner, self.ctx.optimizer, asdict(self.position), self.recipe_dict)
-        self.accelerator.wait_for_everyone()
+        save_checkpoint(self.run_dir, self.accelerator, asdict(self.position), self.recipe_dict)
 
     def result(self) -> TrainResult:
         seconds, train = self.log.seconds, self.recipe.train
@@ -345,7 +360,7 @@ class _Training:
             skipped_steps=self.skipped,
             bad_images=len(self.bad_images.found),
             online_eval_seconds=self.log.paused_seconds + self.reference_seconds,
-            images_seen=self.position.step * train.batch_size * train.grad_accum,
+            images_seen=self.position.step * train.batch_size * self.grad_accum,
             teacher_cache=str(self.cache_root) if self.caches else None,
         )
 
@@ -376,21 +391,36 @@ def _check_batch(recipe: Recipe, world: int, num_images: int) -> None:
         )
 
 
-def _loader(recipe: Recipe, train_set, world: int) -> DataLoader:
+def _loader(recipe: Recipe, train_set, accelerator) -> DataLoader:
+    """The training loader: each process's share of the global batch, in the sampler's order; `data.num_workers`
+    workers (auto: see data/loading.py), pinned and persistent on CUDA. Workers change no result: items depend
+    only on their index, the sampler runs in this process, and `_apart_from_the_rng` keeps the seed a new
+    iterator draws off training's random stream."""
     return DataLoader(
         ReplacingBad(train_set),
-        batch_size=recipe.train.batch_size // world,
+        batch_size=recipe.train.batch_size // accelerator.num_processes,
         sampler=EpochSampler(len(train_set), recipe.train.seed),
         drop_last=True,
-        num_workers=recipe.data.num_workers,
         collate_fn=collate_skipping_bad,
-        persistent_workers=recipe.data.num_workers > 0,
+        **loader_options(recipe.data.num_workers, train_set, accelerator.device, persistent=True),
     )
 
 
-def _resume(run_dir: Path, recipe_dict: dict, inner: nn.Module, optimizer, force: bool) -> Position:
+def _accumulation(recipe: Recipe, accelerator) -> int:
+    """The gradient accumulation Accelerate steps with, after `prepare` (a DeepSpeed config may set its own):
+    the one the budget counts. It must be the recipe's resolved `train.grad_accum`, which the run records."""
+    steps = accelerator.gradient_accumulation_steps
+    if steps != recipe.train.grad_accum:
+        raise UsageError(
+            f"Accelerate accumulates gradients over {steps} micro-batches (e.g. from a DeepSpeed config's "
+            f"gradient_accumulation_steps) but train.grad_accum is {recipe.train.grad_accum}; make them agree"
+        )
+    return steps
+
+
+def _resume(run_dir: Path, recipe_dict: dict, accelerator, force: bool) -> Position:
     checkpoint, _ = resume_point(run_dir, recipe_dict, force)
-    state = load_checkpoint(checkpoint, inner, optimizer)
+    state = load_checkpoint(checkpoint, accelerator)
     return Position(step=state["step"], epoch=state["epoch"], batch=state.get("batch", 0))
 
 

@@ -128,8 +128,13 @@ def teacher_features(ctx: StepContext, views: BatchViews, batch: Batch, view_epo
 
         cache = ctx.caches.get(role)
         out[role] = (
-            cache.features(batch.indices, batch.images, view_epoch, compute, ctx.accelerator.device)
+            cache.features(batch.indices, _host_images(batch), view_epoch, compute, ctx.accelerator.device)
             if cache is not None
             else compute()
         )
     return out
+
+
+def _host_images(batch: Batch):
+    """The batch's images on the host (kept there by `Batch.to`): the cache hashes them without a device copy."""
+    return batch.host_images if batch.host_images is not None else batch.images

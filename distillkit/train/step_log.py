@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from .metrics_log import append_record
@@ -24,7 +25,8 @@ class StepLog:
         self.metrics_path = metrics_path
         self.total_steps = total_steps
         self.log_every = log_every
-        self.terms_mean: dict[str, float] = {}  # exponential moving averages, factor 0.9
+        self._smoothed: dict[str, Tensor] = {}  # exponential moving averages (factor 0.9), on the device
+        self.terms_mean: dict[str, float] = {}  # their values when last read back (logging steps, epoch ends)
         self.images_seen = 0  # by all processes, since this start (a resume counts from its own start)
         self.paused_seconds = 0.0  # online evaluation inside the loop: not training time
         self.started = time.perf_counter()
@@ -43,22 +45,40 @@ class StepLog:
         return self.images_seen / self.seconds if self.seconds > 0 else 0.0
 
     def step(self, step: int, epoch: int, loss: Tensor, terms: dict[str, Tensor], lr: float) -> None:
-        """After optimiser step `step` (counted from 1): smooth the terms, draw, log every `log_every`."""
-        values = {k: v.item() for k, v in terms.items()} | {"loss": loss.item()}
-        self.terms_mean = {k: 0.9 * self.terms_mean.get(k, v) + 0.1 * v for k, v in values.items()}
+        """After optimiser step `step` (counted from 1): smooth the terms on the device (no host read), and
+        every `log_every` steps read them back once, draw and log. Between logging steps nothing here waits
+        for the device."""
+        current = {k: v.detach().float() for k, v in terms.items()} | {"loss": loss.detach().float()}
+        self._smoothed = {
+            k: v if k not in self._smoothed else 0.9 * self._smoothed[k] + 0.1 * v for k, v in current.items()
+        }
         log_now = step % self.log_every == 0 or step == self.total_steps
-        if log_now and self.accelerator.num_processes > 1:  # the global batch's losses, not this process's share
-            values = mean_over_processes(self.accelerator, terms | {"loss": loss.detach()})
+        if not log_now:
+            if self.main:
+                self.progress.update(self.task, completed=step)
+            return
+        if self.accelerator.num_processes > 1:  # the global batch's losses, not this process's share
+            values = mean_over_processes(self.accelerator, current)
+            self._read_smoothed()
+        else:  # one read for both
+            both = torch.stack([*current.values(), *self._smoothed.values()]).tolist()
+            values = dict(zip(current, both[: len(current)]))
+            self.terms_mean = dict(zip(self._smoothed, both[len(current) :]))
         if not self.main:
             return
         self._draw(step, epoch)
-        if log_now:
-            record = {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)}
-            append_record(self.metrics_path, record)
-            self.track(record, step)
+        record = {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)}
+        append_record(self.metrics_path, record)
+        self.track(record, step)
+
+    def _read_smoothed(self) -> None:
+        """The smoothed terms as numbers (one read of the device), for the bar and the epoch records."""
+        if self._smoothed:
+            self.terms_mean = dict(zip(self._smoothed, torch.stack(list(self._smoothed.values())).tolist()))
 
     def epoch_end(self, epoch: int, step: int, seconds: float, extra: dict | None = None) -> None:
         """The record of a finished epoch (`epoch` counted from 1), with e.g. its online k-NN."""
+        self._read_smoothed()
         if self.main:
             append_record(
                 self.metrics_path,

@@ -38,8 +38,8 @@ if options[:1] == ["--kill-after-checkpoint"]:
     kill_step = int(options[1])
     real_save = loop.save_checkpoint
 
-    def save_then_die(run_dir, module, optimizer, state, recipe):
-        path = real_save(run_dir, module, optimizer, state, recipe)
+    def save_then_die(run_dir, accelerator, state, recipe):
+        path = real_save(run_dir, accelerator, state, recipe)
         if state["step"] == kill_step:
             os.kill(os.getpid(), signal.SIGKILL)
         return path
@@ -54,9 +54,9 @@ elif options[:1] == ["--kill-in-save"]:
     real_save_checkpoint, real_rename, real_write_text = checkpoint.save_checkpoint, Path.rename, checkpoint.write_text
     saving = {"step": None}
 
-    def save_marking_the_step(run_dir, module, optimizer, state, recipe):
+    def save_marking_the_step(run_dir, accelerator, state, recipe):
         saving["step"] = state["step"]
-        return real_save_checkpoint(run_dir, module, optimizer, state, recipe)
+        return real_save_checkpoint(run_dir, accelerator, state, recipe)
 
     def die_if(now: str) -> None:
         if now == phase and saving["step"] == kill_step:
