@@ -165,3 +165,29 @@ def test_bad_images_are_added_up_over_processes(tmp_path):
     two = two_processes(args)
     assert two.returncode != 0
     assert two.stderr.count("2 of 96 training images are unreadable") == 2, two.stderr[-3000:]  # both processes
+
+
+def test_overwrite_under_torchrun_replaces_the_run_once(tmp_path):
+    """--overwrite with 2 processes: one process clears the previous run, the other waits for it, and the new
+    run's files are all that is left (its metrics start again at step 1); a folder holding a file no run
+    wrote is refused by both processes before anything is deleted."""
+    out = tmp_path / "run"
+    base = run_args(out, "seed")
+    base[base.index("--epochs") + 1] = "1"
+    first = subprocess.run(
+        [sys.executable, str(FAULT_RUN), "--", *base, "--max-steps", "3"], capture_output=True, text=True, timeout=300
+    )
+    assert first.returncode == 0, first.stderr[-3000:]
+    (out / "checkpoints" / "stale-note").write_text("written by the first run's folder")  # inside a run entry
+
+    again = two_processes([*base, "--max-steps", "2", "--overwrite"])
+    assert again.returncode == 0, again.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert steps == [1, 2]
+    assert not (out / "checkpoints" / "stale-note").exists()
+
+    (out / "my-notes.txt").write_text("the user's")
+    refused = two_processes([*base, "--max-steps", "2", "--overwrite"])
+    # each process exits 2; torchrun itself reports a failed worker group as 1
+    assert refused.returncode != 0 and "files a run did not write: my-notes.txt" in " ".join(refused.stderr.split())
+    assert (out / "my-notes.txt").read_text() == "the user's" and (out / "metrics.jsonl").exists()

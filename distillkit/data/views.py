@@ -103,10 +103,8 @@ def render_views(images: Tensor, params: Tensor, size: int | tuple[int, int]) ->
         [torch.arange(x.shape[0], device=x.device, dtype=x.dtype).unsqueeze(1), params[:, :4].to(x.dtype)], dim=1
     )
     out = roi_align(x, boxes, output_size=size, spatial_scale=1.0, sampling_ratio=0, aligned=True)
-    flip = params[:, 4].to(torch.bool)
-    if flip.any():
-        out[flip] = out[flip].flip(-1)
-    return out
+    flip = params[:, 4].to(torch.bool).view(-1, 1, 1, 1)
+    return torch.where(flip, out.flip(-1), out)  # no boolean indexing: it would wait for the device to count
 
 
 class BatchViews:

@@ -45,14 +45,12 @@ def evaluate_student(
     device: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate `student` on `data`'s held-out split, on `device` (None: a GPU when there is one, else the CPU;
-    an ONNX file always runs on the CPU, in onnxruntime; latency is always the CPU's).
-
-    `student` is an export folder (or its run folder) or `timm:<name>`: with timm's hub weights, or with
-    `weights`, a local state dict file. Returns knn_top1, probe_top1, params, latency_ms; top1 of the
-    model's own classifier when it has one whose class count is the data's (classes taken in the data's
-    order: sorted folder names), else top1_skipped with the reason; with `per_block`, per_block: one
-    {"block", "knn_top1"} per block, each block's representation pooled as `distillkit export --exit-at` does.
-    """
+    ONNX files run on the CPU, in onnxruntime; latency is always the CPU's). `student` is an export folder (or
+    its run folder) or `timm:<name>`: with timm's hub weights, or with `weights`, a local state dict file.
+    Returns knn_top1, probe_top1, params, latency_ms; top1 of the model's own classifier when it has one whose
+    class count is the data's (classes in the data's order: sorted folder names), else top1_skipped with the
+    reason; with `per_block`, per_block: one {"block", "knn_top1"} per block, each block's representation
+    pooled as `distillkit export --exit-at` does."""
     check_data_source(data)
     device = eval_device(device)
     deployed = _deployed_file(student)

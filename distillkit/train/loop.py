@@ -134,6 +134,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
     CPU), and the experiment trackers of `train.log_with` (writing into `run_dir`; none without it)."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState, GradientState
+    from accelerate.utils import DataLoaderConfiguration
 
     warn_if_precision_overridden(recipe.train.precision)
     train_config = resolve_launch(recipe).train
@@ -146,6 +147,8 @@ def make_accelerator(recipe: Recipe, run_dir: Path | None = None):
             mixed_precision=TO_ACCELERATE[train_config.precision],
             gradient_accumulation_steps=train_config.grad_accum,
             cpu=cpu_processes(),  # several processes without GPUs: what makes Accelerate set up gloo
+            # pinned batches (on CUDA) reach the device without the host waiting for the copy
+            dataloader_config=DataLoaderConfiguration(non_blocking=True),
             **accelerator_options(recipe.train.log_with, run_dir),
         )
     except (ValueError, RuntimeError) as e:
