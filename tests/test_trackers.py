@@ -11,6 +11,7 @@ import accelerate.utils
 import numpy as np
 import pytest
 import yaml
+from test_compress import TINY as COMPRESS_TINY
 from typer.testing import CliRunner
 
 import distillkit
@@ -22,16 +23,7 @@ from distillkit.run_folder import MARKER, check_run_folder, clear_run
 from distillkit.train import loop
 from distillkit.train.trackers import tracker_names
 
-TINY = [
-    "teacher.input_size=32",
-    "strategy.seed.queue_size=64",
-    "eval.max_train=200",
-    "eval.max_test=100",
-    "eval.probe_steps=20",
-    "eval.latency_runs=2",
-    "eval.online_images=64",
-    "train.log_every=1",
-]
+TINY = COMPRESS_TINY + ["eval.online_images=64", "train.log_every=1"]
 NO_EVAL = TINY + ["eval.enabled=false"]
 
 
