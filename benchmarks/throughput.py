@@ -40,7 +40,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from distillkit.api import _progress
+from distillkit.api import training_progress
 from distillkit.data import ImageData, ViewConfig, render_views, sample_view_params
 from distillkit.data.sources import TensorImages
 from distillkit.features import FeatureRequest, extract_features
@@ -136,7 +136,7 @@ def run_distillkit(setup: Setup, steps: int) -> float:
     """(a): the loop `compress` runs; seconds for `steps` optimiser steps."""
     recipe = copy.deepcopy(setup.recipe)
     recipe.train.max_steps = steps
-    with tempfile.TemporaryDirectory() as run_dir, _progress(Console(quiet=True)) as progress:  # compress's
+    with tempfile.TemporaryDirectory() as run_dir, training_progress(Console(quiet=True)) as progress:  # compress's
         run = setup.fresh_run(Path(run_dir), recipe)
         synchronize(setup.device)
         start = time.perf_counter()

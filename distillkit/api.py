@@ -132,7 +132,7 @@ def _compress(
     quiet: bool,
 ) -> CompressResult:
     started = time.perf_counter()
-    resolved = resolve_recipe(_resumed_recipe(recipe, options, resume), options, strategy=strategy, overrides=overrides)
+    resolved = resolve_recipe(resumed_recipe(recipe, options, resume), options, strategy=strategy, overrides=overrides)
     resolved = resolve_launch(resolved)  # precision and grad_accum as they run (accelerate launch's when left to it)
     run_dir = Path(resolved.out) if resolved.out else _default_run_dir(resolved)
     clear_previous_run = validate_before_loading(resolved, run_dir, resume, overwrite)
@@ -148,12 +148,12 @@ def _compress(
         f"{' + '.join(resolved.strategy)}; run folder {escape(str(run_dir))}"
     )
     run = Run.from_recipe(resolved, run_dir, accelerator, say=console.print)
-    _claim(run, resume, force_resume)
+    claim_run(run, resume, force_resume)
     timings = {"setup": time.perf_counter() - started}
-    with _progress(console) as progress:
+    with training_progress(console) as progress:
         result = train(run, progress, resume, force_resume, online_knn=OnlineKnn.from_recipe(resolved, run.images))
     timings |= {"train": result.seconds, "online_eval": result.online_eval_seconds}
-    console.print(_trained_line(result))
+    console.print(trained_line(result))
     metrics = _evaluate_and_export(run, result, console, timings) if main else {}
     accelerator.wait_for_everyone()
     timings["total"] = time.perf_counter() - started
@@ -176,11 +176,11 @@ def _compress(
             "pretrained=True))",
             markup=False,
         )
-        _write_report(run_dir, console)
+        write_report(run_dir, console)
     return final
 
 
-def _claim(run: Run, resume: bool, force_resume: bool) -> None:
+def claim_run(run: Run, resume: bool, force_resume: bool) -> None:
     """Check a resume against the run's checkpoint, then mark the folder as a run and save its recipe: only
     now, so a start that fails while loading (or a refused resume) leaves the folder as it was."""
     if resume:
@@ -192,7 +192,7 @@ def _claim(run: Run, resume: bool, force_resume: bool) -> None:
         write_text(run.run_dir / "recipe.yaml", recipe_to_yaml(run.recipe))
 
 
-def _trained_line(result) -> str:
+def trained_line(result) -> str:
     return (
         f"trained {result.steps} steps ({result.images_seen:,} images seen) in {result.seconds:.0f} s "
         f"({result.images_per_second:.0f} img/s)"
@@ -210,7 +210,7 @@ def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, 
     teacher = run.teachers[PRIMARY_TEACHER]
     teacher.unprune()  # evaluation embeds with the whole teacher
     tick = time.perf_counter()
-    with _progress(console) as progress:
+    with training_progress(console) as progress:
         metrics = evaluate_run(run.recipe, teacher, student, run.images, run.accelerator.device, progress)
     student.model.cpu()
     teacher.cpu()
@@ -241,7 +241,7 @@ def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, 
     return metrics
 
 
-def _write_report(run_dir: Path, console: Console) -> None:
+def write_report(run_dir: Path, console: Console) -> None:
     """report.html and its plots; the run is already saved, so a failure here only warns."""
     try:
         console.print(f"report: {report(run_dir)}", markup=False)
@@ -252,7 +252,7 @@ def _write_report(run_dir: Path, console: Console) -> None:
         )
 
 
-def _resumed_recipe(recipe, options: dict[str, Any], resume: bool):
+def resumed_recipe(recipe, options: dict[str, Any], resume: bool):
     """What `--resume` builds on: the run's own saved recipe.yaml, unless a recipe is given explicitly;
     the flags given with --resume then apply on top of it, as they would to any recipe."""
     if resume and recipe is None and options.get("out") is not None:
@@ -265,11 +265,22 @@ def _resumed_recipe(recipe, options: dict[str, Any], resume: bool):
 def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
     """Name checks and run-folder checks, before any model or data loads; True when --overwrite is to clear
     a previous run."""
+    if recipe.teacher is None:
+        raise UsageError(
+            "the recipe has no teacher (teacher: null belongs to `distillkit pretrain` recipes); "
+            "name one with --teacher NAME (`distillkit list teachers`)"
+        )
     for role, t in recipe.all_teachers().items():
         try:
             check_teacher_name(t.name, variant=t.variant, arch=t.arch, weights=t.weights)
         except UsageError as e:
             raise UsageError(f"teachers.{role}: {e}" if role != PRIMARY_TEACHER else str(e)) from None
+    return check_run_start(recipe, run_dir, resume, overwrite)
+
+
+def check_run_start(recipe: Recipe, run_dir: Path, resume: bool, overwrite: bool) -> bool:
+    """The checks every run (distillation or pretraining) passes before loading: the student, the data, the
+    trackers and the run folder; True when --overwrite is to clear a previous run."""
     student_spec(recipe.student.name)
     check_student_start(recipe.student)
     check_data_source(recipe.data.source)
@@ -281,7 +292,7 @@ def validate_before_loading(recipe: Recipe, run_dir: Path, resume: bool, overwri
     return clear
 
 
-def _progress(console: Console) -> Progress:
+def training_progress(console: Console) -> Progress:
     """The training progress bar. Its refresh thread rebuilds the bar on every tick, on the training's
     cores: twice a second is plenty for steps that take tenths of a second, and costs less than rich's 10."""
     return Progress(

@@ -172,6 +172,57 @@ def compress(
     run_compress(recipe, **options)
 
 
+class PretrainMethod(str, Enum):
+    bootleg = "bootleg"
+
+
+PRETRAIN_HELP = {
+    **{k: H[k] for k in ("data", "epochs", "max_steps", "limit", "batch_size", "lr", "set", "resume")},
+    **{k: H[k] for k in ("force_resume", "overwrite", "seed", "precision", "log_with", "quiet")},
+    "arch": "The ViT to pretrain: a timm model name (vit_small_patch16_224), timm:<name>, a student spec name or "
+    ".yaml; the recipe's student.model_args (no class token, average pooling) apply.",
+    "out": "Run folder (default runs/<time>-pretrain-<method>-<arch>).",
+    "recipe": "Pretraining recipe: a YAML file or a shipped name (default pretrain-bootleg-tiny; "
+    "pretrain-bootleg-vitb for ViT-B/16 on 8 GPUs).",
+}
+P = PRETRAIN_HELP
+
+
+@app.command()
+@reports_errors
+def pretrain(
+    method: PretrainMethod = typer.Argument(..., help="The self-supervised method: bootleg."),
+    arch: Optional[str] = typer.Option(None, help=P["arch"]),
+    data: Optional[str] = typer.Option(None, help=P["data"]),
+    epochs: Optional[int] = typer.Option(None, help=P["epochs"]),
+    max_steps: Optional[int] = typer.Option(None, help=P["max_steps"]),
+    limit: Optional[int] = typer.Option(None, help=P["limit"]),
+    batch_size: Optional[int] = typer.Option(None, help=P["batch_size"]),
+    lr: Optional[float] = typer.Option(None, help=P["lr"]),
+    out: Optional[Path] = typer.Option(None, help=P["out"]),
+    recipe: Optional[str] = typer.Option(None, help=P["recipe"]),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=P["set"]),
+    resume: bool = typer.Option(False, help=P["resume"]),
+    force_resume: bool = typer.Option(False, help=P["force_resume"]),
+    overwrite: bool = typer.Option(False, help=P["overwrite"]),
+    seed: Optional[int] = typer.Option(None, help=P["seed"]),
+    precision: Optional[Precision] = typer.Option(None, help=P["precision"]),
+    log_with: Optional[List[str]] = typer.Option(None, help=P["log_with"]),
+    quiet: bool = typer.Option(False, help=P["quiet"]),
+) -> None:
+    """Pretrain a self-supervised ViT teacher; writes RUN/bootleg.pth (I-JEPA layout) and RUN/teacher/ (timm).
+
+    With no options: a small ViT pretrained with Bootleg on Fashion-MNIST (offline, 2 CPU cores). Distil from
+    it with: distillkit compress --teacher bootleg --teacher-weights RUN/bootleg.pth
+    """
+    from .pretrain import pretrain as run_pretrain
+
+    messages.show_on(err_console, quiet=quiet)
+    options = {k: v for k, v in locals().items() if k in PRETRAIN_HELP and k not in ("recipe", "precision", "set")}
+    options |= {"set": set_, "precision": precision.value if precision else None, "log_with": log_with or None}
+    run_pretrain(method.value, recipe, **options)
+
+
 class ListWhat(str, Enum):
     teachers = "teachers"
     students = "students"

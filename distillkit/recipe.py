@@ -44,6 +44,8 @@ class StudentConfig:
     compile: bool = False  # run the student's forward through torch.compile while training
     pretrained: bool = False  # start from timm's pretrained weights (its Hub copy) instead of random init
     weights: str | None = None  # start from this weights file (a timm state dict of the student's architecture)
+    # extra timm.create_model arguments over the spec's (e.g. {drop_path_rate: 0.1}; a ViT's {patch_size: 4, depth: 6})
+    model_args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -126,6 +128,8 @@ class TrainConfig:
     optimizer: Literal["sgd", "adamw"] = "sgd"
     momentum: float = 0.9
     weight_decay: float = 1e-4
+    # null = constant; a value = cosine from weight_decay at the first step to this at the last (I-JEPA: 0.04 -> 0.4)
+    weight_decay_end: float | None = None
     warmup_fraction: float = 0.05  # share of the steps spent in linear warm-up
     # micro-batches per optimiser step; null = what `accelerate launch` / `accelerate config` set
     # (ACCELERATE_GRADIENT_ACCUMULATION_STEPS), else 1. An explicit value contradicting that is refused
@@ -171,7 +175,8 @@ class EvalConfig:
 
 @dataclass
 class Recipe:
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # null only in pretraining recipes (`distillkit pretrain`), whose strategy is its own teacher
+    teacher: TeacherConfig | None = field(default_factory=TeacherConfig)
     # more frozen teachers, by role (e.g. `mim: {name: mae-vitb}`), for strategies that read two at once
     teachers: dict[str, TeacherConfig] = field(default_factory=dict)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -186,8 +191,8 @@ class Recipe:
         return _plain(dataclasses.asdict(self))
 
     def all_teachers(self) -> dict[str, TeacherConfig]:
-        """Every teacher by role, the primary `teacher` first."""
-        return {PRIMARY_TEACHER: self.teacher, **self.teachers}
+        """Every teacher by role, the primary `teacher` first (none for a pretraining recipe's null teacher)."""
+        return ({PRIMARY_TEACHER: self.teacher} if self.teacher is not None else {}) | self.teachers
 
 
 def _plain(value: Any) -> Any:
@@ -489,8 +494,10 @@ def check_ranges(recipe: Recipe) -> None:
         "train.checkpoint_every": recipe.train.checkpoint_every,
         "train.grad_accum": recipe.train.grad_accum,
         "data.limit": recipe.data.limit,
-        **{f"teachers.{role}.input_size": t.input_size for role, t in recipe.teachers.items()},
-        "teacher.input_size": recipe.teacher.input_size,
+        **{
+            (f"teachers.{role}.input_size" if role != PRIMARY_TEACHER else "teacher.input_size"): t.input_size
+            for role, t in recipe.all_teachers().items()
+        },
         "student.input_size": recipe.student.input_size,
         "data.view_size": recipe.data.view_size,
         "data.view_slots": None if recipe.data.view_slots == "auto" else recipe.data.view_slots,
@@ -501,6 +508,10 @@ def check_ranges(recipe: Recipe) -> None:
     for key, value in optional_positive.items():
         if value is not None and value < 1:
             raise UsageError(f"{key} must be a positive number or null, got {value}")
+    for key in ("weight_decay", "weight_decay_end"):
+        value = getattr(recipe.train, key)
+        if value is not None and value < 0:
+            raise UsageError(f"train.{key} must be 0 or more, got {value}")
     if recipe.train.lr <= 0:
         raise UsageError(f"train.lr must be positive, got {recipe.train.lr}")
     if not 0.0 <= recipe.train.warmup_fraction < 1.0:

@@ -37,6 +37,7 @@ class Run:
     objective: Objective
     sizes: SizePlan
     images: ImageData
+    command: str = "distillkit compress"  # what resumes it (said when a signal stops the run)
 
     @classmethod
     def from_recipe(

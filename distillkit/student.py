@@ -9,6 +9,7 @@ pooled embedding and the exported file is exactly the backbone.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -149,6 +150,8 @@ class Student:
     def create(cls, config: StudentConfig, seed: int | None = None) -> "Student":
         """A fresh student from the recipe's `student:` section (deterministic when `seed` is given)."""
         spec = student_spec(config.name)
+        if config.model_args:
+            spec = dataclasses.replace(spec, model_args={**spec.model_args, **config.model_args})
         size = config.input_size or spec.input_size
         model = create_student(spec, size, seed=seed)  # the random draws happen either way: seeds stay aligned
         model = starting_student(spec, size, config) or model

@@ -18,7 +18,7 @@ from .metrics import (
     score_embeddings,
 )
 from .online import OnlineKnn
-from .run import evaluate_run
+from .run import evaluate_run, score_networks
 
 __all__ = [
     "Embed",
@@ -34,4 +34,5 @@ __all__ = [
     "linear_probe_accuracy",
     "runner_latency_ms",
     "score_embeddings",
+    "score_networks",
 ]

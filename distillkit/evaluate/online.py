@@ -56,7 +56,8 @@ class OnlineKnn:
         """The levels the student's curve is read against, on the same split: the frozen teacher's embedding
         and the student before its first step (its random init). One metrics.jsonl line."""
         record = {"online_reference": True}
-        if teacher.pruned_to is None:  # a teacher pruned for training has no final embedding to score
+        # a teacher pruned for training has no final embedding to score; pretraining has no teacher
+        if teacher is not None and teacher.pruned_to is None:
             device = next(teacher.model.parameters()).device
             teacher_top1 = self.score(teacher.embed, device)
             record["teacher_knn_top1"] = round(teacher_top1, 6)

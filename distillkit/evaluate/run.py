@@ -23,9 +23,17 @@ def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) 
     start = student.at_start()
     if start is not None:
         references["student_start"] = start
-    networks = {"teacher": (teacher.embed, teacher.model, teacher.input_config.size, teacher.channels_last)}
-    for name, network in references.items():
-        networks[name] = (network.embed, network.model, network.input_config.size, network.channels_last)
+    metrics = score_networks(recipe, {"teacher": teacher, **references}, images, device, progress)
+    gap = gap_recovered(metrics)
+    if gap:
+        metrics["gap_recovered"] = gap
+    return metrics
+
+
+def score_networks(recipe, networks: dict[str, Any], images, device="cpu", progress=None) -> dict[str, Any]:
+    """name -> {knn_top1, probe_top1, ..., params, latency_ms} for every network (a Teacher or a Student: anything
+    with `embed`, `model`, `input_config` and `channels_last`), on the recipe's evaluation split (accuracy only
+    when `images` has a labelled held-out split), plus `eval_split`, the sizes it used."""
     metrics: dict[str, Any] = {}
     labelled = recipe.eval.enabled and images.test is not None and images.num_classes
     if labelled:
@@ -33,29 +41,20 @@ def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) 
         test = eval_subset(images.test, recipe.eval.max_test, recipe.train.seed)
         metrics["eval_split"] = {"train_images": len(bank), "test_images": len(test)}
     advance = _progress_task(progress, len(networks) * (len(bank) + len(test)) if labelled else 0)
-    for name, (embed, model, size, channels_last) in networks.items():
-        row: dict[str, Any] = {}
+    for name, network in networks.items():
+        model, row = network.model, {}
         if labelled:
             model.to(device)
             embedded = [
-                embed_dataset(embed, part, num_workers=recipe.data.num_workers, device=device, on_batch=advance)
+                embed_dataset(network.embed, part, num_workers=recipe.data.num_workers, device=device, on_batch=advance)
                 for part in (bank, test)
             ]
-            row.update(
-                score_embeddings(
-                    *embedded,
-                    recipe.eval.knn_k,
-                    recipe.eval.knn_temperature,
-                    recipe.eval.probe_steps,
-                    seed=recipe.train.seed,
-                )
-            )
+            settings = recipe.eval.knn_k, recipe.eval.knn_temperature, recipe.eval.probe_steps
+            row.update(score_embeddings(*embedded, *settings, seed=recipe.train.seed))
         row["params"] = count_params(model)
+        size, channels_last = network.input_config.size, network.channels_last
         row["latency_ms"] = round(cpu_latency_ms(model, size, channels_last, recipe.eval.latency_runs), 3)
         metrics[name] = row
-    gap = gap_recovered(metrics)
-    if gap:
-        metrics["gap_recovered"] = gap
     return metrics
 
 

@@ -14,6 +14,8 @@ size and check it (classmethods, called before any forward pass) and by `student
                                            construct, sized by the probe Features (dry forwards)
     forward(step: StepInputs)              -> {term: loss}, named and unweighted
     term_weights()                         -> {term: weight}, how the objective weighs them
+    diagnostics                            terms forward() returns that are logged, never weighted (a class
+                                           attribute); `health(logged)` -> a warning about them, or None
     after_step(step, gather)               state updates after the loss, `gather` = the loop's all-gather
     fit_to_data(config, num_images, batch_size) -> (config, note | None)   shrink data-dependent sizes
 
@@ -48,6 +50,7 @@ class StepInputs:
     labels: Tensor | None
     progress: float  # fraction of training done, in [0, 1]
     other_teachers: dict[str, list[Features]] = field(default_factory=dict)  # role -> views
+    optimizer_stepped: bool = True  # False for a micro-batch whose gradients are still being accumulated
 
     @property
     def teacher(self) -> Features:
@@ -70,6 +73,7 @@ class Strategy(nn.Module):
     num_views: ClassVar[int] = 1
     summary: ClassVar[str] = ""
     reads: ClassVar[tuple[str, ...]] = (PRIMARY_TEACHER,)
+    diagnostics: ClassVar[tuple[str, ...]] = ()
 
     # What the other strategies of the objective need from the student (set by `Objective` on the
     # strategy that runs the student itself); the Features it returns must hold that too.
@@ -135,6 +139,10 @@ class Strategy(nn.Module):
 
     def after_step(self, step: StepInputs, gather: Gather) -> None:
         """Update state once the loss is computed (e.g. enqueue teacher embeddings)."""
+
+    def health(self, logged: Mapping[str, float]) -> str | None:
+        """A warning about the logged values of a logging step (`logged`: "name.term" -> value), or None."""
+        return None
 
     def expand_views(self, views: list[Tensor]) -> list[Tensor]:
         return views

@@ -77,6 +77,7 @@ from .toolbox import (
     gather_tokens,
     generator_from_global_rng,
     peer_features,
+    process_share,
     regression_loss,
 )
 
@@ -101,25 +102,52 @@ class HiddenConfig:
 
     def __post_init__(self):
         check_non_negative("hidden", self, ("pooled_weight",))
-        check_positive(
-            "hidden",
-            self,
-            ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"),
-        )
         if not self.layers:
             raise UsageError("strategy.hidden.layers must name at least one teacher layer, e.g. [0.5, 1.0]")
-        if self.predictor_width % self.predictor_heads or self.predictor_width % 4:
-            raise UsageError(
-                f"strategy.hidden.predictor_width ({self.predictor_width}) must be a multiple of 4 "
-                f"and of predictor_heads ({self.predictor_heads})"
-            )
-        for key in ("target_scale", "context_scale"):
-            low, high = getattr(self, key)
-            if not 0.0 < low <= high <= 1.0:
-                raise UsageError(f"strategy.hidden.{key} must satisfy 0 < low <= high <= 1, got {[low, high]}")
-        low, high = self.target_aspect
-        if not 0.0 < low <= high:
-            raise UsageError(f"strategy.hidden.target_aspect must satisfy 0 < low <= high, got {[low, high]}")
+        check_predictor_and_masks("hidden", self)
+
+
+def check_predictor_and_masks(strategy: str, config) -> None:
+    """The predictor's and the block masks' settings (shared by hidden and bootleg): positive sizes, a width
+    the heads and the 2-D sin-cos positions divide, scales in (0, 1], aspects positive."""
+    check_positive(
+        strategy,
+        config,
+        ("beta", "predictor_depth", "predictor_width", "predictor_heads", "num_targets", "mask_min_keep"),
+    )
+    if config.predictor_width % config.predictor_heads or config.predictor_width % 4:
+        raise UsageError(
+            f"strategy.{strategy}.predictor_width ({config.predictor_width}) must be a multiple of 4 "
+            f"and of predictor_heads ({config.predictor_heads})"
+        )
+    for key in ("target_scale", "context_scale"):
+        low, high = getattr(config, key)
+        if not 0.0 < low <= high <= 1.0:
+            raise UsageError(f"strategy.{strategy}.{key} must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    low, high = config.target_aspect
+    if not 0.0 < low <= high:
+        raise UsageError(f"strategy.{strategy}.target_aspect must satisfy 0 < low <= high, got {[low, high]}")
+
+
+def masks_for(config, batch_size: int, grid: tuple[int, int], device) -> tuple[Tensor, Tensor]:
+    """I-JEPA block masks drawn with `config`'s settings from the global RNG: (context, targets) on `device`.
+
+    Under several processes every process draws the masks of the whole global batch (the same draws: the
+    global RNG is the same everywhere) and keeps its own rows, so the masks do not depend on the number of
+    processes (process r holds rows r*B .. (r+1)*B - 1 of the global batch)."""
+    world, rank = process_share()
+    masks = sample_block_masks(
+        batch_size * world,
+        grid,
+        generator_from_global_rng(),
+        num_targets=config.num_targets,
+        target_scale=config.target_scale,
+        target_aspect=config.target_aspect,
+        context_scale=config.context_scale,
+        min_keep=config.mask_min_keep,
+    )
+    rows = slice(rank * batch_size, (rank + 1) * batch_size)
+    return masks.context[rows].to(device), masks.targets[:, rows].to(device)
 
 
 @dataclass
@@ -294,17 +322,7 @@ class Hidden(Strategy):
     ) -> Features | None:
         if not self.masked:
             return None  # the generic extraction gives the last feature map
-        masks = sample_block_masks(
-            x.shape[0],
-            self.grid,
-            generator_from_global_rng(),
-            num_targets=self.config.num_targets,
-            target_scale=self.config.target_scale,
-            target_aspect=self.config.target_aspect,
-            context_scale=self.config.context_scale,
-            min_keep=self.config.mask_min_keep,
-        )
-        context_index, target_index = masks.context.to(x.device), masks.targets.to(x.device)
+        context_index, target_index = masks_for(self.config, x.shape[0], self.grid, x.device)
         # Other strategies of the objective get their features from a full forward.
         shared = peer_features(student, x, self.peer_request)
         context_tokens, _ = forward_kept_tokens(student, x, context_index)

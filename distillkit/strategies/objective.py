@@ -83,6 +83,9 @@ class Objective(nn.Module):
                 terms[term if term.startswith(name) else f"{name}.{term}"] = values[term].detach()
                 contribution = self.weights[name] * weight * values[term]
                 total = contribution if total is None else total + contribution
+            for term in type(strategy).diagnostics:  # logged, not trained on
+                if term in values:
+                    terms[f"{name}.{term}"] = values[term].detach()
         if total is None:
             raise UsageError("every loss term has weight 0: nothing to train")
         return total, terms
@@ -90,6 +93,10 @@ class Objective(nn.Module):
     def after_step(self, step: StepInputs, gather: Gather) -> None:
         for strategy in self.strategies.values():
             strategy.after_step(step, gather)
+
+    def health(self, logged: Mapping[str, float]) -> list[str]:
+        """The strategies' warnings about the values a logging step read back."""
+        return [w for w in (s.health(logged) for s in self.strategies.values()) if w]
 
     def expand_views(self, views: list[Tensor]) -> list[Tensor]:
         for strategy in self.strategies.values():
@@ -120,6 +127,11 @@ def check_roles(roles: Mapping[str, tuple[str, ...]], teachers: Mapping[str, Any
     primary one is read by some strategy."""
     for name, read in roles.items():
         for role in read:
+            if role not in teachers and role == PRIMARY_TEACHER:
+                raise UsageError(
+                    f"strategy {name} distils from a teacher, but the recipe has none (teacher: null); "
+                    "name one with --teacher NAME, or use a strategy that needs none (simclr, bootleg)"
+                )
             if role not in teachers:
                 raise UsageError(
                     f"strategy {name} reads a teacher in the role {role!r}, but the recipe has no "

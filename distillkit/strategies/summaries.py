@@ -2,6 +2,10 @@
 its line here, so the listing loads no torch (a strategy of your own sets `summary` on its class)."""
 
 SUMMARIES = {
+    "bootleg": (
+        "Bootleg pretraining (distillkit pretrain bootleg): a ViT predicts its own EMA copy's normalised hidden "
+        "layers at masked blocks (I-JEPA masks and predictor; no teacher)"
+    ),
     "feature": "timm-style feature distillation: Linear(student embedding) -> teacher embedding, cosine or MSE",
     "hidden": (
         "multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "

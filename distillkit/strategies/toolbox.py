@@ -172,6 +172,13 @@ def peer_features(student: nn.Module, x: Tensor, peer_request: FeatureRequest) -
     return {f.name: getattr(full, f.name) for f in dataclasses.fields(Features)}
 
 
+def process_share() -> tuple[int, int]:
+    """(number of processes, this process's rank); (1, 0) without a process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
+
+
 def generator_from_global_rng() -> torch.Generator:
     """A CPU generator seeded by one draw of the global torch RNG, which checkpoints save and restore."""
     return torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,))))

@@ -35,6 +35,12 @@ def _build_ssl(spec: TeacherSpec, options: BuildOptions) -> Built:
     return build_ssl_teacher(spec, options)
 
 
+def _build_bootleg(spec: TeacherSpec, options: BuildOptions) -> Built:
+    from .bootleg import build_bootleg
+
+    return build_bootleg(spec, options)
+
+
 def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
     from .lite0 import build_lite0
 
@@ -163,6 +169,22 @@ for _size, _arch, _dim in (
         model_kwargs=GAP_VIT,
         is_vit=True,
     )
+
+TEACHERS.register(
+    "bootleg",
+    TeacherSpec(
+        name="bootleg",
+        architecture="any ViT, from the file",
+        weights_source="your file (distillkit pretrain bootleg)",
+        description="Bootleg / I-JEPA ViT of any width, depth and patch size, its architecture read from the "
+        "checkpoint's args (or its tensors); target_encoder, or teacher.variant=encoder",
+        build=_build_bootleg,
+        formats=("ijepa",),
+        is_vit=True,
+        layout="an I-JEPA-layout checkpoint ({'encoder', 'predictor', 'target_encoder', 'args', ...}, keys "
+        "prefixed module.), as `distillkit pretrain bootleg` writes RUN/bootleg.pth",
+    ),
+)
 
 
 TEACHERS.register(

@@ -1,7 +1,8 @@
 """Guessing which zoo teacher a checkpoint belongs to, for hints in error reports.
 
 The guess combines the file's layout (MoCo, DINO, I-JEPA, MAE prefixes) with the network's shape read
-from its tensors: ViT width, patch size, class token; ResNet-50 blocks. Attention heads cannot be read
+from its tensors: ViT width, patch size, class token; ResNet-50 blocks. An I-JEPA-layout ViT of another size is
+the `bootleg` teacher's, which reads any size from the file. Attention heads cannot be read
 from weights, which is why a MoCo v3 ViT-S (12 heads) is told apart from a DINO ViT-S (6 heads) by
 its layout only.
 """
@@ -89,7 +90,10 @@ def guess_teacher(kind: str, state: StateDict) -> str | None:
     if network is None:
         return None
     layout = _LAYOUT_NAMES.get(kind)
-    name = _ZOO.get((kind, network.label)) or _ZOO.get((None, network.label))
+    name = _ZOO.get((kind, network.label))
+    if name is None and kind == "ijepa" and network.label.startswith("vit-"):
+        name = "bootleg"  # any other ViT in I-JEPA's layout: its own size, read from the file
+    name = name or _ZOO.get((None, network.label))
     what = f"a {layout + ' ' if layout else ''}{network.words}"
     if name:
         names = " or ".join(f"--teacher {n}" for n in name.split(" or "))

@@ -1,7 +1,7 @@
 """Teacher names and `load_teacher`.
 
     <zoo name>           a named teacher (`distillkit list teachers`): efficientnet-lite0, mae-*, moco-*,
-                         dino-*, bootleg-*; see catalog.py
+                         dino-*, bootleg (any ViT, read from the file), bootleg-*; see catalog.py
     timm:<name>          any timm model; hub weights, or --teacher-weights FILE
     file:<path>          any checkpoint file, with --arch <timm model name> for its architecture
 

@@ -72,13 +72,23 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
+def weight_decay_factor(step: int, total_steps: int) -> float:
+    """I-JEPA's `CosineWDSchedule` as a weight: 1 at the first step -> 0 at the last, on a half cosine; the decay
+    is end + (start - end) * factor."""
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, step / max(1, total_steps))))
+
+
 def build_optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on biases and norm parameters (1-D tensors)."""
+    """SGD or AdamW; no weight decay on biases and norm parameters (1-D tensors), whose group is marked
+    `decays: False` so a weight-decay schedule leaves it alone."""
     decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
             (no_decay if param.ndim <= 1 else decay).append(param)
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": recipe.train.weight_decay, "decays": True},
+        {"params": no_decay, "weight_decay": 0.0, "decays": False},
+    ]
     if recipe.train.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=recipe.train.lr, momentum=recipe.train.momentum)
     return torch.optim.AdamW(groups, lr=recipe.train.lr)
@@ -223,8 +233,9 @@ class _Training:
         schedule = lambda step: recipe.train.lr * lr_factor(step, budget.total_steps, warmup)  # noqa: E731
         self.ctx = StepContext(accelerator, module, optimizer, run.teachers, requests, self.caches, run.sizes,
                                view_config(recipe.data), view_seed(recipe.data, recipe.train.seed), schedule,
-                               recipe.train.clip_grad)  # fmt: skip
-        self.teacher = run.teachers[PRIMARY_TEACHER]
+                               recipe.train.clip_grad, _decay_schedule(recipe, budget.total_steps))  # fmt: skip
+        self.teacher = run.teachers.get(PRIMARY_TEACHER)  # None when pretraining
+        self.command = run.command
         self.log = StepLog(
             accelerator,
             progress,
@@ -235,6 +246,7 @@ class _Training:
         )
         self.bad_images = BadImageTally(accelerator, len(self.train_set), recipe.data.max_bad_fraction)
         self.skipped, self.nonfinite_run, self.reference_seconds = 0, 0, 0.0
+        self.unhealthy: set[str] = set()  # strategies whose health warning stands
 
     def _open_caches(self, run: "Run", requests: dict, progress) -> dict:
         """The view slots (auto sizes the views a teacher cache replays; a run that reads no teacher, simclr,
@@ -295,7 +307,21 @@ class _Training:
         self.log.step(
             position.step, position.epoch, outcome.loss, outcome.terms, self.ctx.optimizer.param_groups[0]["lr"]
         )
+        self._check_health()
         return True
+
+    def _check_health(self) -> None:
+        """At logging steps, the strategies' warnings about what was logged (a collapsing target): said when
+        they first appear, not again while they last."""
+        logged = self.log.take_logged()
+        if logged is None:
+            return
+        warnings = self.inner.objective.health(logged)
+        if self.accelerator.is_main_process:
+            for warning in warnings:
+                if warning.split(":")[0] not in self.unhealthy:
+                    warn(f"step {self.position.step}: {warning}")
+        self.unhealthy = {warning.split(":")[0] for warning in warnings}
 
     def after_step(self, signals: "StopSignals") -> bool:
         """Checkpoint when due or asked to stop (a signal: saved, then RunError); True when the budget is done."""
@@ -306,7 +332,7 @@ class _Training:
         if stop:
             raise RunError(
                 f"stopped by signal {signals.received} at step {step}; the run is saved. "
-                f"Resume it with: distillkit compress --out {self.run_dir} --resume"
+                f"Resume it with: {self.command} --out {self.run_dir} --resume"
             )
         return step >= self.budget.total_steps
 
@@ -366,6 +392,14 @@ class _Training:
             images_seen=self.position.step * train.batch_size * self.grad_accum,
             teacher_cache=str(self.cache_root) if self.caches else None,
         )
+
+
+def _decay_schedule(recipe: Recipe, total_steps: int):
+    """Optimiser step -> weight decay, when `train.weight_decay_end` schedules it (None: constant)."""
+    start, end = recipe.train.weight_decay, recipe.train.weight_decay_end
+    if end is None:
+        return None
+    return lambda step: end + (start - end) * weight_decay_factor(step, total_steps)
 
 
 def _apart_from_the_rng(loader):

@@ -73,6 +73,7 @@ class StepContext:
     view_seed: int
     lr: Callable[[int], float]  # optimiser step -> learning rate
     clip_grad: float | None = None
+    weight_decay: Callable[[int], float] | None = None  # optimiser step -> weight decay; None = the recipe's, constant
 
     @property
     def objective(self) -> Objective:
@@ -110,7 +111,10 @@ def train_step(ctx: StepContext, batch: Batch, view_epoch: int, step: int, progr
                 accelerator.clip_grad_norm_(ctx.module.parameters(), ctx.clip_grad)
             for group in ctx.optimizer.param_groups:
                 group["lr"] = ctx.lr(step)
+                if ctx.weight_decay is not None and group.get("decays"):
+                    group["weight_decay"] = ctx.weight_decay(step)
             ctx.optimizer.step()
+            inputs.optimizer_stepped = accelerator.sync_gradients
             objective.after_step(inputs, accelerator.gather)
         ctx.optimizer.zero_grad(set_to_none=True)
     return StepOutcome(loss, terms, finite)

@@ -27,6 +27,7 @@ class StepLog:
         self.log_every = log_every
         self._smoothed: dict[str, Tensor] = {}  # exponential moving averages (factor 0.9), on the device
         self.terms_mean: dict[str, float] = {}  # their values when last read back (logging steps, epoch ends)
+        self.logged: dict[str, float] | None = None  # the last logging step's values, until `take_logged`
         self.images_seen = 0  # by all processes, since this start (a resume counts from its own start)
         self.paused_seconds = 0.0  # online evaluation inside the loop: not training time
         self.started = time.perf_counter()
@@ -64,12 +65,18 @@ class StepLog:
             both = torch.stack([*current.values(), *self._smoothed.values()]).tolist()
             values = dict(zip(current, both[: len(current)]))
             self.terms_mean = dict(zip(self._smoothed, both[len(current) :]))
+        self.logged = values
         if not self.main:
             return
         self._draw(step, epoch)
         record = {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)}
         append_record(self.metrics_path, record)
         self.track(record, step)
+
+    def take_logged(self) -> dict[str, float] | None:
+        """The values the last logging step read back (None when no logging step came since the last call)."""
+        logged, self.logged = self.logged, None
+        return logged
 
     def _read_smoothed(self) -> None:
         """The smoothed terms as numbers (one read of the device), for the bar and the epoch records."""

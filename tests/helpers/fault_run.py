@@ -6,6 +6,7 @@
         PHASE written (files complete in the temporary folder), between-renames (last -> last.old done,
         the new one not yet in place) or swapped (the new one in place, last.old not yet removed)
     python fault_run.py -- <compress options>                             no fault
+    python fault_run.py --command pretrain bootleg [fault] -- <options>   another command than compress
 
 One CPU thread, so runs in different processes compute bit-identical results.
 """
@@ -22,6 +23,10 @@ from distillkit import cli  # noqa: E402
 from distillkit.train import loop  # noqa: E402
 
 args = sys.argv[1:]
+command = ["compress"]
+if args[:1] == ["--command"]:  # --command pretrain bootleg: another distillkit command than compress
+    command = args[1:3] if args[1] == "pretrain" else args[1:2]
+    args = args[1 + len(command) :]
 fault = (
     args[:3]
     if args[:1] == ["--kill-in-save"]
@@ -89,5 +94,5 @@ elif options[:1] == ["--term-at-step"]:
 
     loop.lr_factor = factor_then_term
 
-sys.argv = ["distillkit", "compress", *compress_args]
+sys.argv = ["distillkit", *command, *compress_args]
 cli.main()
