@@ -3,6 +3,7 @@
 import distillkit
 result = distillkit.compress(teacher="efficientnet-lite0", student="mobilenetv3", strategy="seed")
 model = distillkit.load_student(result.student_dir)
+run = distillkit.pretrain("bootleg")      # a self-supervised ViT teacher of your own: run.checkpoint
 
 `import distillkit` loads no torch: each public name is imported from its module on first use.
 """
@@ -27,6 +28,8 @@ _EXPORTS = {
     "load_student": "export",
     "FeatureRequest": "features",
     "Features": "features",
+    "PretrainResult": "pretrain",
+    "pretrain": "pretrain",
     "push": "publish",
     "Recipe": "recipe",
     "list_recipes": "recipe",
@@ -44,6 +47,7 @@ __all__ = [
     "DistillkitError",
     "FeatureRequest",
     "Features",
+    "PretrainResult",
     "Recipe",
     "RunError",
     "Teacher",
@@ -56,6 +60,7 @@ __all__ = [
     "list_teachers",
     "load_student",
     "load_teacher",
+    "pretrain",
     "push",
     "report",
     "resolve_recipe",
@@ -67,6 +72,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .errors import DistillkitError, RunError, UsageError
     from .export import export, load_student
     from .features import FeatureRequest, Features
+    from .pretrain import PretrainResult, pretrain
     from .publish import push
     from .recipe import Recipe, list_recipes, resolve_recipe
     from .report import report
@@ -77,7 +83,7 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
 
 class _Package(types.ModuleType):
     """distillkit's module type: public names load on first use, and `distillkit.export` / `distillkit.report`
-    stay the functions even after their submodules (export.py, report.py) are imported."""
+    stay the functions even after their submodules (export.py, report.py, pretrain.py) are imported."""
 
     def __getattr__(self, name: str) -> Any:
         if name not in _EXPORTS:

@@ -4,6 +4,12 @@ metrics.jsonl and result.json. It leads with the verdict (`distillkit.verdict`: 
 teacher-minus-random-init gap the student recovers), then the plots, the results and the recipe. What a
 run lacks (no evaluation, no labels, a run stopped before result.json) is said in the report instead of
 plotted.
+
+A pretraining run (`distillkit pretrain`: its recipe has `teacher: null`, its result.json rows are
+target_encoder / encoder / random_init) gets its own page: it leads with verdict.pretraining_verdict (the
+accuracy points the target encoder, the teacher it becomes, is above its random init), plots the loss and the
+targets' spread, the encoder's online k-NN against its random init, and ends with its outputs
+(RUN/<method>.pth, RUN/teacher/) and the `distillkit compress` command that distils from them.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -20,7 +27,7 @@ import yaml
 from . import __version__, plots
 from .errors import UsageError
 from .io import atomic_path, write_text
-from .verdict import GAP_METRICS, verdict
+from .verdict import GAP_METRICS, is_pretraining, points_above_random_init, pretraining_verdict, signed_points, verdict
 
 REPORT_FILE = "report.html"
 PLOTS_DIR = "plots"
@@ -30,6 +37,12 @@ MODELS = {
     "student_random_init": "student (random init)",
     "student_start": "student (pretrained start)",
 }
+PRETRAIN_MODELS = {
+    "target_encoder": "target encoder (the teacher)",
+    "encoder": "encoder (trained)",
+    "random_init": "random init",
+}
+SPREAD_TERM = "target_std"  # a pretraining strategy's diagnostic, logged as <method>.target_std
 _NOT_TERMS = {"step", "epoch", "lr", "images_per_s"}  # the other numbers of a step line are loss terms
 _NO_RESULT = "not available: the run has no result.json (it stopped, or is still running, before its evaluation)"
 FOLD_ROWS = 8  # a table longer than this folds away in <details>
@@ -49,12 +62,28 @@ class Run:
     # split the per-epoch online k-NN uses (written before the first epoch; runs before it lack it)
     reference: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def pretraining(self) -> bool:
+        """A `distillkit pretrain` run: its recipe has `teacher: null` (compress refuses one), or its result
+        rows are a pretraining run's."""
+        metrics = (self.result or {}).get("metrics")
+        return self.recipe.get("teacher", False) is None or (isinstance(metrics, dict) and is_pretraining(metrics))
+
+    @property
+    def method(self) -> str:
+        """A pretraining run's method: its one strategy (bootleg)."""
+        return " + ".join(self.recipe.get("strategy") or {}) or "-"
+
+    @property
+    def arch(self) -> str:
+        return str((self.recipe.get("student") or {}).get("name", "-"))
+
 
 def report(run_dir: str | Path) -> Path:
     """Write (or rewrite) RUN_DIR/report.html and RUN_DIR/plots/*.png; returns the report's path."""
     run = read_run(run_dir)
     figures = []
-    for stem, title, draw in _PLOTS:
+    for stem, title, draw in _PRETRAIN_PLOTS if run.pretraining else _PLOTS:
         drawn = draw(run)
         png_path = run.path / PLOTS_DIR / f"{stem}.png"
         if isinstance(drawn, bytes):
@@ -71,10 +100,11 @@ def report(run_dir: str | Path) -> Path:
 def read_run(run_dir: str | Path) -> Run:
     path = Path(run_dir)
     if not path.is_dir():
-        raise UsageError(f"{path} is not a folder; pass a run folder written by distillkit compress")
+        raise UsageError(f"{path} is not a folder; pass a run folder written by distillkit compress or pretrain")
     if not (path / "recipe.yaml").is_file():
         raise UsageError(
-            f"{path} is not a distillkit run folder: it has no recipe.yaml, which compress writes when a run starts"
+            f"{path} is not a distillkit run folder: it has no recipe.yaml, which compress and pretrain write when "
+            "a run starts"
         )
     problems: list[str] = []
     recipe = _read(path / "recipe.yaml", yaml.safe_load, problems)
@@ -121,13 +151,37 @@ def _loss_plot(run: Run) -> bytes | str:
             k for line in run.steps for k, v in line.items() if k not in _NOT_TERMS and isinstance(v, (int, float))
         )
     )
+    if run.pretraining:  # the spread is not a loss: it has its own plot
+        terms = [name for name in terms if name != _spread_term(run)]
     return plots.loss_curves(
         [line["step"] for line in run.steps], {name: [line.get(name) for line in run.steps] for name in terms}
     )
 
 
+def _spread_term(run: Run) -> str:
+    return f"{run.method}.{SPREAD_TERM}"
+
+
+def _spread_plot(run: Run) -> bytes | str:
+    """A pretraining run's target spread over steps, with its collapse_std warning level."""
+    term = _spread_term(run)
+    logged = [line for line in run.steps if isinstance(line.get(term), (int, float))]
+    if not logged:
+        return f"not available: metrics.jsonl has no {term} values yet (one is written every train.log_every steps)"
+    strategy = (run.recipe.get("strategy") or {}).get(run.method)
+    floor = _number(strategy.get("collapse_std")) if isinstance(strategy, dict) else None
+    return plots.spread_curve([line["step"] for line in logged], [line[term] for line in logged], floor=floor)
+
+
 def _online_knn_plot(run: Run) -> bytes | str:
     scored = [line for line in run.epochs if "online_knn_top1" in line]
+    if scored and run.pretraining:  # the encoder against its random init: there is no teacher level
+        return plots.online_knn_curve(
+            [line["epoch_end"] for line in scored],
+            [line["online_knn_top1"] for line in scored],
+            random_init=_number(run.reference.get("student_random_init_knn_top1")),
+            model="encoder",
+        )
     if scored:
         return plots.online_knn_curve(
             [line["epoch_end"] for line in scored],
@@ -151,8 +205,15 @@ def _accuracy_plot(run: Run) -> bytes | str:
     if run.result is None:
         return _NO_RESULT
     rows = {name: row for name, row in _model_rows(run).items() if "knn_top1" in row}
+    if not rows:
+        return _eval_missing(run)
     judged = _verdict(run)
-    return plots.accuracy_bars(rows, gap=judged["gap"] if judged else None) if rows else _eval_missing(run)
+    if run.pretraining:
+        title = "target encoder vs encoder vs random init"
+        if judged:
+            title += f"\nthe target encoder vs its random init: {signed_points(judged['points'])} points (k-NN / probe)"
+        return plots.accuracy_bars(rows, title=title)
+    return plots.accuracy_bars(rows, gap=judged["gap"] if judged else None)
 
 
 def _size_latency_plot(run: Run) -> bytes | str:
@@ -168,16 +229,27 @@ _PLOTS = (
     ("accuracy", "Teacher / student / random-init student: k-NN and linear probe", _accuracy_plot),
     ("size_latency", "Size and CPU latency", _size_latency_plot),
 )
+_PRETRAIN_PLOTS = (
+    ("loss", "Loss over steps", _loss_plot),
+    ("target_std", "Spread of the targets over steps (collapse watch)", _spread_plot),
+    ("online_knn", "Online k-NN accuracy of the encoder over epochs", _online_knn_plot),
+    ("accuracy", "Target encoder / encoder / random init: k-NN and linear probe", _accuracy_plot),
+    ("size_latency", "Size and CPU latency", _size_latency_plot),
+)
+
+
+def _models(run: Run) -> dict[str, str]:
+    return PRETRAIN_MODELS if run.pretraining else MODELS
 
 
 def _model_rows(run: Run) -> dict[str, dict[str, Any]]:
     metrics = (run.result or {}).get("metrics") or {}
-    return {name: metrics[name] for name in MODELS if isinstance(metrics.get(name), dict)}
+    return {name: metrics[name] for name in _models(run) if isinstance(metrics.get(name), dict)}
 
 
 def _verdict(run: Run) -> dict[str, Any] | None:
     """Always from the model rows, never from a gap stored in result.json."""
-    return verdict(_model_rows(run))
+    return (pretraining_verdict if run.pretraining else verdict)(_model_rows(run))
 
 
 def _number(value: Any) -> float | None:
@@ -215,7 +287,13 @@ footer { margin-top: 3rem; color: #888; font-size: .85rem; }
 
 def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     missing = run.problems + [f"{title}: {drawn}" for title, drawn in figures if isinstance(drawn, str)]
-    body = [f"<h1>distillkit run <code>{_e(run.path.name)}</code></h1>", _verdict_box(run)]
+    if run.pretraining:
+        heading = f"distillkit pretraining run <code>{_e(run.path.name)}</code>: {_e(run.method)}, "
+        heading += f"<code>{_e(run.arch)}</code>"
+        title = f"distillkit pretraining run {_e(run.path.name)} ({_e(run.method)}, {_e(run.arch)})"
+    else:
+        heading, title = f"distillkit run <code>{_e(run.path.name)}</code>", f"distillkit run {_e(run.path.name)}"
+    body = [f"<h1>{heading}</h1>", _verdict_box(run)]
     if missing:
         body.append(
             '<div class="missing"><strong>Missing from this report</strong><ul>'
@@ -231,18 +309,24 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
             body.append(f'<figure><figcaption>{_e(title)}</figcaption><p class="missing">{_e(drawn)}</p></figure>')
     body += ["<h2>Results</h2>", _results(run)]
     body += ["<h2>Recipe</h2>", _table(_summary(run))]
+    if run.pretraining:
+        body += ["<h2>Outputs</h2>", _outputs(run)]
     body.append(
         f"<footer>written by distillkit {__version__}; regenerate with: distillkit report {_e(str(run.path))}</footer>"
     )
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>distillkit run {_e(run.path.name)}</title><style>{_CSS}</style></head>\n<body>\n"
+        f"<title>{title}</title><style>{_CSS}</style></head>\n<body>\n"
         + "\n".join(body)
         + "\n</body></html>\n"
     )
 
 
 _LEVELS = {"good": "good student", "fair": "fair student", "bad": "bad student: no better than its random init"}
+_PRETRAIN_LEVELS = {
+    "good": "the target encoder beats its random init",
+    "bad": "bad teacher: the target encoder is no better than its random init",
+}
 
 
 def _verdict_box(run: Run) -> str:
@@ -257,17 +341,18 @@ def _verdict_box(run: Run) -> str:
                 + _eval_missing(run).removeprefix("not measured: ")
                 + ")"
             )
+        elif run.pretraining:
+            why = "result.json has no random-init row to compare the target encoder with"
         else:
             why = "the teacher is no better than the random-init student, so there is no gap to recover"
+        who = "the target encoder (the teacher) is" if run.pretraining else "the student is"
         return (
             '<div class="verdict unknown"><span class="level">no verdict</span>'
-            f"How good the student is is not known: {_e(why)}.</div>"
+            f"How good {who} is not known: {_e(why)}.</div>"
         )
     text = judged["text"][:1].upper() + judged["text"][1:]
-    box = (
-        f'<div class="verdict {_e(judged["level"])}"><span class="level">{_e(_LEVELS[judged["level"]])}</span>'
-        f"{_e(text)}.</div>"
-    )
+    label = (_PRETRAIN_LEVELS if run.pretraining else _LEVELS)[judged["level"]]
+    box = f'<div class="verdict {_e(judged["level"])}"><span class="level">{_e(label)}</span>{_e(text)}.</div>'
     if judged["level"] == "bad" and judged.get("advice"):
         box += f'<div class="warning"><strong>Warning:</strong> {_e(judged["advice"])}.</div>'
     return box
@@ -301,10 +386,18 @@ def _summary(run: Run) -> list[list[str]]:
         f"{train['images']:,} images" if _number(train.get("images")) else f"{epochs} epoch{'' if epochs == 1 else 's'}"
     )
     planned = budget + (f", at most {train['max_steps']} steps" if train.get("max_steps") else "")
+    if run.pretraining:
+        model_args = (recipe.get("student") or {}).get("model_args") or {}
+        args = ", ".join(f"{key}={value}" for key, value in model_args.items())
+        models = [
+            ["teacher(s)", "none: pretraining (the target encoder, an EMA copy of the encoder, is its own teacher)"],
+            ["ViT", run.arch + (f" ({args})" if args else "")],
+        ]
+    else:
+        models = [["teacher(s)", f"{teacher}{others}"], ["student", run.arch]]
     return [
         ["status", status],
-        ["teacher(s)", f"{teacher}{others}"],
-        ["student", str((recipe.get("student") or {}).get("name", "-"))],
+        *models,
         ["strategy", " + ".join(recipe.get("strategy") or {}) or "-"],
         ["data", f"{source}{used}"],
         ["planned", f"{planned}; batch {train.get('batch_size', '-')}, lr {train.get('lr', '-')}"],
@@ -337,27 +430,38 @@ RESULT_COLUMNS = [
 ]
 
 
+PRETRAIN_RESULT_COLUMNS = RESULT_COLUMNS[:3] + ["vs random init (k\u2011NN / probe points)"] + RESULT_COLUMNS[4:]
+
+
 def _comparison(run: Run) -> str:
-    """Teacher / student / random init, with the evaluation split they were scored on."""
+    """Teacher / student / random init (a pretraining run: target encoder / encoder / random init), with the
+    evaluation split they were scored on."""
     rows, judged = _model_rows(run), _verdict(run)
     if not rows:
+        what = "target encoder / encoder" if run.pretraining else "teacher / student"
         return (
-            f'<p class="missing">teacher / student comparison: '
+            f'<p class="missing">{what} comparison: '
             f"{_e(_NO_RESULT if run.result is None else 'result.json holds no metrics')}</p>"
         )
+    if run.pretraining:  # the points each trained network is above the same ViT at random init
+        metrics = (run.result or {}).get("metrics") or {}
+        points = {name: points_above_random_init(metrics, name) for name in ("target_encoder", "encoder")}
+        extra, columns = {name: signed_points(p) for name, p in points.items() if p}, PRETRAIN_RESULT_COLUMNS
+    else:
+        extra, columns = ({"student": _gap(judged["gap"])} if judged else {}), RESULT_COLUMNS
     table = _table(
         [
             [
-                MODELS[name],
+                _models(run)[name],
                 _pct(row.get("knn_top1")),
                 _pct(row.get("probe_top1")),
-                _gap(judged["gap"]) if name == "student" and judged else "-",
+                extra.get(name, "-"),
                 f"{row['params']:,} ({row['params'] / 1e6:.2f} M)" if "params" in row else "-",
                 f"{row['latency_ms']:.2f} ms" if "latency_ms" in row else "-",
             ]
             for name, row in rows.items()
         ],
-        RESULT_COLUMNS,
+        columns,
     )
     split = (run.result or {}).get("metrics", {}).get("eval_split")
     if split:
@@ -372,13 +476,16 @@ def _online_knn(run: Run, scored: list[dict]) -> str:
     references = [
         f"{label} {_pct(value)}"
         for label, value in (
-            ("teacher", _number(run.reference.get("teacher_knn_top1"))),
-            ("student at random init", _number(run.reference.get("student_random_init_knn_top1"))),
+            ("teacher", None if run.pretraining else _number(run.reference.get("teacher_knn_top1"))),
+            (
+                "encoder at random init" if run.pretraining else "student at random init",
+                _number(run.reference.get("student_random_init_knn_top1")),
+            ),
         )
         if value is not None
     ]
     intro = (
-        "<p>online k-NN at each epoch's end (a small held-out split)"
+        f"<p>online k-NN{' of the encoder' if run.pretraining else ''} at each epoch's end (a small held-out split)"
         + (f"; on the same split: {_e(', '.join(references))}" if references else "")
         + ":</p>"
     )
@@ -388,6 +495,34 @@ def _online_knn(run: Run, scored: list[dict]) -> str:
     ]
     table = _table(rows, ["epoch", "online k-NN top-1", "online eval seconds"])
     return intro + "\n" + _fold(table, len(scored), f"{len(scored)} epochs: show the table")
+
+
+def _outputs(run: Run) -> str:
+    """A pretraining run's checkpoint and timm teacher folder, and the command that distils from them."""
+    result = run.result or {}
+    names = [Path(str(result[key])).name for key in ("checkpoint", "teacher_dir") if result.get(key)]
+    if len(names) < 2:
+        why = _NO_RESULT if run.result is None else "result.json names no checkpoint / teacher_dir"
+        return f'<p class="missing">outputs: {_e(why)}</p>'
+    checkpoint, teacher_dir = (run.path / name for name in names)
+    where = [
+        [
+            f"{checkpoint.name}",
+            f"{checkpoint}" + ("" if checkpoint.is_file() else " (missing from the folder)"),
+            "the I-JEPA-layout checkpoint: encoder, predictor, target_encoder, args",
+        ],
+        [
+            f"{teacher_dir.name}/",
+            f"{teacher_dir}" + ("" if teacher_dir.is_dir() else " (missing from the folder)"),
+            "the target encoder as a timm local-dir export (model.safetensors + config.json)",
+        ],
+    ]
+    weights = shlex.quote(str(checkpoint))
+    command = f"distillkit compress --teacher {shlex.quote(run.method)} --teacher-weights {weights}"
+    return (
+        _table(where, ["output", "path", "what it is"])
+        + f"\n<p>distil a student from it:</p>\n<pre><code>{_e(command)}</code></pre>"
+    )
 
 
 def _fold(table: str, rows: int, summary: str) -> str:

@@ -1,5 +1,7 @@
 """How good a distilled student is: the share of the teacher-minus-random-init gap it recovers, in
-numbers and in words. No heavy imports: the report and the model card use it without torch."""
+numbers and in words; and how good a pretraining run's target encoder (the teacher it becomes) is: the
+accuracy points it is above the same network at random init. No heavy imports: the report and the model
+card use it without torch."""
 
 from __future__ import annotations
 
@@ -43,3 +45,63 @@ def verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
             "another strategy (distillkit list strategies)"
         )
     return {"level": level, "gap": gap, "text": text, "advice": advice}
+
+
+# -- pretraining runs (`distillkit pretrain`): no teacher to recover a gap to ------------------------------
+
+PRETRAIN_ROWS = ("target_encoder", "encoder", "random_init")  # result.json's model rows of a pretraining run
+_METRIC_WORDS = {"knn_top1": "k-NN", "probe_top1": "the linear probe"}
+
+
+def is_pretraining(metrics: dict[str, Any]) -> bool:
+    """A pretraining run's metrics: their rows are target_encoder / encoder / random_init, not teacher / student."""
+    return isinstance(metrics.get("target_encoder"), dict)
+
+
+def points_above_random_init(metrics: dict[str, Any], name: str = "target_encoder") -> dict[str, float]:
+    """How many accuracy points (percentage points) row `name` is above the same network at random init:
+
+        points = 100 * (row - random_init)
+
+    per metric of GAP_METRICS that both rows have; < 0 = below it, 0 = level with it."""
+    row, random_init = (metrics.get(key) or {} for key in (name, "random_init"))
+    return {key: 100 * (row[key] - random_init[key]) for key in GAP_METRICS if key in row and key in random_init}
+
+
+def pretraining_verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """How good a pretraining run's target encoder (the EMA copy that becomes the teacher) is, in words: None
+    without accuracies. `level` is good (above its random init on every measured metric) or bad (level with
+    or below it on some: it would teach no more than an untrained network); `points` is
+    points_above_random_init's dict."""
+    points = points_above_random_init(metrics)
+    if not points:
+        return None
+    level = "good" if min(points.values()) > 0 else "bad"
+    clauses = [_clause(value, _METRIC_WORDS[key], first=i == 0) for i, (key, value) in enumerate(points.items())]
+    text = "the target encoder (the teacher) is " + " and ".join(clauses)
+    advice = None
+    if level == "bad":
+        advice = (
+            "the pretrained target encoder is no better than the same ViT at random init, so it would teach "
+            "nothing: train longer (--max-steps, --epochs or --set train.images=N; its EMA copy moves slowly at "
+            "first), try another learning rate (--lr), or a larger model (--arch, e.g. vit_small_patch16_224)"
+        )
+    return {"level": level, "points": points, "text": text, "advice": advice}
+
+
+def run_verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The verdict that fits the run: pretraining_verdict for a pretraining run's metrics, else verdict."""
+    return pretraining_verdict(metrics) if is_pretraining(metrics) else verdict(metrics)
+
+
+def signed_points(points: dict[str, float]) -> str:
+    """'+20.7 / -3.0' in GAP_METRICS order, '-' for a metric that is missing."""
+    return " / ".join(f"{points[key]:+.1f}" if key in points else "-" for key in GAP_METRICS)
+
+
+def _clause(value: float, metric: str, first: bool) -> str:
+    """'20.7 points above its random init on k-NN'; later clauses drop 'its random init'."""
+    reference = " its random init" if first else ""
+    if value == 0:
+        return f"level{' with' if first else ''}{reference} on {metric}"
+    return f"{abs(value):.1f} points {'above' if value > 0 else 'below'}{reference} on {metric}"
