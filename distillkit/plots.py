@@ -43,7 +43,8 @@ def spread_curve(steps: Sequence[int], values: Sequence[float | None], *, floor:
     targets over a batch's tokens) over optimiser steps; `floor` (strategy.<method>.collapse_std), the level
     below which the run warns of collapse, is a dashed red line. None values are gaps."""
     figure, ax = _figure()
-    ax.plot(steps, [float("nan") if v is None else v for v in values], color="#4c72b0", linewidth=1.5)
+    values = [float("nan") if v is None else v for v in values]
+    ax.plot(steps, values, color="#4c72b0", linewidth=1.5, marker="o", markersize=3)  # a lone step still shows
     if floor is not None:
         ax.axhline(floor, linestyle="--", linewidth=1.2, color="#c62828", label=f"collapse warning below {floor:g}")
         ax.legend(fontsize="small")

@@ -56,6 +56,7 @@ class PretrainResult:
     data_source: str
     recipe: Recipe = field(repr=False)
     images_seen: int = 0
+    train_images: int = 0  # distinct images trained on (after --limit)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -151,7 +152,7 @@ def _pretrain(method, recipe, options, overrides, resume, force_resume, overwrit
     timings["total"] = time.perf_counter() - started
     final = PretrainResult(
         run_dir, checkpoint, teacher_dir, metrics, timings, result.steps, run.images.source, resolved,
-        result.images_seen,
+        result.images_seen, len(run.images.train),
     )  # fmt: skip
     if main:
         write_json(run_dir / "result.json", final.to_dict())

@@ -290,9 +290,10 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     if run.pretraining:
         heading = f"distillkit pretraining run <code>{_e(run.path.name)}</code>: {_e(run.method)}, "
         heading += f"<code>{_e(run.arch)}</code>"
-        title = f"distillkit pretraining run {_e(run.path.name)} ({_e(run.method)}, {_e(run.arch)})"
+        page_title = f"distillkit pretraining run {_e(run.path.name)} ({_e(run.method)}, {_e(run.arch)})"
     else:
-        heading, title = f"distillkit run <code>{_e(run.path.name)}</code>", f"distillkit run {_e(run.path.name)}"
+        heading = f"distillkit run <code>{_e(run.path.name)}</code>"
+        page_title = f"distillkit run {_e(run.path.name)}"
     body = [f"<h1>{heading}</h1>", _verdict_box(run)]
     if missing:
         body.append(
@@ -316,9 +317,7 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     )
     return (
         '<!doctype html>\n<html lang="en"><head><meta charset="utf-8">'
-        f"<title>{title}</title><style>{_CSS}</style></head>\n<body>\n"
-        + "\n".join(body)
-        + "\n</body></html>\n"
+        f"<title>{page_title}</title><style>{_CSS}</style></head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
     )
 
 
@@ -507,22 +506,19 @@ def _outputs(run: Run) -> str:
     checkpoint, teacher_dir = (run.path / name for name in names)
     where = [
         [
-            f"{checkpoint.name}",
-            f"{checkpoint}" + ("" if checkpoint.is_file() else " (missing from the folder)"),
+            checkpoint.name,
+            str(checkpoint) + ("" if checkpoint.is_file() else " (missing from the folder)"),
             "the I-JEPA-layout checkpoint: encoder, predictor, target_encoder, args",
         ],
         [
             f"{teacher_dir.name}/",
-            f"{teacher_dir}" + ("" if teacher_dir.is_dir() else " (missing from the folder)"),
+            str(teacher_dir) + ("" if teacher_dir.is_dir() else " (missing from the folder)"),
             "the target encoder as a timm local-dir export (model.safetensors + config.json)",
         ],
     ]
     weights = shlex.quote(str(checkpoint))
     command = f"distillkit compress --teacher {shlex.quote(run.method)} --teacher-weights {weights}"
-    return (
-        _table(where, ["output", "path", "what it is"])
-        + f"\n<p>distil a student from it:</p>\n<pre><code>{_e(command)}</code></pre>"
-    )
+    return _table(where) + f"\n<p>distil a student from it:</p>\n<pre><code>{_e(command)}</code></pre>"
 
 
 def _fold(table: str, rows: int, summary: str) -> str:

@@ -27,6 +27,8 @@ RUN_ENTRIES = (
     "checkpoints",
     "student",
     "trackers",
+    "bootleg.pth",  # distillkit pretrain bootleg: the checkpoint and the exported target encoder
+    "teacher",
 )
 
 

@@ -95,8 +95,10 @@ def run_verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def signed_points(points: dict[str, float]) -> str:
-    """'+20.7 / -3.0' in GAP_METRICS order, '-' for a metric that is missing."""
-    return " / ".join(f"{points[key]:+.1f}" if key in points else "-" for key in GAP_METRICS)
+    """'+20.7 / -3.0' in GAP_METRICS order: '0.0' when level, '-' for a metric that is missing."""
+    return " / ".join(
+        "-" if key not in points else "0.0" if points[key] == 0 else f"{points[key]:+.1f}" for key in GAP_METRICS
+    )
 
 
 def _clause(value: float, metric: str, first: bool) -> str:

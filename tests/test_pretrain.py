@@ -154,6 +154,8 @@ def run_options(out: Path, steps: int = 12) -> dict:
         set=[
             "student.input_size=32",
             f"student.model_args={TINY_ARGS}",
+            "strategy.bootleg.layers=null",
+            "strategy.bootleg.ema=[0.996, 1.0]",  # I-JEPA's: a slow target, so the loss can only fall by learning
             "strategy.bootleg.predictor_depth=1",
             "strategy.bootleg.predictor_width=32",
             "strategy.bootleg.predictor_heads=2",
@@ -222,6 +224,20 @@ def test_the_pretrained_teacher_distils_into_a_student(pretrained, tmp_path):
     assert result.steps == 3
     config = json.loads((result.student_dir / "config.json").read_text())
     assert "bootleg" in config["distillkit"]["teacher"]["name"]
+
+
+def test_overwrite_replaces_a_pretraining_run_and_keeps_refusing_foreign_files(tmp_path):
+    out = tmp_path / "run"
+    options = run_options(out, steps=2) | {"set": run_options(out)["set"] + ["eval.enabled=false"]}
+    pretrain(**options)
+    with pytest.raises(UsageError, match="--overwrite"):
+        pretrain(**options)
+    again = pretrain(**options, overwrite=True)  # bootleg.pth and teacher/ are the run's own files
+    assert again.checkpoint.is_file() and (again.teacher_dir / "model.safetensors").is_file()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError):
+        pretrain(**options, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_a_compress_recipe_is_refused_by_pretrain(tmp_path):

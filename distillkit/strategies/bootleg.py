@@ -169,9 +169,15 @@ class Bootleg(Strategy):
             )
         try:
             check_mask_grid(patch_grid(student), config.context_scale, config.mask_min_keep)
-            target_layers(config, student)
         except UsageError as e:
             raise UsageError(f"strategy bootleg: {e}") from None
+        try:
+            target_layers(config, student)
+        except UsageError as e:
+            raise UsageError(
+                f"strategy bootleg regresses blocks {config.layers} of the ViT, but {e}; change "
+                "strategy.bootleg.layers (null = every 4th block back from the last)"
+            ) from None
 
     def train(self, mode: bool = True) -> "Bootleg":
         super().train(mode)
