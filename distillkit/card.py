@@ -107,18 +107,55 @@ def model_card(architecture: str, input_size: int, mean: tuple, std: tuple, prov
     library = LIBRARY[export["format"]]
     whole = export.get("exit_at") is None  # the metrics are the whole student's: a cut model gets no model-index
     results = _eval_results(provenance.get("metrics") or {}, dataset) if whole else []
+    method = provenance.get("pretrained_with")  # a `distillkit pretrain` teacher, not a distilled student
+    origin = f"pretrained with {method}" if method else f"distilled from {teacher.get('name') or 'a frozen teacher'}"
+    tags = [*TAGS[:1], "self-supervised", method, *TAGS[2:]] if method else list(TAGS)
     data = ModelCardData(
-        model_name=f"{architecture} distilled from {without_folders(teacher.get('name') or 'a frozen teacher')}",
+        model_name=f"{architecture} {without_folders(origin)}",
         library_name=library,
         pipeline_tag="image-feature-extraction",
-        tags=[library or export["format"], *TAGS],
+        tags=[library or export["format"], *tags],
         license=facts.license,
         base_model=facts.hub_id,
         datasets=[dataset.hub_id] if dataset and dataset.hub_id else None,
         eval_results=results or None,
     )
-    body = _body(architecture, input_size, mean, std, provenance, export, facts)
+    body = (
+        _pretrained_body(architecture, input_size, mean, std, provenance)
+        if method
+        else _body(architecture, input_size, mean, std, provenance, export, facts)
+    )
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _pretrained_body(architecture, input_size, mean, std, provenance) -> str:
+    """The card of a `distillkit pretrain` teacher export: what network of the run it is, and how it was trained."""
+    method, network = provenance["pretrained_with"], provenance.get("network", "network")
+    return f"""# {architecture}, pretrained with distillkit ({method})
+
+A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding): the {network} of a
+self-supervised `distillkit pretrain {method}` run, trained from random init without labels or a teacher.
+Distil it into a small student with `distillkit compress --teacher {method} --teacher-weights RUN/{method}.pth`.
+
+- Method: {method} (see distillkit's docs/methods.md#{method})
+- Data: {without_folders(provenance.get("data"))}
+- Input: {input_size}x{input_size} RGB in [0, 1], normalised with mean {list(mean)} and std {list(std)}
+- Trained: {provenance.get("steps")} steps, distillkit {provenance.get("distillkit_version")}
+
+## Evaluation
+
+The run's `result.json` and `report.html` hold its k-NN and linear-probe accuracy against the same network at
+random init.
+
+## Use
+
+{USAGE["safetensors"]}
+
+## License
+
+No licence is set: this network was trained from scratch by whoever ran distillkit; set `license:` in this card's
+front matter (https://huggingface.co/docs/hub/repositories-licenses) to what the training data's terms allow.
+"""
 
 
 def _eval_results(metrics: dict[str, Any], dataset: DatasetFacts | None) -> list:

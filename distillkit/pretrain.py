@@ -219,7 +219,7 @@ def _write_outputs(run: Run, strategy, result, checkpoint: Path, teacher_dir: Pa
         provenance={
             "distillkit_version": __version__,
             "pretrained_with": strategy.name,
-            "network": "target_encoder (EMA)",
+            "network": "EMA target encoder",
             "strategy": recipe.to_dict()["strategy"],
             "data": run.images.source,
             "data_source": recipe.data.source,

@@ -198,6 +198,8 @@ def test_a_run_writes_an_ijepa_checkpoint_and_a_timm_teacher(pretrained):
     encoder = {k[len("module.") :]: v for k, v in checkpoint["encoder"].items()}
     assert any(not torch.equal(encoder[k], target[k]) for k in target)  # two networks, not one saved twice
     assert set(pretrained.metrics) >= {"target_encoder", "encoder", "random_init"}
+    card = (pretrained.teacher_dir / "README.md").read_text()
+    assert "pretrained with distillkit (bootleg)" in card and "Teacher: None" not in card
 
 
 def test_the_loss_falls(pretrained):
