@@ -42,12 +42,11 @@ from ..inputs import InputConfig
 from ..messages import warn
 from ..registry import did_you_mean
 from .build import create_backbone, load_backbone
-from .catalog import GAP_VIT
 from .checkpoint import StateDict, read_checkpoint
 from .families import describe_source
 from .formats import FORMAT_NAMES, extract
 from .guess import guess_teacher
-from .spec import IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, BuildOptions, Built, TeacherSpec
+from .spec import GAP_VIT, IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, BuildOptions, Built, TeacherSpec
 
 INFERRED_ARCH = "vit_base_patch16_224"  # the timm entry an args-free file is built on, every size overridden
 HEAD_DIM = 64  # the ViT convention (ViT-Ti/S/B/L: 192/3, 384/6, 768/12, 1024/16)

@@ -7,12 +7,11 @@ A new zoo teacher is one more registration here.
 
 from __future__ import annotations
 
-from .spec import TEACHERS, BuildOptions, Built, TeacherSpec
+from .spec import GAP_VIT, TEACHERS, BuildOptions, Built, TeacherSpec
 
 LITE0_ARCH = "tf_efficientnet_lite0"
 FAIR = "https://dl.fbaipublicfiles.com"
 CC_BY_NC = "CC-BY-NC-4.0"
-GAP_VIT = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # I-JEPA-style: no class token
 
 LAYOUTS = {
     "mae": "MAE's mae_pretrain_vit_*.pth ({'model': encoder}), a *_full.pth / mae_visualize_*.pth file with "

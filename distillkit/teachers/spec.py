@@ -14,6 +14,8 @@ if TYPE_CHECKING:  # annotations only: the zoo's names load no torch (see catalo
 
 RANDOM_WEIGHTS = "random"  # weights value for smoke tests: random init, never for real runs
 
+GAP_VIT = {"class_token": False, "global_pool": "avg", "fc_norm": False}  # I-JEPA-style: no class token
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
