@@ -296,10 +296,13 @@ def _paths_ending_in(key: str, cls: type, prefix: str) -> list[str]:
     hints, paths = typing.get_type_hints(cls), []
     for f in fields(cls):
         path = prefix + f.name
+        optional = typing.get_origin(hints[f.name]) in (Union, types.UnionType)
+        kinds = (hints[f.name], *(typing.get_args(hints[f.name]) if optional else ()))
+        section = next((kind for kind in kinds if dataclasses.is_dataclass(kind)), None)
         if path.endswith("." + key):
             paths.append(path)
-        elif dataclasses.is_dataclass(hints[f.name]):
-            paths += _paths_ending_in(key, hints[f.name], path + ".")
+        elif section is not None:  # a section, or an optional one (teacher: null in pretraining recipes)
+            paths += _paths_ending_in(key, section, path + ".")
     return paths
 
 
