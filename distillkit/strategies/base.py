@@ -6,6 +6,10 @@ size and check it (classmethods, called before any forward pass) and by `student
 
     reads                                  teacher roles it reads, a class attribute: ("teacher",) by
                                            default, () for none; `teacher_roles(config)` when configurable
+    bind_roles(config, roles)              -> config: given every teacher role of the recipe, before the roles
+                                           are checked; the default returns `config` (agglomerate fills its
+                                           `teachers: null` with all of them). The bound config is what the
+                                           built strategy holds; the recipe keeps the config as written
     teacher_requests(config, teachers, student) -> {role: FeatureRequest}   what it needs from each teacher
     student_request(config)                -> FeatureRequest                 what it needs from the student
     check_teachers(config, teachers)       UsageError naming the role and what it lacks
@@ -82,6 +86,11 @@ class Strategy(nn.Module):
     def __init__(self, config: Any):
         super().__init__()
         self.config = config
+
+    @classmethod
+    def bind_roles(cls, config: Any, roles: tuple[str, ...]) -> Any:
+        """`config` for a recipe whose teacher roles are `roles` (the primary one first); default: unchanged."""
+        return config
 
     @classmethod
     def teacher_roles(cls, config: Any) -> tuple[str, ...]:

@@ -42,13 +42,15 @@ class Objective(nn.Module):
         """Instantiate the strategies (`strategy_configs`: name -> its Config), sized by dry forwards of the
         teachers and the student.
 
-        `teachers`: role -> frozen teacher (a lone teacher is the primary role). Every strategy first checks
-        that the roles it reads exist and that its teachers and the student can give what it needs; every
-        extra teacher must be read by some strategy, and the composition is checked, all before any
-        forward pass."""
+        `teachers`: role -> frozen teacher (a lone teacher is the primary role). Each config is first bound to
+        the recipe's roles (`Strategy.bind_roles`); then every strategy checks that the roles it reads exist and
+        that its teachers and the student can give what it needs; every extra teacher must be read by some
+        strategy, and the composition is checked, all before any forward pass."""
         if not isinstance(teachers, Mapping):
             teachers = {PRIMARY_TEACHER: teachers}
         classes = {name: STRATEGIES.get(name) for name in strategy_configs}
+        roles = tuple(teachers)
+        strategy_configs = {name: classes[name].bind_roles(config, roles) for name, config in strategy_configs.items()}
         check_roles({name: classes[name].teacher_roles(config) for name, config in strategy_configs.items()}, teachers)
         for name, config in strategy_configs.items():
             classes[name].check_teachers(config, teachers)

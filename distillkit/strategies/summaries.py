@@ -2,6 +2,10 @@
 its line here, so the listing loads no torch (a strategy of your own sets `summary` on its class)."""
 
 SUMMARIES = {
+    "agglomerate": (
+        "AM-RADIO/UNIC multi-teacher distillation: per teacher, adaptor heads regress its PHI-S-standardised "
+        "pooled embedding and token map (every teacher role by default; optional teacher dropping)"
+    ),
     "bootleg": (
         "Bootleg pretraining (distillkit pretrain bootleg): a ViT predicts its own EMA copy's normalised hidden "
         "layers at masked blocks (I-JEPA masks and predictor; no teacher)"
