@@ -24,6 +24,7 @@ from distillkit.strategies.bootleg import (
     target_spread,
 )
 
+FAULT_RUN = Path(__file__).parent / "helpers" / "fault_run.py"
 GAP = dict(class_token=False, global_pool="avg", fc_norm=False)
 TINY_ARGS = "{patch_size: 4, depth: 2, embed_dim: 32, num_heads: 2, class_token: false, global_pool: avg}"
 
@@ -251,67 +252,57 @@ def test_a_compress_recipe_is_refused_by_pretrain(tmp_path):
         compress(recipe="pretrain-bootleg-tiny", out=tmp_path / "y", quiet=True)
 
 
-def test_killed_and_resumed_equals_uninterrupted(tmp_path):
-    """A real SIGKILL right after step 6's checkpoint, then `--resume`: the same checkpoint as one run."""
-    fault_run = Path(__file__).parent / "helpers" / "fault_run.py"
-    options = run_options(tmp_path / "x")
+def subprocess_cli_args(out: Path) -> list[str]:
+    """The CLI options of the subprocess runs: 8 steps (2 epochs of 4), a checkpoint every 4 steps."""
+    options = run_options(out)
+    args = ["--out", str(out), "--limit", "128", "--batch-size", "32", "--epochs", "2", "--seed", "2", "--quiet"]
+    for item in options["set"] + ["train.checkpoint_every=4", "eval.enabled=false"]:
+        args += ["--set", item]
+    return args
 
-    def cli_args(out: Path) -> list[str]:
-        args = ["--out", str(out), "--limit", "256", "--batch-size", "32", "--max-steps", "12", "--seed", "2"]
-        args.append("--quiet")
-        for item in options["set"] + ["train.checkpoint_every=6", "eval.enabled=false"]:
-            args += ["--set", item]
-        return args
 
-    def run(*args: str) -> subprocess.CompletedProcess:
-        command = [sys.executable, str(fault_run), "--command", "pretrain", "bootleg", *args]
-        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+def run_pretrain_cli(*args: str, launcher: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
+    command = [*launcher, str(FAULT_RUN), "--command", "pretrain", "bootleg", *args]
+    if not launcher:
+        command.insert(0, sys.executable)
+    return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
-    whole = run("--", *cli_args(tmp_path / "whole"))
-    assert whole.returncode == 0, whole.stderr[-3000:]
-    killed = run("--kill-after-checkpoint", "6", "--", *cli_args(tmp_path / "killed"))
+
+@pytest.fixture(scope="module")
+def one_process_run(tmp_path_factory) -> Path:
+    """One uninterrupted 1-process run: the reference of the kill/resume and the 2-process tests."""
+    out = tmp_path_factory.mktemp("one") / "run"
+    one = run_pretrain_cli("--", *subprocess_cli_args(out))
+    assert one.returncode == 0, one.stderr[-3000:]
+    return out
+
+
+def test_killed_and_resumed_equals_uninterrupted(tmp_path, one_process_run):
+    """A real SIGKILL right after step 4's checkpoint (the end of epoch 1), then `--resume`: the same checkpoint as
+    one run."""
+    killed = run_pretrain_cli("--kill-after-checkpoint", "4", "--", *subprocess_cli_args(tmp_path / "killed"))
     assert killed.returncode == -9, killed.stderr[-3000:]
-    resumed = run("--", *cli_args(tmp_path / "killed"), "--resume")
+    resumed = run_pretrain_cli("--", *subprocess_cli_args(tmp_path / "killed"), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = torch.load(tmp_path / "whole" / "bootleg.pth", weights_only=True)
+    a = torch.load(one_process_run / "bootleg.pth", weights_only=True)
     b = torch.load(tmp_path / "killed" / "bootleg.pth", weights_only=True)
     for part in ("encoder", "predictor", "target_encoder"):
         assert a[part].keys() == b[part].keys()
         assert all(torch.equal(a[part][k], b[part][k]) for k in a[part]), part
 
 
-def test_two_processes_match_one(tmp_path):
-    from test_distributed import FAULT_RUN, free_port
+def test_two_processes_match_one(tmp_path, one_process_run):
+    from test_distributed import free_port
 
-    options = run_options(tmp_path / "x", steps=6)
-
-    def cli_args(out: Path) -> list[str]:
-        args = ["--out", str(out), "--limit", "128", "--batch-size", "32", "--epochs", "2", "--seed", "2", "--quiet"]
-        for item in options["set"] + ["eval.enabled=false"]:
-            args += ["--set", item]
-        return args
-
-    one = subprocess.run(
-        [sys.executable, str(FAULT_RUN), "--command", "pretrain", "bootleg", "--", *cli_args(tmp_path / "one")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2"]
-    torchrun += ["--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(FAULT_RUN)]
-    two = subprocess.run(
-        [*torchrun, "--command", "pretrain", "bootleg", "--", *cli_args(tmp_path / "two")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2")
+    torchrun += ("--master_addr", "127.0.0.1", "--master_port", str(free_port()))
+    two = run_pretrain_cli("--", *subprocess_cli_args(tmp_path / "two"), launcher=torchrun)
     assert two.returncode == 0, two.stderr[-3000:]
-    la = [r["loss"] for r in records(tmp_path / "one") if "loss" in r and "epoch_end" not in r]
+    la = [r["loss"] for r in records(one_process_run) if "loss" in r and "epoch_end" not in r]
     lb = [r["loss"] for r in records(tmp_path / "two") if "loss" in r and "epoch_end" not in r]
     assert len(la) == len(lb) == 8
     assert la == pytest.approx(lb, rel=1e-4, abs=1e-5)
-    a = torch.load(tmp_path / "one" / "bootleg.pth", weights_only=True)
+    a = torch.load(one_process_run / "bootleg.pth", weights_only=True)
     b = torch.load(tmp_path / "two" / "bootleg.pth", weights_only=True)
     for part in ("encoder", "target_encoder"):  # the EMA follows the same student in both
         assert all(torch.allclose(a[part][k], b[part][k], rtol=1e-4, atol=1e-5) for k in a[part]), part
