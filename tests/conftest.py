@@ -65,3 +65,33 @@ def no_network(monkeypatch, tmp_path_factory):
     huggingface_hub.close_session()  # its client reads the proxy settings when it is created
     yield
     huggingface_hub.close_session()
+
+
+@pytest.fixture(scope="session")
+def pretrained_bootleg(tmp_path_factory):
+    """A real self-supervised MIM-style teacher: a 2-block ViT (patch 4 at 32 px, an 8x8 grid, 64-d) pretrained
+    with `distillkit pretrain bootleg` for 40 steps on the bundled / Debian Fashion-MNIST; its bootleg.pth.
+    Its attention is learned, not random, which is what the tests of teachers "with real attention" need."""
+    from distillkit.pretrain import pretrain
+
+    out = tmp_path_factory.mktemp("bootleg-teacher") / "run"
+    args = "{patch_size: 4, depth: 2, embed_dim: 64, num_heads: 2, class_token: false, global_pool: avg}"
+    result = pretrain(
+        out=out,
+        limit=640,
+        batch_size=32,
+        max_steps=40,
+        seed=0,
+        quiet=True,
+        set=[
+            "student.input_size=32",
+            f"student.model_args={args}",
+            "strategy.bootleg.predictor_depth=1",
+            "strategy.bootleg.predictor_width=32",
+            "strategy.bootleg.predictor_heads=2",
+            "strategy.bootleg.ema=[0.99, 0.995]",
+            "train.lr=0.002",
+            "eval.enabled=false",
+        ],
+    )
+    return result.checkpoint

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,14 +46,19 @@ def _is_vit_student(name: str) -> bool:
     return "vit" in student_spec(name).timm
 
 
-def shrink(name: str, tmp_path) -> tuple[dict, list[str]]:
-    """compress() keywords and --set overrides that keep the recipe but make it tiny."""
+def shrink(name: str, tmp_path, bootleg: Path | None = None) -> tuple[dict, list[str]]:
+    """compress() keywords and --set overrides that keep the recipe but make it tiny. Hybrid's MIM teacher
+    (role `mim`) becomes `bootleg` (a tiny ViT pretrained by the `pretrained_bootleg` fixture: real learned
+    attention relations to imitate), the other ViT-B teachers random ViT-Tinys (also 224 px, 14x14 patches)."""
     recipe = resolve_recipe(name)
     overrides = ["eval.enabled=false", "eval.latency_runs=1"]
     kwargs = {}
-    if recipe.teachers:  # two ViT-B teachers: random ViT-Tinys (also 224 px, 14x14 patches) instead
+    if recipe.teachers:
         for section in ["teacher"] + [f"teachers.{role}" for role in recipe.teachers]:
-            overrides += [f"{section}.name=timm:vit_tiny_patch16_224", f"{section}.weights={RANDOM_WEIGHTS}"]
+            if section == "teachers.mim" and bootleg is not None:
+                overrides += [f"{section}.name=bootleg", f"{section}.weights={bootleg}", f"{section}.input_size=32"]
+            else:
+                overrides += [f"{section}.name=timm:vit_tiny_patch16_224", f"{section}.weights={RANDOM_WEIGHTS}"]
     elif recipe.teacher.name.startswith("timm:"):
         kwargs["teacher_weights"] = RANDOM_WEIGHTS  # fixed-size hub ViTs keep their 224 px
     else:
@@ -75,6 +81,11 @@ def shrink(name: str, tmp_path) -> tuple[dict, list[str]]:
     return kwargs, overrides
 
 
+def mim_teacher(name: str, request) -> Path | None:
+    """The pretrained tiny Bootleg checkpoint for the recipes with a MIM teacher role (pretrained on first use)."""
+    return request.getfixturevalue("pretrained_bootleg") if "mim" in resolve_recipe(name).teachers else None
+
+
 def test_each_new_strategy_ships_a_cnn_and_a_vit_recipe():
     names = list_recipes()
     for recipe in NEW_RECIPES:
@@ -90,8 +101,8 @@ DISTILLATION_RECIPES = [name for name in list_recipes() if not name.startswith("
 
 
 @pytest.mark.parametrize("name", DISTILLATION_RECIPES)
-def test_every_recipe_runs_a_few_steps_end_to_end(name, tmp_path):
-    kwargs, overrides = shrink(name, tmp_path)
+def test_every_recipe_runs_a_few_steps_end_to_end(name, tmp_path, request):
+    kwargs, overrides = shrink(name, tmp_path, mim_teacher(name, request))
     batch = (
         8 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 16
     )  # a ViT-S/16 teacher at 224 px costs 0.1 s an image
@@ -132,12 +143,12 @@ RESUME_RECIPES = [
 
 
 @pytest.mark.parametrize("name", RESUME_RECIPES)
-def test_a_mid_epoch_resume_trains_bit_identically(name, tmp_path, monkeypatch):
+def test_a_mid_epoch_resume_trains_bit_identically(name, tmp_path, monkeypatch, request):
     """A run that crashes right after its mid-epoch checkpoint (step 3 of an epoch's 6) and is resumed ends
     with exactly the weights of one that ran its 5 steps straight: masks and token drops included."""
     from distillkit.train import loop
 
-    kwargs, overrides = shrink(name, tmp_path)
+    kwargs, overrides = shrink(name, tmp_path, mim_teacher(name, request))
     batch = 4 if kwargs.get("teacher_weights") or "teachers" in str(overrides) else 8
     options = dict(limit=6 * batch, batch_size=batch, max_steps=5, quiet=True, **kwargs)
     overrides = overrides + ["train.deterministic=true", "data.teacher_cache=null", "train.checkpoint_every=3"]
