@@ -74,13 +74,16 @@ def test_a_queue_longer_than_the_data_shrinks_to_it(tmp_path, capsys):
     assert queue.shape[0] == 32
 
 
-def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_path, monkeypatch):
+def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("DISTILLKIT_CACHE", str(tmp_path / "user-cache"))
     entries = tmp_path / "user-cache" / "teacher-outputs"
     one_epoch = run(tmp_path / "one", ["data.view_slots=1"], epochs=1)
     assert one_epoch.teacher_cache is None and not entries.exists()  # 1 epoch, 1 slot: nothing to reuse
-    two = run(tmp_path / "two", ["data.view_slots=1"], epochs=2)
+    two = run(tmp_path / "two", ["data.view_slots=1"], epochs=2, quiet=False)
     assert two.teacher_cache == str(entries) and len(list(entries.iterdir())) == 1
+    said = " ".join(capsys.readouterr().out.split())
+    # before filling it says what one image costs: SEED caches Lite0's 1280-d embedding of 1 view, float16
+    assert f"per image and slot: teacher {1280 * 2 / 1e3:.1f} kB" in said, said
     off = run(tmp_path / "off", ["data.view_slots=1"], epochs=2, teacher_cache=False)
     assert off.teacher_cache is None
     fresh = run(tmp_path / "fresh", ["data.view_slots=null"], epochs=3)  # new views every epoch: nothing to reuse

@@ -399,24 +399,25 @@ def _fits(
     """Whether the disk under `root` has room for what the run writes (`slots_used` slots of every image)."""
     objective = setup.objective
     views_per_step = len(objective.expand_views([torch.zeros(1, 3, 1, 1) for _ in range(objective.num_views)]))
-    needed = (
-        sum(
-            _cache_bytes(
-                setup.teachers[role],
-                request,
-                views_per_step,
-                setup.sizes[role],
-                recipe.data.cache_dtype,
-                accelerator.device,
-            )
-            for role, request in setup.requests.items()
+    per_image = {
+        role: _cache_bytes(
+            setup.teachers[role],
+            request,
+            views_per_step,
+            setup.sizes[role],
+            recipe.data.cache_dtype,
+            accelerator.device,
         )
-        * len(setup.train_set)
-        * slots_used
-    )
+        for role, request in setup.requests.items()
+    }
+    needed = sum(per_image.values()) * len(setup.train_set) * slots_used
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
-    where = f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view slots)"
+    each = ", ".join(f"{role} {_size(size)}" for role, size in per_image.items())
+    where = (
+        f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view slots; "
+        f"per image and slot: {each})"
+    )
     if needed * 1.05 + (256 << 20) <= free:
         say(
             f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
@@ -440,6 +441,11 @@ def _cache_bytes(teacher, request: FeatureRequest, views: int, size: tuple[int, 
     probe = teacher(torch.zeros(1, 3, *size, device=device), request)
     itemsize = 2 if dtype == "float16" else 4
     return views * itemsize * sum(t.numel() for t in probe.named().values())  # the probe is one image
+
+
+def _size(size: float) -> str:
+    """A per-image size: kB below a megabyte."""
+    return f"{size / 1e3:.1f} kB" if size < 1e6 else _gb(size)
 
 
 def _gb(size: float) -> str:
