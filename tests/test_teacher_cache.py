@@ -122,6 +122,28 @@ def test_a_cached_run_gives_the_losses_of_an_uncached_run_and_skips_the_teacher(
     assert len(list((tmp_path / "cache").iterdir())) == 1
 
 
+def test_every_teacher_role_is_cached_with_its_dense_targets(tmp_path, teacher_calls):
+    """agglomerate with two teachers at their own sizes (Lite0 at 32 px and a random ViT-Tiny at 48 px): each role
+    gets its own entry holding its embedding and its last token map, and the cached run replays both."""
+    two_teachers = [
+        "teachers.vit.name=timm:vit_tiny_patch16_224",
+        "teachers.vit.weights=random",
+        "teachers.vit.input_size=48",
+        "train.log_every=1",
+    ]
+    options = dict(strategy="agglomerate", extra=two_teachers)
+    plain = run(tmp_path / "plain", None, **options)
+    assert sorted(set(teacher_calls.sizes)) == [(32, 32), (48, 48)] and teacher_calls.count(32) == 8  # 2 roles x 4
+    teacher_calls.clear()
+    cached = run(tmp_path / "cached", tmp_path / "cache", **options)
+    assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
+    assert teacher_calls.count(32) == 4  # epoch 1 fills both entries, epoch 2 reads them
+    metas = [json.loads((entry / "meta.json").read_text()) for entry in (tmp_path / "cache").iterdir()]
+    stored = {m["key"]["role"]: set(m["shapes"]) for m in metas}
+    assert stored.keys() == {"teacher", "vit"}
+    assert all("embedding" in names and any(n.startswith("layers.") for n in names) for names in stored.values())
+
+
 def test_students_of_other_strategies_and_seeds_share_an_entry(tmp_path, teacher_calls):
     run(tmp_path / "a", tmp_path / "cache", epochs=1, extra=["data.view_seed=7"], seed=1)
     assert teacher_calls.count(32) == 2
