@@ -26,6 +26,8 @@ _EXPORTS = {
     "UsageError": "errors",
     "export": "export",
     "load_student": "export",
+    "export_heads": "export_heads",
+    "load_heads": "heads",
     "FeatureRequest": "features",
     "Features": "features",
     "PretrainResult": "pretrain",
@@ -54,10 +56,12 @@ __all__ = [
     "UsageError",
     "compress",
     "export",
+    "export_heads",
     "list_recipes",
     "list_strategies",
     "list_students",
     "list_teachers",
+    "load_heads",
     "load_student",
     "load_teacher",
     "pretrain",
@@ -71,7 +75,9 @@ if TYPE_CHECKING:  # what type checkers and IDEs see
     from .api import CompressResult, compress
     from .errors import DistillkitError, RunError, UsageError
     from .export import export, load_student
+    from .export_heads import export_heads
     from .features import FeatureRequest, Features
+    from .heads import load_heads
     from .pretrain import PretrainResult, pretrain
     from .publish import push
     from .recipe import Recipe, list_recipes, resolve_recipe

@@ -334,17 +334,53 @@ def export_(
         None,
         help="Cut the student after this block / stage (0 = first; negative counts from the end): an early-exit model.",
     ),
+    features_only: bool = typer.Option(
+        False,
+        "--features-only",
+        help="Write the student as a timm features_only backbone: the feature maps of its stages (CNN) or last "
+        "blocks (ViT) instead of the embedding; timm.create_model('local-dir:OUT', pretrained=True) loads it as "
+        "one, ONNX gives one output per map (stage0, stage1, ...).",
+    ),
+    heads: bool = typer.Option(
+        False,
+        "--heads",
+        help="Also write the adaptor heads of a run trained with strategy agglomerate, which map the student's "
+        "embedding and last feature map to each teacher's: OUT/heads/<role>.safetensors and <role>.json "
+        "(load them with distillkit.heads.load_heads). RUN_DIR must be the run folder.",
+    ),
 ) -> None:
     """Export a distilled student as safetensors (timm), ONNX or TorchScript, checked against PyTorch."""
     from .export import export
 
-    result = export(run_dir, format=format_.value, out=out, exit_at=exit_at)
+    if heads and (exit_at is not None or features_only):
+        raise UsageError(
+            "the adaptor heads read the whole student's embedding and last feature map, so --heads exports them "
+            "with the whole student; leave out --exit-at and --features-only"
+        )
+    if heads:
+        from .export_heads import export_heads
+        from .heads import HEADS_FOLDER
+
+        with_heads = export_heads(run_dir, format=format_.value, out=out)
+        result = with_heads.export
+    else:
+        result = export(run_dir, format=format_.value, out=out, exit_at=exit_at, features_only=features_only)
     what = "the whole student" if result.exit_at is None else f"the student cut after block {result.exit_at}"
+    if result.features_only:
+        what = "the student's features_only backbone"
     console = Console()
     console.print(
         f"exported {what} as {result.format} to {escape(str(result.out_dir))}", highlight=False, soft_wrap=True
     )
     console.print(f"max abs diff vs the PyTorch model (random batches of 2 and 3 images): {result.max_abs_diff:.3g}")
+    if heads:
+        diffs = ", ".join(f"{escape(role)} {diff:.3g}" for role, diff in with_heads.max_abs_diff.items())
+        console.print(
+            f"adaptor heads of {', '.join(map(escape, with_heads.heads))} in "
+            f"{escape(str(result.out_dir / HEADS_FOLDER))}; max abs diff vs the trained heads: {diffs}",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 @app.command("report")

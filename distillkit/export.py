@@ -13,7 +13,9 @@ Load it with `timm.create_model("local-dir:<dir>", pretrained=True)` or `distill
 model.onnx.data for weights over 1 GiB) or TorchScript (model.pt), whole or cut at an early-exit block
 (`distillkit.exits`), and checks the written file against the PyTorch model. A CNN cut inside its
 stages is not a model timm can rebuild from config.json, so CNN exits are exported as ONNX or
-TorchScript only.
+TorchScript only. `features_only` writes the student as timm's features_only backbone instead, the maps of
+several stages or blocks (`distillkit.export_features`). `distillkit.export_heads` adds a run's adaptor heads
+(strategy agglomerate) to an export, in its heads/ folder (`distillkit.heads`).
 """
 
 from __future__ import annotations
@@ -29,7 +31,17 @@ from torch import nn
 from .card import model_card
 from .errors import UsageError
 from .exits import exit_meaning, resolve_exit, truncate
+from .export_features import (
+    concatenated,
+    feature_args,
+    feature_info,
+    features_model,
+    features_weights,
+    run_features_onnx,
+    write_features_onnx,
+)
 from .features import is_token_model, num_layers
+from .heads import HEADS_FOLDER
 from .io import save_safetensors, write_json, write_text
 from .runtimes import (
     ONNX_DATA_FILE,
@@ -49,6 +61,10 @@ CARD_FILE = "README.md"
 FORMATS = ("safetensors", "onnx", "torchscript")
 RUNTIME_FORMATS = {  # format -> (file name, writer, runner)
     "onnx": (ONNX_FILE, write_onnx, run_onnx),
+    "torchscript": (TORCHSCRIPT_FILE, write_torchscript, run_torchscript),
+}
+FEATURE_RUNTIMES = {  # the same for a features_only backbone: its runners give the list of maps
+    "onnx": (ONNX_FILE, write_features_onnx, run_features_onnx),
     "torchscript": (TORCHSCRIPT_FILE, write_torchscript, run_torchscript),
 }
 
@@ -135,6 +151,13 @@ def read_config(folder: Path) -> dict[str, Any]:
         config["pretrained_cfg"]["mean"], config["pretrained_cfg"]["std"]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"{folder / CONFIG_FILE} is damaged or not a timm config; export the student again") from None
+    export_info = (config.get("distillkit") or {}).get("export") or {}
+    if export_info.get("features_only"):
+        raise UsageError(
+            f"{folder} holds a features-only backbone (feature maps, no embedding), which distillkit neither "
+            "evaluates nor exports again: use the run's whole student (the run folder or its student/). Load the "
+            f"backbone with timm.create_model('local-dir:{folder}', pretrained=True)"
+        )
     return config
 
 
@@ -179,6 +202,13 @@ def prepare_export_folder(out_dir: Path) -> None:
         )
     for name in EXPORT_FILES:
         (out_dir / name).unlink(missing_ok=True)
+    heads = out_dir / HEADS_FOLDER  # an earlier export's adaptor heads (export_heads)
+    if heads.is_dir():
+        for path in heads.iterdir():
+            if path.suffix in (".json", ".safetensors"):
+                path.unlink()
+        if not any(heads.iterdir()):
+            heads.rmdir()
 
 
 @dataclass
@@ -188,11 +218,18 @@ class ExportResult:
     files: dict[str, Path]  # the model file(s), config.json, README.md
     exit_at: int | None  # the block the student was cut after; None: the whole student
     max_abs_diff: float  # the written model vs the PyTorch model, on random batches of 2 and 3 images
+    features_only: bool = False  # timm's features_only backbone: feature maps (every output's largest diff)
 
 
-def _export_folder(source: Path, format: str, block: int | None, out: str | Path | None) -> Path:  # noqa: A002
-    """`out`, or `<student folder>-<format>[-exit<block>]` beside the student; never the student itself."""
-    suffix = f"-{format}" + ("" if block is None else f"-exit{block}")
+def _export_folder(
+    source: Path,
+    format: str,  # noqa: A002
+    block: int | None,
+    out: str | Path | None,
+    features_only: bool = False,
+) -> Path:
+    """`out`, or `<student folder>-<format>[-exit<block>|-features]` beside the student; never the student itself."""
+    suffix = f"-{format}" + ("" if block is None else f"-exit{block}") + ("-features" if features_only else "")
     out_dir = Path(out).expanduser() if out else source.parent / f"{source.name}{suffix}"
     if out_dir.resolve() == source.resolve():
         raise UsageError(f"the output folder {out_dir} is the student being exported; choose another --out")
@@ -213,20 +250,49 @@ def _write_format(exported: nn.Module, out_dir: Path, format: str, size: tuple[i
     return {**files, **card}, runner(out_dir / file_name)
 
 
+def _write_features(student: nn.Module, backbone: nn.Module, out_dir: Path, format: str, size, meta: dict):  # noqa: A002
+    """Write the features_only `backbone` in `format` with its config.json and model card; (files written, a
+    runner of the file giving its maps). The safetensors folder is loaded back by its config.json alone."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if format == "safetensors":
+        save_safetensors(out_dir / WEIGHTS_FILE, features_weights(student, backbone), metadata={"format": "pt"})
+        files = {"weights": out_dir / WEIGHTS_FILE}
+    else:
+        file_name, write, _ = FEATURE_RUNTIMES[format]
+        write(backbone, out_dir / file_name, size)
+        files = {"model": out_dir / file_name}
+    card = write_config_and_card(out_dir, num_features=None, **meta)
+    if format == "safetensors":
+        return {**files, **card}, timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
+    return {**files, **card}, FEATURE_RUNTIMES[format][2](files["model"])
+
+
+def check_format(format: str) -> None:  # noqa: A002
+    if format not in FORMATS:
+        raise UsageError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+
+
 def export(
     run_dir: str | Path,
     format: str = "safetensors",
     out: str | Path | None = None,  # noqa: A002
     exit_at: int | None = None,
+    features_only: bool = False,
 ) -> ExportResult:
     """Export the student of a compress run (or an export folder) as safetensors, onnx or torchscript.
 
     `exit_at` cuts the student after that block (as `distillkit.features.resolve_layer` indexes blocks;
-    negative counts from the end). `out` defaults to `<student folder>-<format>[-exit<block>]` beside it.
-    The written file is run on random batches of 2 and 3 images and compared with the PyTorch model.
+    negative counts from the end). `features_only` writes timm's features_only backbone of the student
+    (`distillkit.export_features`): the maps of several stages (CNN) or blocks (ViT), not the embedding.
+    `out` defaults to `<student folder>-<format>[-exit<block>|-features]` beside it. The written file is run on
+    random batches of 2 and 3 images and compared with the PyTorch model (or backbone).
     """
-    if format not in FORMATS:
-        raise UsageError(f"unknown export format {format!r}: choose one of {', '.join(FORMATS)}")
+    check_format(format)
+    if features_only and exit_at is not None:
+        raise UsageError(
+            "--features-only gives the maps of several stages and --exit-at cuts the student after one block; "
+            "pass one of them"
+        )
     if format == "onnx":
         require_onnx(writing=True)
     source = student_folder(run_dir)
@@ -239,7 +305,8 @@ def export(
             "timm cannot rebuild a CNN cut inside its stages from config.json. Use --format onnx or "
             "--format torchscript"
         )
-    out_dir = _export_folder(source, format, block, out)
+    out_dir = _export_folder(source, format, block, out, features_only)
+    backbone = features_model(source, config["architecture"]) if features_only else None
     prepare_export_folder(out_dir)
     exported = model if block is None else truncate(model, block)
     model_args = dict(config.get("model_args") or {})
@@ -248,6 +315,9 @@ def export(
     info = {"format": format, "exit_at": block, "blocks": num_layers(model), "source": str(source)}
     if block is not None:
         info["meaning"] = exit_meaning(model)
+    if backbone is not None:
+        model_args |= feature_args(backbone)
+        info |= {**feature_args(backbone), "feature_info": feature_info(backbone)}
     cfg = config["pretrained_cfg"]
     size = tuple(cfg["input_size"][1:])
     meta = dict(
@@ -258,6 +328,13 @@ def export(
         std=tuple(cfg["std"]),
         provenance={**(config.get("distillkit") or {}), "export": info},
     )
-    files, run = _write_format(exported, out_dir, format, size, meta)
-    diff = max_abs_diff(exported, run, size, f"the exported {format} model in {out_dir}")
-    return ExportResult(out_dir=out_dir, format=format, files=files, exit_at=block, max_abs_diff=diff)
+    what = f"the exported {format} {'backbone' if backbone is not None else 'model'} in {out_dir}"
+    if backbone is None:
+        files, run = _write_format(exported, out_dir, format, size, meta)
+        diff = max_abs_diff(exported, run, size, what)
+    else:
+        files, run = _write_features(model, backbone, out_dir, format, size, meta)
+        diff = max_abs_diff(concatenated(backbone), concatenated(run), size, what)
+    return ExportResult(
+        out_dir=out_dir, format=format, files=files, exit_at=block, max_abs_diff=diff, features_only=features_only
+    )
