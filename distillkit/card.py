@@ -183,7 +183,14 @@ def _eval_results(metrics: dict[str, Any], dataset: DatasetFacts | None) -> list
 
 def _body(architecture, input_size, mean, std, provenance, export, facts: TeacherFacts) -> str:
     exit_at = export.get("exit_at")
-    if exit_at is None:
+    features_only = bool(export.get("features_only"))
+    if features_only:
+        maps = ", ".join(
+            f"{f['output']} ({f['channels']} ch, 1/{f['reduction']})" for f in export.get("feature_info") or []
+        )
+        what = f"A `timm` {architecture} `features_only` backbone (`model(x)` returns the feature maps {maps})"
+        exit_line = "the student's feature maps (features_only)"
+    elif exit_at is None:
         what = f"A `timm` {architecture} backbone (no classifier: `model(x)` returns the pooled embedding)"
         exit_line = "the whole student"
     else:
@@ -212,7 +219,7 @@ def _body(architecture, input_size, mean, std, provenance, export, facts: Teache
 
 ## Use
 
-{USAGE[export["format"]]}
+{(FEATURES_USAGE if features_only else USAGE)[export["format"]]}
 
 ## License
 
@@ -241,6 +248,26 @@ embedding = session.run(None, {"images": images})[0]  # images: float32 (B, 3, H
 import torch
 model = torch.jit.load("PATH/TO/THIS/FOLDER/model.pt").eval()
 embedding = model(images)  # images: float32 (B, 3, H, W), normalised as above
+```""",
+}
+
+
+FEATURES_USAGE = {
+    "safetensors": """```python
+import timm
+# config.json holds features_only and out_indices: timm builds the features_only backbone
+model = timm.create_model("local-dir:PATH/TO/THIS/FOLDER", pretrained=True).eval()
+maps = model(images)  # [(B, C_i, H_i, W_i), ...], one per output above; images normalised as above
+```""",
+    "onnx": """```python
+import onnxruntime
+session = onnxruntime.InferenceSession("PATH/TO/THIS/FOLDER/model.onnx")
+maps = session.run(None, {"images": images})  # stage0, stage1, ...: float32 (B, C_i, H_i, W_i)
+```""",
+    "torchscript": """```python
+import torch
+model = torch.jit.load("PATH/TO/THIS/FOLDER/model.pt").eval()
+maps = model(images)  # a list of (B, C_i, H_i, W_i), one per output above
 ```""",
 }
 

@@ -116,6 +116,9 @@ def test_safetensors_loads_as_the_backbone_from_its_config_alone(run, caplog):
     assert [entry["channels"] for entry in info] == [m.shape[1] for m in maps]
     assert [entry["reduction"] for entry in info] == [32 // m.shape[-1] for m in maps]
     assert config["distillkit"]["export"]["out_indices"] == indices
+    card = (result.out_dir / "README.md").read_text()  # the model card says what model(x) now returns
+    assert "features_only` backbone" in card and "pooled embedding" not in card
+    assert f"stage0 ({maps[0].shape[1]} ch, 1/{32 // maps[0].shape[-1]})" in card
     if "mobilenet" in architecture:  # MobileNetV3's features class has no head: its weights are left out
         assert not [k for k in load_file(str(result.out_dir / "model.safetensors")) if k.startswith("conv_head")]
 
