@@ -165,7 +165,7 @@ def test_unknown_teacher(runner, no_loading):
     assert_usage_error(
         invoke(runner, ["compress", "--teacher", "efficientnet-lite"]),
         "unknown teacher 'efficientnet-lite'",
-        "did you mean 'efficientnet-lite0'",
+        "did you mean 'efficientnet-lite2' or 'efficientnet-lite0'",
     )
 
 

