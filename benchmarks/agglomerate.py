@@ -114,9 +114,8 @@ def student_rows(run_dir: Path, teachers: dict, train_set, test_set, with_heads:
         embedding = model.forward_head(model.forward_features(x), pre_logits=True)
         return {"embedding": embedding} | {role: head(embedding) for role, head in heads.items()}
 
-    with torch.inference_mode():
-        bank, bank_labels = embed_outputs(outputs, train_set)
-        queries, query_labels = embed_outputs(outputs, test_set)
+    bank, bank_labels = embed_outputs(outputs, train_set)  # under inference mode, returned as normal tensors
+    queries, query_labels = embed_outputs(outputs, test_set)
     rows = {}
     for name in bank:
         rows[name] = score_embeddings(
@@ -125,8 +124,7 @@ def student_rows(run_dir: Path, teachers: dict, train_set, test_set, with_heads:
     if heads:
         held_out = torch.utils.data.Subset(test_set, range(COSINE_IMAGES))
         for role, teacher in teachers.items():
-            with torch.inference_mode():
-                target, _ = embed_outputs(lambda v, t=teacher: {"e": t.embed(v)}, held_out)
+            target, _ = embed_outputs(lambda v, t=teacher: {"e": t.embed(v)}, held_out)
             rows[role]["cosine_to_teacher"] = (
                 F.cosine_similarity(queries[role][:COSINE_IMAGES], target["e"]).mean().item()
             )
