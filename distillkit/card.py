@@ -144,8 +144,7 @@ Distil it into a small student with `distillkit compress --teacher {method} --te
 
 ## Evaluation
 
-The run's `result.json` and `report.html` hold its k-NN and linear-probe accuracy against the same network at
-random init.
+{_pretrained_evaluation(provenance.get("metrics") or {})}
 
 ## Use
 
@@ -156,6 +155,28 @@ random init.
 No licence is set: this network was trained from scratch by whoever ran distillkit; set `license:` in this card's
 front matter (https://huggingface.co/docs/hub/repositories-licenses) to what the training data's terms allow.
 """
+
+
+def _pretrained_evaluation(metrics: dict[str, Any]) -> str:
+    """The pretraining run's accuracies (held-out split) as a table: this network, the encoder, random init."""
+    rows = [
+        (label, metrics[key])
+        for key, label in (
+            ("target_encoder", "this network (the EMA target encoder)"),
+            ("encoder", "the context encoder"),
+            ("random_init", "the same network at random init"),
+        )
+        if isinstance(metrics.get(key), dict)
+    ]
+    if not rows:
+        return "The run's `result.json` and `report.html` hold its k-NN and linear-probe accuracy."
+
+    def cell(value) -> str:
+        return f"{100 * value:.2f} %" if _is_number(value) else "-"
+
+    table = ["| network | k-NN top-1 | linear probe top-1 |", "|---|---|---|"]
+    table += [f"| {label} | {cell(m.get('knn_top1'))} | {cell(m.get('probe_top1'))} |" for label, m in rows]
+    return "On the data's held-out split (k-NN and a linear probe on frozen embeddings):\n\n" + "\n".join(table)
 
 
 def _eval_results(metrics: dict[str, Any], dataset: DatasetFacts | None) -> list:

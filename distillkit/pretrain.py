@@ -141,13 +141,13 @@ def _pretrain(method, recipe, options, overrides, resume, force_resume, overwrit
     strategy = run.objective.strategies[method]
     checkpoint, teacher_dir = run_dir / CHECKPOINT_FILE[method], run_dir / TEACHER_FOLDER
     metrics: dict[str, Any] = {}
-    if main:
-        tick = time.perf_counter()
-        _write_outputs(run, strategy, result, checkpoint, teacher_dir)
-        timings["export"] = time.perf_counter() - tick
+    if main:  # evaluated first, as compress does, so the teacher's model card carries its accuracies
         tick = time.perf_counter()
         metrics = _evaluate(run, strategy, console)
         timings["evaluate"] = time.perf_counter() - tick
+        tick = time.perf_counter()
+        _write_outputs(run, strategy, result, checkpoint, teacher_dir, metrics)
+        timings["export"] = time.perf_counter() - tick
     accelerator.wait_for_everyone()
     timings["total"] = time.perf_counter() - started
     final = PretrainResult(
@@ -178,8 +178,9 @@ def _check_pretraining_recipe(recipe: Recipe, method: str) -> None:
         )
 
 
-def _write_outputs(run: Run, strategy, result, checkpoint: Path, teacher_dir: Path) -> None:
-    """RUN/bootleg.pth and RUN/teacher/, from the trained student, its EMA target encoder and the predictor."""
+def _write_outputs(run: Run, strategy, result, checkpoint: Path, teacher_dir: Path, metrics: dict) -> None:
+    """RUN/bootleg.pth and RUN/teacher/, from the trained student, its EMA target encoder and the predictor;
+    `metrics` (target_encoder / encoder / random_init accuracies) go into the teacher's model card."""
     student, recipe = run.student, run.recipe
     for network in (student.model, strategy.target_encoder, strategy.predictor):
         network.float().eval().cpu()
@@ -224,6 +225,7 @@ def _write_outputs(run: Run, strategy, result, checkpoint: Path, teacher_dir: Pa
             "data": run.images.source,
             "data_source": recipe.data.source,
             "steps": result.steps,
+            "metrics": metrics,
         },
     )
 

@@ -201,6 +201,9 @@ def test_a_run_writes_an_ijepa_checkpoint_and_a_timm_teacher(pretrained):
     assert set(pretrained.metrics) >= {"target_encoder", "encoder", "random_init"}
     card = (pretrained.teacher_dir / "README.md").read_text()
     assert "pretrained with distillkit (bootleg)" in card and "Teacher: None" not in card
+    knn = pretrained.metrics["target_encoder"]["knn_top1"]  # the card carries the run's own accuracies
+    assert f"| this network (the EMA target encoder) | {100 * knn:.2f} % |" in card
+    assert f"| the same network at random init | {100 * pretrained.metrics['random_init']['knn_top1']:.2f} % |" in card
 
 
 def test_the_loss_falls(pretrained):
