@@ -153,9 +153,10 @@ def _loss_plot(run: Run) -> bytes | str:
     )
     if run.pretraining:  # the spread is not a loss: it has its own plot
         terms = [name for name in terms if name != _spread_term(run)]
-    return plots.loss_curves(
-        [line["step"] for line in run.steps], {name: [line.get(name) for line in run.steps] for name in terms}
-    )
+    series = {name: [line.get(name) for line in run.steps] for name in terms}
+    # a lone term is the loss itself (weight 1): one curve, not the same one drawn twice
+    series = {name: v for name, v in series.items() if name == "loss" or v != series.get("loss")}
+    return plots.loss_curves([line["step"] for line in run.steps], series)
 
 
 def _spread_term(run: Run) -> str:

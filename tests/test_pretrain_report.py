@@ -189,9 +189,9 @@ def test_the_report_of_a_pretraining_run(tmp_path, monkeypatch):
     assert list(epochs) == [1, 2, 3] and list(top1) == [0.48, 0.55, 0.59]
     assert references == {"random_init": 0.35, "model": "encoder"}
     assert "on the same split: encoder at random init 35.00%:" in page
-    # the loss without the spread, the spread on its own with the collapse level
+    # the loss without the spread (the lone term `bootleg` is the loss: drawn once), the spread on its own
     (_, terms), _ = calls["loss_curves"]
-    assert list(terms) == ["bootleg", "loss"]
+    assert list(terms) == ["loss"]
     (steps, spread), floor = calls["spread_curve"]
     assert len(steps) == 12 and spread[0] == 0.82 - 0.002 * 10 and floor == {"floor": 0.01}
 
