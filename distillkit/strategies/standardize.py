@@ -161,7 +161,10 @@ class PhiS(nn.Module):
     def _refresh(self) -> None:
         mean, covariance = self.moments.moments()
         # float32: LAPACK's float64 eigensolver takes seconds for a 1280-d covariance on a CPU, float32 ~0.4 s
-        eigenvalues, vectors = torch.linalg.eigh(covariance.float())
+        try:
+            eigenvalues, vectors = torch.linalg.eigh(covariance.float())
+        except torch.linalg.LinAlgError:  # float32's solver gives up on some rank-deficient covariances
+            eigenvalues, vectors = torch.linalg.eigh(covariance)
         eigenvalues, vectors = eigenvalues.double(), align_basis(self.basis, vectors.double())
         alpha = torch.sqrt(eigenvalues.clamp_min(0).sum() / self.out_dim + VARIANCE_EPS)
         self.basis.copy_(vectors)
