@@ -167,8 +167,8 @@ def main() -> None:
 
     per_seed: dict[str, list[dict]] = {}
     plans = [(f"from {names[role]}", alone(recipe, role), False) for role in sections] + [("from all", recipe, True)]
-    for row, plan, with_heads in plans:
-        for seed in args.seeds:
+    for seed in args.seeds:  # seed-outer: an interrupted run still has every row for its first seeds
+        for row, plan, with_heads in plans:
             out = work / "runs" / f"{row.replace(' ', '-')}-{seed}"
             run_dir = train(plan, seed, args.images, out, work / "cache")
             scores = student_rows(run_dir, teachers if with_heads else {}, train_set, test_set, with_heads)
