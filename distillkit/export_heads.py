@@ -1,14 +1,15 @@
 """`distillkit export RUN --heads`: a run's student with strategy agglomerate's adaptor heads, which map the
-student's embedding and last feature map to each teacher's (the files and how to use them: `distillkit.heads`).
+student's embedding and feature maps to each teacher's (the files and how to use them: `distillkit.heads`).
 
 The heads are in the run's last checkpoint (checkpoints/last/model.safetensors, keys
-`objective.strategies.agglomerate.heads.<role>.<summary|dense>...` and `...standardizers.<role>...`), not in
-its exported student. They are read back by building the run's objective as training built it, from the
-checkpoint's recipe, the run's teachers (loaded as training loaded them: their dry forwards give the widths and
-the token grids the dense heads resample to) and the exported student, and loading the checkpoint's objective
-weights into it, which must fit exactly. The student is exported as `distillkit.export` does (any format),
-the heads go to its heads/ folder, and the written heads, loaded by `distillkit.heads.load_heads`, are compared
-with the trained strategy's heads and standardisers on random images.
+`objective.strategies.agglomerate.heads.<role>.<summary|dense|dense_layer<s>>...` and
+`...standardizers.<role>...`), not in its exported student. They are read back by building the run's objective
+as training built it, from the checkpoint's recipe, the run's teachers (loaded as training loaded them: their
+dry forwards give the widths and the token grids the dense heads resample to) and the exported student, and
+loading the checkpoint's objective weights into it, which must fit exactly. The student is exported as
+`distillkit.export` does (any format), the heads go to its heads/ folder, and the written heads, loaded by
+`distillkit.heads.load_heads`, are compared with the trained strategy's heads and standardisers on random
+images.
 """
 
 from __future__ import annotations
@@ -31,13 +32,13 @@ from .heads import (
     RESAMPLE_RULE,
     load_heads,
     student_features,
+    student_maps,
 )
 from .io import save_safetensors, write_json
 from .recipe import Recipe, resolve_recipe
 from .runtimes import TOLERANCE
 from .strategies import Objective
-from .strategies.agglomerate import Agglomerate, as_tokens, last_layer, resample
-from .strategies.toolbox import as_map
+from .strategies.agglomerate import Agglomerate, dense_prediction
 from .teachers import Teacher, load_teacher
 from .train.checkpoint import MODEL_FILE, find_checkpoint, saved_recipe
 
@@ -48,7 +49,7 @@ STRATEGY = Agglomerate.name
 class HeadsExportResult:
     export: ExportResult  # the student, as `distillkit.export` wrote it
     heads: dict[str, dict[str, Path]]  # role -> {"weights": <role>.safetensors, "config": <role>.json}
-    max_abs_diff: dict[str, float]  # role -> the written heads vs the trained strategy's (summary and dense)
+    max_abs_diff: dict[str, float]  # role -> the written heads vs the trained strategy's (every path)
 
 
 def export_heads(
@@ -170,28 +171,21 @@ def _write_head(
     strategy: Agglomerate, role: str, teacher: Teacher, student: nn.Module, student_info: dict, folder: Path
 ) -> dict[str, Path]:
     """heads/<role>.safetensors and heads/<role>.json (the layout: `distillkit.heads`)."""
+    restores = {name: restore_as_linear(s) for name, s in strategy.standardizers[role].items()}
     tensors, paths = {}, {}
     for path, (first, _, second) in strategy.heads[role].items():
-        weight, bias = restore_as_linear(strategy.standardizers[role][path])
+        weight, bias = restores["summary" if path == "summary" else "dense"]
         for layer, (w, b) in {"fc1": (first.weight, first.bias), "fc2": (second.weight, second.bias)}.items():
             tensors[f"{path}.{layer}.weight"], tensors[f"{path}.{layer}.bias"] = w, b
-        tensors[f"{path}.restore.weight"], tensors[f"{path}.restore.bias"] = weight, bias
+        # the dense paths share their standardiser: copies, since safetensors refuses tensors that share memory
+        tensors[f"{path}.restore.weight"], tensors[f"{path}.restore.bias"] = weight.clone(), bias.clone()
         paths[path] = {
             "in_dim": first.in_features,
             "hidden_dim": first.out_features,
             "out_dim": second.out_features,
             "teacher_dim": weight.shape[0],
         }
-    if "dense" in paths:
-        with torch.no_grad():
-            _, student_map = student_features(
-                student, torch.zeros(1, 3, student_info["input_size"], student_info["input_size"])
-            )
-        paths["dense"] |= {
-            "student_grid": list(as_map(student_map, "the student's last layer").shape[-2:]),
-            "teacher_grid": list(strategy.grids[role]),
-            "resample": RESAMPLE_RULE,
-        }
+    dense = _dense_entries(strategy, role, student, student_info["input_size"], paths)
     config = {
         "format": HEAD_FORMAT,
         "version": HEAD_FORMAT_VERSION,
@@ -200,7 +194,8 @@ def _write_head(
         "student": student_info,
         "standardize": strategy.config.standardize,
         "summary": paths["summary"],
-        "dense": paths.get("dense"),
+        "dense": dense.pop("dense", None),
+        "dense_stages": list(dense.values()),
         "distillkit_version": __version__,
     }
     files = {"weights": folder / f"{role}.safetensors", "config": folder / f"{role}.json"}
@@ -209,35 +204,55 @@ def _write_head(
     return files
 
 
+def _dense_entries(
+    strategy: Agglomerate, role: str, student: nn.Module, size: int, paths: dict[str, dict]
+) -> dict[str, dict]:
+    """Head name -> its json entry, for every dense layer in ascending order ({} without dense heads): the
+    layer, the path (but for the deepest, "dense"), the widths, the grids and the resampling rule."""
+    request = type(strategy).student_request(strategy.config)
+    with torch.no_grad():
+        maps = strategy.student_maps(extract_features(student, torch.zeros(1, 3, size, size), request))
+    entries = {}
+    for layer, name in strategy.dense_head_names.items():
+        where = {"layer": layer} if name == "dense" else {"layer": layer, "path": name}
+        entries[name] = where | paths[name]
+        entries[name] |= {
+            "student_grid": list(maps[layer].shape[-2:]),
+            "teacher_grid": list(strategy.grids[role]),
+            "resample": RESAMPLE_RULE,
+        }
+    return entries
+
+
 def check_heads(strategy: Agglomerate, student: nn.Module, folder: Path, size: int) -> dict[str, float]:
-    """The largest |written - trained| of each role's heads, both paths, on random images (the student's
-    features as training extracts them, and as `distillkit.heads.student_features` does); a RunError when
-    not tiny."""
+    """The largest |written - trained| of each role's heads, every path (the summary and each dense layer's),
+    on random images (the student's features as training extracts them, and as `distillkit.heads.student_features`
+    and `student_maps` give them); a RunError when not tiny."""
     loaded = load_heads(folder)
     images = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     request = type(strategy).student_request(strategy.config)
     diffs = {}
     with torch.no_grad():
         features = extract_features(student, images, request)
-        embedding, student_map = student_features(student, images)
+        embedding, _ = student_features(student, images)
+        maps = student_maps(student, images, strategy.dense_layers) if strategy.dense else {}
         for role in strategy.roles:
             expected, got = _trained_outputs(strategy, role, features), {"summary": loaded[role](embedding)}
-            if strategy.dense:
-                got["dense"] = loaded[role].dense(student_map)
+            for layer, name in strategy.dense_head_names.items():
+                got[name] = loaded[role].dense(maps[layer], layer)
             diffs[role] = max(_diff(got[path], expected[path], f"the {path} head of {role!r}") for path in expected)
     return diffs
 
 
 def _trained_outputs(strategy: Agglomerate, role: str, features) -> dict[str, Tensor]:
     """The strategy's heads on the student's features, restored to the teacher's space (as `Agglomerate`
-    predicts: the dense head on the student's grid, resampled to the teacher's)."""
+    predicts: each dense head on its layer's grid, resampled to the teacher's)."""
     heads, standardizers = strategy.heads[role], strategy.standardizers[role]
     outputs = {"summary": standardizers["summary"].restore(heads["summary"](features.embedding))}
-    if strategy.dense:
-        maps = as_map(last_layer(features), "the student's last layer")
-        tokens = heads["dense"](as_tokens(maps))
-        grid = tokens.transpose(1, 2).reshape(maps.shape[0], tokens.shape[-1], *maps.shape[-2:])
-        outputs["dense"] = standardizers["dense"].restore(as_tokens(resample(grid, strategy.grids[role])))
+    for layer, student_map in strategy.student_maps(features).items():
+        name = strategy.dense_head_names[layer]
+        prediction = dense_prediction(heads[name], student_map, strategy.grids[role])
+        outputs[name] = standardizers["dense"].restore(prediction)
     return outputs
 
 

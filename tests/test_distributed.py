@@ -17,6 +17,9 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distillkit.cli import app
 
 FAULT_RUN = Path(__file__).parent / "helpers" / "fault_run.py"
 
@@ -91,6 +94,12 @@ def two_processes(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=300)
 
 
+def one_process(args: list[str]) -> None:
+    """`compress` in this process (one CPU thread, as fault_run.py's processes): the 1-process reference."""
+    result = CliRunner().invoke(app, ["compress", *args])
+    assert result.exit_code == 0, (result.output[-3000:], result.exception)
+
+
 def losses(run: Path) -> list[float]:
     lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     return [line["loss"] for line in lines if "loss" in line and "epoch_end" not in line]
@@ -100,13 +109,7 @@ def losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("strategy, cache", [("seed+feature", False), ("seed", True)])
 def test_two_processes_match_one_process(tmp_path, strategy, cache):
     """With a teacher cache each process writes its share of the rows in epoch 1 and reads them in epoch 2."""
-    one = subprocess.run(
-        [sys.executable, str(FAULT_RUN), "--", *run_args(tmp_path / "one", strategy, cache)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    one_process(run_args(tmp_path / "one", strategy, cache))
     two = two_processes(run_args(tmp_path / "two", strategy, cache))
     assert two.returncode == 0, two.stderr[-3000:]
 
@@ -174,10 +177,7 @@ def test_overwrite_under_torchrun_replaces_the_run_once(tmp_path):
     out = tmp_path / "run"
     base = run_args(out, "seed")
     base[base.index("--epochs") + 1] = "1"
-    first = subprocess.run(
-        [sys.executable, str(FAULT_RUN), "--", *base, "--max-steps", "3"], capture_output=True, text=True, timeout=300
-    )
-    assert first.returncode == 0, first.stderr[-3000:]
+    one_process([*base, "--max-steps", "3"])
     (out / "checkpoints" / "stale-note").write_text("written by the first run's folder")  # inside a run entry
 
     again = two_processes([*base, "--max-steps", "2", "--overwrite"])

@@ -25,7 +25,7 @@ from distillkit.cli import app
 from distillkit.errors import UsageError
 from distillkit.export import export_student
 from distillkit.export_heads import export_heads, restore_as_linear
-from distillkit.heads import load_heads, student_features
+from distillkit.heads import RESAMPLE_RULE, load_heads, student_features, student_maps
 from distillkit.strategies.standardize import PhiS, Unchanged, ZScore
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
@@ -39,8 +39,18 @@ CNN_TEACHER = [
 ]
 RUNS = {  # name -> (student, strategy, settings); the primary teacher is ViT-Tiny/16 (192-d)
     # MobileNetV3 at 64 px, a 2 x 2 last map: interpolated up to the ViT's 4 x 4 tokens (at 64 px), the same
-    # grid as the CNN teacher's; PHI-S
-    "cnn": ("mobilenetv3-small", "agglomerate", [*CNN_TEACHER, "teacher.input_size=64", "student.input_size=64"]),
+    # grid as the CNN teacher's; PHI-S; dense heads on two levels: 0.5 -> level 2 (stride 8: 24 channels, 8 x 8,
+    # pooled to both teachers' grids) and 1.0 -> level 4 (the last)
+    "cnn": (
+        "mobilenetv3-small",
+        "agglomerate",
+        [
+            *CNN_TEACHER,
+            "teacher.input_size=64",
+            "student.input_size=64",
+            "strategy.agglomerate.dense_layers=[0.5,1.0]",
+        ],
+    ),
     # a 2-block ViT of 8 px patches at 32 px, a 4 x 4 grid: pooled down to both teachers' 2 x 2; z-scores
     "vit": (
         "vit-tiny",
@@ -141,11 +151,11 @@ def ref_resample(maps: torch.Tensor, size: list[int]) -> torch.Tensor:
     return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
-def hooked_last_layer(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The output of the module behind the model's last feature_info entry, by a forward hook: a CNN's map
-    (B, C, h, w), or a ViT's last block tokens without its prefix tokens as a map."""
+def hooked_layer(model: torch.nn.Module, x: torch.Tensor, index: int = -1) -> torch.Tensor:
+    """The output of the module behind the model's feature_info entry `index` (default the last), by a forward
+    hook: a CNN's map (B, C, h, w), or a ViT's block tokens without its prefix tokens as a map."""
     seen = []
-    module = model.get_submodule(model.feature_info[-1]["module"])
+    module = model.get_submodule(model.feature_info[index]["module"])
     handle = module.register_forward_hook(lambda _m, _i, out: seen.append(out))
     try:
         model(x)
@@ -180,7 +190,7 @@ def test_exported_heads_give_the_trained_heads_in_the_teachers_space(runs, expor
     size = SIZES[name]
     x = torch.rand(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        embedding, student_map = student(x), hooked_last_layer(student, x)
+        embedding, student_map = student(x), hooked_layer(student, x)
         helper_embedding, helper_map = student_features(student, x)
         helper_grid = helper_map if helper_map.dim() == 4 else helper_map.transpose(1, 2).reshape(student_map.shape)
         assert torch.allclose(helper_embedding, embedding) and torch.allclose(helper_grid, student_map)
@@ -202,6 +212,8 @@ def test_exported_heads_give_the_trained_heads_in_the_teachers_space(runs, expor
                 continue
             side, grid = student_map.shape[-1], GRIDS[name][role]
             assert config["dense"]["student_grid"] == [side, side] and config["dense"]["teacher_grid"] == grid
+            assert config["dense"]["layer"] == len(student.feature_info) - 1  # the deepest dense layer: the last
+            assert [stage["layer"] for stage in config["dense_stages"]] == ([2] if name == "cnn" else [])
             tokens = ref_mlp(weights, f"{PREFIX}.heads.{role}.dense", student_map.flatten(2).transpose(1, 2))
             maps = ref_resample(tokens.transpose(1, 2).reshape(3, -1, side, side), grid)
             expected = ref_restore(
@@ -211,6 +223,54 @@ def test_exported_heads_give_the_trained_heads_in_the_teachers_space(runs, expor
             assert got.shape == (3, grid[0] * grid[1], WIDTHS[role][1])
             assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
     assert all(0 <= d < 1e-4 for d in result.max_abs_diff.values())
+
+
+def test_the_heads_of_every_dense_layer_are_exported(runs, exported):
+    """The cnn run's dense_layers [0.5, 1.0]: MobileNetV3's level 2 (stride 8: 24 channels, 8 x 8 at 64 px) has
+    a head of its own, dense_layer2, beside the last level's (dense, layer 4); its output is its MLP on that
+    level's map, average-pooled to each teacher's grid and restored by the teacher's one dense standardiser."""
+    run_dir, result = runs["cnn"], exported["cnn"]
+    weights = load_file(str(run_dir / "checkpoints" / "last" / "model.safetensors"))
+    assert f"{PREFIX}.heads.cnn.dense_layer2.0.weight" in weights
+    assert not any(".standardizers.cnn.dense_layer2" in key for key in weights)
+    student = timm.create_model(f"local-dir:{result.export.out_dir}", pretrained=True).eval()
+    heads = load_heads(result.export.out_dir)
+    x = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        level2 = hooked_layer(student, x, 2)
+        assert level2.shape == (3, 24, 8, 8)
+        maps = student_maps(student, x, heads["teacher"].dense_layers)
+        assert list(maps) == [2, 4] and torch.equal(maps[2], level2) and torch.equal(maps[4], hooked_layer(student, x))
+        for role in ("teacher", "cnn"):
+            assert heads[role].dense_layers == [2, 4]
+            config = json.loads(result.heads[role]["config"].read_text())
+            (stage,) = config["dense_stages"]
+            channels, grid = WIDTHS[role][1], GRIDS["cnn"][role]
+            assert stage["layer"] == 2 and stage["path"] == "dense_layer2" and stage["in_dim"] == 24
+            assert stage["student_grid"] == [8, 8] and stage["teacher_grid"] == grid
+            assert stage["teacher_dim"] == channels and stage["resample"] == RESAMPLE_RULE
+            assert (stage["hidden_dim"], stage["out_dim"]) == (
+                config["dense"]["hidden_dim"],
+                config["dense"]["out_dim"],
+            )
+            written = load_file(str(result.heads[role]["weights"]))
+            assert set(written) == {
+                f"{path}.{layer}.{kind}"
+                for path in ("summary", "dense", "dense_layer2")
+                for layer in ("fc1", "fc2", "restore")
+                for kind in ("weight", "bias")
+            }
+            tokens = ref_mlp(weights, f"{PREFIX}.heads.{role}.dense_layer2", level2.flatten(2).transpose(1, 2))
+            pooled = ref_resample(tokens.transpose(1, 2).reshape(3, -1, 8, 8), grid).flatten(2).transpose(1, 2)
+            expected = ref_restore(weights, f"{PREFIX}.standardizers.{role}.dense", "phi_s", pooled)
+            got = heads[role].dense(maps[2], 2)
+            assert got.shape == (3, grid[0] * grid[1], channels)
+            assert torch.allclose(got.double(), expected, atol=1e-4, rtol=1e-4)
+            assert not torch.allclose(
+                got, heads[role].dense(hooked_layer(student, x)), rtol=1e-2, atol=1e-6
+            )  # another head
+        with pytest.raises(UsageError, match=r"dense paths for the student's layers \[2, 4\], not layer 3"):
+            heads["teacher"].dense(maps[2], 3)
 
 
 def test_the_standardisers_were_trained(runs):

@@ -275,6 +275,109 @@ def test_mse_dense_loss_is_the_element_mean_of_squares(teachers):
     assert terms["agglomerate.teacher.dense"].item() == pytest.approx(expected.item(), rel=1e-5)
 
 
+def block_means(tokens: torch.Tensor, side: int, to: int) -> torch.Tensor:
+    """Row-major tokens (B, side^2, C) of a side x side grid -> (B, to^2, C): the mean of each block."""
+    batch, _, channels = tokens.shape
+    k = side // to
+    return tokens.view(batch, to, k, to, k, channels).mean(dim=(2, 4)).reshape(batch, to * to, channels)
+
+
+def bilinear_2_to_4(tokens: torch.Tensor) -> torch.Tensor:
+    """Row-major tokens (B, 4, C) of a 2 x 2 grid -> (B, 16, C) on 4 x 4, bilinear with align_corners False:
+    output cell i reads source coordinate (i + 0.5) / 2 - 0.5 = -0.25, 0.25, 0.75, 1.25, clamped to [0, 1],
+    so per direction the weights are A = [[1, 0], [0.75, 0.25], [0.25, 0.75], [0, 1]] and the map is A X A^T."""
+    a = torch.tensor([[1.0, 0.0], [0.75, 0.25], [0.25, 0.75], [0.0, 1.0]], dtype=torch.float64)
+    grid = tokens.double().view(tokens.shape[0], 2, 2, tokens.shape[-1])
+    return torch.einsum("ir,brcd,jc->bijd", a, grid, a).reshape(tokens.shape[0], 16, tokens.shape[-1])
+
+
+def test_dense_heads_on_two_student_stages_average_their_losses(teachers):
+    """CNN student at 64 px, dense_layers [0.5, 1.0]: of its 5 levels, 0.5 -> index 2 (32 channels, 8 x 8) and
+    1.0 -> index 4 (64 channels, 2 x 2). Each stage's head predicts on its own grid, resampled to the teacher's:
+    the ViT's 4 x 4 (8 x 8 block-averaged, 2 x 2 interpolated bilinearly) and the CNN's 2 x 2 (8 x 8
+    block-averaged, 2 x 2 kept); D = the mean over the two stages of the per-stage losses."""
+    pair = {role: teachers[role] for role in ("teacher", "cnn")}
+    student = tiny_cnn(4).train()
+    settings = {"standardize": "zscore", "dense_cosine": 0.6, "dense_smooth_l1": 0.4, "dense_layers": [0.5, 1.0]}
+    objective = build(settings, pair, student, 64)
+    strategy = objective.strategies["agglomerate"]
+    assert objective.student_request() == FeatureRequest(embedding=True, layers=(0.5, 1.0))
+    assert strategy.dense_layers == (2, 4)
+    for role in pair:
+        assert list(strategy.heads[role]) == ["summary", "dense_layer2", "dense"]
+        assert strategy.heads[role]["dense_layer2"][0].in_features == 32
+        assert strategy.heads[role]["dense"][0].in_features == 64
+        assert list(strategy.standardizers[role]) == ["summary", "dense"]  # one dense standardiser per teacher
+    assert strategy.term_weights() == pytest.approx(
+        {"teacher.summary": 0.5, "teacher.dense": 0.5, "cnn.summary": 0.5, "cnn.dense": 0.5}
+    )
+    step = step_of(objective, pair, student, images(6, size=64), 64)
+    objective.after_step(step, same_rows)
+    total, terms = objective(step)
+
+    with torch.no_grad():
+        stage2 = step.student.layers[2].flatten(2).transpose(1, 2)  # (6, 64, 32): the 8 x 8 grid, row-major
+        stage4 = step.student.layers[4].flatten(2).transpose(1, 2)  # (6, 4, 64): the 2 x 2 grid
+        for role, side in (("teacher", 4), ("cnn", 2)):
+            layer = step.views_of(role)[0].layers[max(step.views_of(role)[0].layers)]
+            if layer.dim() == 4:
+                layer = layer.flatten(2).transpose(1, 2)
+            channels = layer.shape[-1]
+            target = ref_zscore(layer.reshape(-1, channels)).view(6, side * side, channels)
+            heads = strategy.heads[role]
+            from_stage2 = block_means(ref_mlp(heads["dense_layer2"], stage2), 8, side)
+            from_stage4 = ref_mlp(heads["dense"], stage4)
+            if side == 4:
+                from_stage4 = bilinear_2_to_4(from_stage4)
+            losses = [
+                (0.6 * (1 - ref_cos(p, target)) + 0.4 * ref_smooth_l1(p, target, 1.0).mean(-1)).mean()
+                for p in (from_stage2, from_stage4)
+            ]
+            expected = (losses[0] + losses[1]) / 2
+            assert terms[f"agglomerate.{role}.dense"].item() == pytest.approx(expected.item(), rel=1e-4)
+    total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in strategy.heads.parameters())
+
+
+def test_the_default_dense_layer_keeps_the_heads_and_requests(teachers):
+    """dense_layers [-1] (the default), or entries that all resolve to the last layer: one dense head per
+    teacher under the keys of a single-stage run, and the student's last layer requested."""
+    pair = {role: teachers[role] for role in ("teacher", "cnn")}
+    student = tiny_cnn(4)
+    expected = {
+        f"strategies.agglomerate.heads.{role}.{path}.{layer}.{kind}"
+        for role in pair
+        for path in ("summary", "dense")
+        for layer in (0, 2)
+        for kind in ("weight", "bias")
+    }
+    for settings in ({}, {"dense_layers": [1.0, -1, 4]}):
+        objective = build(settings, pair, student, 64)
+        state = objective.state_dict()
+        assert {k for k in state if k.startswith("strategies.agglomerate.heads.")} == expected
+        standardizers = {".".join(k.split(".")[:5]) for k in state if ".standardizers." in k}
+        assert standardizers == {
+            f"strategies.agglomerate.standardizers.{r}.{p}" for r in pair for p in ("summary", "dense")
+        }
+        assert objective.strategies["agglomerate"].dense_layers == (4,)
+    assert build({}, pair, student, 64).student_request() == FeatureRequest(embedding=True, layers=(-1,))
+
+
+@pytest.mark.parametrize(
+    "layers, message",
+    [
+        ([5], r"read the student's layers \[5\], but layer index 5 is out of range for a model with 5 layers"),
+        ([0.5, -6], r"layer index -6 is out of range"),
+        ([1.5], r"relative layer depth 1.5 must be in \(0, 1\]"),
+    ],
+)
+def test_dense_layers_the_student_lacks_are_refused(teachers, layers, message):
+    with pytest.raises(UsageError, match=message + r".*change strategy\.agglomerate\.dense_layers"):
+        build({"dense_layers": layers}, {"teacher": teachers["teacher"]}, tiny_cnn(4), 64)
+    with pytest.raises(UsageError, match="dense_layers names no student layer"):
+        resolve_recipe({"strategy": {"agglomerate": {"dense_layers": []}}})
+
+
 def test_resampling_pools_to_shrink_and_interpolates_to_grow():
     maps = torch.rand(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
     pooled = resample(maps, (2, 2))  # every cell of each 3 x 3 block counts (bilinear would read one per block)

@@ -14,10 +14,13 @@ teacher t of the roles read (`teachers`; None = every teacher of the recipe) and
     S_tb = c_s (1 - cos(p_tb, y_tb)) + l_s mean_d SmoothL1_beta(p_tbd - y_tbd)
     Y_t = M_t(T_t(x))                 its last block's patch tokens (ViT) or last stage map (CNN) on its own
                                       grid, standardised per channel by a second standardiser M_t
-    P_t = R_t(g_t(F_S(x)))            g_t = the same MLP per token on the student's last block tokens (ViT,
-                                      as a grid) or last stage map (CNN); R_t resamples to the teacher's grid
-    D_tb = mean_k [c_d (1 - cos(P_tbk, Y_tbk)) + l_d mean_c SmoothL1_beta(P_tbkc - Y_tbkc)]
-           (dense_loss mse: mean_{k,c} (P_tbkc - Y_tbkc)^2)
+    P_ts = R_t(g_ts(F_s(x)))          for every student layer s of `dense_layers` (default [-1]: the last):
+                                      g_ts = the same MLP per token, one per layer, on the student's layer s,
+                                      a ViT block's patch tokens as its patch grid or a CNN stage map;
+                                      R_t resamples its output to the teacher's grid
+    D_tbs = mean_k [c_d (1 - cos(P_tsbk, Y_tbk)) + l_d mean_c SmoothL1_beta(P_tsbkc - Y_tbkc)]
+           (dense_loss mse: mean_{k,c} (P_tsbkc - Y_tbkc)^2)
+    D_tb = mean_s D_tbs               equal weights; one layer: D_tb = D_tbs
 
     L = sum_t w_t sum_b m_tb (S_tb + lambda_d D_tb) / Z,   Z = sum_t sum_b w_t m_tb
 
@@ -37,6 +40,14 @@ term is its batch mean.
   several draw the same. [D: UNIC ranks by its per-image loss, the mean of the class-token and patch-token
   losses; ours by S_tb + lambda_d D_tb, which the shares do not scale. A dropped pair keeps its head in the
   graph with a zero factor, so DDP sees every parameter used.]
+- Dense layers [D]: `dense_layers` holds block / stage indices (negative from the end) or relative depths in
+  (0, 1], resolved as strategy dense's `student_layers` ([0.5, 0.75, 1.0] = the levels of strides 8, 16, 32 on
+  timm CNNs); entries that resolve to the same layer count once. Every layer regresses the same target Y_t
+  through its own head, at the teacher's resolution (strategy dense instead resamples the target to each
+  stage's grid), and the layers share the teacher's standardiser M_t. The stages are averaged, not summed, so
+  lambda_d keeps its meaning whatever their number, and the term contract stays one dense term per teacher.
+  AM-RADIO puts its adaptors on the last layer only (the default); multi-stage heads follow FitNets' hints
+  (Romero et al., ICLR 2015, arXiv 1412.6550) and strategy dense.
 - Resampling R_t [D]: when the student's grid is at least the teacher's in both directions, adaptive average
   pooling (every student cell counts); otherwise bilinear interpolation (align_corners False). The head runs
   on the student's grid, before resampling.
@@ -48,14 +59,16 @@ term is its batch mean.
   cosine terms compare.] A phi_s head predicts n >= d values (standardize.py pads widths without a Hadamard
   matrix).
 
-Heads: `heads[role]["summary"]` and `heads[role]["dense"]` (`adaptor_heads()`); their outputs are in the
-standardised space of `standardizers[role]["summary" / "dense"]`, whose `restore` maps them to the teacher's.
+Heads: `heads[role]["summary"]`, `heads[role]["dense"]` (g_ts of the deepest dense layer) and
+`heads[role]["dense_layer<s>"]` (g_ts of every other dense layer s, its resolved index) (`adaptor_heads()`);
+their outputs are in the standardised space of `standardizers[role]["summary" / "dense"]` (one dense
+standardiser per teacher), whose `restore` maps them to the teacher's.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Mapping
 
 import torch
@@ -63,9 +76,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import FeatureRequest, Features, num_layers
+from ..features import FeatureRequest, Features, num_layers, resolve_layer
 from ..roles import PRIMARY_TEACHER
 from .base import Gather, StepInputs, Strategy
+from .dense import as_grid_map, grid_of
 from .registry import register_strategy
 from .standardize import Standardize, make_standardizer
 from .summaries import SUMMARIES
@@ -92,6 +106,7 @@ class AgglomerateConfig:
     summary_cosine: float = 1.0  # c_s
     summary_smooth_l1: float = 0.0  # l_s
     dense_weight: float = 1.0  # lambda_d; 0 = pooled embeddings only
+    dense_layers: list[int | float] = field(default_factory=lambda: [-1])  # the student layers s the dense heads read
     dense_loss: Literal["cosine_smooth_l1", "mse"] = "cosine_smooth_l1"
     dense_cosine: float = 0.9  # c_d
     dense_smooth_l1: float = 0.1  # l_d
@@ -118,6 +133,11 @@ class AgglomerateConfig:
             raise UsageError(
                 "strategy.agglomerate.dense_cosine and dense_smooth_l1 are both 0; give one a positive weight, "
                 "or set dense_weight=0 to leave the dense path out"
+            )
+        if not self.dense_layers:
+            raise UsageError(
+                "strategy.agglomerate.dense_layers names no student layer; name some, e.g. [-1] (the last, the "
+                "default) or [0.5, 0.75, 1.0] (strides 8, 16, 32 on timm CNNs)"
             )
         if self.teachers is not None:
             if not self.teachers:
@@ -150,6 +170,27 @@ def teacher_shares(config: AgglomerateConfig, roles: tuple[str, ...]) -> dict[st
     return {role: value / total for role, value in raw.items()}
 
 
+def dense_plan(config: AgglomerateConfig, total: int) -> tuple[int, ...]:
+    """The student layers the dense heads read: `dense_layers` resolved on a student of `total` layers (as
+    strategy dense's `stage_plan`), ascending, entries that resolve to the same layer once."""
+    layers = set()
+    for depth in config.dense_layers:
+        try:
+            layers.add(resolve_layer(depth, total))
+        except UsageError as e:
+            raise UsageError(
+                f"strategy agglomerate's dense heads read the student's layers {list(config.dense_layers)}, but "
+                f"{e}; change strategy.agglomerate.dense_layers (block or stage indices, negative from the end, "
+                "or relative depths in (0, 1])"
+            ) from None
+    return tuple(sorted(layers))
+
+
+def dense_head_names(layers: tuple[int, ...]) -> dict[int, str]:
+    """Student layer -> the key of its dense head: "dense" for the deepest, "dense_layer<index>" for the others."""
+    return {layer: "dense" if layer == max(layers) else f"dense_layer{layer}" for layer in layers}
+
+
 def matching_loss(prediction: Tensor, target: Tensor, cosine: float, smooth_l1: float, beta: float) -> Tensor:
     """cosine (1 - cos(p, y)) + smooth_l1 mean_c SmoothL1_beta(p_c - y_c) over the last dimension, in fp32;
     the shape of the others."""
@@ -175,6 +216,15 @@ def resample(maps: Tensor, size: tuple[int, int]) -> Tensor:
 def as_tokens(features: Tensor) -> Tensor:
     """(B, N, C) tokens stay; (B, C, H, W) maps become (B, H * W, C)."""
     return features.flatten(2).transpose(1, 2) if features.dim() == 4 else features
+
+
+def dense_prediction(head: nn.Module, student_map: Tensor, grid: tuple[int, int]) -> Tensor:
+    """R(g(F)): the head on every position of the student's map (B, C_s, h, w), its output map resampled to
+    the teacher's `grid` (H, W); (B, H * W, out_dim) in row-major order."""
+    batch, _, rows, columns = student_map.shape
+    tokens = head(as_tokens(student_map))  # (B, h w, out_dim), on the student's grid
+    maps = tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], rows, columns)
+    return as_tokens(resample(maps, grid))
 
 
 def drop_draws(batch: int, teachers: int, generator: torch.Generator, world: int, rank: int) -> Tensor:
@@ -220,7 +270,7 @@ class Agglomerate(Strategy):
 
     @classmethod
     def student_request(cls, config: AgglomerateConfig) -> FeatureRequest:
-        return FeatureRequest(embedding=True, layers=(-1,) if config.dense_weight > 0 else ())
+        return FeatureRequest(embedding=True, layers=tuple(config.dense_layers) if config.dense_weight > 0 else ())
 
     @classmethod
     def check_teachers(cls, config: AgglomerateConfig, teachers: Mapping) -> None:
@@ -241,12 +291,13 @@ class Agglomerate(Strategy):
         if config.dense_weight == 0:
             return
         try:
-            num_layers(student)
+            total = num_layers(student)
         except UsageError as e:
             raise UsageError(
-                f"strategy agglomerate's dense heads read the student's last layer: {e}; or set "
-                "strategy.agglomerate.dense_weight=0"
+                f"strategy agglomerate's dense heads read the student's layers {list(config.dense_layers)}: {e}; "
+                "or set strategy.agglomerate.dense_weight=0"
             ) from None
+        dense_plan(config, total)
 
     @classmethod
     def build(
@@ -257,18 +308,30 @@ class Agglomerate(Strategy):
         student: nn.Module,
         student_probe: Features,
     ) -> "Agglomerate":
-        return cls(config, teacher_probes, student_probe)
+        layers = dense_plan(config, num_layers(student)) if config.dense_weight > 0 else ()
+        return cls(config, teacher_probes, student_probe, layers, grid_of(student))
 
-    def __init__(self, config: AgglomerateConfig, teacher_probes: Mapping[str, Features], student_probe: Features):
+    def __init__(
+        self,
+        config: AgglomerateConfig,
+        teacher_probes: Mapping[str, Features],
+        student_probe: Features,
+        dense_layers: tuple[int, ...],
+        student_grid: tuple[int, int] | None,
+    ):
+        """dense_layers: the resolved student layers the dense heads read (`dense_plan`; () when dense_weight
+        is 0); student_grid: a token student's patch grid (`grid_of`), None for a conv net."""
         super().__init__(config)
         self.roles = self.teacher_roles(config)
         self.shares = teacher_shares(config, self.roles)
         # w_t on the module's device: the loss builds no tensor from host values (a copy would wait for the device)
         self.register_buffer("share_vector", torch.tensor([self.shares[r] for r in self.roles]), persistent=False)
         self.dense = config.dense_weight > 0
+        self.dense_layers = tuple(dense_layers) if self.dense else ()
+        self.dense_head_names = dense_head_names(self.dense_layers) if self.dense else {}
+        self.student_grid = student_grid
         student_width = student_probe.embedding.shape[1]
-        if self.dense:
-            student_channels = as_map(last_layer(student_probe), "the student's last layer").shape[1]
+        student_channels = {layer: m.shape[1] for layer, m in self.student_maps(student_probe).items()}
         self.grids: dict[str, tuple[int, int]] = {}
         heads, standardizers = {}, {}
         for role in self.roles:
@@ -281,14 +344,24 @@ class Agglomerate(Strategy):
                 grid = as_map(last_layer(probe), f"the last layer of teacher {role!r}")
                 channels, self.grids[role] = grid.shape[1], tuple(grid.shape[-2:])
                 dense = make_standardizer(config.standardize, channels, config.moments_momentum, config.phi_s_refresh)
-                heads[role]["dense"] = mlp_head(student_channels, config.head_hidden or channels, dense.out_dim)
+                for layer, name in self.dense_head_names.items():
+                    heads[role][name] = mlp_head(student_channels[layer], config.head_hidden or channels, dense.out_dim)
                 standardizers[role]["dense"] = dense
         self.heads = nn.ModuleDict({role: nn.ModuleDict(h) for role, h in heads.items()})
         self.standardizers = nn.ModuleDict({role: nn.ModuleDict(s) for role, s in standardizers.items()})
 
     def adaptor_heads(self) -> dict[str, nn.Module]:
-        """role -> its heads ("summary", and "dense" unless dense_weight is 0), outputs in standardised space."""
+        """role -> its heads ("summary"; unless dense_weight is 0 "dense", on the deepest of the dense layers,
+        and "dense_layer<s>" on each other one), outputs in standardised space."""
         return {role: self.heads[role] for role in self.roles}
+
+    def student_maps(self, student: Features) -> dict[int, Tensor]:
+        """F_s for every dense layer s: the student's layer as a (B, C_s, h_s, w_s) map (a token student's
+        tokens reshaped to its patch grid); {} when dense_weight is 0."""
+        return {
+            layer: as_grid_map(student.layers[layer], self.student_grid, f"the student's layer {layer}")
+            for layer in self.dense_layers
+        }
 
     def term_weights(self) -> dict[str, float]:
         weights = {}
@@ -301,7 +374,7 @@ class Agglomerate(Strategy):
     def forward(self, step: StepInputs) -> dict[str, Tensor]:
         config = self.config
         student = step.student
-        student_map = as_map(last_layer(student), "the student's last layer") if self.dense else None
+        student_maps = self.student_maps(student)
         summaries, denses = [], []
         for role in self.roles:
             teacher = step.views_of(role)[0]
@@ -312,7 +385,7 @@ class Agglomerate(Strategy):
                     matching_loss(prediction, target, config.summary_cosine, config.summary_smooth_l1, config.beta)
                 )
             if self.dense:
-                denses.append(self._dense_loss(role, student_map, teacher))
+                denses.append(self._dense_loss(role, student_maps, teacher))
         with torch.autocast(device_type=summaries[0].device.type, enabled=False):
             summary = torch.stack(summaries)  # (T, B)
             dense = torch.stack(denses) if self.dense else torch.zeros_like(summary)
@@ -326,18 +399,26 @@ class Agglomerate(Strategy):
                     terms[f"{role}.dense"] = (keep[t] * dense[t]).sum() / normaliser
         return terms
 
-    def _dense_loss(self, role: str, student_map: Tensor, teacher: Features) -> Tensor:
-        """D_tb for one teacher: (B,)."""
-        config, head = self.config, self.heads[role]["dense"]
-        batch, _, rows, columns = student_map.shape
-        tokens = head(as_tokens(student_map))  # (B, h w, C_t), on the student's grid
-        maps = tokens.transpose(1, 2).reshape(batch, tokens.shape[-1], rows, columns)
-        prediction = as_tokens(resample(maps, self.grids[role]))
-        with torch.autocast(device_type=prediction.device.type, enabled=False):
-            target = self.standardizers[role]["dense"](as_tokens(fp32(last_layer(teacher))))
-            if config.dense_loss == "mse":
-                return (fp32(prediction) - target).pow(2).mean(dim=(1, 2))
-            return matching_loss(prediction, target, config.dense_cosine, config.dense_smooth_l1, config.beta).mean(1)
+    def _dense_loss(self, role: str, student_maps: Mapping[int, Tensor], teacher: Features) -> Tensor:
+        """D_tb for one teacher, the mean over the dense layers s of D_tbs: (B,)."""
+        teacher_layer = last_layer(teacher)
+        device = teacher_layer.device.type
+        with torch.autocast(device_type=device, enabled=False):
+            target = self.standardizers[role]["dense"](as_tokens(fp32(teacher_layer)))
+        stages = []
+        for layer, name in self.dense_head_names.items():
+            prediction = dense_prediction(self.heads[role][name], student_maps[layer], self.grids[role])
+            with torch.autocast(device_type=device, enabled=False):
+                stages.append(self._token_loss(prediction, target))
+        with torch.autocast(device_type=device, enabled=False):
+            return torch.stack(stages).mean(0)
+
+    def _token_loss(self, prediction: Tensor, target: Tensor) -> Tensor:
+        """(B, K, C) each -> (B,): the mean over tokens of the matching loss, or of the squared error."""
+        config = self.config
+        if config.dense_loss == "mse":
+            return (fp32(prediction) - target).pow(2).mean(dim=(1, 2))
+        return matching_loss(prediction, target, config.dense_cosine, config.dense_smooth_l1, config.beta).mean(1)
 
     def _keep(self, losses: Tensor) -> Tensor:
         """m (T, B): all ones, or UNIC's teacher dropping drawn for the global batch."""
