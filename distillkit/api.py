@@ -46,6 +46,7 @@ class CompressResult:
     train_images: int = 0  # distinct images trained on (after --limit)
     images_seen: int = 0  # optimiser steps x global batch x grad_accum
     teacher_cache: str | None = None  # where the teachers' outputs were cached, if they were
+    skipped_steps: int = 0  # optimiser steps skipped for a non-finite loss (counted in `steps`)
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -167,6 +168,7 @@ def _compress(
         recipe=resolved,
         train_images=len(run.images.train),
         images_seen=result.images_seen,
+        skipped_steps=result.skipped_steps,
         teacher_cache=result.teacher_cache,
     )
     if main:

@@ -19,6 +19,7 @@ import distillkit
 from distillkit.errors import RunError, UsageError
 from distillkit.strategies.seed import Seed
 from distillkit.teachers.base import Teacher
+from distillkit.train import loop
 
 FAULT_RUN = Path(__file__).parent / "helpers" / "fault_run.py"
 TINY = ["teacher.input_size=32", "strategy.seed.queue_size=64", "eval.enabled=false", "train.deterministic=true"]
@@ -206,29 +207,70 @@ def test_two_bad_files_in_208_do_not_stop_a_two_epoch_run(tmp_path, tells):
     assert result.steps >= 2
 
 
-def test_non_finite_losses_are_skipped_then_stop_the_run(tmp_path, monkeypatch, tells):
-    real_forward = Seed.forward
-    calls = {"n": 0}
+def nan_on_calls(monkeypatch, bad_calls: set[int]) -> None:
+    """SEED's loss is NaN on the forward calls numbered in `bad_calls` (1, 2, ...: one per step)."""
+    real_forward, calls = Seed.forward, {"n": 0}
 
-    def nan_on_calls(bad_calls):
-        def forward(self, step):
-            calls["n"] += 1
-            out = real_forward(self, step)
-            return {k: v * float("nan") for k, v in out.items()} if calls["n"] in bad_calls else out
+    def forward(self, step):
+        calls["n"] += 1
+        out = real_forward(self, step)
+        return {k: v * float("nan") for k, v in out.items()} if calls["n"] in bad_calls else out
 
-        return forward
+    monkeypatch.setattr(Seed, "forward", forward)
 
-    monkeypatch.setattr(Seed, "forward", nan_on_calls({2, 3}))
-    with tells("not finite"):
-        result = tiny(tmp_path / "skips", max_steps=3)
-    assert result.steps == 3  # two batches skipped, three good steps
 
-    calls["n"] = 0
-    monkeypatch.setattr(Seed, "forward", nan_on_calls(set(range(3, 100))))
+def student_after_each_step(monkeypatch) -> list[dict[str, torch.Tensor]]:
+    """The student's parameters (not BatchNorm's running statistics, which every forward updates) and the
+    optimiser's state tensors (SGD's momentum buffers) after every optimiser step of the runs that follow."""
+    snapshots, real_step = [], loop.train_step
+
+    def step(ctx, *args, **kwargs):
+        outcome = real_step(ctx, *args, **kwargs)
+        student = ctx.accelerator.unwrap_model(ctx.module).student
+        optimiser = ctx.optimizer.optimizer.state.values()
+        state = {f"optimiser.{i}.{k}": v.clone() for i, s in enumerate(optimiser) for k, v in s.items()}
+        snapshots.append({**{k: v.detach().clone() for k, v in student.named_parameters()}, **state})
+        return outcome
+
+    monkeypatch.setattr(loop, "train_step", step)
+    return snapshots
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("optimizer, state", [("sgd", "momentum_buffer"), ("adamw", "exp_avg_sq")])
+def test_non_finite_losses_are_skipped_on_the_device_leaving_the_student_and_optimiser_unchanged(
+    tmp_path, monkeypatch, tells, optimizer, state
+):
+    snapshots = student_after_each_step(monkeypatch)
+    nan_on_calls(monkeypatch, {2, 3})
+    with tells("not finite; they were skipped"):
+        result = tiny(tmp_path / "skips", max_steps=4, set=TINY + ["train.log_every=1", f"train.optimizer={optimizer}"])
+    assert result.steps == 4 and result.skipped_steps == 2
+    after_1, after_2, after_3, after_4 = snapshots
+    assert any(k.endswith(state) for k in after_1)  # the optimiser's state is compared too
+    assert_same(after_1, after_2)  # the skipped steps changed no parameter and no momentum buffer
+    assert_same(after_1, after_3)
+    assert not torch.equal(after_3["conv_stem.weight"], after_4["conv_stem.weight"])  # step 4 trained again
+    logged = [json.loads(line) for line in (tmp_path / "skips" / "metrics.jsonl").read_text().splitlines()]
+    steps = {line["step"]: line for line in logged if "epoch_end" not in line}
+    assert "loss" not in steps[2] and steps[3]["skipped_steps"] == 2 and np.isfinite(steps[4]["loss"])
+
+
+def test_non_finite_losses_in_a_row_stop_the_run_with_the_student_from_before_them(tmp_path, monkeypatch, tells):
+    snapshots = student_after_each_step(monkeypatch)
+    nan_on_calls(monkeypatch, set(range(3, 100)))
+    stops = TINY + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1", "train.log_every=1"]
     with tells("not finite"), pytest.raises(RunError, match="3 steps in a row had a non-finite loss"):
-        tiny(tmp_path / "stops", epochs=3, set=TINY + ["train.max_nonfinite_steps=3", "train.checkpoint_every=1"])
+        tiny(tmp_path / "stops", epochs=3, set=stops)
     state = torch.load(tmp_path / "stops" / "checkpoints" / "last" / "train_state.pt", weights_only=True)
-    assert state["step"] == 2  # the last good step is kept
+    assert state["step"] == 4  # stopped at step 5, its third non-finite one, before checkpointing it
+    saved = load_file(tmp_path / "stops" / "checkpoints" / "last" / "model.safetensors")
+    student = {k.removeprefix("student."): v for k, v in saved.items() if k.startswith("student.")}
+    after_2 = {k: v for k, v in snapshots[1].items() if not k.startswith("optimiser.")}
+    assert_same({k: student[k] for k in after_2}, after_2)  # the checkpoint holds the student of the last good step
 
 
 def test_a_real_write_limit_while_saving_is_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):

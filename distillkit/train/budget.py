@@ -35,6 +35,6 @@ def plan_budget(train: TrainConfig, micro_batches: int, grad_accum: int | None =
     else:
         epochs = train.epochs
         total_steps = epochs * steps_per_epoch
-    if train.max_steps is not None:  # a cap on steps, not on epochs: steps skipped for non-finite losses
-        total_steps = min(total_steps, train.max_steps)  # leave batches to reach it
+    if train.max_steps is not None:  # a cap on steps (skipped non-finite steps count), not on epochs
+        total_steps = min(total_steps, train.max_steps)
     return Budget(steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs)

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Sampler
 
 from ..conv_taps import cropped_taps
@@ -79,8 +79,10 @@ def weight_decay_factor(step: int, total_steps: int) -> float:
 
 
 def build_optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """SGD or AdamW; no weight decay on biases and norm parameters (1-D tensors), whose group is marked
-    `decays: False` so a weight-decay schedule leaves it alone."""
+    """SGD or AdamW, fused: one kernel per step, and a step whose loss was not finite is skipped on the device
+    (train/step.py sets the optimiser's `found_inf`, as torch's GradScaler does), leaving parameters and state
+    untouched without a host read. No weight decay on biases and norm parameters (1-D tensors), whose group is
+    marked `decays: False` so a weight-decay schedule leaves it alone."""
     decay, no_decay = [], []
     for param in module.parameters():
         if param.requires_grad:
@@ -90,8 +92,8 @@ def build_optimizer(module: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
         {"params": no_decay, "weight_decay": 0.0, "decays": False},
     ]
     if recipe.train.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=recipe.train.lr, momentum=recipe.train.momentum)
-    return torch.optim.AdamW(groups, lr=recipe.train.lr)
+        return torch.optim.SGD(groups, lr=recipe.train.lr, momentum=recipe.train.momentum, fused=True)
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=True)
 
 
 @dataclass
@@ -205,6 +207,29 @@ def train(
     return training.result()
 
 
+class NonfiniteSteps:
+    """The optimiser steps skipped for a non-finite loss, counted on the device (no host read per step): the
+    total and the current run of consecutive ones. The loop reads them back with the logged values."""
+
+    def __init__(self):
+        self.total: Tensor | None = None
+        self.run: Tensor | None = None
+
+    def add(self, skipped: Tensor) -> None:
+        if self.total is None:
+            self.total, self.run = skipped.clone(), skipped.clone()
+        else:
+            self.total = self.total + skipped
+            self.run = (self.run + skipped) * skipped
+
+    def counters(self) -> dict[str, Tensor]:
+        return {"skipped_total": self.total, "skipped_run": self.run}
+
+    def total_read(self) -> int:
+        """The total as a number (one read: at the end of training)."""
+        return 0 if self.total is None else int(self.total.item())
+
+
 class _Training:
     """One run's training state: the prepared module, optimiser and loader, the step context, the position,
     the log and the counters of skipped steps and unreadable images. `train` drives it."""
@@ -245,7 +270,8 @@ class _Training:
             self.position.step,
         )
         self.bad_images = BadImageTally(accelerator, len(self.train_set), recipe.data.max_bad_fraction)
-        self.skipped, self.nonfinite_run, self.reference_seconds = 0, 0, 0.0
+        self.skipped, self.reference_seconds = 0, 0.0  # skipped: the non-finite steps counted when last read
+        self.nonfinite = NonfiniteSteps()
         self.unhealthy: set[str] = set()  # strategies whose health warning stands
 
     def _open_caches(self, run: "Run", requests: dict, progress) -> dict:
@@ -297,25 +323,40 @@ class _Training:
         view_epoch = position.epoch % self.slots if self.slots else position.epoch  # the views this epoch renders
         outcome = train_step(self.ctx, batch, view_epoch, position.step, position.step / self.budget.total_steps)
         self.log.images_seen += batch.images.shape[0] * self.accelerator.num_processes
-        if not outcome.finite:
-            self._skip(outcome.loss)
-            return False
-        self.nonfinite_run = 0
-        if not self.accelerator.sync_gradients:
+        if outcome.skipped is None:  # a micro-batch of an accumulation
             return False
         position.step += 1
-        self.log.step(
-            position.step, position.epoch, outcome.loss, outcome.terms, self.ctx.optimizer.param_groups[0]["lr"]
-        )
-        self._check_health()
+        self.nonfinite.add(outcome.skipped)
+        lr = self.ctx.optimizer.param_groups[0]["lr"]
+        self.log.step(position.step, position.epoch, outcome.loss, outcome.terms, lr, outcome.skipped,
+                      self.nonfinite.counters())  # fmt: skip
+        logged = self.log.take_logged()
+        if logged is not None:  # a logging step: what it read back
+            self._check_nonfinite()
+            self._check_health(logged)
         return True
 
-    def _check_health(self) -> None:
+    def _check_nonfinite(self) -> None:
+        """At logging steps (the counts are read back with the logged values, so the step itself never waits for
+        the device): say how many steps since the last logging step were skipped for a non-finite loss, and stop
+        once `train.max_nonfinite_steps` in a row were (seen at the first logging step after they happened)."""
+        total, run = (int(self.log.counters[name]) for name in ("skipped_total", "skipped_run"))
+        if total > self.skipped:
+            warn(
+                f"step {self.position.step}: {total - self.skipped} of the steps since the last log had a loss that "
+                "is not finite; they were skipped (the student and optimiser are unchanged by them)"
+            )
+        self.skipped = total
+        if run >= self.recipe.train.max_nonfinite_steps:
+            raise RunError(
+                f"{run} steps in a row had a non-finite loss; stopping. The checkpoints in "
+                f"{self.run_dir / 'checkpoints'} hold the student as it was before them; lower --lr, clip gradients "
+                "(--set train.clip_grad=1.0) or use --precision fp32"
+            )
+
+    def _check_health(self, logged: dict[str, float]) -> None:
         """At logging steps, the strategies' warnings about what was logged (a collapsing target): said when
         they first appear, not again while they last."""
-        logged = self.log.take_logged()
-        if logged is None:
-            return
         warnings = self.inner.objective.health(logged)
         if self.accelerator.is_main_process:
             for warning in warnings:
@@ -347,17 +388,6 @@ class _Training:
             return False
         return agreed(self.accelerator, received)
 
-    def _skip(self, loss) -> None:
-        self.skipped += 1
-        self.nonfinite_run += 1
-        warn(f"step {self.position.step}: the loss is not finite ({loss.item()}); step skipped")
-        if self.nonfinite_run >= self.recipe.train.max_nonfinite_steps:
-            raise RunError(
-                f"{self.nonfinite_run} steps in a row had a non-finite loss; stopping. The last good "
-                f"checkpoint is in {self.run_dir / 'checkpoints'}; lower --lr, clip gradients "
-                "(--set train.clip_grad=1.0) or use --precision fp32"
-            )
-
     def end_epoch(self, seconds: float, online_knn: OnlineKnn | None) -> None:
         self.bad_images.merge()  # every process has met every image once: the union of their bad files
         extra = {}
@@ -376,6 +406,7 @@ class _Training:
 
     def result(self) -> TrainResult:
         seconds, train = self.log.seconds, self.recipe.train
+        self.skipped = self.nonfinite.total_read()
         self.bad_images.merge()
         if self.bad_images.summary():
             warn(self.bad_images.summary())

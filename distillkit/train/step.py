@@ -7,9 +7,10 @@ it is what Accelerate prepares and DDP wraps; the frozen teachers are only moved
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import Tensor, nn
 
 from ..data import Batch
@@ -20,7 +21,7 @@ from ..strategies import Objective, StepInputs
 from ..student import Student
 from ..teachers import Teacher
 from .cache import TeacherCache
-from .sync import all_finite
+from .sync import finite_on_every_process
 
 
 class DistillModule(nn.Module):
@@ -74,6 +75,7 @@ class StepContext:
     lr: Callable[[int], float]  # optimiser step -> learning rate
     clip_grad: float | None = None
     weight_decay: Callable[[int], float] | None = None  # optimiser step -> weight decay; None = the recipe's, constant
+    skip: "DeviceSkip" = field(default_factory=lambda: DeviceSkip())
 
     @property
     def objective(self) -> Objective:
@@ -84,12 +86,60 @@ class StepContext:
 class StepOutcome:
     loss: Tensor
     terms: dict[str, Tensor]  # the objective's named terms, detached
-    finite: bool  # False: the loss was not finite on some process and nothing was updated
+    finite: Tensor  # 1.0, or 0.0 when the loss was not finite on some process: a device tensor, not read here
+    skipped: Tensor | None  # at an optimiser step: 1.0 when it was skipped (a micro-batch not finite); else None
+
+
+class DeviceSkip:
+    """Skips an optimiser step whose loss was not finite without asking the host: every micro-batch's verdict
+    (finite_on_every_process) is folded into `pending` on the device; the fused optimiser reads it as its
+    `found_inf` (the attribute torch's GradScaler sets) and leaves parameters and state untouched when it is 1.
+    A skipped step's gradients are computed, not applied."""
+
+    def __init__(self):
+        self.pending: Tensor | None = None  # 1.0 when a micro-batch of the coming optimiser step was not finite
+        self._momentum_ready = False
+
+    def add(self, finite: Tensor) -> None:
+        bad = 1.0 - finite
+        self.pending = bad if self.pending is None else torch.maximum(self.pending, bad)
+
+    def arm(self, optimizer) -> bool:
+        """Before `optimizer.step()`: hand it the verdict (through Accelerate's wrapper to torch's optimiser).
+        True: call its step. An optimiser that is not fused cannot skip on the device: it reads the verdict here
+        (one host read) and is stepped only when the loss was finite."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        if not inner.defaults.get("fused"):
+            return not bool(self.pending.item())
+        if not self._momentum_ready:
+            _zero_momentum_buffers(inner)
+            self._momentum_ready = True
+        inner.grad_scale, inner.found_inf = None, self.pending
+        return True
+
+    def stepped(self) -> Tensor:
+        """After the optimiser step: 1.0 when it was skipped; the next step starts clean."""
+        bad, self.pending = self.pending, None
+        return bad
+
+
+def _zero_momentum_buffers(optimizer) -> None:
+    """SGD's momentum buffers as zeros where none exist yet: the same first update as torch's own (buffer =
+    gradient, dampening 0), and fused SGD skipping a first step would otherwise leave them uninitialised."""
+    if not isinstance(optimizer, torch.optim.SGD):
+        return
+    for group in optimizer.param_groups:
+        if group["momentum"]:
+            for param in group["params"]:
+                state = optimizer.state[param]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def train_step(ctx: StepContext, batch: Batch, view_epoch: int, step: int, progress: float) -> StepOutcome:
-    """One micro-batch: forward, and when the loss is finite on every process, backward, the optimiser step
-    (Accelerate holds it back until the last micro-batch of an accumulation) and the strategies' updates."""
+    """One micro-batch: forward, backward, the optimiser step (Accelerate holds it back until the last
+    micro-batch of an accumulation; skipped on the device when a micro-batch's loss was not finite on some
+    process) and the strategies' updates. Nothing here reads the device."""
     accelerator, objective = ctx.accelerator, ctx.objective
     views = batch_views(
         batch.images,
@@ -104,20 +154,28 @@ def train_step(ctx: StepContext, batch: Batch, view_epoch: int, step: int, progr
         with accelerator.autocast():
             teachers = teacher_features(ctx, views, batch, view_epoch)
             loss, terms, inputs = ctx.module(views.at(ctx.sizes.student), teachers, batch.labels, progress)
-        finite = all_finite(accelerator, loss)
-        if finite:
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and ctx.clip_grad:
-                accelerator.clip_grad_norm_(ctx.module.parameters(), ctx.clip_grad)
-            for group in ctx.optimizer.param_groups:
-                group["lr"] = ctx.lr(step)
-                if ctx.weight_decay is not None and group.get("decays"):
-                    group["weight_decay"] = ctx.weight_decay(step)
+        finite = finite_on_every_process(accelerator, loss)
+        ctx.skip.add(finite)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and ctx.clip_grad:
+            accelerator.clip_grad_norm_(ctx.module.parameters(), ctx.clip_grad)
+        for group in ctx.optimizer.param_groups:
+            group["lr"] = ctx.lr(step)
+            if ctx.weight_decay is not None and group.get("decays"):
+                group["weight_decay"] = ctx.weight_decay(step)
+        if ctx.skip.arm(ctx.optimizer):
             ctx.optimizer.step()
-            inputs.optimizer_stepped = accelerator.sync_gradients
-            objective.after_step(inputs, accelerator.gather)
+        skipped = ctx.skip.stepped() if accelerator.sync_gradients else None
+        inputs.optimizer_stepped = accelerator.sync_gradients
+        objective.after_step(inputs, _finite_rows(accelerator.gather))
         ctx.optimizer.zero_grad(set_to_none=True)
-    return StepOutcome(loss, terms, finite)
+    return StepOutcome(loss, terms, finite, skipped)
+
+
+def _finite_rows(gather: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The strategies' state updates (queues, moments) take a step's teacher outputs whether or not its loss was
+    finite; a non-finite value among them (an overflowing teacher) is fed as 0 so it cannot poison the state."""
+    return lambda tensor: torch.nan_to_num(gather(tensor), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def teacher_features(ctx: StepContext, views: BatchViews, batch: Batch, view_epoch: int) -> dict[str, list[Features]]:

@@ -4,6 +4,7 @@ experiment trackers (`train.log_with`) get the same numbers at the same steps.""
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -28,6 +29,7 @@ class StepLog:
         self._smoothed: dict[str, Tensor] = {}  # exponential moving averages (factor 0.9), on the device
         self.terms_mean: dict[str, float] = {}  # their values when last read back (logging steps, epoch ends)
         self.logged: dict[str, float] | None = None  # the last logging step's values, until `take_logged`
+        self.counters: dict[str, float] = {}  # the loop's device counters as read at the last logging step
         self.images_seen = 0  # by all processes, since this start (a resume counts from its own start)
         self.paused_seconds = 0.0  # online evaluation inside the loop: not training time
         self.started = time.perf_counter()
@@ -45,14 +47,22 @@ class StepLog:
     def speed(self) -> float:
         return self.images_seen / self.seconds if self.seconds > 0 else 0.0
 
-    def step(self, step: int, epoch: int, loss: Tensor, terms: dict[str, Tensor], lr: float) -> None:
-        """After optimiser step `step` (counted from 1): smooth the terms on the device (no host read), and
-        every `log_every` steps read them back once, draw and log. Between logging steps nothing here waits
-        for the device."""
+    def step(
+        self,
+        step: int,
+        epoch: int,
+        loss: Tensor,
+        terms: dict[str, Tensor],
+        lr: float,
+        skipped: Tensor,
+        counters: dict[str, Tensor],
+    ) -> None:
+        """After optimiser step `step` (counted from 1): smooth the terms on the device (no host read; a step
+        skipped for a non-finite loss, `skipped` 1.0, leaves them as they were), and every `log_every` steps read
+        them back once, with `counters` (device numbers the loop reads at the same time), draw and log. Between
+        logging steps nothing here waits for the device."""
         current = {k: v.detach().float() for k, v in terms.items()} | {"loss": loss.detach().float()}
-        self._smoothed = {
-            k: v if k not in self._smoothed else 0.9 * self._smoothed[k] + 0.1 * v for k, v in current.items()
-        }
+        self._smoothed = {k: _smooth(self._smoothed.get(k), v, skipped) for k, v in current.items()}
         log_now = step % self.log_every == 0 or step == self.total_steps
         if not log_now:
             if self.main:
@@ -60,16 +70,20 @@ class StepLog:
             return
         if self.accelerator.num_processes > 1:  # the global batch's losses, not this process's share
             values = mean_over_processes(self.accelerator, current)
-            self._read_smoothed()
-        else:  # one read for both
-            both = torch.stack([*current.values(), *self._smoothed.values()]).tolist()
+            self._read_smoothed(counters)
+        else:  # one read for all
+            both = torch.stack([*current.values(), *self._smoothed.values(), *counters.values()]).tolist()
             values = dict(zip(current, both[: len(current)]))
-            self.terms_mean = dict(zip(self._smoothed, both[len(current) :]))
+            smoothed = both[len(current) : len(current) + len(self._smoothed)]
+            self.terms_mean = dict(zip(self._smoothed, smoothed))
+            self.counters = dict(zip(counters, both[len(current) + len(self._smoothed) :]))
         self.logged = values
         if not self.main:
             return
         self._draw(step, epoch)
-        record = {"step": step, "epoch": epoch, **values, "lr": lr, "images_per_s": round(self.speed, 1)}
+        finite = {k: v for k, v in values.items() if math.isfinite(v)}  # a skipped step's terms are left out
+        skips = {"skipped_steps": int(self.counters["skipped_total"])} if self.counters.get("skipped_total") else {}
+        record = {"step": step, "epoch": epoch, **finite, **skips, "lr": lr, "images_per_s": round(self.speed, 1)}
         append_record(self.metrics_path, record)
         self.track(record, step)
 
@@ -78,10 +92,13 @@ class StepLog:
         logged, self.logged = self.logged, None
         return logged
 
-    def _read_smoothed(self) -> None:
-        """The smoothed terms as numbers (one read of the device), for the bar and the epoch records."""
-        if self._smoothed:
-            self.terms_mean = dict(zip(self._smoothed, torch.stack(list(self._smoothed.values())).tolist()))
+    def _read_smoothed(self, counters: dict[str, Tensor] | None = None) -> None:
+        """The smoothed terms (and `counters`) as numbers (one read of the device), for the bar and the records."""
+        counters = counters or {}
+        if self._smoothed or counters:
+            read = torch.stack([*self._smoothed.values(), *counters.values()]).tolist()
+            self.terms_mean = dict(zip(self._smoothed, read[: len(self._smoothed)]))
+            self.counters = dict(zip(counters, read[len(self._smoothed) :]))
 
     def epoch_end(self, epoch: int, step: int, seconds: float, extra: dict | None = None) -> None:
         """The record of a finished epoch (`epoch` counted from 1), with e.g. its online k-NN."""
@@ -112,3 +129,12 @@ class StepLog:
             self.progress.console.print(
                 f"step {step}/{self.total_steps} epoch {epoch + 1} {text} {self.speed:.0f} img/s", highlight=False
             )
+
+
+def _smooth(previous: Tensor | None, value: Tensor, skipped: Tensor) -> Tensor:
+    """0.9 previous + 0.1 value, on the device; the value itself when there is no finite previous one; the
+    previous one kept when the step was skipped (its value may be NaN or infinite)."""
+    if previous is None:
+        return value
+    smoothed = torch.where(torch.isfinite(previous), 0.9 * previous + 0.1 * value, value)
+    return torch.where(skipped > 0, previous, smoothed)

@@ -19,8 +19,10 @@ def mean_over_processes(accelerator, values: dict[str, Tensor]) -> dict[str, flo
     return dict(zip(values, means.tolist()))
 
 
-def all_finite(accelerator, loss: Tensor) -> bool:
+def finite_on_every_process(accelerator, loss: Tensor) -> Tensor:
+    """1.0 when `loss` is finite on every process, else 0.0: a 0-dim float32 tensor on the device, computed
+    without reading anything back (under several processes one all-gather, a collective, not a host read)."""
     finite = torch.isfinite(loss.detach()).float().reshape(1)
     if accelerator.num_processes > 1:
         finite = accelerator.gather(finite).min()
-    return bool(finite.item())
+    return finite.reshape(())
