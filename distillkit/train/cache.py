@@ -415,13 +415,14 @@ def _fits(
     free = shutil.disk_usage(root).free
     each = ", ".join(f"{role} {_size(size)}" for role, size in per_image.items())
     where = (
-        f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view slots; "
+        f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view "
+        f"slot{'s' if slots_used != 1 else ''}; "
         f"per image and slot: {each})"
     )
     if needed * 1.05 + (256 << 20) <= free:
         say(
-            f"teacher cache: {where}; epochs after the first {slots_used} read the teachers' outputs "
-            "instead of running them (--no-teacher-cache to turn it off)"
+            f"teacher cache: {where}; {_after_first(slots_used)} the teachers' outputs instead of running them "
+            "(--no-teacher-cache to turn it off)"
         )
         return True
     if recipe.data.teacher_cache == "auto":
@@ -456,3 +457,8 @@ def index_space(dataset: Dataset) -> int:
     """How many image indices the dataset's items can carry (a Subset keeps its base's indices)."""
     base = getattr(dataset, "base", None)
     return index_space(base) if base is not None else len(dataset)
+
+
+def _after_first(epochs: int) -> str:
+    """Which epochs read the cache, in words: "every epoch after the first reads" / "epochs after the first 3 read"."""
+    return "every epoch after the first reads" if epochs == 1 else f"epochs after the first {epochs} read"
