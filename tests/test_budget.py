@@ -34,7 +34,7 @@ def test_budget_in_images_decides_the_steps_and_epochs():
     # without images, epochs decide; max_steps caps either
     assert plan_budget(TrainConfig(epochs=3), micro_batches=10).total_steps == 30
     budget = plan_budget(TrainConfig(images=1000, batch_size=32, max_steps=12), micro_batches=10)
-    assert (budget.total_steps, budget.epochs) == (12, 4)  # epochs stay: skipped steps may need more batches
+    assert (budget.total_steps, budget.epochs) == (12, 4)  # the epochs planned stay; the loop stops at step 12
     with pytest.raises(UsageError, match="grad_accum"):
         plan_budget(TrainConfig(grad_accum=4), micro_batches=3)
 
@@ -91,20 +91,33 @@ def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_pat
 
 
 @pytest.fixture
-def tiny_disk(tmp_path):
-    """A real 2 MB tmpfs (root only): a disk too small for a teacher cache and its safety margin."""
-    mount = tmp_path / "tiny-disk"
-    mount.mkdir()
-    if (
-        shutil.which("mount") is None
-        or subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True
-        ).returncode
-        != 0
-    ):
-        pytest.skip("needs root to mount a tmpfs")
+def disk(tmp_path):
+    """`disk(size)`: a real tmpfs of `size` ("2m") mounted in tmp_path (root only), unmounted afterwards."""
+    mounts = []
+
+    def mount(size: str) -> Path:
+        folder = tmp_path / f"disk-{size}"
+        folder.mkdir()
+        if (
+            shutil.which("mount") is None
+            or subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True
+            ).returncode
+            != 0
+        ):
+            pytest.skip("needs root to mount a tmpfs")
+        mounts.append(folder)
+        return folder
+
     yield mount
-    subprocess.run(["umount", str(mount)], check=False)
+    for folder in mounts:
+        subprocess.run(["umount", str(folder)], check=False)
+
+
+@pytest.fixture
+def tiny_disk(disk):
+    """A real 2 MB tmpfs: a disk too small for a teacher cache and its safety margin."""
+    return disk("2m")
 
 
 def test_no_room_for_the_automatic_cache_falls_back_to_the_teacher(tmp_path, tiny_disk, monkeypatch, capsys):
@@ -114,6 +127,24 @@ def test_no_room_for_the_automatic_cache_falls_back_to_the_teacher(tmp_path, tin
     assert "teacher cache skipped" in capsys.readouterr().out
     with pytest.raises(UsageError, match="needs more than"):  # an explicit folder is refused instead
         run(tmp_path / "explicit", ["data.view_slots=1"], epochs=2, teacher_cache=tiny_disk / "cache")
+
+
+def test_a_disk_with_room_for_one_teacher_caches_that_one_and_recomputes_the_other(tmp_path, disk, capsys, monkeypatch):
+    """agglomerate with Lite0 at 32 px (3.2 kB per image in float16) and a random ViT-Tiny at 128 px (its 64
+    tokens: 25 kB): 256 MB of margin + Lite0's 0.2 MB fit in a 257 MB tmpfs, the ViT's 1.6 MB more do not."""
+    room = disk("257m")
+    monkeypatch.setenv("DISTILLKIT_CACHE", str(room))  # the automatic cache, in the user cache
+    vit = ["teachers.vit.name=timm:vit_tiny_patch16_224", "teachers.vit.weights=random", "teachers.vit.input_size=128"]
+    result = run(
+        tmp_path / "run", ["data.view_slots=1", *vit], strategy="agglomerate", epochs=2, quiet=False
+    )  # fmt: skip
+    said = " ".join(capsys.readouterr().out.split())
+    assert "needs more than" not in said and result.steps == 4
+    assert "teacher cache: only teacher fits" in said and "Not cached, run every epoch: vit" in said, said
+    roles = [
+        json.loads((entry / "meta.json").read_text())["key"]["role"] for entry in (room / "teacher-outputs").iterdir()
+    ]
+    assert roles == ["teacher"]
 
 
 def test_view_slots_auto_gives_the_teacher_an_eighth_of_the_images_seen():

@@ -45,7 +45,7 @@ from ..errors import RunError, UsageError
 from ..features import FeatureRequest, Features
 from ..io import cache_dir, disk_full, write_json
 from ..recipe import DataConfig, Recipe
-from .sync import agreed
+from .sync import agreed, main_decides
 
 DTYPES = {"float16": (np.float16, torch.float16), "float32": (np.float32, torch.float32)}
 
@@ -329,25 +329,29 @@ def open_caches(
 ) -> tuple[dict[str, TeacherCache], Path | None]:
     """One cache entry per teacher role, created by the main process, announced by `say`, and where they
     are (None: no cache). When the disk lacks the room for what the run would write, an automatic cache
-    ("auto") is skipped with a message (the teacher is recomputed every epoch); an explicit folder is refused."""
+    ("auto") keeps the roles that fit (the smallest per image first) and recomputes the others every epoch,
+    with a message; an explicit folder is refused."""
     root = teacher_cache_root(recipe.data, epochs, setup.slots) if setup.requests and setup.slots else None
     if root is None:
         return {}, None
     main = accelerator.is_main_process
-    skip = not _fits(recipe, accelerator, setup, root, min(setup.slots, epochs), say) if main else False
-    if agreed(accelerator, skip):  # every process learns the main process's decision
+    roles = _roles_that_fit(recipe, accelerator, setup, root, min(setup.slots, epochs), say) if main else []
+    roles = main_decides(accelerator, roles)  # every process learns the main process's decision
+    if not roles:
         return {}, None
-    caches = _create_entries(recipe, accelerator, setup, root, say) if main else {}
+    caches = _create_entries(recipe, accelerator, setup, root, roles, say) if main else {}
     if agreed(accelerator, main and not caches):  # the disk filled while the main process reserved the files
         return {}, None
-    return (caches if main else _open_entries(recipe, accelerator, setup, root, create=False)), root
+    return (caches if main else _open_entries(recipe, accelerator, setup, root, roles, create=False)), root
 
 
-def _create_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, say) -> dict[str, TeacherCache]:
-    """The main process creates (or opens) every role's entry; a disk that fills while their blocks are
+def _create_entries(
+    recipe: Recipe, accelerator, setup: CacheSetup, root: Path, roles: list[str], say
+) -> dict[str, TeacherCache]:
+    """The main process creates (or opens) the entries of `roles`; a disk that fills while their blocks are
     reserved skips an automatic cache with a message and refuses an explicit folder."""
     try:
-        return _open_entries(recipe, accelerator, setup, root, create=True)
+        return _open_entries(recipe, accelerator, setup, root, roles, create=True)
     except CacheNoRoom as e:
         if recipe.data.teacher_cache != "auto":
             raise UsageError(
@@ -357,14 +361,16 @@ def _create_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, 
         return {}
 
 
-def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, create: bool) -> dict[str, TeacherCache]:
+def _open_entries(
+    recipe: Recipe, accelerator, setup: CacheSetup, root: Path, roles: list[str], create: bool
+) -> dict[str, TeacherCache]:
     # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
     # students trained with seed and with feature share the teacher's embeddings
     objective = setup.objective
     expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
     caches = {}
-    for role, request in setup.requests.items():
-        teacher, size = setup.teachers[role], setup.sizes[role]
+    for role in roles:
+        request, teacher, size = setup.requests[role], setup.teachers[role], setup.sizes[role]
         views = objective.expand_views([torch.zeros(1, 3, *size) for _ in range(objective.num_views)])
         probe = teacher(views[0].to(accelerator.device), request)
         key = cache_key(
@@ -393,10 +399,12 @@ def _open_entries(recipe: Recipe, accelerator, setup: CacheSetup, root: Path, cr
     return caches
 
 
-def _fits(
+def _roles_that_fit(
     recipe: Recipe, accelerator, setup: CacheSetup, root: Path, slots_used: int, say: Callable[[str], None]
-) -> bool:
-    """Whether the disk under `root` has room for what the run writes (`slots_used` slots of every image)."""
+) -> list[str]:
+    """The teacher roles whose outputs the disk under `root` has room for (`slots_used` slots of every image,
+    with a 5 % + 256 MB margin): every role, or for an automatic cache the most roles that fit, the smallest
+    per image first ([] when none does); an explicit folder without room for all of them is refused."""
     objective = setup.objective
     views_per_step = len(objective.expand_views([torch.zeros(1, 3, 1, 1) for _ in range(objective.num_views)]))
     per_image = {
@@ -410,31 +418,50 @@ def _fits(
         )
         for role, request in setup.requests.items()
     }
-    needed = sum(per_image.values()) * len(setup.train_set) * slots_used
     root.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(root).free
-    each = ", ".join(f"{role} {_size(size)}" for role, size in per_image.items())
-    where = (
-        f"{escape(str(root))} ({_gb(needed)} for {len(setup.train_set):,} images x {slots_used} view "
-        f"slot{'s' if slots_used != 1 else ''}; "
-        f"per image and slot: {each})"
-    )
-    if needed * 1.05 + (256 << 20) <= free:
-        say(
-            f"teacher cache: {where}; {_after_first(slots_used)} the teachers' outputs instead of running them "
-            "(--no-teacher-cache to turn it off)"
+
+    def needed(roles) -> int:
+        return sum(per_image[role] for role in roles) * len(setup.train_set) * slots_used
+
+    def fits(roles) -> bool:
+        return needed(roles) * 1.05 + (256 << 20) <= free
+
+    def where(roles) -> str:
+        each = ", ".join(f"{role} {_size(per_image[role])}" for role in roles)
+        return (
+            f"{escape(str(root))} ({_gb(needed(roles))} for {len(setup.train_set):,} images x {slots_used} view "
+            f"slot{'s' if slots_used != 1 else ''}; per image and slot: {escape(each)})"
         )
-        return True
-    if recipe.data.teacher_cache == "auto":
-        say(
-            f"[yellow]teacher cache skipped: {where} needs more than the {_gb(free)} free there; the teacher "
-            "runs every epoch (free space, or set data.teacher_cache to a folder with room)[/]"
+
+    everyone = list(per_image)
+    reads = f"{_after_first(slots_used)} the teachers' outputs instead of running them"
+    if fits(everyone):
+        say(f"teacher cache: {where(everyone)}; {reads} (--no-teacher-cache to turn it off)")
+        return everyone
+    if recipe.data.teacher_cache != "auto":
+        raise UsageError(
+            f"--teacher-cache {where(everyone)} needs more than the {_gb(free)} free there; free space, choose "
+            "another folder or pass --no-teacher-cache"
         )
-        return False
-    raise UsageError(
-        f"--teacher-cache {where} needs more than the {_gb(free)} free there; free space, choose "
-        "another folder or pass --no-teacher-cache"
+    kept: list[str] = []
+    for role in sorted(everyone, key=per_image.get):
+        if fits([*kept, role]):
+            kept.append(role)
+    room = "free space, or set data.teacher_cache to a folder with room"
+    if not kept:
+        say(
+            f"[yellow]teacher cache skipped: {where(everyone)} needs more than the {_gb(free)} free there; the "
+            f"teacher runs every epoch ({room})[/]"
+        )
+        return []
+    recomputed = ", ".join(role for role in everyone if role not in kept)
+    say(
+        f"[yellow]teacher cache: only {', '.join(kept)} fit{'s' if len(kept) == 1 else ''} in the {_gb(free)} "
+        f"free (5 % + 256 MB stay free): {where(kept)}; {reads}. Not cached, run every epoch: "
+        f"{escape(recomputed)} (all of them would need {_gb(needed(everyone))}; {room})[/]"
     )
+    return [role for role in everyone if role in kept]  # in the recipe's order
 
 
 def _cache_bytes(teacher, request: FeatureRequest, views: int, size: tuple[int, int], dtype: str, device) -> int:

@@ -13,6 +13,15 @@ def agreed(accelerator, flag: bool) -> bool:
     return bool(accelerator.gather(torch.tensor([float(flag)], device=accelerator.device)).max().item())
 
 
+def main_decides(accelerator, value):
+    """The main process's `value` (any picklable object) on every process."""
+    if accelerator.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([value], from_process=0)[0]
+
+
 def mean_over_processes(accelerator, values: dict[str, Tensor]) -> dict[str, float]:
     stacked = torch.stack([v.detach().float().reshape(()) for v in values.values()]).to(accelerator.device)
     means = accelerator.reduce(stacked, reduction="mean")
