@@ -259,6 +259,16 @@ def test_non_finite_losses_are_skipped_on_the_device_leaving_the_student_and_opt
     assert "loss" not in steps[2] and steps[3]["skipped_steps"] == 2 and np.isfinite(steps[4]["loss"])
 
 
+def test_a_non_finite_micro_batch_skips_its_whole_accumulation_group(tmp_path, monkeypatch):
+    snapshots = student_after_each_step(monkeypatch)  # one per micro-batch: two per optimiser step
+    nan_on_calls(monkeypatch, {3})  # the first micro-batch of step 2
+    result = tiny(tmp_path / "accum", max_steps=3, set=TINY + ["train.grad_accum=2", "train.log_every=1"])
+    assert result.steps == 3 and result.skipped_steps == 1
+    step_1, step_2, step_3 = snapshots[1], snapshots[3], snapshots[5]
+    assert_same(step_1, step_2)  # the good second micro-batch's gradients were not applied either
+    assert not torch.equal(step_2["conv_stem.weight"], step_3["conv_stem.weight"])
+
+
 def test_non_finite_losses_in_a_row_stop_the_run_with_the_student_from_before_them(tmp_path, monkeypatch, tells):
     snapshots = student_after_each_step(monkeypatch)
     nan_on_calls(monkeypatch, set(range(3, 100)))
