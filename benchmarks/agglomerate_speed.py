@@ -25,7 +25,7 @@ step records carry the images/s since training began, so the time at step k is k
 from the first logged step (`train.log_every` = WARMUP_STEPS: the loader's start and the first kernels' tuning
 left out) to the last, so start-up, the end-of-epoch checkpoint and evaluation are not in it (a run of one
 logged step, e.g. `--limit 256`, is timed over its whole epoch); the epoch's seconds as recorded; for each
-teacher count the cache's bytes per image and view slot of each teacher role (from the cache entry's
+teacher count the cache's bytes per image and view slot of each teacher (from the cache entry's
 meta.json: its stored tensors' shapes x views per step x the dtype's size, the figure a run prints when it
 opens the cache) and the ratio reuse / uncached of images/s.
 """
@@ -104,14 +104,14 @@ def epoch_run(recipe: dict, args, out: Path, cache: Path | None, seed: int) -> d
 
 
 def cache_per_image(cache: Path) -> dict[str, dict]:
-    """role -> the bytes one image's cached outputs take in one view slot (every stored tensor, every view)
+    """teacher -> the bytes one image's cached outputs take in one view slot (every stored tensor, every view)
     and the shapes stored, from each entry's meta.json."""
     entries = {}
     for meta_file in sorted(cache.glob("*/meta.json")):
         meta = json.loads(meta_file.read_text())
         key, shapes = meta["key"], meta["shapes"]
         itemsize = np.dtype(DTYPES[key["dtype"]][0]).itemsize
-        entries[key["role"]] = {
+        entries[key["teacher"]] = {  # entries are keyed by the teacher's computation, not by its role
             "bytes": key["views_per_step"] * itemsize * sum(math.prod(shape) for shape in shapes.values()),
             "dtype": key["dtype"],
             "stored": shapes,
@@ -120,7 +120,7 @@ def cache_per_image(cache: Path) -> dict[str, dict]:
 
 
 def measure(count: int, args, bootleg: Path | None, work: Path) -> dict:
-    """One teacher count: its uncached, filling and reusing epochs, the cache's size per role, reuse / uncached."""
+    """One teacher count: its uncached, filling and reusing epochs, the cache's size per teacher, reuse / uncached."""
     recipe = recipe_with(count, bootleg)
     folder, cache = work / f"{count}-teachers", work / f"{count}-teachers" / "cache"
     runs = {}
@@ -136,7 +136,7 @@ def measure(count: int, args, bootleg: Path | None, work: Path) -> dict:
         "roles": {role: f"{s['name']} {s['input_size']}px" for role, s in roles.items()},
         **runs,
         "reuse_vs_uncached": round(runs["reuse"]["img_per_s"] / runs["uncached"]["img_per_s"], 2),
-        "cache_per_image": {role: stored[role] for role in roles},
+        "cache_per_image": stored,
         "cache_bytes_per_image_all_roles": sum(entry["bytes"] for entry in stored.values()),
     }
 
@@ -144,7 +144,7 @@ def measure(count: int, args, bootleg: Path | None, work: Path) -> dict:
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'teachers':<9} {'run':<9} {'img/s':>9} {'ms/step':>9} {'steps':>6}   cache bytes per image and slot")
     for row in rows:
-        sizes = ", ".join(f"{role} {entry['bytes']:,}" for role, entry in row["cache_per_image"].items())
+        sizes = ", ".join(f"{teacher} {entry['bytes']:,}" for teacher, entry in row["cache_per_image"].items())
         sizes += f" (all {row['cache_bytes_per_image_all_roles']:,})" if len(row["cache_per_image"]) > 1 else ""
         for mode in MODES:
             run = row[mode]

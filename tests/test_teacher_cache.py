@@ -139,9 +139,33 @@ def test_every_teacher_role_is_cached_with_its_dense_targets(tmp_path, teacher_c
     assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
     assert teacher_calls.count(32) == 4  # epoch 1 fills both entries, epoch 2 reads them
     metas = [json.loads((entry / "meta.json").read_text()) for entry in (tmp_path / "cache").iterdir()]
-    stored = {m["key"]["role"]: set(m["shapes"]) for m in metas}
-    assert stored.keys() == {"teacher", "vit"}
+    stored = {m["key"]["teacher"]: set(m["shapes"]) for m in metas}
+    assert stored.keys() == {"efficientnet-lite0", "timm:vit_tiny_patch16_224"}
     assert all("embedding" in names and any(n.startswith("layers.") for n in names) for names in stored.values())
+
+
+def test_a_teacher_under_another_role_name_reads_the_same_entry(tmp_path, teacher_calls):
+    """Entries are keyed by what the teacher computes, not by the role's name: an agglomerate run whose two roles
+    are the very teacher another run cached (once as `teacher`, once as `twin`) reads that one entry for both."""
+    alone = run(tmp_path / "alone", tmp_path / "cache", epochs=1, strategy="agglomerate")
+    assert teacher_calls.count(32) == 2 and len(list((tmp_path / "cache").iterdir())) == 1
+    teacher_calls.clear()
+    twin = ["teachers.twin.name=efficientnet-lite0", "teachers.twin.input_size=32"]
+    both = run(tmp_path / "both", tmp_path / "cache", epochs=1, strategy="agglomerate", extra=twin)
+    assert teacher_calls.count(32) == 0  # neither role ran its teacher
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    assert both.steps == alone.steps
+
+
+def test_two_roles_of_one_teacher_fill_one_entry(tmp_path, teacher_calls):
+    twin = ["teachers.twin.name=efficientnet-lite0", "teachers.twin.input_size=32"]
+    plain = run(tmp_path / "plain", None, strategy="agglomerate", extra=twin)
+    teacher_calls.clear()
+    cached = run(tmp_path / "cached", tmp_path / "cache", strategy="agglomerate", extra=twin)
+    assert teacher_calls.count(32) == 2  # epoch 1: one role computes and fills, the other reads; epoch 2 reads
+    assert len(list((tmp_path / "cache").iterdir())) == 1
+    # the role that reads gets the stored float32 copy of what the other computed: the same training
+    assert losses(cached.run_dir) == pytest.approx(losses(plain.run_dir), rel=1e-5)
 
 
 def test_students_of_other_strategies_and_seeds_share_an_entry(tmp_path, teacher_calls):

@@ -366,9 +366,11 @@ def _open_entries(
 ) -> dict[str, TeacherCache]:
     # the strategies that derive views (kdss' rotations) change what is cached; the others do not, so
     # students trained with seed and with feature share the teacher's embeddings
+    # entries are keyed by what the teacher computes, not by the role's name: a teacher cached under one role is
+    # read under another, and two roles asking one teacher the same share one entry (one fills, both read)
     objective = setup.objective
     expand = "+".join(type(s).__name__ for s in objective.strategies.values() if type(s).derives_views())
-    caches = {}
+    caches, by_key = {}, {}
     for role in roles:
         request, teacher, size = setup.requests[role], setup.teachers[role], setup.sizes[role]
         views = objective.expand_views([torch.zeros(1, 3, *size) for _ in range(objective.num_views)])
@@ -385,8 +387,12 @@ def _open_entries(
             expand,
             device=accelerator.device,
             load_size=setup.load_size,
-        ) | {"role": role}
-        caches[role] = TeacherCache(
+        )
+        same = json.dumps(key, sort_keys=True)
+        if same in by_key:
+            caches[role] = by_key[same]
+            continue
+        caches[role] = by_key[same] = TeacherCache(
             root,
             key,
             probe,
