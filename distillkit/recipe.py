@@ -354,6 +354,9 @@ def check_log_with(value: list[str] | str | None) -> list[str]:
 
 
 def _check_teacher_roles(teachers: dict[str, TeacherConfig]) -> None:
+    if teachers:
+        from torch import nn  # only for recipes with extra roles: the schema itself loads no torch
+
     for role in teachers:
         if role == PRIMARY_TEACHER:
             raise UsageError(
@@ -363,6 +366,11 @@ def _check_teacher_roles(teachers: dict[str, TeacherConfig]) -> None:
         if not str(role).isidentifier():
             raise UsageError(
                 f"teachers.{role}: a teacher role must be a plain name (letters, digits, _), e.g. mim or cl"
+            )
+        if hasattr(nn.Module, role) or role.startswith("_"):
+            raise UsageError(
+                f"teachers.{role}: {role!r} is reserved (the strategies keep one module per role, and torch "
+                "modules already have an attribute of that name); name the role otherwise, e.g. mim or cl"
             )
 
 

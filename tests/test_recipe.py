@@ -254,6 +254,13 @@ def test_nan_learning_rate_is_rejected():
         resolve_recipe(overrides=["train.lr=.nan"])
 
 
+@pytest.mark.parametrize("role", ["train", "forward", "_hidden"])
+def test_a_role_named_like_a_module_attribute_is_refused(role):
+    """The strategies keep one nn.Module per role (a ModuleDict): `train` would fail there with a KeyError."""
+    message = usage_error(resolve_recipe, overrides=[f"teachers.{role}.name=efficientnet-lite0"])
+    assert f"teachers.{role}" in message and "reserved" in message and "name the role otherwise" in message
+
+
 def test_strategy_ranges_are_checked_before_loading():
     with pytest.raises(UsageError, match="queue_size"):
         resolve_recipe(overrides=["strategy.seed.queue_size=0"])
