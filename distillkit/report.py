@@ -322,11 +322,9 @@ def _html(run: Run, figures: list[tuple[str, bytes | str]]) -> str:
     )
 
 
-_LEVELS = {"good": "good student", "fair": "fair student", "bad": "bad student: no better than its random init"}
-_PRETRAIN_LEVELS = {
-    "good": "the target encoder beats its random init",
-    "bad": "bad teacher: the target encoder is no better than its random init",
-}
+# the labels name the level only: the red warning under a bad verdict says what is wrong and what to try
+_LEVELS = {"good": "good student", "fair": "fair student", "bad": "bad student"}
+_PRETRAIN_LEVELS = {"good": "the target encoder beats its random init", "bad": "bad teacher"}
 
 
 def _verdict_box(run: Run) -> str:

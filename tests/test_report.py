@@ -338,6 +338,7 @@ def test_a_bad_student_gets_a_red_warning_whatever_result_json_claims(tmp_path):
     assert html.escape(judged["advice"]) in page
     assert "99%" not in page  # the stored gap is not trusted
     assert "-57% / -42%" in page
+    assert page.count("no better than") == 1  # said once, in the warning, not again in the verdict's label
 
 
 def test_fair_and_missing_verdicts(tmp_path):
