@@ -141,9 +141,8 @@ def test_a_disk_with_room_for_one_teacher_caches_that_one_and_recomputes_the_oth
     said = " ".join(capsys.readouterr().out.split())
     assert "needs more than" not in said and result.steps == 4
     assert "teacher cache: only teacher fits" in said and "Not cached, run every epoch: vit" in said, said
-    cached = [
-        json.loads((entry / "meta.json").read_text())["key"]["teacher"] for entry in (room / "teacher-outputs").iterdir()
-    ]
+    entries = (room / "teacher-outputs").iterdir()
+    cached = [json.loads((entry / "meta.json").read_text())["key"]["teacher"] for entry in entries]
     assert cached == ["efficientnet-lite0"]  # the role `teacher`
 
 

@@ -12,44 +12,23 @@ import warnings
 
 import numpy as np
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import objectives
+from helpers.objectives import IMAGENET, image_folder, images, same_rows, tiny_cnn, tiny_vit
 from torch import nn
 
 import distillkit
 from distillkit.errors import UsageError
-from distillkit.features import FeatureRequest, extract_features
+from distillkit.features import FeatureRequest
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.agglomerate import drop_draws, keep_mask, resample
 from distillkit.strategies.standardize import PhiS, ZScore, align_basis, hadamard, hadamard_order, refreshes
-from distillkit.teachers import InputConfig, Teacher, prepare_input
+from distillkit.teachers import InputConfig, Teacher
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def tiny_vit(size: int, patch: int, width: int = 48, seed: int = 0):
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        img_size=size,
-        patch_size=patch,
-        depth=2,
-        embed_dim=width,
-        num_heads=2,
-    ).eval()
-
-
-def tiny_cnn(seed: int = 0):
-    torch.manual_seed(seed)
-    return timm.create_model("test_efficientnet", pretrained=False, num_classes=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -64,35 +43,11 @@ def teachers():
 
 
 def build(settings: dict, teachers: dict, student: nn.Module, size: int = 32) -> Objective:
-    extra = {role: {"name": "unused-here"} for role in teachers if role != "teacher"}
-    recipe = resolve_recipe({"strategy": {"agglomerate": settings}, "teachers": extra})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Objective.build(recipe.strategy, teachers, student, size)
-
-
-def images(n: int = 6, seed: int = 3, size: int = 32) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return objectives.build("agglomerate", settings, teachers, student, size)
 
 
 def step_of(objective, teachers, student, x, size: int = 32) -> StepInputs:
-    by_role = {
-        role: teachers[role](x, request) for role, request in objective.teacher_requests(teachers, student).items()
-    }
-    prepared = prepare_input(x, InputConfig((size, size), *IMAGENET), False)
-    features = extract_features(student, prepared, objective.student_request())
-    return StepInputs(
-        [by_role["teacher"]] if "teacher" in by_role else [],
-        [features],
-        None,
-        0.0,
-        other_teachers={role: [f] for role, f in by_role.items() if role != "teacher"},
-    )
-
-
-def same_rows(t: torch.Tensor) -> torch.Tensor:
-    """The gather of one process."""
-    return t
+    return objectives.step_of(objective, teachers, student, x, size)
 
 
 # ----------------------------------------------------------------------------- references (float64)
@@ -597,11 +552,7 @@ def test_the_standardisers_are_checkpointed(teachers):
 
 
 def test_compress_with_two_teacher_roles(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path / "images")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = distillkit.compress(

@@ -14,40 +14,18 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from helpers import objectives
+from helpers.objectives import IMAGENET, image_folder, images, same_rows, tiny_cnn, tiny_vit
 
 import distillkit
 from distillkit.errors import UsageError
-from distillkit.features import extract_features
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective, StepInputs
 from distillkit.strategies.dense import MultiScaleDense, resample_to
-from distillkit.teachers import InputConfig, Teacher, prepare_input
+from distillkit.teachers import InputConfig, Teacher
 from distillkit.teachers.zoo import RANDOM_WEIGHTS
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
-
-IMAGENET = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-
-
-def tiny_vit(size: int, patch: int, width: int = 48, depth: int = 2, seed: int = 0):
-    torch.manual_seed(seed)
-    return timm.create_model(
-        "vit_tiny_patch16_224",
-        pretrained=False,
-        num_classes=0,
-        img_size=size,
-        patch_size=patch,
-        depth=depth,
-        embed_dim=width,
-        num_heads=2,
-    ).eval()
-
-
-def tiny_cnn(seed: int = 0):
-    """timm's test_efficientnet: 5 feature levels of strides 2 .. 32, channels 16, 24, 32, 48, 64."""
-    torch.manual_seed(seed)
-    return timm.create_model("test_efficientnet", pretrained=False, num_classes=0).eval()
 
 
 @pytest.fixture(scope="module")
@@ -59,36 +37,12 @@ def teachers():
     }
 
 
-def build(settings: dict, teachers: dict, student, size: int) -> Objective:
-    extra = {role: {"name": "unused-here"} for role in teachers if role != "teacher"}
-    recipe = resolve_recipe({"strategy": {"dense": settings}, "teachers": extra})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return Objective.build(recipe.strategy, teachers, student, size)
+def build(settings: dict, teachers: dict, student: torch.nn.Module, size: int) -> Objective:
+    return objectives.build("dense", settings, teachers, student, size)
 
 
 def step_of(objective, teachers, student, x, size: int) -> StepInputs:
-    by_role = {
-        role: teachers[role](x, request) for role, request in objective.teacher_requests(teachers, student).items()
-    }
-    prepared = prepare_input(x, InputConfig((size, size), *IMAGENET), False)
-    features = extract_features(student, prepared, objective.student_request())
-    return StepInputs(
-        [by_role["teacher"]] if "teacher" in by_role else [],
-        [features],
-        None,
-        0.0,
-        other_teachers={role: [f] for role, f in by_role.items() if role != "teacher"},
-    )
-
-
-def images(n: int = 6, seed: int = 3, size: int = 32) -> torch.Tensor:
-    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
-
-
-def same_rows(t: torch.Tensor) -> torch.Tensor:
-    """The gather of one process."""
-    return t
+    return objectives.step_of(objective, teachers, student, x, size)
 
 
 # ----------------------------------------------------------------------------- references (float64, numpy)
@@ -349,11 +303,7 @@ def test_the_moments_are_checkpointed(teachers):
 
 
 def test_compress_trains_a_cnn_student_on_a_vit_teacher(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(16):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+    folder = image_folder(tmp_path / "images")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         result = distillkit.compress(
