@@ -21,6 +21,10 @@ On a CUDA GPU (about 3-5 minutes on one H200-class GPU; the budget is 8), in bf1
                between steps: the loader and checkpoint checks); and, in both modes, the host reads of device
                values made from distillkit's train/ and strategies/ code (the Tensor methods item, bool, int,
                float, tolist, counted as tests/test_step_syncs.py counts them)
+  fsdp         `distillkit compress` under `accelerate launch --use_fsdp` (1 process, bf16, 16 steps of 64): stopped
+               at step 8, resumed from its sharded checkpoint, exported from the weights gathered from the shards;
+               the export compared with the checkpoint's shards merged by Accelerate (skipped without a GPU:
+               Accelerate does not shard CPU processes)
   peak memory  `torch.cuda.max_memory_allocated()` over the whole check (and per pair in `throughput`)
 
 Targets on a GPU: overhead_ratio <= 1.05 for each pair, cache reuse >= 0.9x the student alone.
@@ -59,6 +63,7 @@ SETTINGS = {
         "cache_images": 20000, "cache_batch": 256, "alone_steps": 30,
         "eval_bank": 5000, "eval_test": 5000, "probe_steps": 300, "latency_runs": 5,
         "data_images": 2048, "data_batch": 256, "data_epochs": 2, "data_workers": [0, 8], "sync_steps": 30,
+        "fsdp_steps": 16,
     },
     "smoke": {
         "size": 32, "batch": 8, "steps": 2, "warmup": 1, "rounds": 1, "precision": "fp32",
@@ -66,6 +71,7 @@ SETTINGS = {
         "cache_images": 128, "cache_batch": 16, "alone_steps": 2,
         "eval_bank": 128, "eval_test": 64, "probe_steps": 10, "latency_runs": 1,
         "data_images": 48, "data_batch": 16, "data_epochs": 1, "data_workers": [0], "sync_steps": 5,
+        "fsdp_steps": 4,
     },
 }  # fmt: skip
 TARGETS = {"overhead_ratio_max": 1.05, "reuse_vs_alone_min": 0.9}
@@ -308,6 +314,50 @@ def measure_syncs(settings: dict) -> dict:
     return out
 
 
+def measure_fsdp(settings: dict, gpu: bool) -> dict:
+    """`distillkit compress` under `accelerate launch --use_fsdp` on one GPU process: a run stopped at half its
+    steps, resumed from its sharded checkpoint (Accelerate's save_state / load_state) to the end, evaluated and
+    exported from the weights gathered from the shards; the exported safetensors compared with the student
+    part of the checkpoint's own shards, merged by Accelerate's merge_fsdp_weights. Accelerate gives FSDP to
+    CUDA (and other accelerator) processes only, so on a CPU this section says so and runs nothing."""
+    if not gpu:
+        return {"skipped": "FSDP needs accelerator processes: Accelerate does not shard CPU processes"}
+    import shutil
+
+    from accelerate.utils import merge_fsdp_weights
+    from safetensors.torch import load_file
+
+    work = Path(tempfile.mkdtemp(prefix="distillkit-fsdp-"))
+    run_dir, steps = work / "run", settings["fsdp_steps"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "1",
+              "--mixed_precision", "bf16", shutil.which("distillkit") or "distillkit", "compress"]  # fmt: skip
+    options = ["--data", "builtin:fashion-mnist", "--limit", "2048", "--batch-size", "64", "--out", str(run_dir),
+               "--set", "eval.max_train=1024", "--set", "eval.max_test=512",
+               "--set", "eval.online_images=0"]  # fmt: skip
+    tick = time.perf_counter()
+    first = subprocess.run([*launch, *options, "--max-steps", str(steps // 2)], capture_output=True, text=True)
+    resumed = subprocess.run([*launch, *options, "--max-steps", str(steps), "--resume"], capture_output=True, text=True)
+    seconds = round(time.perf_counter() - tick, 1)
+    record = {"steps": steps, "seconds": seconds, "first_rc": first.returncode, "resumed_rc": resumed.returncode}
+    if first.returncode or resumed.returncode:
+        return record | {"error": (first.stderr if first.returncode else resumed.stderr)[-2000:]}
+    result = json.loads((run_dir / "result.json").read_text())
+    shards = next((run_dir / "checkpoints" / "last").glob("pytorch_model_fsdp*"))
+    merge_fsdp_weights(str(shards), str(work / "merged"), safe_serialization=True)
+    merged = load_file(str(next((work / "merged").glob("*.safetensors"))))
+    exported = load_file(str(run_dir / "student" / "model.safetensors"))
+    student = {name.removeprefix("student."): t for name, t in merged.items() if name.startswith("student.")}
+    differences = [(exported[name].float() - t.float()).abs().max().item() for name, t in student.items()]
+    shutil.rmtree(work, ignore_errors=True)
+    return record | {
+        "resumed_from_half": f"resumed from step {steps // 2}" in " ".join(resumed.stdout.split()),
+        "trained_steps": result["steps"],
+        "student_knn_top1": result["metrics"].get("student", {}).get("knn_top1"),
+        "export_keys_match_shards": set(exported) == set(student),
+        "export_max_abs_diff_vs_shards": max(differences) if differences else None,
+    }
+
+
 def summary(counts: list[int]) -> dict:
     """Median and max of per-step counts (None for no steps)."""
     if not counts:
@@ -335,6 +385,7 @@ def build_report(
         "evaluation": sections.get("evaluation"),
         "data": sections.get("data"),
         "syncs": sections.get("syncs"),
+        "fsdp": sections.get("fsdp"),
         "peak_gpu_memory_gb": peak_gb,
         "seconds": round(seconds, 1),
     }
@@ -342,6 +393,7 @@ def build_report(
         report["targets_met"] = {
             **{f"{p}_overhead_ratio": r["overhead_ratio"] <= TARGETS["overhead_ratio_max"] for p, r in pairs.items()},
             "cache_reuse_vs_alone": cache.get("reuse_vs_alone", 0) >= TARGETS["reuse_vs_alone_min"],
+            "fsdp_export_matches": (sections.get("fsdp") or {}).get("export_max_abs_diff_vs_shards") == 0.0,
         }
     if note:
         report["note"] = note
@@ -380,6 +432,7 @@ def main() -> None:
         ("evaluation", lambda: measure_evaluation(settings)),
         ("data", lambda: measure_data(settings, device)),
         ("syncs", lambda: measure_syncs(settings)),
+        ("fsdp", lambda: measure_fsdp(settings, gpu)),
     ):
         tick = time.perf_counter()
         sections[name] = measure()

@@ -206,8 +206,10 @@ def trained_line(result) -> str:
 
 def _evaluate_and_export(run: Run, result, console: Console, timings: dict[str, float]) -> dict[str, Any]:
     """The main process scores teacher, student and random init on the training device (a GPU when training
-    ran on one; latency on the CPU), then exports the student."""
-    student = run.student
+    ran on one; latency on the CPU), then exports the student: under FSDP / DeepSpeed a whole copy built from the
+    state gathered from every process's shards (the run's own student holds only this process's shard)."""
+    student = run.student if result.student_state is None else run.student.with_state(result.student_state)
+    student.model.to(run.accelerator.device)
     student.model.float().eval()
     teacher = run.teachers[PRIMARY_TEACHER]
     teacher.unprune()  # evaluation embeds with the whole teacher

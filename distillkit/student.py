@@ -179,6 +179,15 @@ class Student:
             model.to(memory_format=torch.channels_last)
         return Student(model, self.spec, self.input_config, self.channels_last)
 
+    def with_state(self, state: dict[str, torch.Tensor]) -> "Student":
+        """A whole copy of this student holding `state` (its full state dict, e.g. gathered from the shards of an
+        FSDP / DeepSpeed run, whose own model holds only this process's shard)."""
+        model = create_student(self.spec, self.size).eval()
+        model.load_state_dict(state)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        return Student(model, self.spec, self.input_config, self.channels_last, start=self.start)
+
     @property
     def size(self) -> int:
         return self.input_config.size[0]

@@ -37,6 +37,7 @@ def test_the_report_checks_the_targets_on_a_gpu_and_says_when_there_was_none():
         "evaluation": {"seconds": 1.5},
         "data": {"best_img_per_s": 10.0},
         "syncs": {"host_reads_per_step": {"median": 1, "max": 2}},
+        "fsdp": {"export_max_abs_diff_vs_shards": 0.0},
     }
     on_gpu = gpu_check.build_report(sections, "NVIDIA H200", 12.0, peak_gb=3.5)
     assert on_gpu["gpu"] is True and on_gpu["device"] == "NVIDIA H200" and on_gpu["peak_gpu_memory_gb"] == 3.5
@@ -44,6 +45,7 @@ def test_the_report_checks_the_targets_on_a_gpu_and_says_when_there_was_none():
         "lite0_overhead_ratio": True,
         "vit-b_overhead_ratio": False,
         "cache_reuse_vs_alone": False,
+        "fsdp_export_matches": True,
     }
     assert "x" not in on_gpu["throughput"]["lite0"]  # only the documented keys
     smoke = gpu_check.build_report(sections, None, 12.0, note="no GPU")

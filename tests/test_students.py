@@ -182,3 +182,26 @@ def test_user_spec_invalid_yaml(tmp_path):
 def test_missing_spec_file_is_unknown_student(tmp_path):
     with pytest.raises(UsageError, match="unknown student"):
         student_spec(str(tmp_path / "missing.yaml"))
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3-small", "vit-tiny"])
+def test_a_whole_copy_from_a_state_dict_computes_what_the_student_computes(name):
+    """Student.with_state: how an FSDP / DeepSpeed run exports (its own model holds one shard): a fresh network
+    of the same spec and size loaded with the gathered state dict, with the student's layout and reference."""
+    from distillkit.recipe import StudentConfig
+    from distillkit.student import Student
+
+    trained = Student.create(StudentConfig(name=name, input_size=32, model_args={"drop_path_rate": 0.0}), seed=0)
+    with torch.no_grad():  # move every weight and BatchNorm statistic away from its initial value
+        for tensor in trained.model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.add_(torch.rand_like(tensor, dtype=torch.float32).to(tensor.dtype) * 0.01)
+    trained.model.eval()
+    copy = trained.with_state({k: v.clone() for k, v in trained.model.state_dict().items()})
+    assert copy.model is not trained.model and copy.channels_last == trained.channels_last
+    assert copy.spec == trained.spec and copy.input_config == trained.input_config
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(copy.embed(x), trained.embed(x), rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        trained.with_state({})

@@ -33,6 +33,25 @@ STATE_FILE = "train_state.pt"
 RECIPE_FILE = "recipe.yaml"
 
 
+def sharded(accelerator) -> bool:
+    """True under FSDP or DeepSpeed: between steps no process holds the whole model."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def whole_student_state(accelerator, module: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The trained student's whole state dict, gathered from every process's shards, on the main process (None
+    on the others): a collective every process must enter. None everywhere when the model is not sharded (every
+    process then holds the whole student)."""
+    if not sharded(accelerator):
+        return None
+    state = accelerator.get_state_dict(module)  # FSDP / DeepSpeed gather the full dict onto the main process
+    if not accelerator.is_main_process:
+        return None
+    return {name.removeprefix("student."): tensor for name, tensor in state.items() if name.startswith("student.")}
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     return run_dir / "checkpoints" / "last"
 
@@ -161,9 +180,7 @@ def _load_state(path: Path, accelerator) -> None:
 
 
 def _load_earlier_layout(path: Path, accelerator, optimizer_state: dict) -> None:
-    from accelerate.utils import DistributedType
-
-    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+    if sharded(accelerator):
         raise UsageError(
             f"the checkpoint in {path} was written by an earlier distillkit, which cannot resume under "
             f"{accelerator.distributed_type.value}; resume it without FSDP / DeepSpeed"

@@ -33,7 +33,7 @@ from ..roles import PRIMARY_TEACHER
 from .bad_images import BadImageTally
 from .budget import plan_budget
 from .cache import CacheSetup, open_caches
-from .checkpoint import load_checkpoint, resume_point, save_checkpoint
+from .checkpoint import load_checkpoint, resume_point, save_checkpoint, sharded, whole_student_state
 from .launch import TO_ACCELERATE, cpu_processes, resolve_launch, warn_if_precision_overridden
 from .metrics_log import append_record, trim_to_step
 from .step import DistillModule, StepContext, train_step
@@ -109,6 +109,8 @@ class TrainResult:
     online_eval_seconds: float = 0.0  # online k-NN time, left out of `seconds` and `images_per_second`
     images_seen: int = 0  # optimiser steps x global batch x grad_accum, over the whole run (resumes included)
     teacher_cache: str | None = None  # the folder the teachers' outputs were cached in, or None
+    # FSDP / DeepSpeed: the student's whole state dict, gathered from the shards, on the main process (else None)
+    student_state: dict[str, Tensor] | None = None
 
 
 class StopSignals:
@@ -189,6 +191,12 @@ def train(
     """Train `run`'s student in place, checkpointing every `train.checkpoint_every` steps and every epoch;
     `resume` continues from the run folder's last checkpoint. `online_knn`: scored on the main process at
     every epoch's end into that epoch's metrics.jsonl line, its time left out of the speed."""
+    if online_knn is not None and sharded(run.accelerator):
+        warn(
+            "online k-NN is off under FSDP / DeepSpeed: between steps no process holds the whole student; "
+            "it is scored after training, from the gathered weights"
+        )
+        online_knn = None
     training = _Training(run, progress, resume, force_resume)
     position = training.position
     try:
@@ -422,6 +430,7 @@ class _Training:
             online_eval_seconds=self.log.paused_seconds + self.reference_seconds,
             images_seen=self.position.step * train.batch_size * self.grad_accum,
             teacher_cache=str(self.cache_root) if self.caches else None,
+            student_state=whole_student_state(self.accelerator, self.ctx.module),
         )
 
 
