@@ -82,7 +82,7 @@ def score_full(student_dir: Path, seed: int) -> dict:
     import torch.nn.functional as F
     import yaml
 
-    from distillkit.data.sources import load_fashion_mnist
+    from distillkit.data.sources import is_full_fashion_mnist, load_fashion_mnist
     from distillkit.evaluate import embed_dataset, score_embeddings
     from distillkit.features import FeatureRequest
     from distillkit.student import create_student, student_spec
@@ -90,7 +90,7 @@ def score_full(student_dir: Path, seed: int) -> dict:
     from distillkit.verdict import gap_recovered
 
     train, test, where = load_fashion_mnist()
-    if "full" not in where:
+    if not is_full_fashion_mnist(where):
         raise SystemExit("--score-full needs the full Fashion-MNIST (apt-get install dataset-fashion-mnist)")
     config = json.loads((student_dir / "config.json").read_text())
     size = config["pretrained_cfg"]["input_size"][-1]

@@ -53,7 +53,7 @@ from pathlib import Path
 import torch
 
 import distillkit
-from distillkit.data.sources import load_fashion_mnist
+from distillkit.data.sources import is_full_fashion_mnist, load_fashion_mnist
 from distillkit.evaluate import embed_dataset, evaluate_student, score_embeddings
 from distillkit.io import cache_dir
 from distillkit.recipe import StudentConfig
@@ -91,19 +91,21 @@ BUDGET_EPOCHS = (1, 2, 4, 8)
 
 
 def ensure_fashion_mnist() -> str:
-    """The full Fashion-MNIST, installed from Debian when missing; returns where it was found."""
+    """The full Fashion-MNIST, installed from Debian when missing (refreshing apt's lists when the install
+    fails, as on a new machine); returns where it was found. Refuses to go on with the bundled subset."""
     _, _, where = load_fashion_mnist()
-    if "full" in where:
+    if is_full_fashion_mnist(where):
         return where
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        subprocess.run(
-            ["apt-get", "install", "-y", "dataset-fashion-mnist"],
-            check=False,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+
+        def apt_get(*args: str) -> bool:
+            quiet = {"check": False, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
+            return subprocess.run(["apt-get", *args], **quiet).returncode == 0
+
+        if not apt_get("install", "-y", "dataset-fashion-mnist") and apt_get("update"):
+            apt_get("install", "-y", "dataset-fashion-mnist")
     _, _, where = load_fashion_mnist()
-    if "full" not in where and shutil.which("apt-get") and shutil.which("dpkg-deb"):
+    if not is_full_fashion_mnist(where) and shutil.which("apt-get") and shutil.which("dpkg-deb"):
         target = cache_dir() / "debian-fashion-mnist"
         target.mkdir(parents=True, exist_ok=True)
         subprocess.run(
@@ -117,7 +119,7 @@ def ensure_fashion_mnist() -> str:
             subprocess.run(["dpkg-deb", "-x", str(deb), str(target)], check=True)
         os.environ["DISTILLKIT_FASHION_MNIST"] = str(target / "usr/share/datasets/fashion-mnist")
         _, _, where = load_fashion_mnist()
-    if "full" not in where:
+    if not is_full_fashion_mnist(where):
         raise SystemExit(
             "the full Fashion-MNIST is needed: run `apt-get install dataset-fashion-mnist` "
             "(Debian/Ubuntu) or set DISTILLKIT_FASHION_MNIST to a folder with its four .gz files"

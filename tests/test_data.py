@@ -13,7 +13,7 @@ import torch
 
 import distillkit.data.sources as sources
 from distillkit.data import BadImage, check_data_source, collate_skipping_bad, open_data
-from distillkit.data.sources import load_fashion_mnist, load_folder, read_idx
+from distillkit.data.sources import is_full_fashion_mnist, load_fashion_mnist, load_folder, read_idx
 from distillkit.errors import UsageError
 
 # ----------------------------------------------------------------------------- helpers
@@ -152,6 +152,7 @@ def test_bundled_fallback(offline_fashion):
     assert len(train) == 20000
     assert len(test) == 2000
     assert "bundled" in where and "20,000 train" in where
+    assert not is_full_fashion_mnist(where)  # its hint mentions "the full set"; a benchmark must not take it
     image, label, index = train[0]
     assert image.dtype == torch.uint8
     assert tuple(image.shape) == (1, 28, 28)
@@ -195,7 +196,7 @@ def test_env_folder_is_used_first(small_fashion):
     train, test, where = load_fashion_mnist()
     assert len(train) == 20 and len(test) == 10
     assert str(folder) in where
-    assert "full" in where
+    assert is_full_fashion_mnist(where)
     # image i of train is filled with i * 7, with a marked pixel at (0, 0)
     image, label, index = train[3]
     assert tuple(image.shape) == (1, 28, 28) and image.dtype == torch.uint8

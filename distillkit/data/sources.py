@@ -247,6 +247,11 @@ def fashion_mnist_search_dirs() -> list[Path]:
     return dirs
 
 
+def is_full_fashion_mnist(where: str) -> bool:
+    """Whether `where` (load_fashion_mnist's third value) names the full 60,000 / 10,000 set, not the subset."""
+    return where.startswith("Fashion-MNIST (full")
+
+
 def load_fashion_mnist() -> tuple[TensorImages, TensorImages, str]:
     for folder in fashion_mnist_search_dirs():
         found = _read_fashion_mnist_dir(folder)
