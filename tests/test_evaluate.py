@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from torch import nn
 
 from distillkit.evaluate import count_params, cpu_latency_ms, knn_accuracy, linear_probe_accuracy
+from distillkit.evaluate.metrics import cpu_latencies_ms, runner_latencies_ms
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -142,6 +144,25 @@ def test_cpu_latency_ms_leaves_the_model_as_it_was(training, channels_last):
     assert torch.equal(net[2].running_mean, running_mean)  # timed in eval mode: BN statistics untouched
     # the model still trains afterwards (no inference tensors left behind)
     net(torch.rand(2, 3, 8, 8)).sum().backward()
+
+
+def test_latencies_are_timed_in_turn_so_a_load_change_falls_on_every_model():
+    calls = []
+    runners = {
+        name: (lambda x, n=name: calls.append((n, tuple(x.shape))), size, False)
+        for name, size in (("teacher", (8, 8)), ("student", (4, 4)))
+    }
+    latencies = runner_latencies_ms(runners, runs=3)
+    assert set(latencies) == {"teacher", "student"} and all(v >= 0 for v in latencies.values())
+    assert calls == [("teacher", (1, 3, 8, 8)), ("student", (1, 3, 4, 4))] * 8  # 5 warm-up + 3 timed rounds
+
+
+def test_a_slow_model_times_slower_than_a_fast_one_timed_beside_it():
+    slow, fast = _tiny_net(), _tiny_net()
+    slow.register_forward_hook(lambda *_: time.sleep(0.02))
+    latencies = cpu_latencies_ms({"slow": (slow, (8, 8), False), "fast": (fast, (8, 8), True)}, runs=5)
+    assert latencies["slow"] >= 20.0 > latencies["fast"]
+    assert slow.training and fast.training  # restored
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

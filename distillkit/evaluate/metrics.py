@@ -135,19 +135,30 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last: bool, runs: int = 30) -> float:
-    """Median single-image forward time on the CPU, in milliseconds, after 5 warm-up runs.
+Timed = tuple[Callable[[Tensor], Tensor], tuple[int, int], bool]  # (the callable, input size, channels last)
 
-    The model is moved outside inference mode (moving it inside would turn its parameters into
-    inference tensors) and its device and training mode are restored afterwards.
+
+def cpu_latency_ms(model: nn.Module, input_size: tuple[int, int], channels_last: bool, runs: int = 30) -> float:
+    """Median single-image forward time of one model on the CPU, in milliseconds (`cpu_latencies_ms`)."""
+    return cpu_latencies_ms({"model": (model, input_size, channels_last)}, runs)["model"]
+
+
+def cpu_latencies_ms(models: dict[str, Timed], runs: int = 30) -> dict[str, float]:
+    """name -> median single-image forward time on the CPU, in milliseconds, of every model, timed round-robin
+    (`runner_latencies_ms`) so that a change in the machine's load falls on all of them alike.
+
+    The models are moved outside inference mode (moving them inside would turn their parameters into
+    inference tensors) and their devices and training modes are restored afterwards.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval().cpu()
+    placed = {name: (next(model.parameters()).device, model.training) for name, (model, _, _) in models.items()}
+    for model, _, _ in models.values():
+        model.eval().cpu()
     try:
-        return runner_latency_ms(model, input_size, runs, channels_last)
+        return runner_latencies_ms(models, runs)
     finally:
-        model.to(device).train(was_training)
+        for name, (model, _, _) in models.items():
+            device, was_training = placed[name]
+            model.to(device).train(was_training)
 
 
 def runner_latency_ms(
@@ -155,17 +166,26 @@ def runner_latency_ms(
 ) -> float:
     """Median single-image time of any callable on the CPU (a model, an ONNX session, a TorchScript
     module), after 5 warm-up runs, in milliseconds."""
-    x = torch.rand(1, 3, *input_size)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    times = []
+    return runner_latencies_ms({"run": (run, input_size, channels_last)}, runs)["run"]
+
+
+def runner_latencies_ms(runners: dict[str, Timed], runs: int = 30) -> dict[str, float]:
+    """name -> median single-image time of each callable on the CPU, in milliseconds: 5 warm-up rounds, then
+    `runs` rounds that each time every callable once, in turn. Interleaved, the latencies of a teacher and its
+    student are measured under the same load, so their ratio holds on a busy machine too."""
+    inputs = {}
+    for name, (_, input_size, channels_last) in runners.items():
+        x = torch.rand(1, 3, *input_size)
+        inputs[name] = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
-        for i in range(runs + 5):
-            start = time.perf_counter()
-            run(x)
-            if i >= 5:
-                times.append((time.perf_counter() - start) * 1000)
-    return statistics.median(times)
+        for round_ in range(runs + 5):
+            for name, (run, _, _) in runners.items():
+                start = time.perf_counter()
+                run(inputs[name])
+                if round_ >= 5:
+                    times[name].append((time.perf_counter() - start) * 1000)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def eval_subset(dataset: Dataset, max_items: int, seed: int) -> Dataset:

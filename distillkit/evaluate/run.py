@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..verdict import gap_recovered
-from .metrics import count_params, cpu_latency_ms, embed_dataset, eval_subset, score_embeddings
+from .metrics import count_params, cpu_latencies_ms, embed_dataset, eval_subset, score_embeddings
 
 
 def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) -> dict[str, Any]:
@@ -17,7 +17,8 @@ def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) 
     `.embed`; `images` is the run's ImageData (no labelled held-out split: accuracy is skipped).
 
     Embedding and scoring run on `device` (the training device: a GPU when training ran on one), batched,
-    under inference mode; latency is always measured on the CPU. `progress` (a rich Progress) shows the
+    under inference mode; latency is always measured on the CPU, the networks in turn (`cpu_latencies_ms`) so
+    their ratio holds on a busy machine. `progress` (a rich Progress) shows the
     images embedded."""
     references = {"student": student, "student_random_init": student.at_random_init(recipe.train.seed)}
     start = student.at_start()
@@ -52,9 +53,10 @@ def score_networks(recipe, networks: dict[str, Any], images, device="cpu", progr
             settings = recipe.eval.knn_k, recipe.eval.knn_temperature, recipe.eval.probe_steps
             row.update(score_embeddings(*embedded, *settings, seed=recipe.train.seed))
         row["params"] = count_params(model)
-        size, channels_last = network.input_config.size, network.channels_last
-        row["latency_ms"] = round(cpu_latency_ms(model, size, channels_last, recipe.eval.latency_runs), 3)
         metrics[name] = row
+    timed = {name: (n.model, n.input_config.size, n.channels_last) for name, n in networks.items()}
+    for name, latency in cpu_latencies_ms(timed, recipe.eval.latency_runs).items():
+        metrics[name]["latency_ms"] = round(latency, 3)
     return metrics
 
 
