@@ -89,6 +89,7 @@ def teacher_of(section: dict):
 
 
 def train(recipe: dict, seed: int, images: int, out: Path, cache: Path, overrides: list[str]) -> Path:
+    shutil.rmtree(out, ignore_errors=True)  # the benchmark's own folder; its heads export would stop --overwrite
     start = time.perf_counter()
     result = distillkit.compress(
         recipe,
