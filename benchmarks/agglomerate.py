@@ -135,6 +135,23 @@ def student_rows(run_dir: Path, teachers: dict, train_set, test_set, with_heads:
     return rows
 
 
+class Scores:
+    """Scores of the frozen references (teachers, random inits) kept in a JSON file: they do not change between
+    runs of the benchmark on the same work folder. A teacher file that changed is a new key (its path and
+    modification time)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.rows = json.loads(path.read_text()) if path.exists() else {}
+
+    def get(self, key: str, compute) -> dict[str, float]:
+        if key not in self.rows:
+            self.rows[key] = compute()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps(self.rows, indent=1))
+        return self.rows[key]
+
+
 def mean_std(values: list[float]) -> dict[str, float]:
     return {
         "mean": round(statistics.mean(values), 4),
@@ -163,12 +180,14 @@ def main() -> None:
     teachers = {role: teacher_of(section) for role, section in sections.items()}
 
     table: dict[str, dict] = {}
+    scored = Scores(work / "reference-scores.json")  # with --keep, a re-run does not embed the references again
     for role, teacher in teachers.items():
-        table[f"{names[role]} teacher"] = {
-            k: mean_std([v]) for k, v in score(teacher.embed, train_set, test_set).items()
-        }
+        weights = sections[role].get("weights")
+        key = f"{names[role]} teacher " + (f"{weights}@{Path(weights).stat().st_mtime_ns}" if weights else "(shipped)")
+        row = scored.get(key, lambda t=teacher: score(t.embed, train_set, test_set))
+        table[f"{names[role]} teacher"] = {k: mean_std([v]) for k, v in row.items()}
         print(f"{names[role]} teacher", table[f"{names[role]} teacher"], flush=True)
-    randoms = [random_init_row(seed, train_set, test_set) for seed in args.seeds]
+    randoms = [scored.get(f"random init {s}", lambda s=s: random_init_row(s, train_set, test_set)) for s in args.seeds]
     table["random init"] = {k: mean_std([r[k] for r in randoms]) for k in ("knn_top1", "probe_top1")}
 
     per_seed: dict[str, list[dict]] = {}
