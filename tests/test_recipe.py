@@ -39,7 +39,7 @@ def test_default_recipe_matches_default_yaml():
     # values written in recipes/default.yaml
     assert recipe.teacher.name == "efficientnet-lite0"
     assert recipe.teacher.input_size == 64
-    assert recipe.student.name == "mobilenetv3-small"
+    assert recipe.student.name == "mobilenetv3-small-minimal"
     assert recipe.student.input_size == 32
     assert recipe.data.source == "builtin:fashion-mnist"
     assert recipe.data.limit is None

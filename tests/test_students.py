@@ -20,6 +20,7 @@ SHIPPED = {
     "efficientnet-b0": ("efficientnet_b0", True),
     "mobilenetv3": ("mobilenetv3_large_100", True),
     "mobilenetv3-small": ("mobilenetv3_small_100", True),
+    "mobilenetv3-small-minimal": ("tf_mobilenetv3_small_minimal_100", True),
     "resnet18": ("resnet18", True),
     "vit-tiny": ("vit_tiny_patch16_224", False),
 }
@@ -30,7 +31,7 @@ def test_list_students_has_shipped_specs():
     for name in SHIPPED:
         assert name in names
     assert "timm:<model name>" in names
-    assert len([n for n in names if not n.startswith("timm:")]) == 5
+    assert len([n for n in names if not n.startswith("timm:")]) == 6
 
 
 @pytest.mark.parametrize("name", sorted(SHIPPED))
