@@ -23,7 +23,9 @@ Every trained row runs `distillkit.compress` for a budget of images seen (`--ima
 4 epochs of the 60k at batch 128 = 1,875 steps; kdss, whose 4 rotations make each image 4 student
 passes, gets half that by default, `--kdss-images`) with three seeds (student init, heads, data order);
 mean and standard deviation over the seeds are printed, with the wall time of the runs and the fraction
-of the teacher-minus-random-init gap each student recovers: (student - random) / (teacher - random).
+of the teacher-minus-random-init gap each student recovers: (student - random) / (teacher - random), and
+how many standard errors of the difference each trained row's k-NN is above random init and above SimCLR
+alone (`SE > rnd/simclr`; issue 13 asks >= 3 of each strategy from the papers).
 Every run has one fixed view per image (`data.view_slots` 1) and the teacher-output cache, and the seeds
 share their views (`data.view_seed` 0), so one cache entry per teacher request serves all of them (`seed`
 and `feature` read the same embedding): the teacher runs once per image and request, and every other
@@ -196,6 +198,17 @@ def summary(rows: list[dict], key: str) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+def margin_in_standard_errors(rows: list[dict], reference: list[dict], key: str) -> float | None:
+    """(mean - reference mean) / the standard error of that difference, sqrt(s^2 / n + s_ref^2 / n_ref): how
+    many standard errors a row is above a baseline (issue 13 asks >= 3 over random init and SimCLR alone).
+    None with fewer than 2 seeds on either side."""
+    if len(rows) < 2 or len(reference) < 2:
+        return None
+    (mean, std), (ref_mean, ref_std) = summary(rows, key), summary(reference, key)
+    error = (std**2 / len(rows) + ref_std**2 / len(reference)) ** 0.5
+    return round((mean - ref_mean) / error, 1) if error > 0 else float("inf")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -258,7 +271,8 @@ def main() -> None:
     teacher = results["teacher"][0]
     random_mean = {m: summary(results["random_init"], m)[0] for m in ("knn_top1", "probe_top1")}
     table = {}
-    print(f"\n{'row':<14} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}")
+    header = f"{'row':<14} {'k-NN top-1':>16} {'probe top-1':>16} {'gap k-NN':>9} {'gap probe':>9} {'wall/run':>9}"
+    print(f"\n{header} {'SE > rnd/simclr':>14}")
     for name, rows in results.items():
         entry = {}
         reference = results["bootleg-tiny teacher"][0] if "bootleg-tiny" in name else teacher
@@ -271,13 +285,19 @@ def main() -> None:
         if "run_s" in rows[0]:
             entry["run_s_mean"] = round(statistics.mean(r["run_s"] for r in rows), 1)
             entry["steps"] = rows[0]["steps"]
+            for baseline in ("random_init", "simclr"):
+                if baseline in results and name != baseline:
+                    margin = margin_in_standard_errors(rows, results[baseline], "knn_top1")
+                    entry[f"knn_above_{baseline}_se"] = margin
         table[name] = entry
+        margins = "/".join(f"{entry.get(f'knn_above_{b}_se', '-')!s}" for b in ("random_init", "simclr"))
         print(
             f"{name:<14} "
             + " ".join(
                 f"{100 * entry[m]['mean']:>8.2f} ± {100 * entry[m]['std']:<5.2f}" for m in ("knn_top1", "probe_top1")
             )
             + f" {entry['gap_knn_top1']!s:>9} {entry['gap_probe_top1']!s:>9} {entry.get('run_s_mean', '-')!s:>9}"
+            + f" {margins:>14}"
         )
     print(
         json.dumps(
