@@ -1,7 +1,7 @@
 """What distillation buys: a real teacher, real data, every strategy against the student trained alone.
 
     python benchmarks/quality.py [--seeds 0 1 2] [--strategies simclr seed feature hidden kdss sdssl]
-                                 [--images N] [--limit N] [--keep DIR]
+                                 [--images N] [--best STRATEGY=IMAGES ...] [--limit N] [--keep DIR]
     python benchmarks/quality.py --budget seed feature     # 1, 2, 4 and 8 epochs of each, seed 0
     python benchmarks/quality.py --bootleg RUN/bootleg.pth --strategies seed   # + a self-supervised teacher
 
@@ -18,6 +18,8 @@ and scored on the whole 10,000-image test set:
   simclr                  the student trained alone, SimCLR (no teacher): the self-supervised baseline
   seed/feature/hidden/kdss  the student distilled with that strategy (its shipped `-cnn` recipe's
                           settings, or the default recipe's for seed), the same steps as simclr
+  hidden @720k            a strategy at its best budget (`--best hidden=720000`, the default; `--best` alone
+                          drops it): the table's answer to "can the student match its teacher", same seeds
 
 Every trained row runs `distillkit.compress` for a budget of images seen (`--images`, default 240,000 =
 4 epochs of the 60k at batch 128 = 1,875 steps; kdss, whose 4 rotations make each image 4 student
@@ -210,12 +212,27 @@ def margin_in_standard_errors(rows: list[dict], reference: list[dict], key: str)
     return round((mean - ref_mean) / error, 1) if error > 0 else float("inf")
 
 
+def parse_best(text: str) -> tuple[str, int]:
+    """`hidden=720000` -> ("hidden", 720000), with a clear error for anything else."""
+    strategy, _, images = text.partition("=")
+    if strategy not in RUNS or not images.isdigit() or int(images) <= 0:
+        raise SystemExit(f"--best {text!r}: expected STRATEGY=IMAGES with STRATEGY one of {', '.join(RUNS)}")
+    return strategy, int(images)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--strategies", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--strategies", nargs="*", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--images", type=int, default=240_000, help="images seen per run (4 epochs of 60k)")
     parser.add_argument("--kdss-images", type=int, default=240_000, help="images seen per kdss run (4 rotations each)")
+    parser.add_argument(
+        "--best",
+        nargs="*",
+        default=["hidden=720000"],
+        metavar="STRATEGY=IMAGES",
+        help="extra rows: a strategy at its best budget, same seeds (default hidden=720000; `--best` alone: none)",
+    )
     parser.add_argument(
         "--budget",
         nargs="+",
@@ -232,6 +249,7 @@ def main() -> None:
         help="also distil from this tiny Bootleg teacher (RUN/bootleg.pth; pretrained first when missing)",
     )
     args = parser.parse_args()
+    best = [parse_best(text) for text in args.best]
     warnings.simplefilter("ignore")
     started = time.perf_counter()
     where = ensure_fashion_mnist()
@@ -251,6 +269,7 @@ def main() -> None:
         [(f"{s} x{e}", s, [args.seeds[0]], e * images_per_epoch) for s in args.budget for e in BUDGET_EPOCHS]
         if args.budget
         else [(s, s, args.seeds, args.kdss_images if s == "kdss" else args.images) for s in args.strategies]
+        + [(f"{s} @{images // 1000}k", s, args.seeds, images) for s, images in best]
     )
     bootleg = ensure_bootleg(args.bootleg, work) if args.bootleg else None
     if bootleg is not None:
@@ -312,6 +331,7 @@ def main() -> None:
                 "images": args.images,
                 "kdss_images": args.kdss_images,
                 "budget": args.budget,
+                "best": args.best,
                 "batch": BATCH,
                 "limit": args.limit,
                 "rows": table,
