@@ -415,7 +415,22 @@ def main() -> None:
     try:
         app()
     except SystemExit as e:  # click exits 2 on bad usage already; keep codes as they are
-        sys.exit(e.code)
+        code = e.code
+    else:
+        code = 0
+    finally:
+        _close_process_group()
+    sys.exit(code)
+
+
+def _close_process_group() -> None:
+    """Destroy the torch.distributed process group a multi-process run opened (Accelerate leaves it open: the
+    run's evaluation and a next run in the process use it), so that each process exits with its communication
+    threads stopped instead of tearing them down at interpreter exit, where gloo can abort ("terminate called
+    without an active exception")."""
+    distributed = sys.modules.get("torch.distributed")  # only a command that imported torch can have opened one
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def test_default_recipe_matches_default_yaml():
     assert recipe.data.limit is None
     assert recipe.data.crop_scale == (0.3, 1.0)
     assert recipe.data.view_slots == "auto" and recipe.data.teacher_cache == "auto"
-    assert recipe.train.images == 420000
+    assert recipe.train.images == 384000
     assert recipe.train.batch_size == 128
     assert recipe.train.optimizer == "sgd"
     assert recipe.train.lr == 0.15
@@ -54,7 +54,7 @@ def test_default_recipe_matches_default_yaml():
     assert recipe.eval.max_test == 10000
     assert list(recipe.strategy) == ["seed"]
     seed = recipe.strategy["seed"]
-    assert seed.queue_size == 4096
+    assert seed.queue_size == 2048
     assert seed.tau_student == 0.2
     assert seed.tau_teacher == 0.05
     # a strategy section is completed with the strategy's own defaults
@@ -304,7 +304,7 @@ def test_strategy_names_no_strategy():
 def test_strategy_seed_keeps_recipe_settings():
     recipe = resolve_recipe("default", strategy="seed")
     assert list(recipe.strategy) == ["seed"]
-    assert recipe.strategy["seed"].queue_size == 4096  # from default.yaml, not the 65536 schema default
+    assert recipe.strategy["seed"].queue_size == 2048  # from default.yaml, not the 65536 schema default
     assert recipe.strategy["seed"].tau_teacher == 0.05
 
 

@@ -45,7 +45,7 @@ def _package_state_dict() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def lite0() -> Teacher:
-    return load_teacher("efficientnet-lite0", input_size=64)
+    return load_teacher("efficientnet-lite0", input_size=64, fold_norms=False)  # the layout as converted
 
 
 @pytest.fixture(scope="module")
@@ -78,6 +78,18 @@ def test_lite0_shapes_and_input_config(lite0):
     assert tuple(out.embedding.shape) == (2, 1280)
     assert tuple(out.logits.shape) == (2, 1000)
     assert out.projection is None
+
+
+def test_lite0_folded_embeds_as_the_converted_network(lite0):
+    """The teacher as training runs it (batch norms folded) gives the converted network's embedding and logits."""
+    folded = load_teacher("efficientnet-lite0", input_size=64)
+    assert folded.folded_norms == 49  # every BatchNormAct2d of Lite0 follows a convolution
+    views = torch.rand(4, 3, 64, 64)
+    request = FeatureRequest(embedding=True, logits=True)
+    expected, got = lite0(views, request), folded(views, request)
+    for name in ("embedding", "logits"):
+        want, have = getattr(expected, name), getattr(got, name)
+        assert (have - want).abs().max() <= 1e-4 * want.abs().max(), name
 
 
 def test_lite0_conversion_puts_tensors_in_place(lite0, package_state_dict):
@@ -143,7 +155,7 @@ def test_convert_lite0_rejects_other_architectures():
 def test_lite0_from_a_package_layout_pth_file(tmp_path, package_state_dict):
     path = tmp_path / "lite0.pth"
     torch.save({"state_dict": package_state_dict}, path)
-    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32)
+    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32, fold_norms=False)
     assert torch.equal(teacher.model.conv_head.weight, package_state_dict["_conv_head.weight"])
     assert str(path) in teacher.source
 
@@ -151,7 +163,7 @@ def test_lite0_from_a_package_layout_pth_file(tmp_path, package_state_dict):
 def test_lite0_from_a_timm_layout_safetensors_file(tmp_path, lite0):
     path = tmp_path / "lite0-timm.safetensors"
     save_file({k: v.contiguous() for k, v in lite0.model.state_dict().items()}, str(path))
-    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32)
+    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32, fold_norms=False)
     assert torch.equal(teacher.model.classifier.weight, lite0.model.classifier.weight)
     assert torch.equal(teacher.model.bn2.running_var, lite0.model.bn2.running_var)
 
@@ -159,7 +171,7 @@ def test_lite0_from_a_timm_layout_safetensors_file(tmp_path, lite0):
 def test_lite0_from_a_package_layout_safetensors_file(tmp_path, package_state_dict):
     path = tmp_path / "lite0.safetensors"
     save_file({k: v.contiguous() for k, v in package_state_dict.items()}, str(path))
-    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32)
+    teacher = load_teacher("efficientnet-lite0", weights=path, input_size=32, fold_norms=False)
     assert torch.equal(teacher.model.conv_head.weight, package_state_dict["_conv_head.weight"])
 
 
@@ -174,7 +186,7 @@ def lite2_package_state_dict() -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def lite2(lite2_package_state_dict) -> Teacher:
-    return load_teacher("efficientnet-lite2")  # at its native input size
+    return load_teacher("efficientnet-lite2", fold_norms=False)  # at its native input size, as converted
 
 
 def test_lite2_comes_from_its_package_at_its_native_input_size(lite2):
@@ -222,7 +234,7 @@ def test_a_lite_file_of_the_other_size_is_refused_with_the_teacher_it_fits(
 def test_lite2_from_a_timm_layout_safetensors_file(tmp_path, lite2):
     path = tmp_path / "lite2-timm.safetensors"
     save_file({k: v.contiguous() for k, v in lite2.model.state_dict().items()}, str(path))
-    teacher = load_teacher("efficientnet-lite2", weights=path, input_size=32)
+    teacher = load_teacher("efficientnet-lite2", weights=path, input_size=32, fold_norms=False)
     assert torch.equal(teacher.model.classifier.weight, lite2.model.classifier.weight)
     assert torch.equal(teacher.model.bn2.running_var, lite2.model.bn2.running_var)
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..data.loading import loader_options
 from ..data.sources import Subset, collate_skipping_bad
 from ..data.views import as_views
+from ..norm_folding import folded_copy
 
 Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
@@ -147,18 +148,26 @@ def cpu_latencies_ms(models: dict[str, Timed], runs: int = 30) -> dict[str, floa
     """name -> median single-image forward time on the CPU, in milliseconds, of every model, timed round-robin
     (`runner_latencies_ms`) so that a change in the machine's load falls on all of them alike.
 
-    The models are moved outside inference mode (moving them inside would turn their parameters into
-    inference tensors) and their devices and training modes are restored afterwards.
+    Each model is timed as a deployment runs it: with its batch norms folded into the convolutions before them
+    (`norm_folding.folded_copy`, as ONNX and TorchScript exporters and a folded teacher do), so a teacher and
+    its student compare alike. The models are moved outside inference mode (moving them inside would turn their
+    parameters into inference tensors) and their devices and training modes are restored afterwards.
     """
     placed = {name: (next(model.parameters()).device, model.training) for name, (model, _, _) in models.items()}
     for model, _, _ in models.values():
         model.eval().cpu()
+    deployed = {name: (_as_deployed(model, size, last), size, last) for name, (model, size, last) in models.items()}
     try:
-        return runner_latencies_ms(models, runs)
+        return runner_latencies_ms(deployed, runs)
     finally:
         for name, (model, _, _) in models.items():
             device, was_training = placed[name]
             model.to(device).train(was_training)
+
+
+def _as_deployed(model: nn.Module, input_size: tuple[int, int], channels_last: bool) -> nn.Module:
+    folded = folded_copy(model, input_size)
+    return folded.to(memory_format=torch.channels_last) if channels_last and folded is not model else folded
 
 
 def runner_latency_ms(

@@ -52,7 +52,7 @@ def score_networks(recipe, networks: dict[str, Any], images, device="cpu", progr
             ]
             settings = recipe.eval.knn_k, recipe.eval.knn_temperature, recipe.eval.probe_steps
             row.update(score_embeddings(*embedded, *settings, seed=recipe.train.seed))
-        row["params"] = count_params(model)
+        row["params"] = getattr(network, "num_params", None) or count_params(model)  # a teacher's: as loaded
         metrics[name] = row
     timed = {name: (n.model, n.input_config.size, n.channels_last) for name, n in networks.items()}
     for name, latency in cpu_latencies_ms(timed, recipe.eval.latency_runs).items():

@@ -48,6 +48,7 @@ def load_teacher(
     model_kwargs: Mapping[str, Any] | None = None,
     precision: str = "auto",
     compile: bool = False,
+    fold_norms: bool = True,
 ) -> Teacher:
     """A frozen teacher by zoo name, `timm:<model>` or `file:<path>` (with `arch`, a timm model name).
 
@@ -55,7 +56,8 @@ def load_teacher(
     checkpoint that holds several ("momentum", "student", "encoder"); `model_kwargs` are extra
     `timm.create_model` arguments (tests use them to shrink a family: dict(depth=2, embed_dim=64)).
     `precision` (auto | fp32 | bf16) is the teacher's own autocast; `compile` runs training's feature
-    extraction through torch.compile.
+    extraction through torch.compile; `fold_norms` folds its batch norms into the convolutions before them
+    (`norm_folding`: the same outputs up to float rounding, faster); False keeps the network as loaded.
     """
     weights = str(weights) if weights is not None else None
     check_teacher_name(name, variant=variant, arch=arch, weights=weights)
@@ -73,7 +75,15 @@ def load_teacher(
     _check_finite(model, built.head, built.source)
     input_config = built.input_config or _input_config(model, input_size)
     return Teacher(
-        name, model, input_config, built.source, built.head, channels_last, precision=precision, compile=compile
+        name,
+        model,
+        input_config,
+        built.source,
+        built.head,
+        channels_last,
+        precision=precision,
+        compile=compile,
+        fold_norms=fold_norms,
     )
 
 
