@@ -191,3 +191,24 @@ def test_overwrite_under_torchrun_replaces_the_run_once(tmp_path):
     # each process exits 2; torchrun itself reports a failed worker group as 1
     assert refused.returncode != 0 and "files a run did not write: my-notes.txt" in " ".join(refused.stderr.split())
     assert (out / "my-notes.txt").read_text() == "the user's" and (out / "metrics.jsonl").exists()
+
+
+def test_the_command_destroys_the_process_group_before_it_exits():
+    """`distillkit` (cli.main) leaves no torch.distributed group open when it returns, on success and on bad
+    usage alike: a process that exits with gloo's threads still running can abort at interpreter exit."""
+    script = f"""
+import sys
+import torch.distributed as dist
+from distillkit.cli import main
+for argv in (["distillkit", "--version"], ["distillkit", "compress", "--no-such-flag"]):
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    sys.argv = argv
+    try:
+        main()
+    except SystemExit as e:
+        print(argv[1], "exit", e.code, "group open:", dist.is_initialized())
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    reports = [line for line in done.stdout.splitlines() if "group open" in line]
+    assert reports == ["--version exit 0 group open: False", "compress exit 2 group open: False"]
