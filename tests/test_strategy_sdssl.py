@@ -138,6 +138,52 @@ def test_loss_matches_the_sdssl_formula(views, predictor):
     assert set(strategy.term_weights()) == set(terms)
 
 
+@pytest.mark.parametrize("progress", [0.0, 0.5, 1.0])
+def test_gradients_match_the_official_two_predictor_passes(progress):
+    """L_pred runs each predictor on detached projections (official `training_step`); the strategy runs each
+    predictor once. Every gradient (student features, projectors, predictors) must be the official one."""
+    torch.manual_seed(0)
+    n = 6
+    config = SdsslConfig(views=2, predictor=True, ramp_max=0.8, **TINY)
+    shapes = {0: 12, 1: 16, 2: 20}
+    probe = Features(embedding=torch.randn(2, 20), block_embeddings={k: torch.randn(2, d) for k, d in shapes.items()})
+    strategy = Sdssl(config, Features(embedding=torch.randn(2, 10)), probe)
+    student = [
+        Features(
+            embedding=torch.randn(n, 20, requires_grad=True),
+            block_embeddings={k: torch.randn(n, d, requires_grad=True) for k, d in shapes.items()},
+        )
+        for _ in range(2)
+    ]
+    teacher = [Features(embedding=torch.randn(n, 10)) for _ in range(2)]
+    leaves = [x for f in student for x in (f.block_embeddings[0], f.block_embeddings[1], f.embedding)]
+    params = list(strategy.parameters())
+
+    def gradients(loss):
+        return torch.autograd.grad(loss, leaves + params)
+
+    got = gradients(sum(strategy(StepInputs(teacher, student, None, progress)).values()))
+
+    def nce(z, t):  # the formula, independent of the strategy's own helper
+        logits = nn.functional.normalize(z, dim=1) @ nn.functional.normalize(t, dim=1).T / 0.2
+        return 0.4 * nn.functional.cross_entropy(logits, torch.arange(n))
+
+    lam = 0.8 * (1 - math.cos(math.pi * progress)) / 2
+    expected_loss = 0.0
+    for a, b in [(0, 1), (1, 0)]:
+        inputs = [student[a].block_embeddings[0], student[a].block_embeddings[1], student[a].embedding]
+        projected = [project(x) for project, x in zip(strategy.projectors, inputs)]
+        final = [predict(p) for predict, p in zip(strategy.predictors, projected)]
+        t = teacher[b].embedding
+        expected_loss = expected_loss + nce(final[2], t) + lam * (nce(final[0], t) + nce(final[1], t)) / 2
+        expected_loss = expected_loss + sum(
+            nce(predict(p.detach()), t) for predict, p in zip(strategy.predictors, projected)
+        )
+    expected = gradients(expected_loss)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-6)
+
+
 def test_heads_are_sdssl_mlps():
     strategy = Sdssl(
         SdsslConfig(**TINY),

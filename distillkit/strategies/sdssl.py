@@ -31,6 +31,14 @@ onto the teacher embedding's width; pred_l = Linear(no bias) -> BN -> ReLU -> Li
 Official widths (ViT-B): projector hidden 2048 (blocks 1-11) / 4096 (block 12), out 256, predictor hidden 4096;
 the defaults here are smaller (512 / 1024, predictor 1024) for small students.
 
+One predictor pass: L_pred's value is the block's term itself (pred_l(sg(p)) = pred_l(p) forward), so
+its gradient is that term's gradient restricted to the predictor. With w_l the term's weight in L (1 for
+the output, lambda(p) / #blocks for each intermediate block), L = sum_l (w_l + 1) NCE(pred_l(g(proj_l)))
+with g the identity whose backward scales the gradient by w_l / (w_l + 1): the predictor's gradient is
+(w_l + 1) dNCE, the projector's and the student's w_l dNCE, exactly the official two passes' gradients,
+with one predictor forward and backward less per block and view pair. (The predictors' batch-norm running statistics,
+never used in training, are updated once per step instead of twice.)
+
 Terms are logged as they enter the loss: `sdssl.mid` is lambda(p) * L_mid, so it reads 0 at the start.
 The teacher keys are gathered inside `forward` with torch.distributed (no gradient flows to them), so
 N processes see the negatives one process with the global batch sees.
@@ -97,6 +105,23 @@ def sdssl_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int) -> nn
         last = i == num_layers - 1
         layers += [nn.BatchNorm1d(b, affine=False)] if last else [nn.BatchNorm1d(b), nn.ReLU(inplace=True)]
     return nn.Sequential(*layers)
+
+
+class _ScaleGradient(torch.autograd.Function):
+    """The identity forward; the backward multiplies the gradient by `scale`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, scale: float) -> Tensor:
+        ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        return grad * ctx.scale, None
+
+
+def scale_gradient(x: Tensor, scale: float) -> Tensor:
+    return _ScaleGradient.apply(x, scale)
 
 
 def info_nce(student: Tensor, keys: Tensor, offset: int, tau: float) -> Tensor:
@@ -202,6 +227,9 @@ class Sdssl(Strategy):
             raise UsageError(f"strategy sdssl with views = {c.views} got {len(step.student_views)} view(s)")
         pairs = [(0, 1), (1, 0)] if c.views == 2 else [(0, 0)]
         out = mid = pred = 0.0
+        lam = ramp(c.ramp, c.ramp_max, step.progress)
+        # each term's weight in L: the output term 1, each intermediate one lambda(p) / #blocks
+        weights = [lam / len(self.blocks)] * len(self.blocks) + [1.0]
         for a, b in pairs:
             keys = F.normalize(fp32(teacher_vector(step.teacher_views[b], self.use_projection)), dim=1)
             keys, offset = all_gather(keys.detach())  # stop-grad keys: no gradient crosses processes
@@ -209,17 +237,17 @@ class Sdssl(Strategy):
             inputs = [student.block_embeddings[i] for i in self.blocks] + [student.embedding]
             z = [project(f) for project, f in zip(self.projectors, inputs)]
             if self.predictors is not None:
-                pred = pred + sum(
-                    info_nce(p(zl.detach()), keys, offset, c.temperature) for p, zl in zip(self.predictors, z)
-                )
-                z = [p(zl) for p, zl in zip(self.predictors, z)]
+                # one predictor pass serves L_pred too (module docstring, "One predictor pass")
+                z = [p(scale_gradient(zl, w / (w + 1.0))) for p, zl, w in zip(self.predictors, z, weights)]
             losses = [info_nce(zl, keys, offset, c.temperature) for zl in z]
+            if self.predictors is not None:
+                pred = pred + sum(losses)
             out = out + losses[-1]
             if self.blocks:
                 mid = mid + sum(losses[:-1]) / len(self.blocks)
         terms = {"out": out}
         if self.blocks:
-            terms["mid"] = ramp(c.ramp, c.ramp_max, step.progress) * mid
+            terms["mid"] = lam * mid
         if self.predictors is not None:
             terms["pred"] = pred
         return terms
