@@ -20,17 +20,30 @@ def _configs(count: int):
         if min(height, width) + 2 * padding - dilation * (kernel - 1) - 1 < 0:
             continue
         count -= 1
-        yield kernel, stride, dilation, padding, height, width, channels, rng.choice([1, 2, channels])
+        yield (
+            kernel,
+            stride,
+            dilation,
+            padding,
+            height,
+            width,
+            channels,
+            rng.choice([1, 2, channels]),
+            rng.random() < 0.5,
+        )
 
 
-@pytest.mark.parametrize("kernel,stride,dilation,padding,height,width,channels,groups", list(_configs(120)))
+@pytest.mark.parametrize(
+    "kernel,stride,dilation,padding,height,width,channels,groups,channels_last", list(_configs(160))
+)
 def test_outputs_and_gradients_match_the_full_convolution(
-    kernel, stride, dilation, padding, height, width, channels, groups
+    kernel, stride, dilation, padding, height, width, channels, groups, channels_last
 ):
     torch.manual_seed(kernel * 100 + height * 10 + width)
     weight = torch.randn(channels, channels // groups, kernel, kernel, requires_grad=True)
     bias = torch.randn(channels, requires_grad=True)
-    x = torch.randn(3, channels, height, width, requires_grad=True)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    x = torch.randn(3, channels, height, width).to(memory_format=layout).requires_grad_()
     expected = F.conv2d(x, weight, bias, stride, padding, dilation, groups)  # the reference: torch's own op
     expected_grads = torch.autograd.grad((expected**2).sum(), (x, weight, bias))
 
@@ -89,3 +102,40 @@ def test_a_small_student_trains_the_same_with_cropped_taps():
     torch.testing.assert_close(cropped_loss, loss, atol=1e-5, rtol=1e-5)
     for got, expected in zip(cropped_grads, grads):
         torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("size", [1, 2, 8])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kind", ["pointwise", "channelwise"])
+def test_one_by_one_convolutions_on_small_maps_are_matrix_products(monkeypatch, kind, bias, size):
+    """1 x 1 kernels (and 5 x 5 ones cropped to their centre on a 1 x 1 map) skip oneDNN: same values, same
+    gradients, the same channels-last layout out."""
+    import distillkit.conv_taps as conv_taps
+
+    calls = []
+    original = getattr(conv_taps, kind)
+    monkeypatch.setattr(conv_taps, kind, lambda *args: calls.append(kind) or original(*args))
+    torch.manual_seed(size)
+    channels, kernel = 12, 5 if size == 1 else 1
+    groups = 1 if kind == "pointwise" else channels
+    conv = nn.Conv2d(channels, 24 if groups == 1 else channels, kernel, padding=kernel // 2, groups=groups, bias=bias)
+    x = torch.randn(4, channels, size, size).to(memory_format=torch.channels_last).requires_grad_()
+    expected = F.conv2d(x, conv.weight, conv.bias, padding=kernel // 2, groups=groups)
+    expected_grads = torch.autograd.grad((expected**2).sum(), [x, *conv.parameters()])
+    with cropped_taps(conv):
+        got = conv(x)
+        grads = torch.autograd.grad((got**2).sum(), [x, *conv.parameters()])
+    assert calls == [kind]
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, e in zip(grads, expected_grads):
+        torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+def test_large_maps_keep_the_convolution(monkeypatch):
+    import distillkit.conv_taps as conv_taps
+
+    monkeypatch.setattr(conv_taps, "pointwise", lambda *args: pytest.fail("a 16 x 16 map took the matrix product"))
+    conv = nn.Conv2d(8, 8, 1)
+    with cropped_taps(conv):
+        conv(torch.randn(2, 8, 16, 16).to(memory_format=torch.channels_last))
