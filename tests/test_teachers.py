@@ -515,3 +515,16 @@ def test_bf16_teacher_features_match_fp32_and_reach_strategies_as_fp32(lite0):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         auto = lite0(views, request)  # auto on a CPU: fp32 even inside the student's bf16 autocast
     torch.testing.assert_close(auto.embedding, exact.embedding)
+
+
+@pytest.mark.parametrize("fold_norms", [True, False])
+def test_a_teacher_that_cannot_run_at_its_input_size_is_a_clear_error(fold_norms):
+    """Inception v3 at 32 px shrinks its map below a 3 x 3 kernel: the teacher is refused at load with the size,
+    the network's own complaint and what to set, not torch's bare RuntimeError from a probe forward."""
+    model = timm.create_model("inception_v3", pretrained=False, num_classes=0).eval()
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    with pytest.raises(UsageError) as error:
+        Teacher("inception-v3", model, InputConfig((32, 32), *imagenet), "random, test only", fold_norms=fold_norms)
+    message = str(error.value)
+    assert "inception-v3 cannot run on 32 x 32 px" in message and "Kernel size" in message
+    assert "teacher.input_size" in message and "299" in message  # its pretrained size, as the way out

@@ -24,6 +24,27 @@ from ..inputs import InputConfig, prepare_input
 from ..norm_folding import fold_batch_norms
 
 
+def check_runs_at(name: str, model: nn.Module, size: tuple[int, int]) -> None:
+    """A forward of 2 random images at `size`, so a network that cannot run there (a map shrunk below a kernel,
+    a fixed input size) is refused at load with what to set, not inside training."""
+    param = next(model.parameters(), None)
+    probe = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
+    if param is not None:
+        probe = probe.to(param.device)
+    try:
+        with torch.no_grad():
+            model(probe)
+    except NotImplementedError:  # no plain forward (features come from forward_intermediates): nothing to probe
+        return
+    except (RuntimeError, AssertionError, ValueError) as e:
+        pretrained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
+        hint = f" (its pretrained size is {pretrained[-2]} x {pretrained[-1]})" if pretrained else ""
+        raise UsageError(
+            f"teacher {name} cannot run on {size[0]} x {size[1]} px images: {str(e).strip()}. Set "
+            f"teacher.input_size to a size the network accepts{hint}"
+        ) from None
+
+
 class Teacher(nn.Module):
     def __init__(
         self,
@@ -48,6 +69,7 @@ class Teacher(nn.Module):
         self.requires_grad_(False)
         super().train(False)
         self.num_params = _params(model)  # as loaded: folding merges each norm's parameters into a conv bias
+        check_runs_at(name, model, input_config.size)
         self.folded_norms = fold_batch_norms(model, input_config.size) if fold_norms else 0
         self.channels_last = channels_last and not is_token_model(model)
         if self.channels_last:
