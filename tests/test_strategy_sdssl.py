@@ -385,3 +385,12 @@ def test_composes_with_a_strategy_that_runs_the_student(teacher):
     x = torch.randn(4, 3, 32, 32)
     features = objective.student_features(student, x, {}, request, 0.0)
     assert sorted(features.block_embeddings) == [0, 1, 2] and features.embedding.shape == (4, 32)
+
+
+def test_no_intermediate_block_trains_the_output_and_its_predictor_only():
+    config = SdsslConfig(blocks=[], **TINY)
+    probe = Features(embedding=torch.randn(2, 20), block_embeddings={0: torch.randn(2, 20)})
+    strategy = Sdssl(config, Features(embedding=torch.randn(2, 10)), probe)
+    student = [Features(embedding=torch.randn(6, 20), block_embeddings={0: torch.randn(6, 20)}) for _ in range(2)]
+    terms = strategy(StepInputs([Features(embedding=torch.randn(6, 10)) for _ in range(2)], student, None, 0.3))
+    assert set(terms) == {"out", "pred"} and terms["out"].item() == pytest.approx(terms["pred"].item())

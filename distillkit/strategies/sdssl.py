@@ -229,7 +229,7 @@ class Sdssl(Strategy):
         out = mid = pred = 0.0
         lam = ramp(c.ramp, c.ramp_max, step.progress)
         # each term's weight in L: the output term 1, each intermediate one lambda(p) / #blocks
-        weights = [lam / len(self.blocks)] * len(self.blocks) + [1.0]
+        weights = [lam / len(self.blocks) for _ in self.blocks] + [1.0]
         for a, b in pairs:
             keys = F.normalize(fp32(teacher_vector(step.teacher_views[b], self.use_projection)), dim=1)
             keys, offset = all_gather(keys.detach())  # stop-grad keys: no gradient crosses processes
