@@ -22,20 +22,21 @@ from ..errors import UsageError
 from ..features import Extractor, FeatureRequest, Features, is_token_model, num_layers, resolve_layers
 from ..inputs import InputConfig, prepare_input
 from ..norm_folding import fold_batch_norms
+from .cpu_chunks import cat_features, chunk_images, largest_output_bytes
 
 
-def check_runs_at(name: str, model: nn.Module, size: tuple[int, int]) -> None:
-    """A forward of 2 random images at `size`, so a network that cannot run there (a map shrunk below a kernel,
-    a fixed input size) is refused at load with what to set, not inside training."""
+def probe_at(name: str, model: nn.Module, size: tuple[int, int]) -> int:
+    """A forward of 2 random images at `size`: a network that cannot run there (a map shrunk below a kernel, a
+    fixed input size) is refused at load with what to set, not inside training. Returns its largest activation
+    in bytes per image (`cpu_chunks.largest_output_bytes`; 0 for a network without a plain forward)."""
     param = next(model.parameters(), None)
     probe = torch.rand(2, 3, *size, generator=torch.Generator().manual_seed(0))
     if param is not None:
         probe = probe.to(param.device)
     try:
-        with torch.no_grad():
-            model(probe)
+        return largest_output_bytes(model, probe)
     except NotImplementedError:  # no plain forward (features come from forward_intermediates): nothing to probe
-        return
+        return 0
     except (RuntimeError, AssertionError, ValueError) as e:
         pretrained = (getattr(model, "pretrained_cfg", None) or {}).get("input_size")
         hint = f" (its pretrained size is {pretrained[-2]} x {pretrained[-1]})" if pretrained else ""
@@ -69,7 +70,7 @@ class Teacher(nn.Module):
         self.requires_grad_(False)
         super().train(False)
         self.num_params = _params(model)  # as loaded: folding merges each norm's parameters into a conv bias
-        check_runs_at(name, model, input_config.size)
+        self.cpu_chunk = chunk_images(probe_at(name, model, input_config.size))  # images per CPU forward
         self.folded_norms = fold_batch_norms(model, input_config.size) if fold_norms else 0
         self.channels_last = channels_last and not is_token_model(model)
         if self.channels_last:
@@ -155,6 +156,10 @@ class Teacher(nn.Module):
         return self._extract(views, FeatureRequest(embedding=True), _EAGER).embedding
 
     def _extract(self, views: Tensor, request: FeatureRequest, extractor: Extractor) -> Features:
+        chunk = self.cpu_chunk
+        if views.device.type == "cpu" and chunk is not None and views.shape[0] > chunk:  # see cpu_chunks
+            starts = range(0, views.shape[0], chunk)
+            return cat_features([self._extract(views[s : s + chunk], request, extractor) for s in starts])
         if self.pruned_to is not None:
             self._check_within_pruned(request)
             # absolute indices, so relative depths keep meaning the whole network's blocks
