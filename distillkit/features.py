@@ -72,6 +72,27 @@ class Features:
         return features
 
 
+def _batch_dim(name: str) -> int:
+    """Where a flat-named tensor (`Features.named`) holds the batch: relations are (2, B, heads, N, d)."""
+    return 1 if name.startswith("relations.") else 0
+
+
+def cat_batches(parts: list[Features]) -> Features:
+    """The Features of consecutive batches joined into one batch (the inverse of `split_batch`)."""
+    named = [part.named() for part in parts]
+    joined = {name: torch.cat([n[name] for n in named], dim=_batch_dim(name)) for name in named[0]}
+    return Features.from_named(joined, prefix_tokens=parts[0].prefix_tokens)
+
+
+def split_batch(features: Features, sizes: list[int]) -> list[Features]:
+    """The Features of one batch as those of its consecutive parts of `sizes` images (views, no copies)."""
+    pieces = {name: t.split(sizes, dim=_batch_dim(name)) for name, t in features.named().items()}
+    return [
+        Features.from_named({name: parts[i] for name, parts in pieces.items()}, features.prefix_tokens)
+        for i in range(len(sizes))
+    ]
+
+
 @dataclass(frozen=True)
 class FeatureRequest:
     """What a strategy needs from a network.

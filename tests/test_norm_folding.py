@@ -1,5 +1,6 @@
 """Batch norms folded into the convolutions before them: the formula by hand, the same outputs on real timm
-networks, the refusal when a convolution's output is read twice, teachers folded, latency timed on copies."""
+networks, the refusal when a convolution's output is read twice, teachers folded, latency timed on copies,
+folding for the length of a scoring pass and undone exactly after it."""
 
 from __future__ import annotations
 
@@ -10,9 +11,10 @@ import timm
 import torch
 from torch import nn
 
-from distillkit.evaluate.metrics import cpu_latencies_ms
+from distillkit.conv_taps import CroppedTapsConv2d
+from distillkit.evaluate.metrics import cpu_latencies_ms, embed_dataset, inference_form
 from distillkit.inputs import InputConfig, prepare_input
-from distillkit.norm_folding import FoldedNorm, fold_batch_norms
+from distillkit.norm_folding import FoldedNorm, fold_batch_norms, folded_norms
 from distillkit.teachers.base import Teacher
 
 
@@ -126,3 +128,58 @@ def test_latency_times_a_folded_copy_and_leaves_the_model_alone():
     assert any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     after = model.state_dict()
     assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_folded_norms_folds_for_the_context_only_and_puts_back_the_same_objects():
+    torch.manual_seed(0)
+    model = _randomise_norms(timm.create_model("mobilenetv3_small_100", num_classes=0))
+    parameters = dict(model.named_parameters())
+    modules = dict(model.named_modules())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model(x)
+
+    with folded_norms(model, (32, 32)) as folded:
+        assert folded is model
+        assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+        with torch.no_grad():
+            got = model(x)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+
+    assert dict(model.named_parameters()).keys() == parameters.keys()
+    assert all(p is parameters[name] for name, p in model.named_parameters())  # the optimiser's own tensors
+    assert all(m is modules[name] for name, m in model.named_modules())
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_folded_norms_undoes_the_fold_when_the_pass_fails():
+    model = _randomise_norms(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)))
+    norm = model[1]
+    with pytest.raises(RuntimeError, match="scoring failed"):
+        with folded_norms(model, (8, 8)):
+            assert isinstance(model[1], FoldedNorm)
+            raise RuntimeError("scoring failed")
+    assert model[1] is norm
+
+
+def test_inference_form_embeds_as_the_model_does_and_leaves_it_as_it_was():
+    """What scoring runs (norms folded, padding-only taps skipped) against the plain network, on real images'
+    worth of batches; afterwards the convolutions are plain nn.Conv2d again."""
+    torch.manual_seed(0)
+    model = _randomise_norms(timm.create_model("tf_mobilenetv3_small_minimal_100", num_classes=0))
+    generator = torch.Generator().manual_seed(1)
+    images = [(torch.randint(0, 256, (1, 32, 32), dtype=torch.uint8, generator=generator), i % 3, i) for i in range(40)]
+    config = InputConfig((32, 32), (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+    def embed(views):
+        return model(prepare_input(views, config, False))
+
+    expected, labels = embed_dataset(embed, images, batch_size=16)
+    with inference_form(model, (32, 32)):
+        assert any(isinstance(m, CroppedTapsConv2d) for m in model.modules())
+        got, got_labels = embed_dataset(embed, images, batch_size=16)
+    assert torch.equal(got_labels, labels)
+    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    assert not any(isinstance(m, (CroppedTapsConv2d, FoldedNorm)) for m in model.modules())

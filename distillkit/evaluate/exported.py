@@ -25,6 +25,7 @@ from .metrics import (
     cpu_latency_ms,
     embed_outputs,
     eval_subset,
+    inference_form,
     knn_accuracy,
     runner_latency_ms,
     score_embeddings,
@@ -77,8 +78,9 @@ def evaluate_student(
             out.update({f"block{i}": e for i, e in enumerate(block_embeddings(model, x))})
         return out
 
-    train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed), device=device)
-    test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed), device=device)
+    with inference_form(model, input_config.size):
+        train, train_labels = embed_outputs(outputs, eval_subset(images.train_all, max_train, seed), device=device)
+        test, test_labels = embed_outputs(outputs, eval_subset(images.test, max_test, seed), device=device)
     bank, queries = (train["embedding"], train_labels), (test["embedding"], test_labels)
     metrics: dict[str, Any] = score_embeddings(bank, queries, knn_k, knn_temperature, probe_steps, seed=seed)
     if head_skipped is None:

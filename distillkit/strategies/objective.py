@@ -67,6 +67,11 @@ class Objective(nn.Module):
             strategies[name] = strategy_cls.build(config, teachers, probes, student, student_probe)
         return cls(strategies, {name: config.weight for name, config in strategy_configs.items()})
 
+    @property
+    def runs_student(self) -> bool:
+        """Whether one of the strategies runs the student itself on each view (`Strategy.runs_student`)."""
+        return any(type(s).runs_student() for s in self.strategies.values())
+
     def student_request(self) -> FeatureRequest:
         """What the strategies need from the student, merged."""
         request = FeatureRequest()

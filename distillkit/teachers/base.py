@@ -19,10 +19,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import UsageError
-from ..features import Extractor, FeatureRequest, Features, is_token_model, num_layers, resolve_layers
+from ..features import (
+    Extractor,
+    FeatureRequest,
+    Features,
+    cat_batches,
+    is_token_model,
+    num_layers,
+    resolve_layers,
+)
 from ..inputs import InputConfig, prepare_input
 from ..norm_folding import fold_batch_norms
-from .cpu_chunks import cat_features, chunk_images, largest_output_bytes
+from .cpu_chunks import chunk_images, largest_output_bytes
 
 
 def probe_at(name: str, model: nn.Module, size: tuple[int, int]) -> int:
@@ -159,7 +167,7 @@ class Teacher(nn.Module):
         chunk = self.cpu_chunk
         if views.device.type == "cpu" and chunk is not None and views.shape[0] > chunk:  # see cpu_chunks
             starts = range(0, views.shape[0], chunk)
-            return cat_features([self._extract(views[s : s + chunk], request, extractor) for s in starts])
+            return cat_batches([self._extract(views[s : s + chunk], request, extractor) for s in starts])
         if self.pruned_to is not None:
             self._check_within_pruned(request)
             # absolute indices, so relative depths keep meaning the whole network's blocks

@@ -15,8 +15,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..features import Features
-
 CHUNK_BYTES = 24 * 2**20  # below glibc's largest mmap threshold (32 MiB), with room for a padded copy
 
 
@@ -43,14 +41,3 @@ def largest_output_bytes(model: nn.Module, probe: Tensor) -> int:
 def chunk_images(bytes_per_image: int) -> int | None:
     """Images per CPU chunk for a network whose largest activation is `bytes_per_image` (None: whole batches)."""
     return max(1, CHUNK_BYTES // bytes_per_image) if bytes_per_image else None
-
-
-def cat_features(parts: list[Features]) -> Features:
-    """The Features of the concatenated batch from those of its consecutive chunks (relations hold the batch
-    on their second dimension: (2, B, heads, N, d))."""
-    names = parts[0].named()
-    joined = {
-        name: torch.cat([part.named()[name] for part in parts], dim=1 if name.startswith("relations.") else 0)
-        for name in names
-    }
-    return Features.from_named(joined, prefix_tokens=parts[0].prefix_tokens)
