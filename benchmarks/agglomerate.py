@@ -184,7 +184,7 @@ def main() -> None:
     for role, teacher in teachers.items():
         weights = sections[role].get("weights")
         key = f"{names[role]} teacher " + (f"{weights}@{Path(weights).stat().st_mtime_ns}" if weights else "(shipped)")
-        row = scored.get(key, lambda t=teacher: score(t.embed, train_set, test_set))
+        row = scored.get(key, lambda t=teacher: score(t, train_set, test_set))
         table[f"{names[role]} teacher"] = {k: mean_std([v]) for k, v in row.items()}
         print(f"{names[role]} teacher", table[f"{names[role]} teacher"], flush=True)
     randoms = [scored.get(f"random init {s}", lambda s=s: random_init_row(s, train_set, test_set)) for s in args.seeds]

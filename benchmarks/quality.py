@@ -70,6 +70,7 @@ import torch
 import distillkit
 from distillkit.data.sources import is_full_fashion_mnist, load_fashion_mnist
 from distillkit.evaluate import embed_dataset, evaluate_student, score_embeddings
+from distillkit.evaluate.metrics import inference_form
 from distillkit.io import cache_dir
 from distillkit.recipe import StudentConfig
 from distillkit.student import Student
@@ -154,8 +155,13 @@ def ensure_fashion_mnist() -> str:
     return where
 
 
-def score(embed, train, test) -> dict[str, float]:
-    return score_embeddings(embed_dataset(embed, train), embed_dataset(embed, test), KNN_K, KNN_T, PROBE_STEPS)
+def score(network, train, test) -> dict[str, float]:
+    """k-NN / probe of a Teacher's or Student's embedding, run as `distillkit eval` runs an export
+    (`inference_form`: batch norms folded, padding-only taps skipped), so every row is scored alike."""
+    network.model.eval()
+    with inference_form(network.model, network.input_config.size):
+        train, test = embed_dataset(network.embed, train), embed_dataset(network.embed, test)
+    return score_embeddings(train, test, KNN_K, KNN_T, PROBE_STEPS)
 
 
 def teacher_row(train, test, bootleg: Path | None = None) -> dict[str, float]:
@@ -163,7 +169,7 @@ def teacher_row(train, test, bootleg: Path | None = None) -> dict[str, float]:
         teacher = load_teacher(TEACHER, None, TEACHER_PX, True)
     else:
         teacher = load_teacher("bootleg", bootleg, BOOTLEG_PX, True)
-    return score(teacher.embed, train, test)
+    return score(teacher, train, test)
 
 
 def ensure_bootleg(path: Path, work: Path) -> Path:
@@ -179,9 +185,7 @@ def ensure_bootleg(path: Path, work: Path) -> Path:
 
 def random_init_row(seed: int, train, test) -> dict[str, float]:
     student = Student.create(StudentConfig(name=STUDENT, input_size=STUDENT_PX), seed=seed)
-    student.model.eval()
-    with torch.no_grad():
-        return score(student.embed, train, test)
+    return score(student, train, test)
 
 
 def trained_row(job: Job, limit: int | None, cache: Path, runs: Path) -> dict:

@@ -16,6 +16,7 @@ from distillkit.features import Features, cat_batches, split_batch
 from distillkit.recipe import resolve_recipe
 from distillkit.strategies import Objective
 from distillkit.strategies.simclr import Simclr, nt_xent
+from distillkit.strategies.toolbox import heads_per_view
 from distillkit.student import Student
 from distillkit.teachers import InputConfig, Teacher
 from distillkit.train.step import DistillModule
@@ -125,3 +126,43 @@ def test_a_strategy_that_runs_the_student_itself_gets_one_view_at_a_time(teacher
     generator = torch.Generator().manual_seed(5)
     module([torch.rand(3, 3, 32, 32, generator=generator) for _ in range(2)], {}, None, 0.0)
     assert calls == [3, 3]
+
+
+def test_heads_per_view_gives_the_numbers_and_running_moments_of_one_call_per_view():
+    """Linear / ReLU on all rows at once, each batch norm on its own view's rows: outputs, gradients and the
+    batch norms' running moments equal those of calling the head on each view in turn (train mode)."""
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Linear(6, 8, bias=False), nn.BatchNorm1d(8), nn.ReLU(inplace=True), nn.Linear(8, 5))
+    twin = copy.deepcopy(head)
+    views = [torch.randn(4, 6, requires_grad=True), torch.randn(3, 6, requires_grad=True)]
+    twins = [v.detach().clone().requires_grad_(True) for v in views]
+    weights = [torch.randn(4, 5), torch.randn(3, 5)]
+
+    got = heads_per_view(head, views)
+    expected = [twin(v) for v in twins]  # the reference: one call per view
+    assert [g.shape for g in got] == [(4, 5), (3, 5)]
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+    sum((g * w).sum() for g, w in zip(got, weights)).backward()
+    sum((e * w).sum() for e, w in zip(expected, weights)).backward()
+    for v, t in zip(views, twins):
+        torch.testing.assert_close(v.grad, t.grad)
+    for p, q in zip(head.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad)
+    torch.testing.assert_close(head[1].running_mean, twin[1].running_mean)
+    torch.testing.assert_close(head[1].running_var, twin[1].running_var)
+    assert head[1].num_batches_tracked.item() == twin[1].num_batches_tracked.item() == 2
+
+    # a joint batch norm (one call on all 7 rows) gives other numbers: the test tells the two apart
+    joint = copy.deepcopy(twin)(torch.cat([t.detach() for t in twins]))
+    assert not torch.allclose(joint[:4], expected[0].detach(), atol=1e-3)
+
+
+def test_heads_per_view_takes_a_single_layer_and_a_single_view():
+    torch.manual_seed(0)
+    layer = nn.Linear(6, 3)
+    views = [torch.randn(4, 6), torch.randn(2, 6)]
+    for g, v in zip(heads_per_view(layer, views), views):
+        torch.testing.assert_close(g, layer(v))
+    (only,) = heads_per_view(nn.Sequential(nn.Linear(6, 3), nn.BatchNorm1d(3)), [views[0]])
+    assert only.shape == (4, 3)

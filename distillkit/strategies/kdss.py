@@ -64,6 +64,7 @@ from .toolbox import (
     check_teacher_embed,
     embedding_request,
     fp32,
+    heads_per_view,
     kd_loss,
     labelled_ce,
     mlp_head,
@@ -256,8 +257,8 @@ class Kdss(Strategy):
         embeddings = [s.embedding for s in student]
         terms: dict[str, Tensor] = {}
         c = self.config
-
-        logits = [self.classifier(e) for e in embeddings] if self.classifier is not None else None
+        # the heads (no batch norm: row-wise) run once over all 4 x B rows, as SSKD's do (`heads_per_view`)
+        logits = heads_per_view(self.classifier, embeddings) if self.classifier is not None else None
         if self.kd_on:
             terms["kd"] = kd_loss(logits[0], teacher[0].logits, c.temperature)
         if self.tf_on:
@@ -269,7 +270,7 @@ class Kdss(Strategy):
                 keep = error_select(teacher_rotated, labels.clamp(min=0), c.keep_ratio_tf, always_keep=labels < 0)
             terms["tf"] = kd_loss(student_rotated[keep], teacher_rotated[keep], c.temperature)
         if self.ss_head is not None:
-            z_s = [self.ss_head(e) for e in embeddings]
+            z_s = heads_per_view(self.ss_head, embeddings)
             z_t = [teacher_vector(t, self.use_projection) for t in teacher]
             with torch.autocast(device_type=z_s[0].device.type, enabled=False):
                 c_s = rotation_similarities(z_s[0], z_s[1:])

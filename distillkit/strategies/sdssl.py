@@ -38,6 +38,8 @@ with g the identity whose backward scales the gradient by w_l / (w_l + 1): the p
 (w_l + 1) dNCE, the projector's and the student's w_l dNCE, exactly the official two passes' gradients,
 with one predictor forward and backward less per block and view pair. (The predictors' batch-norm running statistics,
 never used in training, are updated once per step instead of twice.)
+Each head runs once per step over both views' rows, its batch norms on each view's rows alone
+(`toolbox.heads_per_view`): the numbers of one call per view, one matrix product of 2B rows per layer.
 
 Terms are logged as they enter the loss: `sdssl.mid` is lambda(p) * L_mid, so it reads 0 at the start.
 The teacher keys are gathered inside `forward` with torch.distributed (no gradient flows to them), so
@@ -68,6 +70,7 @@ from .toolbox import (
     check_teacher_embed,
     embedding_request,
     fp32,
+    heads_per_view,
     teacher_vector,
 )
 
@@ -230,16 +233,21 @@ class Sdssl(Strategy):
         lam = ramp(c.ramp, c.ramp_max, step.progress)
         # each term's weight in L: the output term 1, each intermediate one lambda(p) / #blocks
         weights = [lam / len(self.blocks) for _ in self.blocks] + [1.0]
-        for a, b in pairs:
+        # each head runs once over the views it serves (batch norms per view: `heads_per_view`)
+        used = [a for a, _ in pairs]
+        inputs = [[step.student_views[a].block_embeddings[i] for a in used] for i in self.blocks]
+        inputs.append([step.student_views[a].embedding for a in used])
+        z = [heads_per_view(project, views) for project, views in zip(self.projectors, inputs)]
+        if self.predictors is not None:
+            # one predictor pass serves L_pred too (module docstring, "One predictor pass")
+            z = [
+                heads_per_view(predict, [scale_gradient(zv, w / (w + 1.0)) for zv in views])
+                for predict, views, w in zip(self.predictors, z, weights)
+            ]
+        for j, (_, b) in enumerate(pairs):
             keys = F.normalize(fp32(teacher_vector(step.teacher_views[b], self.use_projection)), dim=1)
             keys, offset = all_gather(keys.detach())  # stop-grad keys: no gradient crosses processes
-            student = step.student_views[a]
-            inputs = [student.block_embeddings[i] for i in self.blocks] + [student.embedding]
-            z = [project(f) for project, f in zip(self.projectors, inputs)]
-            if self.predictors is not None:
-                # one predictor pass serves L_pred too (module docstring, "One predictor pass")
-                z = [p(scale_gradient(zl, w / (w + 1.0))) for p, zl, w in zip(self.predictors, z, weights)]
-            losses = [info_nce(zl, keys, offset, c.temperature) for zl in z]
+            losses = [info_nce(views[j], keys, offset, c.temperature) for views in z]
             if self.predictors is not None:
                 pred = pred + sum(losses)
             out = out + losses[-1]

@@ -204,5 +204,22 @@ def mlp_head(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+def heads_per_view(head: nn.Module, views: list[Tensor]) -> list[Tensor]:
+    """`head` (one layer or an nn.Sequential of them) applied to each view's rows as one batch: every layer
+    but the batch norms on all rows at once (Linear, ReLU, ...: row-wise, so the same numbers), each batch
+    norm on each view's rows alone (statistics and running-moment updates per view, in view order, as
+    separate `head(view)` calls give). One matrix product of V x B rows instead of V of B: on the CPU the
+    weight gradient of a 1024 -> 1280 Linear at B = 128 runs ~1.4x slower per row than at 256 (MKL,
+    1 thread). Returns one output per view."""
+    rows = [v.shape[0] for v in views]
+    x = torch.cat(views) if len(views) > 1 else views[0]
+    for layer in head if isinstance(head, nn.Sequential) else [head]:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm) and len(views) > 1:
+            x = torch.cat([layer(part) for part in x.split(rows)])
+        else:
+            x = layer(x)
+    return list(x.split(rows))
+
+
 def fp32(t: Tensor) -> Tensor:
     return t.float() if t.dtype != torch.float32 else t
