@@ -34,7 +34,8 @@ def test_budget_in_images_decides_the_steps_and_epochs():
     # without images, epochs decide; max_steps caps either
     assert plan_budget(TrainConfig(epochs=3), micro_batches=10).total_steps == 30
     budget = plan_budget(TrainConfig(images=1000, batch_size=32, max_steps=12), micro_batches=10)
-    assert (budget.total_steps, budget.epochs) == (12, 4)  # the epochs planned stay; the loop stops at step 12
+    assert (budget.total_steps, budget.epochs) == (12, 2)  # the epochs those 12 steps reach, not the 4 planned
+    assert plan_budget(TrainConfig(epochs=3, max_steps=30), micro_batches=10).epochs == 3
     with pytest.raises(UsageError, match="grad_accum"):
         plan_budget(TrainConfig(grad_accum=4), micro_batches=3)
 
@@ -88,6 +89,10 @@ def test_the_teacher_cache_is_automatic_when_epochs_outnumber_view_slots(tmp_pat
     assert off.teacher_cache is None
     fresh = run(tmp_path / "fresh", ["data.view_slots=null"], epochs=3)  # new views every epoch: nothing to reuse
     assert fresh.teacher_cache is None
+    # 3 epochs planned, but train.max_steps stops the run inside its first: no view is ever seen twice, and
+    # nothing is cached (a 60k-image teacher cache was reserved for a few steps before)
+    capped = run(tmp_path / "capped", ["data.view_slots=1", "train.max_steps=1"], epochs=3)
+    assert capped.steps == 1 and capped.teacher_cache is None and len(list(entries.iterdir())) == 1
 
 
 @pytest.fixture

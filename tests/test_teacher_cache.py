@@ -426,8 +426,8 @@ def test_a_disk_without_room_for_the_cache_skips_it_or_refuses_it(tmp_path, expl
     env = {**os.environ, "DISTILLKIT_CACHE": str(cache)}
     if explicit:
         args += ["--teacher-cache", str(cache / "explicit")]
-    else:
-        args += ["--max-steps", "2"]
+    else:  # the first step of the third epoch: the first run whose epochs (3) outnumber its view slots (2)
+        args += ["--max-steps", str(2 * 4000 // 32 + 1)]
     done = subprocess.run(
         [sys.executable, "-c", limited, "--", *args], capture_output=True, text=True, env=env, timeout=300
     )

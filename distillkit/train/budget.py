@@ -2,7 +2,7 @@
 
 `train.images` is the budget in images seen (optimiser steps x global batch x grad_accum), so a small data
 source trains as long as a large one, for more epochs; without it `train.epochs` decides. `train.max_steps`
-caps either.
+caps either, and the epochs are then the ones its steps reach.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from ..recipe import TrainConfig
 class Budget:
     steps_per_epoch: int
     total_steps: int
-    epochs: int  # at most this many epochs; the run stops earlier once it has made total_steps steps
+    epochs: int  # the epochs total_steps reach (the last may be partial)
 
 
 def plan_budget(train: TrainConfig, micro_batches: int, grad_accum: int | None = None) -> Budget:
@@ -35,6 +35,9 @@ def plan_budget(train: TrainConfig, micro_batches: int, grad_accum: int | None =
     else:
         epochs = train.epochs
         total_steps = epochs * steps_per_epoch
-    if train.max_steps is not None:  # a cap on steps (skipped non-finite steps count), not on epochs
+    if train.max_steps is not None:  # a cap on steps (skipped non-finite steps count)
         total_steps = min(total_steps, train.max_steps)
+        # the epochs those steps reach: what view slots and the teacher cache are sized against (a run capped
+        # inside its first epoch sees no view twice, so caching the teacher for it would only cost disk)
+        epochs = min(epochs, math.ceil(total_steps / steps_per_epoch))
     return Budget(steps_per_epoch=steps_per_epoch, total_steps=total_steps, epochs=epochs)
