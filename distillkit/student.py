@@ -63,7 +63,10 @@ def student_spec(name: str) -> StudentSpec:
         return read_spec(Path(name).expanduser())
     specs = _shipped_specs()
     if name not in specs:
-        raise UsageError(f"unknown student {name!r}: {did_you_mean(name, list(specs) + ['timm:<model name>'])}")
+        hint = did_you_mean(name, list(specs) + ["timm:<model name>"])
+        if timm.is_model(name):  # timm's own spelling, without the prefix that says so
+            hint = f"{name!r} is a timm model: use 'timm:{name}'; or {hint}"
+        raise UsageError(f"unknown student {name!r}: {hint}")
     return specs[name]
 
 

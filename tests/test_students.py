@@ -185,6 +185,17 @@ def test_missing_spec_file_is_unknown_student(tmp_path):
         student_spec(str(tmp_path / "missing.yaml"))
 
 
+def test_a_timm_name_without_its_prefix_is_pointed_to_timm_prefix():
+    """`--student efficientnet_b0` (timm's spelling, not a shipped spec): the error names `timm:efficientnet_b0`
+    next to the close spec names, so the user learns both ways in."""
+    with pytest.raises(UsageError, match=r"'timm:efficientnet_b0'") as raised:
+        student_spec("efficientnet_b0")
+    assert "efficientnet-b0" in str(raised.value)  # the shipped spec is still offered
+    with pytest.raises(UsageError) as raised:
+        student_spec("mobilenet")  # not a timm model name: no timm: suggestion for it
+    assert "timm:mobilenet'" not in str(raised.value)
+
+
 @pytest.mark.parametrize("name", ["mobilenetv3-small", "vit-tiny"])
 def test_a_whole_copy_from_a_state_dict_computes_what_the_student_computes(name):
     """Student.with_state: how an FSDP / DeepSpeed run exports (its own model holds one shard): a fresh network

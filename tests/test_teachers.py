@@ -528,3 +528,17 @@ def test_a_teacher_that_cannot_run_at_its_input_size_is_a_clear_error(fold_norms
     message = str(error.value)
     assert "inception-v3 cannot run on 32 x 32 px" in message and "Kernel size" in message
     assert "teacher.input_size" in message and "299" in message  # its pretrained size, as the way out
+
+
+def test_a_bare_timm_name_or_weights_file_as_teacher_points_to_its_prefix(tmp_path):
+    """`--teacher resnet18` (timm's name) and `--teacher model.safetensors` (a file) are not zoo names: the
+    error says which prefix makes them work, before anything loads."""
+    with pytest.raises(UsageError, match=r"use 'timm:resnet18'"):
+        load_teacher("resnet18")
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(1)}, str(weights))
+    with pytest.raises(UsageError, match=r"use 'file:.*model\.safetensors'"):
+        load_teacher(str(weights))
+    with pytest.raises(UsageError, match="unknown teacher 'efficientnet-lite'") as raised:
+        load_teacher("efficientnet-lite")
+    assert "use 'timm:" not in str(raised.value)

@@ -103,6 +103,17 @@ def _check_finite(model, head, source: str) -> None:
                 )
 
 
+def _unknown_teacher_hint(name: str) -> str:
+    """The zoo names close to `name`, after the prefix that would make it work when it is a timm model's name
+    or a file."""
+    hint = did_you_mean(name, TEACHERS.names() + ["timm:<model name>", "file:<path>"])
+    if timm.is_model(name):
+        return f"{name!r} is a timm model: use 'timm:{name}'; or {hint}"
+    if Path(name).expanduser().is_file():
+        return f"{name!r} is a file: use 'file:{name}' with --arch and the timm architecture its weights fit; or {hint}"
+    return hint
+
+
 def check_teacher_name(
     name: str, variant: str | None = None, arch: str | None = None, weights: str | Path | None = None
 ) -> None:
@@ -115,6 +126,8 @@ def check_teacher_name(
     if name.startswith("file:"):
         _check_file_teacher(name[len("file:") :], arch, weights)
         return
+    if name not in TEACHERS:
+        raise UsageError(f"unknown teacher {name!r}: {_unknown_teacher_hint(name)}")
     spec = TEACHERS.get(name)
     if arch is not None:
         raise UsageError(
