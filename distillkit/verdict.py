@@ -26,25 +26,59 @@ def gap_recovered(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def verdict(metrics: dict[str, Any]) -> dict[str, Any] | None:
-    """How good the student is, in words: None without accuracies. `level` is good (>= 0.8 of both
-    gaps), fair (above random init on both), or bad (not above its random init on some metric)."""
-    gap = gap_recovered(metrics)
-    if not gap:
+    """How good the student is, in words: None without accuracies. `level` is good (>= 0.8 of the gap on every
+    measured metric), fair (above its random init on every one), or bad (not above its random init on some).
+    A metric on which the teacher is no better than the student's random init has no gap to recover: the
+    verdict then says so and compares the student with its random init in points, and a student below its
+    random init there is bad too (the advice: a stronger teacher)."""
+    rows = {name: metrics.get(name) or {} for name in ("teacher", "student", "student_random_init")}
+    student, random_init = rows["student"], rows["student_random_init"]
+    measured = [key for key in GAP_METRICS if key in student and key in random_init]
+    if not measured:
         return None
-    worst = min(gap.values())
-    level = "good" if worst >= 0.8 else "fair" if worst > 0 else "bad"
-    parts = " and ".join(
-        f"{value:.0%} of the {'k-NN' if key == 'knn_top1' else 'linear-probe'} gap" for key, value in gap.items()
-    )
-    text = f"the student recovers {parts} between its random init and the teacher"
+    gap = gap_recovered(metrics)
+    no_gap = [key for key in measured if key not in gap]
+    below = [key for key in measured if student[key] <= random_init[key]]
+    level = "bad" if below else "good" if not no_gap and min(gap.values()) >= 0.8 else "fair"
+    clauses = []
+    if gap:
+        parts = " and ".join(f"{value:.0%} of the {_GAP_WORDS[key]} gap" for key, value in gap.items())
+        clauses.append(f"the student recovers {parts} between its random init and the teacher")
+    if no_gap:
+        clauses.append("; ".join(_no_gap_clause(rows, key) for key in no_gap))
     advice = None
-    if level == "bad":
+    if level == "bad" and any(key in no_gap for key in below):
+        advice = (
+            "the teacher is no better than the student's own random init, so distilling it cannot make a better "
+            "student: use a stronger teacher (its pretrained weights: --teacher-weights FILE, or another one: "
+            "distillkit list teachers) or one trained on data like yours"
+        )
+    elif level == "bad":
         advice = (
             "the distilled student is no better than the same network at random init: train longer "
             "(--set train.images=N or --epochs), keep the teacher cache on so epochs are cheap, or try "
             "another strategy (distillkit list strategies)"
         )
-    return {"level": level, "gap": gap, "text": text, "advice": advice}
+    return {"level": level, "gap": gap, "text": "; ".join(clauses), "advice": advice}
+
+
+_GAP_WORDS = {"knn_top1": "k-NN", "probe_top1": "linear-probe"}
+
+
+def _no_gap_clause(rows: dict[str, dict[str, Any]], key: str) -> str:
+    """'the teacher is no better than the student's random init on k-NN (74.1 vs 79.1 %): the student is 18.1
+    points below its random init on k-NN' (without the teacher's row: only the second half)."""
+    words = "k-NN" if key == "knn_top1" else "the linear probe"
+    teacher, student, random_init = (rows[name].get(key) for name in ("teacher", "student", "student_random_init"))
+    points = 100 * (student - random_init)
+    close = 0 < abs(points) < 0.05  # would print as "0.0 points"
+    student_part = f"within 0.05 points of its random init on {words}" if close else _clause(points, words, True)
+    if teacher is None:
+        return f"no teacher accuracy on {words}: the student is {student_part}"
+    return (
+        f"the teacher is no better than the student's random init on {words} ({100 * teacher:.1f} vs "
+        f"{100 * random_init:.1f} %): the student is {student_part}"
+    )
 
 
 # -- pretraining runs (`distillkit pretrain`): no teacher to recover a gap to ------------------------------
