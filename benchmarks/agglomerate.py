@@ -187,8 +187,9 @@ def main() -> None:
 
     table: dict[str, dict] = {}
     scored = Scores(work / "reference-scores.json")  # with --keep, a re-run does not embed the references again
-    for role, teacher in teachers.items():
-        weights = sections[role].get("weights")
+    scored_roles = alone_roles if args.rows == "alone" else list(sections)  # the heads need every teacher's
+    for role in scored_roles:
+        teacher, weights = teachers[role], sections[role].get("weights")
         key = f"{names[role]} teacher " + (f"{weights}@{Path(weights).stat().st_mtime_ns}" if weights else "(shipped)")
         row = scored.get(key, lambda t=teacher: score(t, train_set, test_set))
         table[f"{names[role]} teacher"] = {k: mean_std([v]) for k, v in row.items()}
