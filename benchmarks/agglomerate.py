@@ -194,7 +194,14 @@ def main() -> None:
         row = scored.get(key, lambda t=teacher: score(t, train_set, test_set))
         table[f"{names[role]} teacher"] = {k: mean_std([v]) for k, v in row.items()}
         print(f"{names[role]} teacher", table[f"{names[role]} teacher"], flush=True)
-    randoms = [scored.get(f"random init {s}", lambda s=s: random_init_row(s, train_set, test_set)) for s in args.seeds]
+    student = recipe["student"]  # the network every run trains, at random init (keyed by it: quality.py's differs)
+    randoms = [
+        scored.get(
+            f"random init {student['name']} {student['input_size']}px {s}",
+            lambda s=s: random_init_row(s, train_set, test_set, student["name"], student["input_size"]),
+        )
+        for s in args.seeds
+    ]
     table["random init"] = {k: mean_std([r[k] for r in randoms]) for k in ("knn_top1", "probe_top1")}
 
     per_seed: dict[str, list[dict]] = {}

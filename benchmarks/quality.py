@@ -183,8 +183,8 @@ def ensure_bootleg(path: Path, work: Path) -> Path:
     return path
 
 
-def random_init_row(seed: int, train, test) -> dict[str, float]:
-    student = Student.create(StudentConfig(name=STUDENT, input_size=STUDENT_PX), seed=seed)
+def random_init_row(seed: int, train, test, name: str = STUDENT, input_size: int = STUDENT_PX) -> dict[str, float]:
+    student = Student.create(StudentConfig(name=name, input_size=input_size), seed=seed)
     return score(student, train, test)
 
 
