@@ -12,6 +12,8 @@ Rows, each scored by k-NN (k 20, T 0.07) with the 60,000 training images as the 
 on them, both on the whole 10,000-image test set:
 
   <teacher> teacher          the frozen teacher's pooled embedding
+  teachers side by side      every teacher's embedding, each L2-normalised, concatenated (the k-NN cosine is
+                             the mean of the teachers'): what the targets of `from all` hold together
   random init                the student as created (one per seed)
   from <teacher>             the student distilled from that teacher alone (agglomerate with one role)
   from all                   the student distilled from every teacher at once
@@ -46,13 +48,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from quality import KNN_K, KNN_T, PROBE_STEPS, ensure_bootleg, ensure_fashion_mnist, random_init_row, score
+from quality import KNN_K, KNN_T, PROBE_STEPS, ensure_bootleg, ensure_fashion_mnist, random_init_row
 
 import distillkit
 from distillkit.data.sources import load_fashion_mnist
-from distillkit.evaluate import score_embeddings
+from distillkit.evaluate import embed_dataset, score_embeddings
 from distillkit.evaluate.exported import open_model
-from distillkit.evaluate.metrics import embed_outputs
+from distillkit.evaluate.metrics import embed_outputs, inference_form
 from distillkit.export_heads import export_heads
 from distillkit.heads import load_heads
 from distillkit.inputs import prepare_input
@@ -60,6 +62,7 @@ from distillkit.recipe import find_recipe
 from distillkit.teachers import load_teacher
 
 BATCH = 128
+SIDE_BY_SIDE = "teachers side by side"
 COSINE_IMAGES = 2000  # held-out images the head-to-teacher cosine is measured on
 
 
@@ -83,6 +86,24 @@ def alone(recipe: dict, role: str) -> dict:
     single["teacher"] = copy.deepcopy(roles_of(recipe)[role])
     single["teachers"] = {}
     return single
+
+
+def embeddings(network, train_set, test_set) -> tuple[tuple, tuple]:
+    """(embeddings, labels) of both splits, as quality.score embeds them (`inference_form`)."""
+    network.model.eval()
+    with inference_form(network.model, network.input_config.size):
+        return embed_dataset(network.embed, train_set), embed_dataset(network.embed, test_set)
+
+
+def side_by_side_row(parts: list[tuple[tuple, tuple]]) -> dict[str, float]:
+    """k-NN / probe of the teachers' embeddings side by side, each L2-normalised first: the k-NN's cosine is then
+    the mean of the teachers' cosines, so every teacher counts alike, as in the equal-share loss. What the
+    targets of `from all` hold together, a reference for it beside the best single teacher."""
+
+    def joined(split: int) -> tuple:
+        return torch.cat([F.normalize(part[split][0], dim=1) for part in parts], 1), parts[0][split][1]
+
+    return score_embeddings(joined(0), joined(1), KNN_K, KNN_T, PROBE_STEPS)
 
 
 def teacher_of(section: dict):
@@ -187,13 +208,30 @@ def main() -> None:
 
     table: dict[str, dict] = {}
     scored = Scores(work / "reference-scores.json")  # with --keep, a re-run does not embed the references again
+    embedded: dict[str, tuple] = {}  # role -> its embeddings of both splits, computed once when a score needs them
+
+    def embeddings_of(role: str) -> tuple:
+        if role not in embedded:
+            embedded[role] = embeddings(teachers[role], train_set, test_set)
+        return embedded[role]
+
+    def teacher_key(role: str) -> str:
+        weights = sections[role].get("weights")
+        return f"{names[role]} teacher " + (f"{weights}@{Path(weights).stat().st_mtime_ns}" if weights else "(shipped)")
+
     scored_roles = alone_roles if args.rows == "alone" else list(sections)  # the heads need every teacher's
     for role in scored_roles:
-        teacher, weights = teachers[role], sections[role].get("weights")
-        key = f"{names[role]} teacher " + (f"{weights}@{Path(weights).stat().st_mtime_ns}" if weights else "(shipped)")
-        row = scored.get(key, lambda t=teacher: score(t, train_set, test_set))
+        row = scored.get(
+            teacher_key(role), lambda r=role: score_embeddings(*embeddings_of(r), KNN_K, KNN_T, PROBE_STEPS)
+        )
         table[f"{names[role]} teacher"] = {k: mean_std([v]) for k, v in row.items()}
         print(f"{names[role]} teacher", table[f"{names[role]} teacher"], flush=True)
+    if args.rows != "alone" and len(sections) > 1:
+        key = "teachers side by side: " + " + ".join(teacher_key(role) for role in sections)
+        row = scored.get(key, lambda: side_by_side_row([embeddings_of(role) for role in sections]))
+        table[SIDE_BY_SIDE] = {k: mean_std([v]) for k, v in row.items()}
+        print(SIDE_BY_SIDE, table[SIDE_BY_SIDE], flush=True)
+    embedded.clear()
     student = recipe["student"]  # the network every run trains, at random init (keyed by it: quality.py's differs)
     randoms = [
         scored.get(
