@@ -1,6 +1,6 @@
 """Many teachers, one student: MobileNetV3-Small distilled from each teacher alone and from all of them at once.
 
-    python benchmarks/agglomerate.py [--seeds 0 1 2] [--images 240000] [--bootleg RUN/bootleg.pth] [--keep DIR]
+    python benchmarks/agglomerate.py [--seeds 0 1 2] [--images 480000] [--bootleg RUN/bootleg.pth] [--keep DIR]
                                      [--rows both|alone|all] [--alone ROLE ...] [--set KEY=VALUE ...]
 
 Recipe agglomerate-cnn (strategy agglomerate: one summary + dense adaptor-head pair per teacher, PHI-S targets):
@@ -22,13 +22,13 @@ on them, both on the whole 10,000-image test set:
                              its teacher's, and the mean cosine between the head's output and the teacher's own
                              embedding of the same held-out images
 
-Every run has the same budget in images seen (`--images`, default 240,000 = 4 epochs), the teacher cache and one
-view slot, with three seeds (student init, heads, data order); means and standard deviations are printed, with
-the goal of issue 19: `from all` at least as good as the best `from <teacher>` on k-NN, and each head >= 90 % of
-its teacher's k-NN accuracy. `--rows all` trains only the `from all` runs (to try a variant of it against
-single-teacher rows measured before), `--alone` names the roles whose single-teacher rows are trained (default
-every role; e.g. `--alone teacher` for Lite0 alone only), `--set` overrides recipe keys of every run (e.g.
-`--set strategy.agglomerate.teacher_drop=0.5`). Prints a table and one JSON line.
+Every run has the same budget in images seen (`--images`, default the recipe's 480,000 = 8 epochs), the teacher
+cache and one view slot, with three seeds (student init, heads, data order); means and standard deviations are
+printed, with the goal of issue 19: `from all` at least as good as the best `from <teacher>` on k-NN, and each
+head >= 90 % of its teacher's k-NN accuracy. `--rows all` trains only the `from all` runs (to try a variant of
+it against single-teacher rows measured before), `--alone` names the roles whose single-teacher rows are
+trained (default every role; e.g. `--alone teacher` for Lite0 alone only), `--set` overrides recipe keys of every
+run (e.g. `--set strategy.agglomerate.teacher_drop=0.5`). Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -184,7 +184,7 @@ def mean_std(values: list[float]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--images", type=int, default=240_000, help="images seen per run (4 epochs of 60k)")
+    parser.add_argument("--images", type=int, default=None, help="images seen per run (default: the recipe's)")
     parser.add_argument("--bootleg", type=Path, default=None, help="add this tiny Bootleg teacher (RUN/bootleg.pth)")
     parser.add_argument("--keep", type=Path, default=None, help="keep the run folders and the cache here")
     parser.add_argument("--rows", choices=("both", "alone", "all"), default="both", help="which students to train")
@@ -198,6 +198,7 @@ def main() -> None:
     work = args.keep or Path(tempfile.mkdtemp(prefix="distillkit-agglomerate-"))
     bootleg = ensure_bootleg(args.bootleg, work) if args.bootleg else None
     recipe = base_recipe(bootleg)
+    args.images = args.images or recipe["train"]["images"]
     sections = roles_of(recipe)
     unknown = sorted(set(args.alone or ()) - set(sections))
     if unknown:
