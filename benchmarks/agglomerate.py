@@ -48,13 +48,21 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from quality import KNN_K, KNN_T, PROBE_STEPS, ensure_bootleg, ensure_fashion_mnist, random_init_row
+from quality import (
+    KNN_K,
+    KNN_T,
+    PROBE_STEPS,
+    embeddings,
+    ensure_bootleg,
+    ensure_fashion_mnist,
+    random_init_row,
+)
 
 import distillkit
 from distillkit.data.sources import load_fashion_mnist
-from distillkit.evaluate import embed_dataset, score_embeddings
+from distillkit.evaluate import score_embeddings
 from distillkit.evaluate.exported import open_model
-from distillkit.evaluate.metrics import embed_outputs, inference_form
+from distillkit.evaluate.metrics import embed_outputs
 from distillkit.export_heads import export_heads
 from distillkit.heads import load_heads
 from distillkit.inputs import prepare_input
@@ -86,13 +94,6 @@ def alone(recipe: dict, role: str) -> dict:
     single["teacher"] = copy.deepcopy(roles_of(recipe)[role])
     single["teachers"] = {}
     return single
-
-
-def embeddings(network, train_set, test_set) -> tuple[tuple, tuple]:
-    """(embeddings, labels) of both splits, as quality.score embeds them (`inference_form`)."""
-    network.model.eval()
-    with inference_form(network.model, network.input_config.size):
-        return embed_dataset(network.embed, train_set), embed_dataset(network.embed, test_set)
 
 
 def side_by_side_row(parts: list[tuple[tuple, tuple]]) -> dict[str, float]:

@@ -155,13 +155,17 @@ def ensure_fashion_mnist() -> str:
     return where
 
 
-def score(network, train, test) -> dict[str, float]:
-    """k-NN / probe of a Teacher's or Student's embedding, run as `distillkit eval` runs an export
+def embeddings(network, train, test) -> tuple[tuple, tuple]:
+    """(embeddings, labels) of a Teacher's or Student's both splits, run as `distillkit eval` runs an export
     (`inference_form`: batch norms folded, padding-only taps skipped), so every row is scored alike."""
     network.model.eval()
     with inference_form(network.model, network.input_config.size):
-        train, test = embed_dataset(network.embed, train), embed_dataset(network.embed, test)
-    return score_embeddings(train, test, KNN_K, KNN_T, PROBE_STEPS)
+        return embed_dataset(network.embed, train), embed_dataset(network.embed, test)
+
+
+def score(network, train, test) -> dict[str, float]:
+    """k-NN / probe of a Teacher's or Student's embedding (`embeddings`)."""
+    return score_embeddings(*embeddings(network, train, test), KNN_K, KNN_T, PROBE_STEPS)
 
 
 def teacher_row(train, test, bootleg: Path | None = None) -> dict[str, float]:
