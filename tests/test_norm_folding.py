@@ -65,7 +65,9 @@ def test_timm_networks_give_the_same_outputs_folded(name):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in model.modules())
     with torch.no_grad():
         got = model(x)
-    assert (got - expected).abs().max() <= 1e-4 * expected.abs().max()
+    # float32 rounding through ~50 folded layers of randomised norms: 2.9e-4 of the largest output on an AVX-512
+    # CPU (under 1e-4 on AVX2); a wrong fold is off by the order of the outputs themselves
+    assert (got - expected).abs().max() <= 1e-3 * expected.abs().max()
 
 
 class ReadsTheConvolutionTwice(nn.Module):
